@@ -1,3 +1,80 @@
-fn main() {
-    println!("Hello, world!");
+//! muvee-agent: the build and deploy agent of the muvee PaaS.
+//! Layout: cli/config (settings) → client/wire (control plane) → agent (loop) →
+//! tasks → builder/deployer/datasets (work) → executor (every external command).
+
+mod agent;
+mod builder;
+mod check;
+mod cli;
+mod client;
+mod config;
+mod datasets;
+mod deployer;
+mod executor;
+mod logship;
+mod metrics;
+mod redact;
+mod run_task;
+mod signal;
+mod state;
+mod tasks;
+mod wire;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: cli::Args = argh::from_env();
+    if args.version {
+        println!("muvee-agent {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.verbose);
+    signal::install();
+    let cfg = match config::Config::load(&args, &config::process_env) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match &args.cmd {
+        None | Some(cli::Sub::Run(_)) => match agent::run(cfg) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("{e}");
+                2
+            }
+        },
+        Some(cli::Sub::RunTask(a)) => run_task::run(cfg, a),
+        Some(cli::Sub::Check(_)) => check::run(&cfg),
+    };
+    ExitCode::from(code)
+}
+
+/// Logs go to stderr (stdout is run-task's result), every message scrubbed of secrets.
+/// MUVEE_LOG takes env_logger filters; ureq is held at info because its traces show headers.
+fn init_logging(verbose: bool) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(if verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Info
+    });
+    if let Ok(spec) = std::env::var("MUVEE_LOG") {
+        b.parse_filters(&spec);
+    }
+    for m in ["ureq", "ureq_proto", "rustls"] {
+        b.filter_module(m, log::LevelFilter::Info);
+    }
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    b.format(move |buf, rec| {
+        let msg = redact::scrub(&rec.args().to_string()).into_owned();
+        if journald {
+            writeln!(buf, "{:<5} {msg}", rec.level())
+        } else {
+            writeln!(buf, "{} {:<5} {msg}", buf.timestamp_seconds(), rec.level())
+        }
+    });
+    b.init();
 }

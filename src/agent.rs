@@ -1,0 +1,458 @@
+//! The foreground agent: register, heartbeat, poll, run tasks on bounded worker threads,
+//! report through the outbox, and shut down in two stages on SIGTERM/SIGINT.
+
+use crate::client::{Backoff, Client, CpError};
+use crate::config::{Config, ConfigError, Role};
+use crate::executor::{self, Cmd};
+use crate::logship::LogShipper;
+use crate::state::{valid_task_id, Journal, Outbox};
+use crate::tasks::{self, Ctx, Shared};
+use crate::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
+use crate::{datasets, metrics, redact, signal};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Finished tasks are remembered this long so a late duplicate poll cannot re-run them.
+const JOURNAL_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// After SIGTERM (and any cancel), how long queued reports may take to go out.
+const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+struct Agent {
+    cfg: Arc<Config>,
+    role: Role,
+    client: Client,
+    journal: Arc<Journal>,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+    cp_config: Arc<RwLock<AgentConfig>>,
+    host_ip: String,
+    node_id: Option<String>,
+    logged_in: Option<(String, String, String)>,
+    outbox_flushed: bool,
+    running: Arc<AtomicUsize>,
+    wake: Arc<AtomicBool>,
+    cpu: metrics::CpuSampler,
+}
+
+pub fn run(cfg: Config) -> Result<(), ConfigError> {
+    let role = cfg
+        .role
+        .ok_or_else(|| ConfigError("NODE_ROLE is required (builder or deploy)".into()))?;
+    cfg.prepare_data_dir()?;
+    if cfg.agent_secret.is_empty() {
+        log::warn!("AGENT_SECRET is empty: today's control plane rejects every request without it");
+    }
+    redact::add(&cfg.agent_secret);
+    let io_err =
+        |e: std::io::Error| ConfigError(format!("DATA_DIR: {}: {e}", cfg.data_dir.display()));
+    let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
+    let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
+    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
+    let host_ip = cfg.resolve_host_ip().unwrap_or_else(|| {
+        log::warn!(
+            "could not detect HOST_IP from {}; set HOST_IP so Traefik can reach this node",
+            cfg.control_plane_url
+        );
+        String::new()
+    });
+    log::info!(
+        "muvee-agent {} starting: role {}, node {}, host ip {}, control plane {}, data dir {}",
+        env!("CARGO_PKG_VERSION"),
+        role.as_str(),
+        cfg.node_name,
+        host_ip,
+        cfg.control_plane_url,
+        cfg.data_dir.display()
+    );
+
+    // Reports first: whatever an earlier run left in the outbox goes out before new work.
+    {
+        let (ob, c) = (outbox.clone(), client.clone());
+        std::thread::Builder::new()
+            .name("outbox".into())
+            .spawn(move || ob.run_sender(&c))
+            .map_err(io_err)?;
+    }
+    for e in journal.interrupted() {
+        if !outbox.has_final(&e.id) {
+            log::warn!(
+                "task {} ({}) was running when the agent stopped; reporting it failed",
+                e.id,
+                e.kind
+            );
+            outbox
+                .push(&e.id, &Completion::failed("agent restarted during task"))
+                .map_err(io_err)?;
+        }
+        journal.finish(&e.id).map_err(io_err)?;
+    }
+    journal.prune(JOURNAL_KEEP);
+
+    let shared = Arc::new(Shared::new(&cfg));
+    let mut agent = Agent {
+        cfg: Arc::new(cfg),
+        role,
+        client,
+        journal,
+        outbox,
+        shared,
+        cp_config: Arc::default(),
+        host_ip,
+        node_id: None,
+        logged_in: None,
+        outbox_flushed: false,
+        running: Arc::default(),
+        wake: Arc::default(),
+        cpu: metrics::CpuSampler::default(),
+    };
+    agent.main_loop();
+    agent.shut_down();
+    Ok(())
+}
+
+impl Agent {
+    fn main_loop(&mut self) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut next_heartbeat = Instant::now();
+        let mut config_loaded = false;
+        while !signal::shutdown_requested() {
+            let delay = match self.step(&mut next_heartbeat, &mut config_loaded) {
+                Ok(()) => {
+                    backoff.reset();
+                    self.cfg.poll_interval
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    match &e {
+                        CpError::Unauthorized { .. } => {
+                            log::error!("{e}; retrying in {:.1}s", d.as_secs_f64())
+                        }
+                        _ => log::warn!("{e}; retrying in {:.1}s", d.as_secs_f64()),
+                    }
+                    d
+                }
+            };
+            let wake = self.wake.clone();
+            signal::sleep_unless(delay, || wake.swap(false, Ordering::SeqCst));
+        }
+    }
+
+    /// One round: (re-)register when due, then poll and start tasks.
+    fn step(
+        &mut self,
+        next_heartbeat: &mut Instant,
+        config_loaded: &mut bool,
+    ) -> Result<(), CpError> {
+        if self.node_id.is_none() || Instant::now() >= *next_heartbeat {
+            self.heartbeat(config_loaded)?;
+            *next_heartbeat = Instant::now() + self.cfg.heartbeat_interval;
+        }
+        // Reports queued before this start go out before any new task is taken.
+        if !self.outbox_flushed {
+            if !self.outbox.is_empty() {
+                return Ok(());
+            }
+            self.outbox_flushed = true;
+        }
+        if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+            return Ok(());
+        }
+        let node_id = self.node_id.clone().unwrap_or_default();
+        let tasks = match self.client.poll(&node_id) {
+            Err(e) if e.is_unknown_node() => {
+                log::warn!("control plane no longer knows node {node_id}; registering again");
+                self.node_id = None;
+                return Ok(());
+            }
+            other => other?,
+        };
+        for raw in tasks {
+            if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+                break;
+            }
+            self.accept(raw);
+        }
+        Ok(())
+    }
+
+    /// Register (an idempotent upsert that also refreshes `last_seen_at` on the March 2026
+    /// server), re-read the config and log in to the registry when credentials changed.
+    fn heartbeat(&mut self, config_loaded: &mut bool) -> Result<(), CpError> {
+        let node = Node {
+            id: ZERO_UUID.into(),
+            hostname: self.cfg.node_name.clone(),
+            role: self.role.as_str().into(),
+            host_ip: self.host_ip.clone(),
+            max_storage_bytes: self.cfg.max_storage,
+            used_storage_bytes: datasets::cache_bytes(&self.cfg.data_dir),
+            last_seen_at: ZERO_TIME.into(),
+            created_at: ZERO_TIME.into(),
+        };
+        let registered = self.client.register(&node)?;
+        if registered.id.is_empty() || registered.id == ZERO_UUID {
+            return Err(CpError::Transport {
+                url: format!("{}/api/agent/register", self.client.base()),
+                err: "register answered without a node id".into(),
+            });
+        }
+        if self.node_id.as_deref() != Some(registered.id.as_str()) {
+            log::info!(
+                "registered as node {} ({})",
+                registered.id,
+                self.role.as_str()
+            );
+        }
+        self.node_id = Some(registered.id.clone());
+        match self.client.config() {
+            Ok(c) => {
+                redact::add(&c.registry_password);
+                *self.cp_config.write().unwrap_or_else(|e| e.into_inner()) = c;
+                *config_loaded = true;
+            }
+            Err(e) if *config_loaded => {
+                log::warn!("could not refresh agent config, keeping the last one: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+        self.registry_login();
+        let m = metrics::node_metrics(&registered.id, &self.cfg.data_dir, &mut self.cpu);
+        if let Err(e) = self.client.post("/api/agent/node-metrics", &m) {
+            log::debug!("node metrics not accepted: {e}");
+        }
+        Ok(())
+    }
+
+    fn registry_login(&mut self) {
+        let c = self
+            .cp_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if c.registry_user.is_empty()
+            || c.registry_password.is_empty()
+            || c.registry_addr.is_empty()
+        {
+            return;
+        }
+        let key = (
+            c.registry_addr.clone(),
+            c.registry_user.clone(),
+            c.registry_password.clone(),
+        );
+        if self.logged_in.as_ref() == Some(&key) {
+            return;
+        }
+        match docker_login(&self.cfg.docker_cli, &c) {
+            Ok(()) => {
+                log::info!(
+                    "logged in to registry {} as {}",
+                    c.registry_addr,
+                    c.registry_user
+                );
+                self.logged_in = Some(key);
+            }
+            Err(e) => log::error!(
+                "docker login to {} failed (will retry at the next heartbeat): {e}",
+                c.registry_addr
+            ),
+        }
+    }
+
+    /// Claims one polled task and starts it on a worker thread.
+    fn accept(&mut self, raw: serde_json::Value) {
+        let id = raw
+            .get("ID")
+            .or_else(|| raw.get("id"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        if !valid_task_id(&id) {
+            log::error!("ignoring a task with an invalid ID {id:?}");
+            return;
+        }
+        let parsed: Result<Task, String> =
+            serde_json::from_value(raw).map_err(|e| format!("malformed task: {e}"));
+        let task = parsed.clone().unwrap_or(Task {
+            id: id.clone(),
+            ..Task::default()
+        });
+        match self.journal.claim(&task) {
+            Ok(true) => {}
+            Ok(false) => {
+                log::debug!("task {id} was already taken; skipping");
+                return;
+            }
+            Err(e) => {
+                log::error!("cannot record task {id} in the journal, leaving it for later: {e}");
+                return;
+            }
+        }
+        let rejection = match &parsed {
+            Err(e) => Some(e.clone()),
+            Ok(t) if !self.role.serves(&t.kind) => Some(if tasks::known_type(&t.kind) {
+                format!(
+                    "task type {:?} is not run by a {} node",
+                    t.kind,
+                    self.role.as_str()
+                )
+            } else {
+                format!(
+                    "unknown task type {:?}: muvee-agent {} does not run it",
+                    t.kind,
+                    env!("CARGO_PKG_VERSION")
+                )
+            }),
+            Ok(_) => None,
+        };
+        if let Some(reason) = rejection {
+            log::error!("task {id}: {reason}");
+            self.finish(&id, &Completion::failed(reason));
+            return;
+        }
+        if let Err(e) = self.outbox.push(&id, &Completion::running()) {
+            log::error!("cannot queue the running report of task {id}: {e}");
+        }
+        log::info!(
+            "task {id}: starting {} (deployment {})",
+            task.kind,
+            task.deployment_id
+        );
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let w = Worker {
+            cfg: self.cfg.clone(),
+            cp: self
+                .cp_config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            client: self.client.clone(),
+            journal: self.journal.clone(),
+            outbox: self.outbox.clone(),
+            shared: self.shared.clone(),
+            running: self.running.clone(),
+            wake: self.wake.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("task-{}", &id[..id.len().min(8)]))
+            .spawn(move || w.run(task));
+        if let Err(e) = spawned {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.finish(
+                &id,
+                &Completion::failed(format!("cannot start a worker thread: {e}")),
+            );
+        }
+    }
+
+    fn finish(&self, id: &str, c: &Completion) {
+        finish(&self.outbox, &self.journal, id, c);
+    }
+
+    fn shut_down(&self) {
+        let n = self.running.load(Ordering::SeqCst);
+        if n > 0 {
+            log::info!(
+                "shutting down: waiting up to {} for {n} running task(s); signal again to cancel them",
+                executor::fmt_duration(self.cfg.shutdown_grace)
+            );
+        } else {
+            log::info!("shutting down");
+        }
+        let grace_end = Instant::now() + self.cfg.shutdown_grace;
+        let mut cancel_since: Option<Instant> = None;
+        while self.running.load(Ordering::SeqCst) > 0 {
+            if !signal::cancel_requested() && Instant::now() >= grace_end {
+                log::warn!("SHUTDOWN_GRACE expired; canceling running tasks");
+                signal::force_cancel();
+            }
+            if signal::cancel_requested() {
+                let since = *cancel_since.get_or_insert_with(Instant::now);
+                // Children get SIGTERM, then SIGKILL after 10 s; give reporting a margin.
+                if since.elapsed() > executor::KILL_GRACE + Duration::from_secs(20) {
+                    log::error!("tasks did not stop after cancel; exiting anyway");
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !self.outbox.wait_empty(Instant::now() + FINAL_FLUSH) {
+            log::warn!("control plane unreachable: undelivered reports stay queued in {} for the next start", self.cfg.data_dir.join("state/outbox").display());
+        }
+        log::info!("stopped");
+    }
+}
+
+fn finish(outbox: &Outbox, journal: &Journal, id: &str, c: &Completion) {
+    if let Err(e) = outbox.push(id, c) {
+        log::error!("cannot queue the {} report of task {id}: {e}", c.status);
+    }
+    if let Err(e) = journal.finish(id) {
+        log::error!("cannot mark task {id} finished in the journal: {e}");
+    }
+}
+
+struct Worker {
+    cfg: Arc<Config>,
+    cp: AgentConfig,
+    client: Client,
+    journal: Arc<Journal>,
+    outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+    running: Arc<AtomicUsize>,
+    wake: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(self, task: Task) {
+        let started = Instant::now();
+        let ships_logs =
+            matches!(task.kind.as_str(), "build" | "deploy") && !task.deployment_id.is_empty();
+        let shipper =
+            ships_logs.then(|| LogShipper::start(self.client.clone(), task.deployment_id.clone()));
+        let short = &task.id[..task.id.len().min(8)];
+        let out = |line: &str| {
+            log::debug!(target: "muvee_agent::task", "[{short}] {line}");
+            if let Some(s) = &shipper {
+                s.line(line);
+            }
+        };
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            cp: &self.cp,
+            task: &task,
+            shared: &self.shared,
+            out: &out,
+        };
+        let completion = tasks::execute(&ctx);
+        // Logs first, so the deployment log is complete when the final status lands.
+        if let Some(s) = shipper {
+            s.close();
+        }
+        let took = executor::fmt_duration(Duration::from_secs(started.elapsed().as_secs()));
+        match &completion.result {
+            Some(reason) if completion.status == "failed" => {
+                log::error!("task {}: failed after {took}: {reason}", task.id)
+            }
+            _ => log::info!("task {}: completed in {took}", task.id),
+        }
+        finish(&self.outbox, &self.journal, &task.id, &completion);
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.wake.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `docker login ADDR -u USER --password-stdin`: the password never reaches argv.
+pub fn docker_login(docker: &str, c: &AgentConfig) -> Result<(), String> {
+    let cmd = Cmd::new(docker)
+        .args([
+            "login",
+            c.registry_addr.as_str(),
+            "-u",
+            c.registry_user.as_str(),
+            "--password-stdin",
+        ])
+        .stdin(c.registry_password.as_bytes().to_vec())
+        .timeout(Duration::from_secs(60), "docker login timeout");
+    executor::output(&cmd).map(drop).map_err(|e| e.to_string())
+}

@@ -1,0 +1,448 @@
+//! Agent configuration: the Go agent's environment variables, each overridable by a flag.
+//! Bad values are errors that name the variable and the value (exit status 2).
+
+use crate::cli::Args;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Builder,
+    Deploy,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Builder => "builder",
+            Role::Deploy => "deploy",
+        }
+    }
+    /// Task types this role serves.
+    pub fn serves(self, task_type: &str) -> bool {
+        match self {
+            Role::Builder => task_type == "build",
+            Role::Deploy => matches!(task_type, "deploy" | "cleanup"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub role: Option<Role>,
+    pub control_plane_url: String,
+    pub agent_secret: String,
+    pub host_ip: Option<String>,
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub max_storage: u64,
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub max_concurrent_tasks: usize,
+    pub builder_max_concurrent: usize,
+    pub shutdown_grace: Duration,
+    pub build_timeout: Duration,
+    pub build_idle_timeout: Duration,
+    pub docker_cli: String,
+    pub builder_proxy_passthrough: bool,
+    pub deploy_health_timeout: Duration,
+    pub deploy_drain: Duration,
+}
+
+/// A configuration error; the message names the variable and the value.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Flag first, then the environment; an empty value counts as unset.
+fn pick(flag: &Option<String>, env: Env, name: &str) -> Option<String> {
+    flag.clone()
+        .or_else(|| env(name))
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn parsed<T>(
+    flag: &Option<String>,
+    env: Env,
+    name: &str,
+    default: T,
+    parse: fn(&str) -> Option<T>,
+    expect: &str,
+) -> Result<T, ConfigError> {
+    match pick(flag, env, name) {
+        None => Ok(default),
+        Some(v) => parse(v.trim())
+            .ok_or_else(|| ConfigError(format!("{name}: invalid value {v:?} (expected {expect})"))),
+    }
+}
+
+impl Config {
+    pub fn load(a: &Args, env: Env) -> Result<Config, ConfigError> {
+        let role = match pick(&a.node_role, env, "NODE_ROLE") {
+            None => None,
+            Some(r) => Some(match r.trim() {
+                "builder" => Role::Builder,
+                "deploy" => Role::Deploy,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "NODE_ROLE: invalid value {r:?} (expected builder or deploy)"
+                    )))
+                }
+            }),
+        };
+        let url = pick(&a.control_plane_url, env, "CONTROL_PLANE_URL")
+            .unwrap_or_else(|| "http://localhost:8080".into());
+        let url = url.trim().trim_end_matches('/').to_string();
+        if parse_url(&url).is_none() {
+            return Err(ConfigError(format!(
+                "CONTROL_PLANE_URL: invalid value {url:?} (expected http://host[:port] or https://host[:port])"
+            )));
+        }
+        let agent_secret = match &a.agent_secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    ConfigError(format!("--agent-secret-file: cannot read {path:?}: {e}"))
+                })?
+                .trim()
+                .to_string(),
+            None => env("AGENT_SECRET").unwrap_or_default().trim().to_string(),
+        };
+        let node_name = pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname);
+        let positive = |v: &str| v.parse::<usize>().ok().filter(|n| *n >= 1);
+        Ok(Config {
+            role,
+            control_plane_url: url,
+            agent_secret,
+            host_ip: pick(&a.host_ip, env, "HOST_IP").map(|s| s.trim().to_string()),
+            node_name,
+            data_dir: PathBuf::from(
+                pick(&a.data_dir, env, "DATA_DIR").unwrap_or_else(|| "/muvee/data".into()),
+            ),
+            max_storage: parsed(
+                &a.max_storage,
+                env,
+                "MAX_STORAGE",
+                100 << 30,
+                parse_size,
+                "bytes or a size like 100G",
+            )?,
+            poll_interval: parsed(
+                &a.poll_interval,
+                env,
+                "POLL_INTERVAL",
+                secs(5),
+                parse_duration,
+                "a duration like 5s",
+            )?,
+            heartbeat_interval: parsed(
+                &a.heartbeat_interval,
+                env,
+                "HEARTBEAT_INTERVAL",
+                secs(30),
+                parse_duration,
+                "a duration like 30s",
+            )?,
+            max_concurrent_tasks: parsed(
+                &a.max_concurrent_tasks,
+                env,
+                "MAX_CONCURRENT_TASKS",
+                4,
+                positive,
+                "a whole number >= 1",
+            )?,
+            builder_max_concurrent: parsed(
+                &a.builder_max_concurrent,
+                env,
+                "BUILDER_MAX_CONCURRENT",
+                1,
+                positive,
+                "a whole number >= 1",
+            )?,
+            shutdown_grace: parsed(
+                &a.shutdown_grace,
+                env,
+                "SHUTDOWN_GRACE",
+                secs(300),
+                parse_duration,
+                "a duration like 5m",
+            )?,
+            build_timeout: parsed(
+                &a.build_timeout,
+                env,
+                "BUILD_TIMEOUT",
+                secs(3600),
+                parse_duration,
+                "a duration like 60m",
+            )?,
+            build_idle_timeout: parsed(
+                &a.build_idle_timeout,
+                env,
+                "BUILD_IDLE_TIMEOUT",
+                secs(900),
+                parse_duration,
+                "a duration like 15m",
+            )?,
+            docker_cli: pick(&a.docker_cli, env, "DOCKER_CLI").unwrap_or_else(|| "docker".into()),
+            builder_proxy_passthrough: parsed(
+                &a.builder_proxy_passthrough,
+                env,
+                "BUILDER_PROXY_PASSTHROUGH",
+                true,
+                parse_bool,
+                "true or false",
+            )?,
+            deploy_health_timeout: parsed(
+                &a.deploy_health_timeout,
+                env,
+                "DEPLOY_HEALTH_TIMEOUT",
+                secs(60),
+                parse_duration,
+                "a duration like 60s",
+            )?,
+            deploy_drain: parsed(
+                &a.deploy_drain,
+                env,
+                "DEPLOY_DRAIN",
+                secs(10),
+                parse_duration,
+                "a duration like 10s",
+            )?,
+        })
+    }
+
+    /// Creates DATA_DIR and checks that it is writable.
+    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+        let d = &self.data_dir;
+        let err = |e: std::io::Error| {
+            ConfigError(format!("DATA_DIR: {} is not writable: {e}", d.display()))
+        };
+        std::fs::create_dir_all(d).map_err(err)?;
+        let probe = d.join(format!(".write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(err)?;
+        let _ = std::fs::remove_file(probe);
+        Ok(())
+    }
+
+    /// HOST_IP, else the local address of a UDP socket "connected" to the control plane host
+    /// (no packet is sent). IPv6 hosts work, bracketed or not.
+    pub fn resolve_host_ip(&self) -> Option<String> {
+        if let Some(ip) = &self.host_ip {
+            return Some(ip.clone());
+        }
+        let (_, host, port) = parse_url(&self.control_plane_url)?;
+        let target: SocketAddr = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let sock = UdpSocket::bind(bind).ok()?;
+        sock.connect(target).ok()?;
+        let ip = sock.local_addr().ok()?.ip();
+        (!ip.is_unspecified()).then(|| ip.to_string())
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `http[s]://host[:port][/path]` → (scheme, host without brackets, port).
+pub fn parse_url(url: &str) -> Option<(String, String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    (!host.is_empty()).then(|| (scheme.to_string(), host.to_string(), port))
+}
+
+/// "90", "90s", "500ms", "5m", "1h", "1h30m".
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit..];
+        total += Duration::from_secs_f64(n * mult);
+    }
+    Some(total)
+}
+
+/// "1073741824", "100G", "100GiB", "1.5T", "512M", "10gb" (binary multiples).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let n: f64 = s[..split].parse().ok()?;
+    let unit = s[split..].trim().to_ascii_lowercase();
+    let shift = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return None,
+    };
+    let v = n * (1u64 << shift) as f64;
+    (v.is_finite() && v >= 0.0).then_some(v as u64)
+}
+
+/// The Go agent's spelling: false/0/no/off and true/1/yes/on.
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(&Args::default(), &move |k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_and_normalisation() {
+        let c = load(&[
+            ("NODE_ROLE", "deploy"),
+            ("CONTROL_PLANE_URL", "http://10.0.0.1:8080/"),
+        ])
+        .unwrap();
+        assert_eq!(c.role, Some(Role::Deploy));
+        assert_eq!(c.control_plane_url, "http://10.0.0.1:8080");
+        assert_eq!(c.max_storage, 107374182400);
+        assert_eq!(c.poll_interval, secs(5));
+        assert_eq!(c.builder_max_concurrent, 1);
+        assert_eq!(c.data_dir, PathBuf::from("/muvee/data"));
+    }
+
+    #[test]
+    fn flag_wins_over_env() {
+        let a = Args {
+            node_role: Some("builder".into()),
+            max_storage: Some("1G".into()),
+            ..Args::default()
+        };
+        let c = Config::load(&a, &|k| (k == "NODE_ROLE").then(|| "deploy".into())).unwrap();
+        assert_eq!(c.role, Some(Role::Builder));
+        assert_eq!(c.max_storage, 1 << 30);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        assert_eq!(
+            load(&[("NODE_ROLE", "web")]).unwrap_err().0,
+            "NODE_ROLE: invalid value \"web\" (expected builder or deploy)"
+        );
+        let e = load(&[("CONTROL_PLANE_URL", "ftp://x")]).unwrap_err().0;
+        assert!(
+            e.starts_with("CONTROL_PLANE_URL: invalid value \"ftp://x\""),
+            "{e}"
+        );
+        let e = load(&[("MAX_STORAGE", "lots")]).unwrap_err().0;
+        assert!(e.contains("MAX_STORAGE") && e.contains("lots"), "{e}");
+        let e = load(&[("BUILDER_MAX_CONCURRENT", "0")]).unwrap_err().0;
+        assert!(e.contains("BUILDER_MAX_CONCURRENT"), "{e}");
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(parse_duration("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1h30m"), Some(secs(5400)));
+        assert_eq!(parse_duration("7"), Some(secs(7)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_size("100G"), Some(100 << 30));
+        assert_eq!(parse_size("2GiB"), Some(2 << 30));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("1.5k"), Some(1536));
+        assert_eq!(parse_size("5X"), None);
+        assert_eq!(
+            parse_url("http://[fd00::1]:8080/x"),
+            Some(("http".into(), "fd00::1".into(), 8080))
+        );
+        assert_eq!(
+            parse_url("https://cp.example"),
+            Some(("https".into(), "cp.example".into(), 443))
+        );
+        assert_eq!(parse_url("http://u:p@cp"), None);
+    }
+
+    #[test]
+    fn detects_host_ip_for_ipv4_and_ipv6_loopback() {
+        let mut c = load(&[("CONTROL_PLANE_URL", "http://127.0.0.1:9")]).unwrap();
+        assert_eq!(c.resolve_host_ip().as_deref(), Some("127.0.0.1"));
+        c.control_plane_url = "http://[::1]:9".into();
+        // IPv6 may be disabled on a host; when it works the answer is ::1.
+        if let Some(ip) = c.resolve_host_ip() {
+            assert_eq!(ip, "::1");
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The one place that runs external programs (git, docker, rsync). Argv only, never a shell.
+//! Output is streamed line by line (invalid UTF-8 tolerated), scrubbed of secrets, handed to
+//! a callback and kept in a bounded tail for error messages. Every call runs in its own
+//! process group so a timeout or cancel kills the whole tree.
+
+use crate::{redact, signal};
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Lines kept for error messages.
+const TAIL_LINES: usize = 20;
+/// Bytes of stdout kept for callers that parse it (`docker port`, `git rev-parse`).
+const STDOUT_CAP: usize = 1 << 20;
+/// A newline-less stream is cut into lines of this size so memory stays bounded.
+const MAX_LINE: usize = 16 * 1024;
+/// Grace between SIGTERM and SIGKILL for a process group.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// Environment variables never passed to children: the agent's own credentials.
+const SCRUBBED_ENV: &[&str] = &["AGENT_SECRET", "REGISTRY_PASSWORD"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A command to run. Values in `env` and `stdin` never show up in argv.
+#[derive(Clone, Debug, Default)]
+pub struct Cmd {
+    pub program: String,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    pub stdin: Option<Vec<u8>>,
+    /// Absolute deadline for this call: (when, how long it was, the setting's name).
+    pub deadline: Option<(Instant, Duration, &'static str)>,
+    /// Kill when no output arrives for this long.
+    pub idle_timeout: Option<Duration>,
+    /// Name used in messages ("docker buildx build"); defaults to program + first word.
+    pub label: Option<String>,
+}
+
+impl Cmd {
+    pub fn new(program: impl Into<String>) -> Cmd {
+        Cmd {
+            program: program.into(),
+            ..Cmd::default()
+        }
+    }
+    pub fn arg(mut self, a: impl Into<OsString>) -> Cmd {
+        self.args.push(a.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, it: I) -> Cmd {
+        self.args.extend(it.into_iter().map(Into::into));
+        self
+    }
+    pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Cmd {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Cmd {
+        self.cwd = Some(dir.into());
+        self
+    }
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
+        self.stdin = Some(data.into());
+        self
+    }
+    /// `what` names the setting in the timeout message, e.g. "BUILD_TIMEOUT".
+    pub fn timeout(self, d: Duration, what: &'static str) -> Cmd {
+        self.deadline(Instant::now() + d, d, what)
+    }
+    /// A deadline shared by several calls (a whole build); `total` is for the message.
+    pub fn deadline(mut self, at: Instant, total: Duration, what: &'static str) -> Cmd {
+        self.deadline = Some((at, total, what));
+        self
+    }
+    pub fn idle_timeout(mut self, d: Duration) -> Cmd {
+        self.idle_timeout = Some(d);
+        self
+    }
+    pub fn label(mut self, l: impl Into<String>) -> Cmd {
+        self.label = Some(l.into());
+        self
+    }
+
+    pub fn name(&self) -> String {
+        if let Some(l) = &self.label {
+            return l.clone();
+        }
+        let prog = self.program.rsplit('/').next().unwrap_or(&self.program);
+        match self.args.first().and_then(|a| a.to_str()) {
+            Some(a) if !a.starts_with('-') => format!("{prog} {a}"),
+            _ => prog.to_string(),
+        }
+    }
+
+    /// The argv as a redacted string, for debug logs.
+    pub fn display(&self) -> String {
+        let mut s = self.program.clone();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        redact::scrub(&s).into_owned()
+    }
+}
+
+/// What a finished command left behind.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Stdout, capped at 1 MiB, already scrubbed.
+    pub stdout: String,
+    /// Last lines of stdout+stderr in arrival order, scrubbed.
+    pub tail: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum ExecError {
+    Spawn {
+        name: String,
+        err: std::io::Error,
+    },
+    Exit {
+        name: String,
+        code: i32,
+        output: Output,
+    },
+    Signal {
+        name: String,
+        sig: i32,
+        output: Output,
+    },
+    Timeout {
+        name: String,
+        after: Duration,
+        what: &'static str,
+        output: Output,
+    },
+    Idle {
+        name: String,
+        after: Duration,
+        output: Output,
+    },
+    Canceled {
+        name: String,
+    },
+}
+
+impl ExecError {
+    pub fn output(&self) -> Option<&Output> {
+        match self {
+            ExecError::Exit { output, .. }
+            | ExecError::Signal { output, .. }
+            | ExecError::Timeout { output, .. }
+            | ExecError::Idle { output, .. } => Some(output),
+            _ => None,
+        }
+    }
+    pub fn is_canceled(&self) -> bool {
+        matches!(self, ExecError::Canceled { .. })
+    }
+}
+
+impl fmt::Display for ExecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExecError::Spawn { name, err } if err.kind() == std::io::ErrorKind::NotFound => {
+                let prog = name.split(' ').next().unwrap_or(name);
+                write!(f, "{name}: `{prog}` not found on PATH")
+            }
+            ExecError::Spawn { name, err } => write!(f, "{name}: cannot start: {err}"),
+            ExecError::Exit { name, code, .. } => write!(f, "{name} exited {code}"),
+            ExecError::Signal { name, sig, .. } => write!(f, "{name} was killed by signal {sig}"),
+            ExecError::Timeout {
+                name, after, what, ..
+            } => {
+                write!(
+                    f,
+                    "{name} timed out after {} ({what})",
+                    fmt_duration(*after)
+                )
+            }
+            ExecError::Idle { name, after, .. } => {
+                write!(
+                    f,
+                    "{name} produced no output for {} and was killed",
+                    fmt_duration(*after)
+                )
+            }
+            ExecError::Canceled { .. } => write!(f, "canceled: agent shutting down"),
+        }?;
+        if let Some(out) = self.output() {
+            if !out.tail.is_empty() {
+                write!(f, ": {}", out.tail.join("\n"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+enum Event {
+    Line(Stream, Vec<u8>),
+    Eof,
+}
+
+/// Runs `cmd`, calling `on_line` with every scrubbed output line. Returns the captured
+/// output on exit 0; any other ending is an [`ExecError`] whose text says what ran, how it
+/// ended and the last lines it printed.
+pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
+    let name = cmd.name();
+    if signal::cancel_requested() {
+        return Err(ExecError::Canceled { name });
+    }
+    log::debug!("running: {}", cmd.display());
+    let mut c = Command::new(&cmd.program);
+    c.args(&cmd.args)
+        .stdin(if cmd.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for k in SCRUBBED_ENV {
+        c.env_remove(k);
+    }
+    c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
+    if let Some(dir) = &cmd.cwd {
+        c.current_dir(dir);
+    }
+    let mut child = c.spawn().map_err(|err| ExecError::Spawn {
+        name: name.clone(),
+        err,
+    })?;
+    let pgid = child.id();
+
+    if let (Some(data), Some(mut pipe)) = (cmd.stdin.clone(), child.stdin.take()) {
+        // A writer thread, so a child that does not read stdin cannot block us.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    let readers = [
+        spawn_reader(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Stream::Stdout,
+            tx.clone(),
+        ),
+        spawn_reader(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            Stream::Stderr,
+            tx,
+        ),
+    ];
+
+    let mut out = Output::default();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut eofs = 0;
+    let mut status = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut last_output = Instant::now();
+    let mut killing: Option<(Instant, Ending)> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Line(stream, bytes)) => {
+                last_output = Instant::now();
+                let raw = String::from_utf8_lossy(&bytes);
+                let line = redact::scrub(raw.trim_end_matches(['\n', '\r']));
+                on_line(stream, &line);
+                if stream == Stream::Stdout && out.stdout.len() < STDOUT_CAP {
+                    out.stdout.push_str(&line);
+                    out.stdout.push('\n');
+                }
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.into_owned());
+            }
+            Ok(Event::Eof) => eofs += 1,
+            Err(_) => {}
+        }
+        if status.is_none() {
+            status = child.try_wait().ok().flatten();
+            if status.is_some() {
+                exited_at = Some(Instant::now());
+            }
+        }
+        if status.is_some() && eofs == 2 {
+            break;
+        }
+        // A grandchild that kept the pipes open must not keep us waiting.
+        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            signal::kill_group(pgid, libc::SIGKILL);
+            break;
+        }
+        match killing {
+            None => {
+                let ending = if signal::cancel_requested() {
+                    Some(Ending::Canceled)
+                } else if cmd.deadline.is_some_and(|(at, _, _)| Instant::now() >= at) {
+                    Some(Ending::Timeout)
+                } else if cmd.idle_timeout.is_some_and(|d| last_output.elapsed() >= d) {
+                    Some(Ending::Idle)
+                } else {
+                    None
+                };
+                if let Some(e) = ending {
+                    log::warn!(
+                        "{name}: {}; sending SIGTERM to its process group",
+                        e.describe()
+                    );
+                    signal::kill_group(pgid, libc::SIGTERM);
+                    killing = Some((Instant::now(), e));
+                }
+            }
+            Some((since, _)) if since.elapsed() >= KILL_GRACE => {
+                signal::kill_group(pgid, libc::SIGKILL);
+            }
+            Some(_) => {}
+        }
+    }
+    // Make sure nothing of the group survives us (also reaps the leader if still pending).
+    if killing.is_some() {
+        signal::kill_group(pgid, libc::SIGKILL);
+    }
+    let status = match status {
+        Some(s) => s,
+        None => child.wait().map_err(|err| ExecError::Spawn {
+            name: name.clone(),
+            err,
+        })?,
+    };
+    for r in readers.into_iter().flatten() {
+        if eofs == 2 {
+            let _ = r.join();
+        }
+    }
+    out.tail = tail.into();
+    if let Some((_, ending)) = killing {
+        return Err(match ending {
+            Ending::Canceled => ExecError::Canceled { name },
+            Ending::Timeout => {
+                let (_, after, what) = cmd.deadline.unwrap_or((Instant::now(), Duration::ZERO, ""));
+                ExecError::Timeout {
+                    name,
+                    after,
+                    what,
+                    output: out,
+                }
+            }
+            Ending::Idle => ExecError::Idle {
+                name,
+                after: cmd.idle_timeout.unwrap_or_default(),
+                output: out,
+            },
+        });
+    }
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(out),
+        (Some(code), _) => Err(ExecError::Exit {
+            name,
+            code,
+            output: out,
+        }),
+        (None, Some(sig)) => Err(ExecError::Signal {
+            name,
+            sig,
+            output: out,
+        }),
+        (None, None) => Err(ExecError::Exit {
+            name,
+            code: -1,
+            output: out,
+        }),
+    }
+}
+
+/// Runs a short command, ignoring its output lines (they are still captured).
+pub fn output(cmd: &Cmd) -> Result<Output, ExecError> {
+    run(cmd, &mut |_, _| {})
+}
+
+#[derive(Clone, Copy)]
+enum Ending {
+    Canceled,
+    Timeout,
+    Idle,
+}
+
+impl Ending {
+    fn describe(self) -> &'static str {
+        match self {
+            Ending::Canceled => "canceled",
+            Ending::Timeout => "timed out",
+            Ending::Idle => "no output for too long",
+        }
+    }
+}
+
+fn spawn_reader(
+    pipe: Option<Box<dyn Read + Send>>,
+    stream: Stream,
+    tx: mpsc::Sender<Event>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let pipe = pipe?;
+    Some(std::thread::spawn(move || {
+        let mut r = BufReader::with_capacity(64 * 1024, pipe);
+        loop {
+            let mut buf = Vec::new();
+            // read_until + lossy decoding: `lines()` would stop at the first invalid UTF-8
+            // byte and leave the child blocked on a full pipe.
+            match r.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if tx.send(Event::Line(stream, buf)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Event::Eof);
+    }))
+}

@@ -1,0 +1,119 @@
+//! Node metrics for `POST /api/agent/node-metrics` (both server versions accept it), read
+//! from /proc and statvfs: CPU since the last sample, memory, DATA_DIR disk, load averages.
+
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Remembers the previous /proc/stat totals so CPU% covers the interval between samples.
+#[derive(Default)]
+pub struct CpuSampler {
+    last: Option<(u64, u64)>,
+}
+
+impl CpuSampler {
+    pub fn sample(&mut self) -> f64 {
+        let Some((busy, total)) = read_cpu() else {
+            return 0.0;
+        };
+        let pct = match self.last {
+            Some((b0, t0)) if total > t0 => {
+                (busy.saturating_sub(b0)) as f64 * 100.0 / (total - t0) as f64
+            }
+            _ => 0.0,
+        };
+        self.last = Some((busy, total));
+        (pct * 100.0).round() / 100.0
+    }
+}
+
+fn read_cpu() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let nums: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let total: u64 = nums.iter().take(8).sum();
+    let idle = nums.get(3)? + nums.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
+fn meminfo() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let total = field("MemTotal:");
+    (total, total.saturating_sub(field("MemAvailable:")))
+}
+
+/// (total, used) bytes of the filesystem holding `path`.
+pub fn disk_usage(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * frsize;
+    Some((total, total.saturating_sub(st.f_bfree as u64 * frsize)))
+}
+
+pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Value {
+    let (mem_total, mem_used) = meminfo();
+    let (disk_total, disk_used) = disk_usage(data_dir)
+        .or_else(|| disk_usage(Path::new("/")))
+        .unwrap_or((0, 0));
+    let load: Vec<f64> = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let l = |i: usize| load.get(i).copied().unwrap_or(0.0);
+    json!({
+        "node_id": node_id,
+        "cpu_percent": cpu.sample(),
+        "mem_total_bytes": mem_total,
+        "mem_used_bytes": mem_used,
+        "disk_total_bytes": disk_total,
+        "disk_used_bytes": disk_used,
+        "load1": l(0),
+        "load5": l(1),
+        "load15": l(2),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_have_the_go_agent_keys_and_real_values() {
+        let mut cpu = CpuSampler::default();
+        let m = node_metrics("n1", Path::new("/"), &mut cpu);
+        for k in [
+            "cpu_percent",
+            "mem_total_bytes",
+            "mem_used_bytes",
+            "disk_total_bytes",
+            "disk_used_bytes",
+            "load1",
+            "load5",
+            "load15",
+        ] {
+            assert!(m.get(k).is_some(), "{k} missing in {m}");
+        }
+        assert!(m["mem_total_bytes"].as_u64().unwrap() > 0);
+        assert!(m["disk_total_bytes"].as_u64().unwrap() > 0);
+    }
+}

@@ -1,0 +1,120 @@
+//! `muvee-agent run-task`: one task, locally, through the same code as the agent loop.
+//! Input is a task as the control plane sends it, or a bare payload with `--type`.
+//! Logs go to stderr, the completion body to stdout. Exit 0 completed, 1 failed, 2 bad input.
+
+use crate::cli::RunTaskArgs;
+use crate::config::{process_env, Config};
+use crate::tasks::{self, Ctx, Shared};
+use crate::wire::{AgentConfig, Task};
+use crate::{agent, redact};
+use serde_json::Value;
+use std::io::{Read, Write};
+
+pub fn run(cfg: Config, args: &RunTaskArgs) -> u8 {
+    match prepare(&cfg, args) {
+        Ok((task, cp)) => execute(&cfg, &task, &cp),
+        Err(e) => {
+            eprintln!("muvee-agent run-task: {}", redact::scrub(&e));
+            2
+        }
+    }
+}
+
+fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), String> {
+    let text = if args.file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
+        s
+    } else {
+        std::fs::read_to_string(&args.file)
+            .map_err(|e| format!("--file: cannot read {:?}: {e}", args.file))?
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("input is not JSON: {e}"))?;
+    let is_task = v.get("ID").is_some() || v.get("Type").is_some() || v.get("Payload").is_some();
+    let task = match (&args.kind, is_task) {
+        (None, true) => {
+            serde_json::from_value::<Task>(v).map_err(|e| format!("malformed task: {e}"))?
+        }
+        (Some(kind), false) => Task {
+            id: "local".into(),
+            kind: kind.clone(),
+            deployment_id: v
+                .get("deployment_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .into(),
+            payload: v,
+        },
+        (Some(_), true) => {
+            return Err("--type is for a bare payload, but the input is a whole task".into())
+        }
+        (None, false) => {
+            return Err(
+                "input is not a task (ID, Type, Payload); pass --type for a bare payload".into(),
+            )
+        }
+    };
+    let mut cp: AgentConfig = match &args.agent_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--agent-config: cannot read {path:?}: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| format!("--agent-config {path:?}: {e}"))?
+        }
+        None => AgentConfig::default(),
+    };
+    let pick = |flag: &Option<String>, var: &str, cur: &mut String| {
+        if let Some(v) = flag
+            .clone()
+            .or_else(|| process_env(var))
+            .filter(|v| !v.is_empty())
+        {
+            *cur = v;
+        }
+    };
+    pick(&args.registry_addr, "REGISTRY_ADDR", &mut cp.registry_addr);
+    pick(&args.registry_user, "REGISTRY_USER", &mut cp.registry_user);
+    pick(&None, "REGISTRY_PASSWORD", &mut cp.registry_password);
+    pick(
+        &args.dataset_nfs_base_path,
+        "DATASET_NFS_BASE_PATH",
+        &mut cp.dataset_nfs_base_path,
+    );
+    pick(
+        &args.volume_nfs_base_path,
+        "VOLUME_NFS_BASE_PATH",
+        &mut cp.volume_nfs_base_path,
+    );
+    redact::add(&cp.registry_password);
+    cfg.prepare_data_dir().map_err(|e| e.0)?;
+    Ok((task, cp))
+}
+
+fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
+    if !cp.registry_user.is_empty()
+        && !cp.registry_password.is_empty()
+        && !cp.registry_addr.is_empty()
+    {
+        if let Err(e) = agent::docker_login(&cfg.docker_cli, cp) {
+            log::error!("docker login to {} failed: {e}", cp.registry_addr);
+        }
+    }
+    let out = |line: &str| eprintln!("{line}");
+    let shared = Shared::new(cfg);
+    let ctx = Ctx {
+        cfg,
+        cp,
+        task,
+        shared: &shared,
+        out: &out,
+    };
+    let completion = tasks::execute(&ctx);
+    let body = serde_json::to_string(&completion).unwrap_or_default();
+    let _ = writeln!(std::io::stdout(), "{body}");
+    if completion.status == "completed" {
+        0
+    } else {
+        1
+    }
+}
