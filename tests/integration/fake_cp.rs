@@ -1,0 +1,1336 @@
+//! Fake muvee control plane for integration tests.
+//!
+//! Reproduces the agent-facing HTTP API of the real server byte for byte as described in
+//! /work/shared/reference/control-plane-protocol.md (sections 0, 1.1-1.9, 8), for the March 2026
+//! server (7f715e3, `Version::March`) and today's server (522cd80, `Version::Today`).
+//! HTTP/1.1 over `std::net`, one thread per connection, keep-alive like Go's `net/http`.
+//! Not modelled: deployment rows and scheduler side effects (build→deploy chain, failure log
+//! lines), hosted git (`/git/…` gets the SPA page), the WebSocket control channel (answered 400).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// github.com/hoveychen/muvee 7f715e3 (2026-03-16)
+    March,
+    /// github.com/hoveychen/muvee 522cd80
+    Today,
+}
+
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status, content type and body instead of the real handler.
+    Status(u16, &'static str, String),
+    /// Read the request, sleep, then handle it normally (state changes happen after the sleep).
+    Hang(Duration),
+    /// Close the socket with a TCP RST without answering.
+    Reset,
+    /// 200 text/html (as if routed to the web UI).
+    Html,
+    /// 200 application/json whose body is not JSON.
+    Garbage,
+}
+
+/// One request as received (recorded before faults and routing).
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Raw request target: path + query, exactly as sent.
+    pub target: String,
+    /// Header names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Would pass this version's agent-secret middleware (Today: server secret non-empty and equal;
+    /// March: server secret empty, or equal).
+    pub secret_ok: bool,
+    /// Name of the injected fault that was applied, if any.
+    pub fault: Option<String>,
+    /// Status answered (None: no answer, e.g. reset, hang interrupted, or still in progress).
+    pub status: Option<u16>,
+    pub at: SystemTime,
+}
+
+impl Recorded {
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+struct Node {
+    id: String,
+    hostname: String,
+    role: String,
+    host_ip: String,
+    max_storage: i64,
+    used_storage: i64,
+    last_seen: SystemTime,
+    created_at: SystemTime,
+    registered: Instant,
+    health_report: Option<Value>,
+}
+
+struct Task {
+    id: String,
+    kind: String,
+    node_id: String,
+    deployment_id: String,
+    payload: Value,
+    status: String,
+    result: String,
+    created_at: SystemTime,
+    updated_at: SystemTime,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: Vec<Node>,
+    tasks: Vec<Task>,
+    completions: HashMap<String, Vec<(Vec<u8>, Value)>>,
+    logs: HashMap<String, Vec<u8>>,
+    config: BTreeMap<String, String>,
+    requests: Vec<Recorded>,
+    faults: Vec<(String, Fault, usize)>,
+    register_count: usize,
+}
+
+struct Shared {
+    version: Version,
+    secret: String,
+    st: Mutex<State>,
+    stop: AtomicBool,
+    epoch: AtomicU64,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn aborted(&self, epoch: u64) -> bool {
+        self.stop.load(SeqCst) || self.epoch.load(SeqCst) != epoch
+    }
+}
+
+pub struct FakeCp {
+    sh: Arc<Shared>,
+    port: u16,
+    acceptor: Mutex<Option<(JoinHandle<()>, Arc<AtomicBool>)>>,
+}
+
+struct Resp {
+    status: u16,
+    ctype: &'static str,
+    body: Vec<u8>,
+}
+
+fn resp(status: u16, ctype: &'static str, body: impl Into<Vec<u8>>) -> Resp {
+    let body = body.into();
+    Resp {
+        status,
+        ctype,
+        body,
+    }
+}
+fn json_resp(status: u16, json: String) -> Resp {
+    resp(status, "application/json", json + "\n")
+}
+fn err_resp(status: u16, msg: &str) -> Resp {
+    json_resp(status, obj(&[("error", go_str(msg))]))
+}
+fn ok_resp() -> Resp {
+    json_resp(200, r#"{"status":"ok"}"#.into())
+}
+fn text_resp(status: u16, text: &str) -> Resp {
+    resp(status, "text/plain; charset=utf-8", format!("{text}\n"))
+}
+fn html_resp() -> Resp {
+    let body = "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"UTF-8\"><title>muvee</title></head>\
+                <body><div id=\"root\"></div></body></html>\n";
+    resp(200, "text/html; charset=utf-8", body)
+}
+
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+const NIL_UUID: &str = "00000000-0000-0000-0000-000000000000";
+
+impl FakeCp {
+    /// Binds 127.0.0.1:0 and starts serving.
+    pub fn start(version: Version, secret: &str) -> FakeCp {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake control plane");
+        let port = listener.local_addr().unwrap().port();
+        let mut st = State::default();
+        for (k, v) in [
+            ("base_domain", "localhost"),
+            ("registry_addr", "localhost:5000"),
+        ] {
+            st.config.insert(k.into(), v.into());
+        }
+        for k in [
+            "dataset_nfs_base_path",
+            "registry_password",
+            "registry_user",
+            "volume_nfs_base_path",
+        ] {
+            st.config.insert(k.into(), String::new());
+        }
+        let sh = Arc::new(Shared {
+            version,
+            secret: secret.into(),
+            st: Mutex::new(st),
+            stop: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        });
+        let cp = FakeCp {
+            sh,
+            port,
+            acceptor: Mutex::new(None),
+        };
+        cp.spawn_acceptor(listener);
+        cp
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn version(&self) -> Version {
+        self.sh.version
+    }
+
+    fn spawn_acceptor(&self, listener: TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let quit = Arc::new(AtomicBool::new(false));
+        let (sh, q) = (self.sh.clone(), quit.clone());
+        let handle = thread::spawn(move || {
+            while !q.load(SeqCst) && !sh.stop.load(SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let cid = sh.next_conn.fetch_add(1, SeqCst);
+                        let epoch = sh.epoch.load(SeqCst);
+                        if let Ok(c) = s.try_clone() {
+                            sh.conns.lock().unwrap().insert(cid, c);
+                        }
+                        let sh2 = sh.clone();
+                        thread::spawn(move || {
+                            let reset = serve_conn(&sh2, &s, epoch);
+                            sh2.conns.lock().unwrap().remove(&cid);
+                            if reset {
+                                set_linger0(&s);
+                            }
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        *self.acceptor.lock().unwrap() = Some((handle, quit));
+    }
+
+    /// Stop accepting: closes the listener (connects are refused) and drops open connections.
+    pub fn go_down(&self) {
+        if let Some((h, quit)) = self.acceptor.lock().unwrap().take() {
+            quit.store(true, SeqCst);
+            let _ = h.join();
+        }
+        self.sh.epoch.fetch_add(1, SeqCst);
+        for (_, c) in self.sh.conns.lock().unwrap().drain() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Rebind the same port (all state kept). Panics if the port cannot be rebound within 5 s.
+    pub fn come_up(&self) {
+        if self.acceptor.lock().unwrap().is_some() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() > deadline => panic!("rebind port {}: {e}", self.port),
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        self.spawn_acceptor(listener);
+    }
+
+    /// Adds a pending task; returns its id.
+    pub fn add_task(
+        &self,
+        node_id: &str,
+        task_type: &str,
+        deployment_id: &str,
+        payload: Value,
+    ) -> String {
+        let now = SystemTime::now();
+        let id = new_uuid();
+        let deployment_id = if deployment_id.is_empty() {
+            NIL_UUID
+        } else {
+            deployment_id
+        };
+        self.sh.lock().tasks.push(Task {
+            id: id.clone(),
+            kind: task_type.into(),
+            node_id: norm_id(node_id),
+            deployment_id: norm_id(deployment_id),
+            payload,
+            status: "pending".into(),
+            result: String::new(),
+            created_at: now,
+            updated_at: now,
+        });
+        // Distinct created_at values (microsecond DB precision) keep "oldest first" well defined.
+        thread::sleep(Duration::from_micros(2));
+        id
+    }
+
+    /// Adds a task for the most recently registered node with this role, waiting up to 30 s for one.
+    pub fn add_task_for_role(
+        &self,
+        role: &str,
+        task_type: &str,
+        deployment_id: &str,
+        payload: Value,
+    ) -> String {
+        let mut node = None;
+        self.wait_for(
+            &format!("a node with role {role}"),
+            Duration::from_secs(30),
+            |cp| {
+                node = cp.node_id_for_role(role);
+                node.is_some()
+            },
+        );
+        self.add_task(&node.unwrap(), task_type, deployment_id, payload)
+    }
+
+    pub fn node_id_for_role(&self, role: &str) -> Option<String> {
+        let st = self.sh.lock();
+        st.nodes
+            .iter()
+            .filter(|n| n.role == role)
+            .max_by_key(|n| n.registered)
+            .map(|n| n.id.clone())
+    }
+
+    /// Applies `fault` to the next `times` requests whose raw target (path+query) starts with
+    /// `prefix` ("" = every request). Faults are consumed in injection order.
+    pub fn inject(&self, prefix: &str, fault: Fault, times: usize) {
+        self.sh.lock().faults.push((prefix.into(), fault, times));
+    }
+    pub fn clear_faults(&self) {
+        self.sh.lock().faults.clear();
+    }
+
+    /// Deletes every node (Today's server then answers polls with 500 `node … not found`).
+    pub fn forget_nodes(&self) {
+        self.sh.lock().nodes.clear();
+    }
+
+    pub fn set_config(&self, key: &str, value: &str) {
+        self.sh.lock().config.insert(key.into(), value.into());
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.sh.lock().requests.clone()
+    }
+    /// Requests whose raw target starts with `prefix`.
+    pub fn requests_to(&self, prefix: &str) -> Vec<Recorded> {
+        self.sh
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.target.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+    /// Parsed JSON bodies of requests with a valid secret whose path starts with `prefix`.
+    pub fn posted(&self, prefix: &str) -> Vec<Value> {
+        let st = self.sh.lock();
+        let hits = st
+            .requests
+            .iter()
+            .filter(|r| r.secret_ok && r.path().starts_with(prefix));
+        hits.filter_map(|r| r.json()).collect()
+    }
+
+    /// Parsed completion bodies for a task in arrival order (`null` for a non-JSON body).
+    pub fn completions(&self, task_id: &str) -> Vec<Value> {
+        let st = self.sh.lock();
+        st.completions
+            .get(&norm_id(task_id))
+            .map(|v| v.iter().map(|c| c.1.clone()).collect())
+            .unwrap_or_default()
+    }
+    pub fn completion_bodies_raw(&self, task_id: &str) -> Vec<Vec<u8>> {
+        let st = self.sh.lock();
+        st.completions
+            .get(&norm_id(task_id))
+            .map(|v| v.iter().map(|c| c.0.clone()).collect())
+            .unwrap_or_default()
+    }
+    /// "pending" | "running" | "completed" | "failed"; "" for an unknown task.
+    pub fn task_status(&self, task_id: &str) -> String {
+        self.with_task(task_id, |t| t.status.clone())
+    }
+    /// The stored `result` column (Today: `{"image_tag":…}` when a tag was reported).
+    pub fn task_result(&self, task_id: &str) -> String {
+        self.with_task(task_id, |t| t.result.clone())
+    }
+    fn with_task(&self, task_id: &str, f: impl Fn(&Task) -> String) -> String {
+        let id = norm_id(task_id);
+        self.sh
+            .lock()
+            .tasks
+            .iter()
+            .find(|t| t.id == id)
+            .map(f)
+            .unwrap_or_default()
+    }
+
+    /// Stored log bytes of a deployment (Today only; March has no log endpoint).
+    pub fn logs(&self, deployment_id: &str) -> Vec<u8> {
+        self.sh
+            .lock()
+            .logs
+            .get(&norm_id(deployment_id))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Node rows: id, hostname, role, host_ip, max_storage_bytes, used_storage_bytes,
+    /// last_seen_at, created_at (RFC 3339, ns), health_report (JSON, Today, if reported).
+    pub fn nodes(&self) -> Vec<Value> {
+        let st = self.sh.lock();
+        let row = |n: &Node| {
+            let mut v = serde_json::json!({
+                "id": n.id, "hostname": n.hostname, "role": n.role, "host_ip": n.host_ip,
+                "max_storage_bytes": n.max_storage, "used_storage_bytes": n.used_storage,
+                "last_seen_at": rfc3339(n.last_seen, 9), "created_at": rfc3339(n.created_at, 9),
+            });
+            if let Some(h) = &n.health_report {
+                v["health_report"] = h.clone();
+            }
+            v
+        };
+        st.nodes.iter().map(row).collect()
+    }
+    pub fn last_seen(&self, node_id: &str) -> Option<SystemTime> {
+        let id = norm_id(node_id);
+        self.sh
+            .lock()
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.last_seen)
+    }
+    /// Number of register requests that reached the handler with a valid secret.
+    pub fn register_count(&self) -> usize {
+        self.sh.lock().register_count
+    }
+
+    /// Polls `pred` every 50 ms; returns true once it holds. Panics on timeout with a dump of
+    /// the last requests.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&FakeCp) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.dump(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Human-readable list of the last `n` requests (bodies truncated).
+    pub fn dump(&self, n: usize) -> String {
+        let st = self.sh.lock();
+        let mut out = format!(
+            "last {} of {} requests to fake control plane:\n",
+            n.min(st.requests.len()),
+            st.requests.len()
+        );
+        for r in st.requests.iter().rev().take(n).rev() {
+            let mut body = String::from_utf8_lossy(&r.body).into_owned();
+            if body.len() > 200 {
+                let cut = (0..=200)
+                    .rev()
+                    .find(|i| body.is_char_boundary(*i))
+                    .unwrap_or(0);
+                body = format!("{}…(+{} bytes)", &body[..cut], r.body.len() - cut);
+            }
+            let status = r.status.map_or("-".into(), |s| s.to_string());
+            let fault = r
+                .fault
+                .as_deref()
+                .map(|f| format!(" fault={f}"))
+                .unwrap_or_default();
+            let at = rfc3339(r.at, 3);
+            out += &format!(
+                "  {at} {} {} -> {status} secret_ok={}{fault} {body}\n",
+                r.method, r.target, r.secret_ok
+            );
+        }
+        out
+    }
+}
+
+impl Drop for FakeCp {
+    fn drop(&mut self) {
+        self.sh.stop.store(true, SeqCst);
+        self.go_down();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/1.1 server side
+
+struct Req {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    keep_alive: bool,
+}
+
+struct Conn<'a> {
+    sh: &'a Shared,
+    s: &'a TcpStream,
+    buf: Vec<u8>,
+    epoch: u64,
+}
+
+impl Conn<'_> {
+    /// Reads more bytes; false on EOF, error or server shutdown.
+    fn fill(&mut self) -> bool {
+        let mut tmp = [0u8; 8192];
+        loop {
+            match (&mut &*self.s).read(&mut tmp) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    return true;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    if self.sh.aborted(self.epoch) {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+    fn take_until(&mut self, pat: &[u8], max: usize) -> Option<Vec<u8>> {
+        loop {
+            if let Some(p) = self.buf.windows(pat.len()).position(|w| w == pat) {
+                let mut out: Vec<u8> = self.buf.drain(..p + pat.len()).collect();
+                out.truncate(p);
+                return Some(out);
+            }
+            if self.buf.len() > max || !self.fill() {
+                return None;
+            }
+        }
+    }
+    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill() {
+                return None;
+            }
+        }
+        Some(self.buf.drain(..n).collect())
+    }
+
+    /// Ok(None): connection closed; Err(()): malformed request.
+    fn read_request(&mut self) -> Result<Option<Req>, ()> {
+        let Some(head) = self.take_until(b"\r\n\r\n", 1 << 20) else {
+            return if self.buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(())
+            };
+        };
+        let head = String::from_utf8(head).map_err(|_| ())?;
+        let mut lines = head.trim_start_matches("\r\n").split("\r\n");
+        let mut parts = lines.next().unwrap_or("").split(' ');
+        let (method, target, proto) = match (parts.next(), parts.next(), parts.next(), parts.next())
+        {
+            (Some(m), Some(t), Some(p), None) if !m.is_empty() && p.starts_with("HTTP/1.") => {
+                (m, t, p)
+            }
+            _ => return Err(()),
+        };
+        let mut headers = Vec::new();
+        for line in lines {
+            let (k, v) = line.split_once(':').ok_or(())?;
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+        let hv = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_ascii_lowercase())
+        };
+        let conn = hv("connection").unwrap_or_default();
+        let keep_alive = if proto == "HTTP/1.0" {
+            conn.contains("keep-alive")
+        } else {
+            !conn.contains("close")
+        };
+        if hv("expect").is_some_and(|e| e == "100-continue") {
+            let _ = (&mut &*self.s).write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        let body = if hv("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            let mut body = Vec::new();
+            loop {
+                let line = self.take_until(b"\r\n", 4096).ok_or(())?;
+                let size = String::from_utf8_lossy(&line);
+                let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| ())?;
+                if size == 0 {
+                    while !self.take_until(b"\r\n", 1 << 16).ok_or(())?.is_empty() {}
+                    break body;
+                }
+                body.extend(self.take(size).ok_or(())?);
+                self.take(2).ok_or(())?;
+            }
+        } else {
+            let len = hv("content-length")
+                .map_or(Ok(0), |v| v.parse::<usize>())
+                .map_err(|_| ())?;
+            self.take(len).ok_or(())?
+        };
+        Ok(Some(Req {
+            method: method.into(),
+            target: target.into(),
+            headers,
+            body,
+            keep_alive,
+        }))
+    }
+}
+
+/// Serves one connection; returns true if it must be closed with a reset.
+fn serve_conn(sh: &Shared, s: &TcpStream, epoch: u64) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = s.set_nodelay(true);
+    let mut conn = Conn {
+        sh,
+        s,
+        buf: Vec::new(),
+        epoch,
+    };
+    loop {
+        let req = match conn.read_request() {
+            Ok(Some(r)) => r,
+            Ok(None) => return false,
+            Err(()) => {
+                let _ = (&mut &*s).write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request",
+                );
+                return false;
+            }
+        };
+        let (idx, fault, authorized) = record(sh, &req);
+        let resp = match fault {
+            Some(Fault::Reset) => return true,
+            Some(Fault::Status(code, ctype, body)) => resp(code, ctype, body),
+            Some(Fault::Html) => html_resp(),
+            Some(Fault::Garbage) => resp(200, "application/json", "<<<not json>>>\n"),
+            Some(Fault::Hang(d)) => {
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    if sh.aborted(epoch) {
+                        return false;
+                    }
+                    thread::sleep(
+                        until
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(20)),
+                    );
+                }
+                handle(sh, &req, authorized)
+            }
+            None => handle(sh, &req, authorized),
+        };
+        sh.lock().requests[idx].status = Some(resp.status);
+        let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
+        if !resp.ctype.is_empty() {
+            head += &format!("Content-Type: {}\r\n", resp.ctype);
+        }
+        if resp.ctype.starts_with("text/plain") {
+            head += "X-Content-Type-Options: nosniff\r\n";
+        }
+        if resp.status != 204 {
+            head += &format!("Content-Length: {}\r\n", resp.body.len());
+        }
+        if !req.keep_alive {
+            head += "Connection: close\r\n";
+        }
+        let mut out = (head + "\r\n").into_bytes();
+        out.extend_from_slice(&resp.body);
+        if (&mut &*s).write_all(&out).is_err() || !req.keep_alive {
+            return false;
+        }
+    }
+}
+
+fn record(sh: &Shared, req: &Req) -> (usize, Option<Fault>, bool) {
+    let hdr = req
+        .headers
+        .iter()
+        .find(|(k, _)| k == "x-agent-secret")
+        .map(|(_, v)| v.as_str());
+    let secret_ok = match sh.version {
+        Version::March => sh.secret.is_empty() || hdr == Some(sh.secret.as_str()),
+        Version::Today => !sh.secret.is_empty() && hdr == Some(sh.secret.as_str()),
+    };
+    let mut st = sh.lock();
+    let mut fault = None;
+    if let Some(f) = st
+        .faults
+        .iter_mut()
+        .find(|f| f.2 > 0 && req.target.starts_with(&f.0))
+    {
+        f.2 -= 1;
+        fault = Some(f.1.clone());
+    }
+    st.faults.retain(|f| f.2 > 0);
+    st.requests.push(Recorded {
+        method: req.method.clone(),
+        target: req.target.clone(),
+        headers: req.headers.clone(),
+        body: req.body.clone(),
+        secret_ok,
+        fault: fault.as_ref().map(|f| format!("{f:?}")),
+        status: None,
+        at: SystemTime::now(),
+    });
+    (st.requests.len() - 1, fault, secret_ok)
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+fn set_linger0(s: &TcpStream) {
+    use std::os::unix::io::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: valid fd owned by `s`, pointer/len describe a live `linger` struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const _ as *const libc::c_void,
+            len,
+        )
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing and handlers (mirrors mountFrontend + chi router + agentSecretMiddleware)
+
+enum Route<'a> {
+    Tasks,
+    Complete(&'a str),
+    Register,
+    Config,
+    Statuses,
+    CMetrics,
+    NMetrics,
+    Health,
+    Control,
+    Logs(&'a str),
+}
+
+fn handle(sh: &Shared, req: &Req, authorized: bool) -> Resp {
+    let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+    if !path.starts_with("/api") && !path.starts_with("/auth") {
+        return html_resp(); // the SPA answers every other path, including `//api/...`
+    }
+    let today = sh.version == Version::Today;
+    let seg: Vec<&str> = path.split('/').collect();
+    let (route, method) = match seg[1..] {
+        ["api", "agent", "tasks"] => (Route::Tasks, "GET"),
+        ["api", "agent", "tasks", id, "complete"] => (Route::Complete(id), "POST"),
+        ["api", "agent", "register"] => (Route::Register, "POST"),
+        ["api", "agent", "config"] => (Route::Config, "GET"),
+        ["api", "agent", "container-statuses"] => (Route::Statuses, "POST"),
+        ["api", "agent", "container-metrics"] => (Route::CMetrics, "POST"),
+        ["api", "agent", "node-metrics"] => (Route::NMetrics, "POST"),
+        ["api", "agent", "health-report"] if today => (Route::Health, "POST"),
+        ["api", "agent", "control"] if today => (Route::Control, "GET"),
+        ["api", "deployments", id, "logs"] if today => (Route::Logs(id), "POST"),
+        _ => return text_resp(404, "404 page not found"),
+    };
+    if req.method != method {
+        return resp(405, "", "");
+    }
+    if !authorized {
+        return text_resp(401, "unauthorized");
+    }
+    let mut st = sh.lock();
+    dispatch(&mut st, sh.version, route, query, &req.body)
+        .unwrap_or_else(|(code, msg)| err_resp(code, &msg))
+}
+
+type HRes = Result<Resp, (u16, String)>;
+
+fn dispatch(st: &mut State, version: Version, route: Route, query: &str, body: &[u8]) -> HRes {
+    match route {
+        Route::Register => register(st, version, body),
+        Route::Config => {
+            let pairs: Vec<(&str, String)> = st
+                .config
+                .iter()
+                .map(|(k, v)| (k.as_str(), go_str(v)))
+                .collect();
+            Ok(json_resp(200, obj(&pairs)))
+        }
+        Route::Tasks => poll(st, version, query),
+        Route::Complete(id) => complete(st, version, id, body),
+        Route::Logs(id) => {
+            let id =
+                parse_uuid(id).map_err(|e| (400, format!("invalid id {}: {e}", go_quote(id))))?;
+            let line = f_str(
+                &decode_struct(body, "struct { Line string }")?,
+                "line",
+                "line",
+            )?;
+            let log = st.logs.entry(id).or_default();
+            log.extend_from_slice(line.as_bytes());
+            log.push(b'\n');
+            Ok(ok_resp())
+        }
+        Route::Statuses | Route::CMetrics => match decode(body)? {
+            Value::Array(_) | Value::Null => Ok(ok_resp()),
+            v => Err((
+                400,
+                format!(
+                    "json: cannot unmarshal {} into Go value of type []api.item",
+                    kind(&v)
+                ),
+            )),
+        },
+        Route::NMetrics => {
+            let m = decode_struct(body, "api.nodeMetricsReq")?;
+            parse_uuid(&f_str(&m, "node_id", "nodeMetricsReq.node_id")?)
+                .map_err(|_| (400, "invalid node_id".to_string()))?;
+            Ok(ok_resp())
+        }
+        Route::Health => {
+            let id = parse_uuid(&query_get(query, "node_id"))
+                .map_err(|_| (400, "invalid node_id".to_string()))?;
+            let v = decode(body)?;
+            if let Some(n) = st.nodes.iter_mut().find(|n| n.id == id) {
+                n.health_report = Some(v);
+            }
+            Ok(resp(204, "", ""))
+        }
+        Route::Control => Ok(text_resp(400, "Bad Request")), // WebSocket upgrade not supported
+    }
+}
+
+fn register(st: &mut State, version: Version, body: &[u8]) -> HRes {
+    let m = decode_struct(body, "store.Node")?;
+    let id = f_str(&m, "id", "Node.id")?;
+    if field(&m, "id").is_some() {
+        parse_uuid(&id).map_err(|e| (400, e))?;
+    }
+    let (hostname, role, host_ip) = (
+        f_str(&m, "hostname", "Node.hostname")?,
+        f_str(&m, "role", "Node.role")?,
+        f_str(&m, "host_ip", "Node.host_ip")?,
+    );
+    let (max, used) = (
+        f_int(&m, "max_storage_bytes", "Node.max_storage_bytes")?,
+        f_int(&m, "used_storage_bytes", "Node.used_storage_bytes")?,
+    );
+    let mut times = [ZERO_TIME.to_string(), ZERO_TIME.to_string()];
+    for (i, k) in ["last_seen_at", "created_at"].into_iter().enumerate() {
+        let t = f_str(&m, k, &format!("Node.{k}"))?;
+        if field(&m, k).is_some() {
+            if !valid_rfc3339(&t) {
+                return Err((
+                    400,
+                    format!(
+                        "parsing time {} as \"2006-01-02T15:04:05Z07:00\": cannot parse",
+                        go_quote(&t)
+                    ),
+                ));
+            }
+            times[i] = t;
+        }
+    }
+    if role != "builder" && role != "deploy" {
+        return Err((500, "ERROR: new row for relation \"nodes\" violates check constraint \"nodes_role_check\" (SQLSTATE 23514)".into()));
+    }
+    st.register_count += 1;
+    let now = SystemTime::now();
+    let existing = st
+        .nodes
+        .iter_mut()
+        .find(|n| n.hostname == hostname && (version == Version::March || n.role == role));
+    let (id, created) = match existing {
+        Some(n) => {
+            if version == Version::March {
+                n.role = role.clone();
+            }
+            (n.host_ip, n.max_storage, n.last_seen, n.registered) =
+                (host_ip.clone(), max, now, Instant::now());
+            (n.id.clone(), times[1].clone())
+        }
+        None => {
+            let id = new_uuid();
+            let (hostname, role, host_ip) = (hostname.clone(), role.clone(), host_ip.clone());
+            st.nodes.push(Node {
+                id: id.clone(),
+                hostname,
+                role,
+                host_ip,
+                max_storage: max,
+                used_storage: used,
+                last_seen: now,
+                created_at: now,
+                registered: Instant::now(),
+                health_report: None,
+            });
+            (id, rfc3339(SystemTime::now(), 9))
+        }
+    };
+    let fields = [
+        ("id", go_str(&id)),
+        ("hostname", go_str(&hostname)),
+        ("role", go_str(&role)),
+        ("host_ip", go_str(&host_ip)),
+        ("max_storage_bytes", max.to_string()),
+        ("used_storage_bytes", used.to_string()),
+        ("last_seen_at", go_str(&rfc3339(now, 9))),
+        ("created_at", go_str(&created)),
+    ];
+    Ok(json_resp(200, obj(&fields)))
+}
+
+fn poll(st: &mut State, version: Version, query: &str) -> HRes {
+    let node = parse_uuid(&query_get(query, "node_id")).map_err(|e| (400, e))?;
+    if version == Version::Today {
+        let n = st
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == node)
+            .ok_or((500, format!("node {node} not found")))?;
+        n.last_seen = SystemTime::now();
+    }
+    let items: Vec<String> = st
+        .tasks
+        .iter()
+        .filter(|t| t.node_id == node && t.status == "pending")
+        .take(10)
+        .map(|t| {
+            let node_id = if t.node_id.is_empty() {
+                "null".into()
+            } else {
+                go_str(&t.node_id)
+            };
+            obj(&[
+                ("ID", go_str(&t.id)),
+                ("Type", go_str(&t.kind)),
+                ("NodeID", node_id),
+                ("DeploymentID", go_str(&t.deployment_id)),
+                ("Payload", enc(&t.payload, false)),
+                ("PayloadJSON", go_str(&enc(&t.payload, true))),
+                ("Status", go_str(&t.status)),
+                ("Result", go_str(&t.result)),
+                ("CreatedAt", go_str(&rfc3339(t.created_at, 6))),
+                ("UpdatedAt", go_str(&rfc3339(t.updated_at, 6))),
+            ])
+        })
+        .collect();
+    Ok(json_resp(200, format!("[{}]", items.join(","))))
+}
+
+fn complete(st: &mut State, version: Version, raw_id: &str, body: &[u8]) -> HRes {
+    let id = match (parse_uuid(raw_id), version) {
+        (Ok(id), _) => id,
+        (Err(e), Version::Today) => {
+            return Err((400, format!("invalid id {}: {e}", go_quote(raw_id))))
+        }
+        (Err(_), Version::March) => NIL_UUID.to_string(), // mustParseUUID
+    };
+    let parsed = decode(body).unwrap_or(Value::Null);
+    st.completions
+        .entry(norm_id(raw_id))
+        .or_default()
+        .push((body.to_vec(), parsed));
+    let m = decode_struct(body, "struct")?;
+    let status = f_str(&m, "status", "status")?;
+    let mut result = f_str(&m, "result", "result")?;
+    let image_tag = f_str(&m, "image_tag", "image_tag")?;
+    f_int(&m, "host_port", "host_port")?;
+    if version == Version::Today && !image_tag.is_empty() {
+        result = obj(&[("image_tag", go_str(&image_tag))]);
+    }
+    if let Some(t) = st.tasks.iter_mut().find(|t| t.id == id) {
+        if !["pending", "running", "completed", "failed"].contains(&status.as_str()) {
+            return Err((500, "ERROR: new row for relation \"tasks\" violates check constraint \"tasks_status_check\" (SQLSTATE 23514)".into()));
+        }
+        (t.status, t.result, t.updated_at) = (status, result, SystemTime::now());
+    }
+    Ok(ok_resp())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go-compatible JSON decoding (first value only, case-insensitive keys, strict types)
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn decode(body: &[u8]) -> Result<Value, (u16, String)> {
+    match serde_json::Deserializer::from_slice(body)
+        .into_iter::<Value>()
+        .next()
+    {
+        None => Err((400, "EOF".into())),
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) if e.is_eof() => Err((400, "unexpected EOF".into())),
+        Some(Err(e)) => Err((400, format!("invalid character: {e}"))),
+    }
+}
+
+/// Top-level value for a Go struct target: an object, or `null` (a no-op in Go).
+fn decode_struct(body: &[u8], ty: &str) -> Result<Value, (u16, String)> {
+    match decode(body)? {
+        v @ (Value::Null | Value::Object(_)) => Ok(v),
+        v => Err((
+            400,
+            format!(
+                "json: cannot unmarshal {} into Go value of type {ty}",
+                kind(&v)
+            ),
+        )),
+    }
+}
+
+fn field<'a>(m: &'a Value, k: &str) -> Option<&'a Value> {
+    let m = m.as_object()?;
+    let v = m.get(k).or_else(|| {
+        m.iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v)
+    })?;
+    (!v.is_null()).then_some(v)
+}
+
+fn f_str(m: &Value, k: &str, name: &str) -> Result<String, (u16, String)> {
+    match field(m, k) {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err((
+            400,
+            format!(
+                "json: cannot unmarshal {} into Go struct field {name} of type string",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+fn f_int(m: &Value, k: &str, name: &str) -> Result<i64, (u16, String)> {
+    match field(m, k) {
+        None => Ok(0),
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().unwrap()),
+        Some(v) => Err((
+            400,
+            format!(
+                "json: cannot unmarshal {} into Go struct field {name} of type int64",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+fn query_get(query: &str, key: &str) -> String {
+    let pair = query
+        .split('&')
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .find(|(k, _)| pct_decode(k) == key);
+    pair.map(|(_, v)| pct_decode(v)).unwrap_or_default()
+}
+
+fn pct_decode(s: &str) -> String {
+    let (b, mut out, mut i) = (s.as_bytes(), Vec::new(), 0);
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len()
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit() =>
+            {
+                let hex = |c: u8| (c as char).to_digit(16).unwrap() as u8;
+                out.push(hex(b[i + 1]) << 4 | hex(b[i + 2]));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go-compatible JSON encoding
+
+/// Go `encoding/json` string: serde escaping plus HTML-safe escapes.
+pub fn go_str(s: &str) -> String {
+    let q = serde_json::to_string(s).unwrap();
+    q.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+}
+
+/// Approximates Go's `%q`.
+fn go_quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// Ordered struct-like object with pre-encoded values.
+fn obj(fields: &[(&str, String)]) -> String {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", go_str(k)))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// `jsonb == false`: Go map encoding (sorted keys, compact, HTML escapes).
+/// `jsonb == true`: Postgres jsonb text (keys by length then bytes, `", "` / `": "`).
+pub fn enc(v: &Value, jsonb: bool) -> String {
+    let sep = if jsonb { ", " } else { "," };
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e21 => format!("{f}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) if jsonb => serde_json::to_string(s).unwrap(),
+        Value::String(s) => go_str(s),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter()
+                .map(|x| enc(x, jsonb))
+                .collect::<Vec<_>>()
+                .join(sep)
+        ),
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            if jsonb {
+                keys.sort_by(|a, b| (a.len(), a.as_bytes()).cmp(&(b.len(), b.as_bytes())));
+            } else {
+                keys.sort();
+            }
+            let kv = if jsonb { ": " } else { ":" };
+            let items: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{}{kv}{}",
+                        enc(&Value::String(k.to_string()), jsonb),
+                        enc(&m[*k], jsonb)
+                    )
+                })
+                .collect();
+            format!("{{{}}}", items.join(sep))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// UUIDs and time
+
+/// google/uuid `Parse`: canonical lower-case form, or the error text Go gives.
+pub fn parse_uuid(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let core = match b.len() {
+        36 => b,
+        38 if b[0] == b'{' && b[37] == b'}' => &b[1..37],
+        45 if b[..9].eq_ignore_ascii_case(b"urn:uuid:") => &b[9..],
+        32 | 38 | 45 => b,
+        n => return Err(format!("invalid UUID length: {n}")),
+    };
+    let dashes = core.len() == 36;
+    let ok = core.iter().enumerate().all(|(i, c)| {
+        let dash = dashes && [8, 13, 18, 23].contains(&i);
+        (dash && *c == b'-') || (!dash && c.is_ascii_hexdigit())
+    });
+    let hex: String = core
+        .iter()
+        .filter(|c| **c != b'-')
+        .map(|c| c.to_ascii_lowercase() as char)
+        .collect();
+    if !ok || hex.len() != 32 {
+        return Err("invalid UUID format".into());
+    }
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+fn norm_id(s: &str) -> String {
+    parse_uuid(s).unwrap_or_else(|_| s.to_string())
+}
+
+/// Random v4 UUID from std's randomly keyed SipHash.
+pub fn new_uuid() -> String {
+    let rand = |x: u128| {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u128(x);
+        h.finish() as u128
+    };
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let (a, b) = (rand(t), rand(t ^ 0x5555_5555));
+    let x = (a << 64 | b) & !(0xF << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{x:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let (d, m) = (
+        doy - (153 * mp + 2) / 5 + 1,
+        if mp < 10 { mp + 3 } else { mp - 9 },
+    );
+    (yoe + era * 400 + i64::from(m <= 2), m as u32, d as u32)
+}
+
+/// RFC 3339 in UTC with up to `digits` fractional digits, trailing zeros trimmed (Go RFC3339Nano).
+pub fn rfc3339(t: SystemTime, digits: u32) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let ((y, mo, da), sod) = (civil(secs.div_euclid(86_400)), secs.rem_euclid(86_400));
+    let mut s = format!(
+        "{y:04}-{mo:02}-{da:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
+    let frac = d.subsec_nanos() / 10u32.pow(9 - digits.min(9));
+    if frac != 0 {
+        s += format!(".{:0w$}", frac, w = digits as usize).trim_end_matches('0');
+    }
+    s + "Z"
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, as Go's time.Time UnmarshalJSON requires.
+fn valid_rfc3339(s: &str) -> bool {
+    let fits = |s: &str, tpl: &str| {
+        s.len() == tpl.len()
+            && s.bytes().zip(tpl.bytes()).all(|(c, t)| {
+                if t == b'9' {
+                    c.is_ascii_digit()
+                } else {
+                    c == t
+                }
+            })
+    };
+    let (Some(head), Some(mut rest)) = (s.get(..19), s.get(19..)) else {
+        return false;
+    };
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &frac[n..];
+        if n == 0 {
+            return false;
+        }
+    }
+    fits(head, "9999-99-99T99:99:99") && (rest == "Z" || fits(&rest.replace('-', "+"), "+99:99"))
+}

@@ -1,0 +1,5 @@
+//! Integration tests for muvee-agent.
+
+mod fake_cp;
+mod fake_cp_selftest;
+mod util;
