@@ -1,0 +1,629 @@
+//! The agent loop against the fake control plane: protocol shapes for both server versions,
+//! outages, restarts, signals. External commands are PATH shims (tests/fixtures/bin), except
+//! where a test says it uses the real Docker engine.
+
+use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::util::{self, temp_dir};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "agent-secret-5b1e9d";
+
+pub fn shims() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bin")
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `muvee-agent` in the foreground against `cp`, with shims first on PATH.
+    pub fn start(cp: &FakeCp, role: &str, dir: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_url(&cp.url(), role, dir, env)
+    }
+
+    pub fn start_url(url: &str, role: &str, dir: &Path, env: &[(&str, &str)]) -> Agent {
+        let log = dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = unique(log);
+        let mut cmd = Command::new(util::bin());
+        cmd.env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/local/bin:/usr/bin:/bin", shims().display()),
+            )
+            .env("HOME", dir)
+            .env("NODE_ROLE", role)
+            .env("CONTROL_PLANE_URL", url)
+            .env("AGENT_SECRET", SECRET)
+            .env("DATA_DIR", dir.join("data"))
+            .env("NODE_NAME", dir.file_name().unwrap())
+            .env("POLL_INTERVAL", "200ms")
+            .env("HEARTBEAT_INTERVAL", "2s")
+            .env("MUVEE_LOG", "debug")
+            .env("FAKE_LOG", dir.join("calls.log"))
+            .env("FAKE_PIDFILE", dir.join("pids"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(f).spawn().unwrap();
+        Agent {
+            child,
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Shim processes started by this agent (a killed agent leaves them to us).
+        for pid in std::fs::read_to_string(self.dir.join("pids"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = Command::new("kill")
+                .args(["-9", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn unique(p: PathBuf) -> PathBuf {
+    let mut n = 0;
+    loop {
+        let c = p.with_extension(format!("{n}.log"));
+        if !c.exists() {
+            return c;
+        }
+        n += 1;
+    }
+}
+
+fn statuses(cp: &FakeCp, task: &str) -> Vec<String> {
+    cp.completions(task)
+        .iter()
+        .map(|c| c["status"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn wait_final(cp: &FakeCp, task: &str, secs: u64) -> Value {
+    cp.wait_for(
+        &format!("final report of {task}"),
+        Duration::from_secs(secs),
+        |cp| {
+            statuses(cp, task)
+                .iter()
+                .any(|s| s == "completed" || s == "failed")
+        },
+    );
+    cp.completions(task).last().cloned().unwrap()
+}
+
+fn alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn round_trip_today_cleanup_reports_running_then_completed() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-roundtrip");
+    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "myapp"}));
+    wait_final(&cp, &task, 20);
+    let raw: Vec<String> = cp
+        .completion_bodies_raw(&task)
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert_eq!(
+        raw,
+        [r#"{"status":"running"}"#, r#"{"status":"completed"}"#]
+    );
+    assert_eq!(cp.task_status(&task), "completed");
+    assert!(
+        agent
+            .calls()
+            .contains(&"docker rm -f -- muvee-myapp".to_string()),
+        "{:?}",
+        agent.calls()
+    );
+
+    // Register carries the Go Node shape with max_storage_bytes; every request the secret.
+    let reg = cp.requests_to("/api/agent/register");
+    let body = reg[0].json().unwrap();
+    assert_eq!(body["role"], "deploy");
+    assert_eq!(body["max_storage_bytes"], 107374182400u64);
+    assert_eq!(body["hostname"], dir.file_name().unwrap().to_str().unwrap());
+    assert_eq!(body["host_ip"], "127.0.0.1");
+    assert!(body.get("max_storage").is_none());
+    assert!(cp
+        .requests()
+        .iter()
+        .all(|r| r.header("x-agent-secret") == Some(SECRET)));
+    assert!(!agent.log().contains(SECRET), "secret in agent log");
+}
+
+#[test]
+fn march_server_unknown_type_and_wrong_role_fail_with_reason() {
+    let cp = FakeCp::start(Version::March, SECRET);
+    let dir = temp_dir("agent-unknown");
+    let _agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let odd = cp.add_task_for_role("deploy", "frobnicate", "", json!({}));
+    let build = cp.add_task_for_role("deploy", "build", "", json!({}));
+    let bad = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": 42}));
+    let c = wait_final(&cp, &odd, 20);
+    assert_eq!(c["status"], "failed");
+    assert!(
+        c["result"]
+            .as_str()
+            .unwrap()
+            .contains("unknown task type \"frobnicate\""),
+        "{c}"
+    );
+    let c = wait_final(&cp, &build, 20);
+    assert_eq!(
+        c["result"],
+        "task type \"build\" is not run by a deploy node"
+    );
+    let c = wait_final(&cp, &bad, 20);
+    assert_eq!(
+        c["result"],
+        "payload field `domain_prefix`: expected a string, got number 42"
+    );
+}
+
+#[test]
+fn wrong_secret_is_logged_and_retried_with_backoff() {
+    let cp = FakeCp::start(Version::Today, "the-real-secret-77");
+    let dir = temp_dir("agent-secret");
+    let mut agent = Agent::start(&cp, "builder", &dir, &[]);
+    std::thread::sleep(Duration::from_secs(5));
+    let attempts = cp.requests_to("/api/agent/register").len();
+    assert!(
+        (2..=8).contains(&attempts),
+        "expected a few backed-off retries, got {attempts}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("the control plane rejected AGENT_SECRET"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "agent must keep running"
+    );
+}
+
+#[test]
+fn html_answer_is_an_error_naming_url_and_content_type() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.inject("/api/agent/register", Fault::Html, 1);
+    let dir = temp_dir("agent-html");
+    // A trailing slash must not turn paths into //api/... (which the SPA answers with HTML).
+    let agent = Agent::start_url(&format!("{}/", cp.url()), "builder", &dir, &[]);
+    cp.wait_for("a poll after recovering", Duration::from_secs(20), |cp| {
+        !cp.requests_to("/api/agent/tasks").is_empty()
+    });
+    let log = agent.log();
+    assert!(
+        log.contains("/api/agent/register answered 200 with content type \"text/html"),
+        "{log}"
+    );
+    assert!(
+        cp.requests().iter().all(|r| r.path().starts_with("/api/")),
+        "no //api paths"
+    );
+}
+
+#[test]
+fn forgotten_node_registers_again() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-forgotten");
+    let agent = Agent::start(&cp, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "10m")]);
+    cp.wait_for("first poll", Duration::from_secs(20), |cp| {
+        !cp.requests_to("/api/agent/tasks").is_empty()
+    });
+    cp.forget_nodes();
+    cp.wait_for("re-registration", Duration::from_secs(20), |cp| {
+        cp.register_count() >= 2
+    });
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "again"}));
+    assert_eq!(wait_final(&cp, &task, 20)["status"], "completed");
+    assert!(
+        agent.log().contains("no longer knows node"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn periodic_reregistration_keeps_march_node_alive() {
+    let cp = FakeCp::start(Version::March, SECRET);
+    let dir = temp_dir("agent-heartbeat");
+    let _agent = Agent::start(&cp, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
+    cp.wait_for("three registrations", Duration::from_secs(20), |cp| {
+        cp.register_count() >= 3
+    });
+    assert!(
+        cp.requests_to("/api/agent/config").len() >= 3,
+        "config is re-read on every heartbeat"
+    );
+    assert_eq!(
+        cp.nodes().len(),
+        1,
+        "re-registration is an upsert, not a new node"
+    );
+}
+
+#[test]
+fn same_task_polled_twice_runs_once() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    // The running report fails twice, so the server keeps listing the task as pending.
+    cp.inject(
+        "/api/agent/tasks/",
+        Fault::Status(500, "application/json", "{\"error\":\"db down\"}\n".into()),
+        2,
+    );
+    let dir = temp_dir("agent-dedupe");
+    let agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "1")]);
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "once"}));
+    wait_final(&cp, &task, 30);
+    let polls_listing = cp.requests_to("/api/agent/tasks?").len();
+    assert!(polls_listing >= 2);
+    let runs = agent
+        .calls()
+        .iter()
+        .filter(|c| c.contains("muvee-once"))
+        .count();
+    assert_eq!(runs, 1, "{:?}", agent.calls());
+    assert_eq!(statuses(&cp, &task), ["running", "completed"]);
+}
+
+#[test]
+fn outage_mid_task_loses_no_report() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-outage");
+    let agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "2")]);
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "outage"}));
+    cp.wait_for("running report", Duration::from_secs(20), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    cp.go_down();
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(
+        agent.calls().iter().any(|c| c.contains("muvee-outage")),
+        "task ran while the server was down"
+    );
+    cp.come_up();
+    assert_eq!(wait_final(&cp, &task, 90)["status"], "completed");
+    assert_eq!(statuses(&cp, &task), ["running", "completed"]);
+}
+
+#[test]
+fn sigterm_lets_the_running_task_finish() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-sigterm");
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "3")]);
+    let task = cp.add_task_for_role(
+        "deploy",
+        "cleanup",
+        "",
+        json!({"domain_prefix": "graceful"}),
+    );
+    cp.wait_for("running report", Duration::from_secs(20), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    agent.signal("-TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(30))
+        .expect("agent exits after the task");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert_eq!(statuses(&cp, &task), ["running", "completed"]);
+    let polls_after: Vec<_> = cp.requests_to("/api/agent/tasks?");
+    let last_poll = polls_after.last().unwrap().at;
+    let final_report = cp
+        .requests_to(&format!("/api/agent/tasks/{task}/complete"))
+        .last()
+        .unwrap()
+        .at;
+    assert!(last_poll < final_report, "no polling after SIGTERM");
+}
+
+#[test]
+fn second_sigterm_cancels_and_leaves_no_child() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-cancel");
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "61.5")]);
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "cancel"}));
+    cp.wait_for("running report", Duration::from_secs(20), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal("-TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal("-TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(30))
+        .expect("agent exits after cancel");
+    assert!(status.success(), "{status:?}");
+    let c = cp.completions(&task).last().cloned().unwrap();
+    assert_eq!(
+        c,
+        json!({"status": "failed", "result": "canceled: agent shutting down"})
+    );
+    let pids = std::fs::read_to_string(dir.join("pids")).unwrap();
+    for pid in pids.lines() {
+        assert!(!alive(pid), "shim {pid} survived");
+    }
+    let sleeps = Command::new("pgrep")
+        .args(["-f", "sleep 61.5"])
+        .output()
+        .unwrap();
+    assert!(
+        sleeps.stdout.is_empty(),
+        "a grandchild survived: {}",
+        String::from_utf8_lossy(&sleeps.stdout)
+    );
+}
+
+#[test]
+fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-kill9");
+    // Task A finishes while the server is down: its report waits in the outbox.
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "1")]);
+    let a = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "queued"}));
+    cp.wait_for("running report of A", Duration::from_secs(20), |cp| {
+        statuses(cp, &a) == ["running"]
+    });
+    cp.go_down();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.calls().iter().any(|c| c.contains("muvee-queued")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    agent.signal("-KILL");
+    agent.wait_exit(Duration::from_secs(5)).unwrap();
+    drop(agent);
+    cp.come_up();
+
+    // Task B is interrupted by kill -9 mid-run.
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "30")]);
+    assert_eq!(
+        wait_final(&cp, &a, 30)["status"],
+        "completed",
+        "outbox flushed on start"
+    );
+    let b = cp.add_task_for_role(
+        "deploy",
+        "cleanup",
+        "",
+        json!({"domain_prefix": "interrupted"}),
+    );
+    cp.wait_for("running report of B", Duration::from_secs(20), |cp| {
+        statuses(cp, &b) == ["running"]
+    });
+    agent.signal("-KILL");
+    agent.wait_exit(Duration::from_secs(5)).unwrap();
+    drop(agent);
+
+    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let c = wait_final(&cp, &b, 30);
+    assert_eq!(
+        c,
+        json!({"status": "failed", "result": "agent restarted during task"})
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        statuses(&cp, &b),
+        ["running", "failed"],
+        "B is not run again"
+    );
+    assert_eq!(
+        agent
+            .calls()
+            .iter()
+            .filter(|c| c.contains("muvee-interrupted"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn build_logs_are_batched_on_today_and_skipped_on_march() {
+    let payload = json!({
+        "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
+        "deployment_id": "c0ffee00-1234-4abc-9def-000000000001", "project_id": "7a7a7a7a-0000-4000-8000-000000000007",
+        "domain_prefix": "logs"
+    });
+    let env = [
+        ("FAKE_GIT_LINES", "500"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("REGISTRY_ADDR", "127.0.0.1:5000"),
+    ];
+    let dep = "c0ffee00-1234-4abc-9def-000000000001";
+
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    let dir = temp_dir("agent-logs-today");
+    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = cp.add_task_for_role("builder", "build", dep, payload.clone());
+    let c = wait_final(&cp, &task, 30);
+    assert_eq!(c["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    let expected: String = (1..=500)
+        .map(|i| format!("remote: progress line {i}\n"))
+        .collect();
+    assert!(
+        log.contains(&expected),
+        "all 500 lines, in order, byte-identical:\n{log}"
+    );
+    let requests = cp
+        .requests_to(&format!("/api/deployments/{dep}/logs"))
+        .len();
+    assert!(requests < 50, "lines are batched, got {requests} requests");
+
+    let cp = FakeCp::start(Version::March, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    let dir = temp_dir("agent-logs-march");
+    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = cp.add_task_for_role("builder", "build", dep, payload);
+    assert_eq!(wait_final(&cp, &task, 30)["status"], "failed");
+    assert_eq!(
+        cp.requests_to(&format!("/api/deployments/{dep}/logs"))
+            .len(),
+        1,
+        "stops after the 404"
+    );
+    assert_eq!(agent.log().matches("no log route (404").count(), 1);
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_value() {
+    for (k, v, expect) in [
+        ("NODE_ROLE", "web", "NODE_ROLE: invalid value \"web\""),
+        (
+            "CONTROL_PLANE_URL",
+            "ftp://x",
+            "CONTROL_PLANE_URL: invalid value \"ftp://x\"",
+        ),
+        (
+            "DATA_DIR",
+            "/proc/muvee-nope",
+            "DATA_DIR: /proc/muvee-nope is not writable",
+        ),
+    ] {
+        let out = Command::new(util::bin())
+            .env_clear()
+            .env("NODE_ROLE", "deploy")
+            .env("DATA_DIR", temp_dir("agent-badcfg"))
+            .env(k, v)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{k}={v}: {}",
+            util::describe(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expect),
+            "{}",
+            util::describe(&out)
+        );
+    }
+}
+
+#[test]
+fn run_task_round_trip_and_exit_codes() {
+    let path = format!("{}:/usr/bin:/bin", shims().display());
+    let dir = temp_dir("runtask");
+    let log = dir.join("calls.log");
+    let task = r#"{"ID":"9b2e7c40-1d7a-4f0e-8c55-6a0f3e2d9b10","Type":"cleanup","NodeID":null,"DeploymentID":"c0ffee00-1234-4abc-9def-000000000001","Payload":{"domain_prefix":"myapp"},"PayloadJSON":"{\"domain_prefix\": \"myapp\"}","Status":"pending","Result":"","CreatedAt":"2026-11-02T08:16:01.402113Z","UpdatedAt":"2026-11-02T08:16:01.402113Z"}"#;
+    let env = [("PATH", path.as_str()), ("FAKE_LOG", log.to_str().unwrap())];
+    let out = util::run_task(&[], task, &env);
+    assert_eq!(out.status.code(), Some(0), "{}", util::describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"status\":\"completed\"}\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "docker rm -f -- muvee-myapp\n"
+    );
+
+    let out = util::run_task(&["--type", "cleanup"], r#"{"domain_prefix":"../x"}"#, &env);
+    assert_eq!(out.status.code(), Some(1), "{}", util::describe(&out));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["status"], "failed");
+    assert!(
+        body["result"].as_str().unwrap().contains("`domain_prefix`"),
+        "{body}"
+    );
+
+    let out = util::run_task(&[], "not json", &env);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("input is not JSON"));
+    let out = util::run_task(&[], r#"{"domain_prefix":"x"}"#, &env);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn cleanup_removes_a_real_container_and_tolerates_a_missing_one() {
+    if !util::require_docker("cleanup_removes_a_real_container") {
+        return;
+    }
+    let docker = util::docker_cli();
+    let name = format!("muvee-cleanup-it-{}", std::process::id());
+    let _ = Command::new(&docker).args(["rm", "-f", &name]).output();
+    util::sh(Command::new(&docker).args([
+        "run",
+        "-d",
+        "--name",
+        &name,
+        &util::base_image(),
+        "sleep",
+        "300",
+    ]));
+    let payload = format!(
+        r#"{{"domain_prefix":"{}"}}"#,
+        name.trim_start_matches("muvee-")
+    );
+    for _ in 0..2 {
+        let out = util::run_task(&["--type", "cleanup"], &payload, &[]);
+        assert_eq!(out.status.code(), Some(0), "{}", util::describe(&out));
+    }
+    let ps = util::sh(Command::new(&docker).args([
+        "ps",
+        "-a",
+        "--filter",
+        &format!("name=^{name}$"),
+        "--format",
+        "{{.Names}}",
+    ]));
+    assert!(ps.trim().is_empty(), "container still there: {ps}");
+}

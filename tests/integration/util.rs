@@ -1,0 +1,219 @@
+//! Shared helpers for the integration tests: the built binary, temp dirs, the Docker test
+//! bed (skip loudly, or fail when MUVEE_REQUIRE_DOCKER=1), and an argv sampler that proves
+//! secrets never reach /proc/*/cmdline.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_muvee-agent"))
+}
+
+/// A fresh, unique directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "muvee-agent-it-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn docker_cli() -> String {
+    std::env::var("MUVEE_TEST_DOCKER_CLI").unwrap_or_else(|_| "docker".into())
+}
+
+pub fn base_image() -> String {
+    std::env::var("MUVEE_TEST_BASE_IMAGE").unwrap_or_else(|_| "muvee-test/busybox:latest".into())
+}
+
+/// True when a Docker engine and the test base image are available. Otherwise the test is
+/// skipped with a loud message, or fails when MUVEE_REQUIRE_DOCKER=1 (CI).
+pub fn require_docker(test: &str) -> bool {
+    let ok = Command::new(docker_cli())
+        .args(["image", "inspect", "--format", "{{.Id}}", &base_image()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return true;
+    }
+    let msg = format!(
+        "no Docker engine with image {} (run `scripts/testbed.sh up`)",
+        base_image()
+    );
+    if std::env::var("MUVEE_REQUIRE_DOCKER").as_deref() == Ok("1") {
+        panic!("{test}: MUVEE_REQUIRE_DOCKER=1 but {msg}");
+    }
+    eprintln!("SKIPPED {test}: {msg}");
+    false
+}
+
+/// The password-protected test registry.
+pub struct Registry {
+    pub addr: String,
+    pub user: String,
+    pub password: String,
+}
+
+pub fn registry() -> Registry {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    Registry {
+        addr: env("MUVEE_TEST_REGISTRY", "127.0.0.1:5000"),
+        user: env("MUVEE_TEST_REGISTRY_USER", "muvee-test"),
+        password: env("MUVEE_TEST_REGISTRY_PASSWORD", "registry-pw-4c8e1f"),
+    }
+}
+
+/// Runs a command to completion and panics with its output if it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", describe(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `muvee-agent run-task` with a task (or payload) on stdin. `env` is added to a clean
+/// environment that keeps PATH/HOME; DATA_DIR and DOCKER_CONFIG default to fresh temp dirs.
+pub fn run_task(args: &[&str], input: &str, env: &[(&str, &str)]) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(bin());
+    cmd.arg("run-task").args(args);
+    let data = temp_dir("data");
+    let dcfg = temp_dir("dockercfg");
+    cmd.env("DATA_DIR", &data).env("DOCKER_CONFIG", &dcfg);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn muvee-agent");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Samples every process's argv every 20 ms until stopped; returns all distinct argvs seen.
+pub struct ArgvSampler {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ArgvSampler {
+    pub fn start() -> ArgvSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                for argv in all_cmdlines() {
+                    let mut v = v.lock().unwrap();
+                    if !v.contains(&argv) {
+                        v.push(argv);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        ArgvSampler {
+            stop,
+            seen,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().unwrap();
+        }
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn all_cmdlines() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|b| !b.is_empty())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .collect()
+}
+
+/// Every file under `dir` whose bytes contain `needle` (to prove no secret is left behind).
+pub fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return hits;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let Ok(md) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if md.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if md.is_file() {
+            if let Ok(b) = std::fs::read(&p) {
+                if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    hits.push(p);
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// HTTP GET to 127.0.0.1:port with a short timeout; returns the body on any HTTP answer.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(2),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    if !buf.starts_with("HTTP/") {
+        return None;
+    }
+    Some(
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
