@@ -449,3 +449,87 @@ fn spawn_reader(
         let _ = tx.send(Event::Eof);
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Cmd {
+        Cmd::new("sh").arg("-c").arg(script).label("sh script")
+    }
+
+    #[test]
+    fn streams_many_lines_and_invalid_utf8_without_deadlock() {
+        let cmd = sh("i=0; while [ $i -lt 20000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done; printf 'bad \\377 byte\\n'; exit 3");
+        let mut n = 0;
+        let err = run(&cmd, &mut |_, _| n += 1).unwrap_err();
+        assert_eq!(n, 40001);
+        match &err {
+            // The two pipes are read concurrently, so only membership of the tail is certain.
+            ExecError::Exit {
+                code: 3, output, ..
+            } => assert!(output.tail.iter().any(|l| l == "bad \u{fffd} byte")),
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().starts_with("sh script exited 3: "), "{err}");
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_process_group() {
+        let marker = format!("sleep 77.{}", std::process::id());
+        let cmd = sh(&format!("{marker} & {marker}; echo never"))
+            .timeout(Duration::from_millis(300), "TEST_TIMEOUT");
+        let started = Instant::now();
+        let err = output(&cmd).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(
+            err.to_string()
+                .starts_with("sh script timed out after 300ms (TEST_TIMEOUT)"),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let left = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(left.stdout.is_empty(), "a grandchild survived");
+    }
+
+    #[test]
+    fn idle_timeout_and_stdin_and_env() {
+        let cmd = sh("echo start; sleep 30").idle_timeout(Duration::from_millis(300));
+        let err = output(&cmd).unwrap_err();
+        assert!(matches!(err, ExecError::Idle { .. }), "{err}");
+        assert!(
+            err.to_string().contains("produced no output for 300ms"),
+            "{err}"
+        );
+
+        let cmd = sh("read x; echo \"got $x and $V\"")
+            .stdin(b"piped\n".to_vec())
+            .env("V", "envval");
+        assert_eq!(output(&cmd).unwrap().stdout, "got piped and envval\n");
+    }
+
+    #[test]
+    fn output_is_scrubbed_and_agent_secret_is_not_inherited() {
+        crate::redact::add("s3cr3t-value-xyz");
+        // Edition 2021: set_var is safe; no other test reads AGENT_SECRET.
+        std::env::set_var("AGENT_SECRET", "inherited-secret");
+        let cmd = sh("echo token=s3cr3t-value-xyz; echo url=https://u:p@h/x; echo \"env=${AGENT_SECRET:-unset}\"")
+            .env("X", "1");
+        let mut lines = Vec::new();
+        let out = run(&cmd, &mut |_, l| lines.push(l.to_string())).unwrap();
+        assert_eq!(lines, ["token=***", "url=https://***@h/x", "env=unset"]);
+        assert!(!out.stdout.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn spawn_errors_name_the_program() {
+        let err = output(&Cmd::new("no-such-program-xyz").arg("clone")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no-such-program-xyz clone: `no-such-program-xyz` not found on PATH"
+        );
+    }
+}
