@@ -4,3 +4,4 @@ mod agent;
 mod fake_cp;
 mod fake_cp_selftest;
 mod util;
+mod docs;
