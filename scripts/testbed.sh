@@ -227,6 +227,8 @@ smoke() {
   done
   docker rm -f "$cid" >/dev/null 2>&1 || true # (httpd ignores SIGTERM as PID 1)
   [ "$body" = muvee-testbed-ok ] || die "published port 127.0.0.1:$port did not serve the httpd container (got '$body')"
+  registry_ok || die "registry http://$REGISTRY/v2/ does not answer 401 without and 200 with credentials"
+  with_login true || die "docker login $REGISTRY -u $REG_USER failed"
 }
 
 cmd_up() {
@@ -243,16 +245,17 @@ cmd_up() {
 }
 
 cmd_down() {
-  local f name
+  local f name stopped=0
   for name in registry dockerd; do
     f=$STATE/$name.pid
     if alive "$f"; then
       kill "$(cat "$f")"
       wait_for 30 eval "! kill -0 $(cat "$f") 2>/dev/null" || die "$name (pid $(cat "$f")) did not stop"
-      echo "testbed: stopped $name"
+      echo "testbed: stopped $name"; stopped=1
     fi
     rm -f "$f"
   done
+  [ $stopped = 1 ] || echo "testbed: nothing to stop (no dockerd/registry started by testbed.sh is running)"
 }
 
 cmd_env() {
