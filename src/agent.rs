@@ -376,6 +376,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        crate::deployer::wait_retirements(None);
         if !self.outbox.wait_empty(Instant::now() + FINAL_FLUSH) {
             log::warn!("control plane unreachable: undelivered reports stay queued in {} for the next start", self.cfg.data_dir.join("state/outbox").display());
         }

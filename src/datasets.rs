@@ -1,7 +1,41 @@
 //! Dataset cache for the deploy role: rsync copies under DATA_DIR/objects, per-deployment
-//! symlinks under DATA_DIR/mounts.
+//! symlinks under DATA_DIR/mounts, least-recently-used eviction beyond MAX_STORAGE.
+//!
+//! A version dir `objects/<id>/v<version>` only ever appears by an atomic rename of a
+//! finished sync, so its existence means "complete". Its mtime is the LRU clock.
 
+use crate::config::Config;
+use crate::executor::{self, Cmd};
+use crate::tasks::Ctx;
+use crate::wire::{AgentConfig, Payload};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// A large dataset over NFS can take hours; a hung mount must not hold a deploy for ever.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Versions some in-flight deploy is about to mount. Eviction holds this lock while it
+/// deletes, so a version is either pinned before eviction looks or re-checked after it.
+static PINNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Copied into the local cache, mounted read-only.
+    Dependency,
+    /// The share itself, mounted read-write.
+    ReadWrite,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub id: String,
+    pub name: String,
+    pub version: u64,
+    pub mode: Mode,
+    /// The source directory on the share (absolute, exists).
+    pub source: PathBuf,
+}
 
 pub fn objects_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("objects")
@@ -38,5 +72,388 @@ pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), String>
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
+    }
+}
+
+/// Parses and checks `datasets` without touching anything but `stat`.
+pub fn parse(p: &Payload, cp: &AgentConfig) -> Result<Vec<Dataset>, String> {
+    let mut out: Vec<Dataset> = Vec::new();
+    for (i, d) in p.objects("datasets")?.iter().enumerate() {
+        let field = |k: &str| format!("payload field `datasets[{i}].{k}`");
+        let name = d
+            .required("name")
+            .map_err(|_| format!("{} is required", field("name")))?;
+        // The name becomes a path under mounts/ and a container path /data/<name>; ':' and
+        // ',' would split docker's -v syntax.
+        if name.contains(['/', '\\', ':', ',', '\0']) || name.contains("..") || name == "." {
+            return Err(format!(
+                "{}: {name:?} is not a valid dataset name (no '/', '..', ':' or ',')",
+                field("name")
+            ));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(format!("{}: {name:?} appears twice", field("name")));
+        }
+        let mode = match d.str("mount_mode")? {
+            "dependency" => Mode::Dependency,
+            "readwrite" => Mode::ReadWrite,
+            // The Go agent bind-mounts anything else read-write (W-17); refuse instead.
+            m => {
+                return Err(format!(
+                    "{}: {m:?} is not a mount mode (dependency or readwrite)",
+                    field("mount_mode")
+                ))
+            }
+        };
+        let (id, version) = if mode == Mode::Dependency {
+            let id = d
+                .required("id")
+                .map_err(|_| format!("{} is required", field("id")))?;
+            if !safe_component(id) {
+                return Err(format!(
+                    "{}: {id:?} cannot be used as a directory name",
+                    field("id")
+                ));
+            }
+            let v = d
+                .uint("version")
+                .map_err(|e| e.replace("`version`", &format!("`datasets[{i}].version`")))?
+                .ok_or_else(|| format!("{} is required", field("version")))?;
+            (id.to_string(), v)
+        } else {
+            (d.str("id")?.to_string(), 0)
+        };
+        let nfs = d
+            .required("nfs_path")
+            .map_err(|_| format!("{} is required", field("nfs_path")))?;
+        if Path::new(nfs).components().any(|c| c.as_os_str() == "..") {
+            return Err(format!("{}: {nfs:?} contains '..'", field("nfs_path")));
+        }
+        let source = if Path::new(nfs).is_absolute() {
+            PathBuf::from(nfs)
+        } else if cp.dataset_nfs_base_path.trim().is_empty() {
+            return Err("dataset NFS base path is not configured".into());
+        } else {
+            Path::new(cp.dataset_nfs_base_path.trim()).join(nfs)
+        };
+        let source = match std::fs::canonicalize(&source) {
+            Ok(s) if s.is_dir() => s,
+            _ => {
+                return Err(format!(
+                    "dataset `{name}`: source directory {} does not exist",
+                    source.display()
+                ))
+            }
+        };
+        if source.to_string_lossy().contains([':', ',']) {
+            return Err(format!(
+                "dataset `{name}`: source path {} contains ':' or ',', which docker -v cannot take",
+                source.display()
+            ));
+        }
+        out.push(Dataset {
+            id,
+            name: name.to_string(),
+            version,
+            mode,
+            source,
+        });
+    }
+    Ok(out)
+}
+
+/// A path component we create ourselves: no separators, no dot names, no leading '-'.
+pub fn safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The `-v` values for a deploy. Holds pins on its cached versions until dropped, which the
+/// deployer does once the container runs (docker then reports the mounts) or is gone.
+pub struct Mounts {
+    pub volumes: Vec<String>,
+    pins: Vec<PathBuf>,
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        let mut pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &self.pins {
+            if let Some(i) = pinned.iter().position(|x| x == p) {
+                pinned.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// Syncs dependency datasets into the cache, links them under mounts/<deployment_id> and
+/// returns the `-v` values (dependency mounts first, then read-write ones, as Go orders them).
+pub fn setup(ctx: &Ctx, deployment_id: &str, list: &[Dataset]) -> Result<Mounts, String> {
+    let mut m = Mounts {
+        volumes: Vec::new(),
+        pins: Vec::new(),
+    };
+    if list.is_empty() {
+        return Ok(m);
+    }
+    // docker needs absolute host paths.
+    let data_dir = std::fs::canonicalize(&ctx.cfg.data_dir)
+        .map_err(|e| format!("DATA_DIR {}: {e}", ctx.cfg.data_dir.display()))?;
+    let mdir = mounts_dir(&data_dir, deployment_id);
+    let mut synced = false;
+    for d in list.iter().filter(|d| d.mode == Mode::Dependency) {
+        let target = objects_dir(&data_dir)
+            .join(&d.id)
+            .join(format!("v{}", d.version));
+        PINNED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(target.clone());
+        m.pins.push(target.clone());
+        synced |= ensure(ctx, d, &target)?;
+        std::fs::create_dir_all(&mdir)
+            .map_err(|e| format!("cannot create {}: {e}", mdir.display()))?;
+        let link = mdir.join(&d.name);
+        relink(&target, &link).map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+        m.volumes
+            .push(format!("{}:/data/{}:ro", link.display(), d.name));
+    }
+    for d in list.iter().filter(|d| d.mode == Mode::ReadWrite) {
+        ctx.say(&format!(
+            "Dataset {}: mounting {} read-write",
+            d.name,
+            d.source.display()
+        ));
+        m.volumes
+            .push(format!("{}:/data/{}:rw", d.source.display(), d.name));
+    }
+    if synced {
+        if let Err(e) = evict(ctx.cfg, &|l| ctx.say(l)) {
+            ctx.say(&format!("Dataset cache eviction skipped: {e}"));
+        }
+    }
+    Ok(m)
+}
+
+/// Makes `target` a complete copy of the dataset; true when it had to sync.
+fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, String> {
+    // One lock per dataset: concurrent deploys wait for one sync instead of racing.
+    ctx.shared.locks.with(&format!("dataset:{}", d.id), || {
+        if target.is_dir() {
+            touch(target);
+            ctx.say(&format!(
+                "Dataset {}: version {} is cached, nothing to copy",
+                d.name, d.version
+            ));
+            return Ok(false);
+        }
+        let dir = target.parent().unwrap_or(target);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // Temp dirs start with '.', so they are never taken for a version; any left here
+        // is from an interrupted sync (we hold the lock).
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let tmp = dir.join(format!(".v{}.tmp-{}", d.version, std::process::id()));
+        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        ctx.say(&format!(
+            "Dataset {}: copying version {} from {}",
+            d.name,
+            d.version,
+            d.source.display()
+        ));
+        let cmd = Cmd::new("rsync")
+            .arg("-a")
+            .arg("--delete")
+            .arg(format!("{}/", d.source.display()))
+            .arg(format!("{}/", tmp.display()))
+            .timeout(SYNC_TIMEOUT, "dataset sync limit 6h");
+        let done = ctx
+            .run(&cmd)
+            .map_err(|e| format!("dataset `{}`: {e}", d.name))
+            .and_then(|_| {
+                std::fs::rename(&tmp, target).map_err(|e| {
+                    format!("dataset `{}`: cannot move the copy into place: {e}", d.name)
+                })
+            });
+        if let Err(e) = done {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        touch(target);
+        ctx.say(&format!(
+            "Dataset {}: cached {} bytes",
+            d.name,
+            dir_bytes(target)
+        ));
+        Ok(true)
+    })
+}
+
+/// Points `link` at `target`, replacing an old link atomically.
+fn relink(target: &Path, link: &Path) -> std::io::Result<()> {
+    let name = link.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = link.with_file_name(format!(".{name}.link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    std::fs::rename(&tmp, link)
+}
+
+/// Marks a version as just used (its mtime is the LRU clock).
+fn touch(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+/// Deletes least-recently-used versions until the cache fits MAX_STORAGE, skipping every
+/// version a managed container (running or stopped, as a rollback may restart it) mounts or
+/// an in-flight deploy has pinned.
+pub fn evict(cfg: &Config, say: &dyn Fn(&str)) -> Result<(), String> {
+    let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
+        return Ok(());
+    };
+    let root = objects_dir(&data_dir);
+    let mut total = dir_bytes(&root);
+    if total <= cfg.max_storage {
+        return Ok(());
+    }
+    let in_use = mounted_sources(&cfg.docker_cli)?;
+    let mut versions: Vec<(SystemTime, PathBuf)> = Vec::new();
+    for ds in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for v in std::fs::read_dir(ds.path()).into_iter().flatten().flatten() {
+            if v.file_name().to_string_lossy().starts_with('v') {
+                let t = v.metadata().and_then(|m| m.modified());
+                versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path()));
+            }
+        }
+    }
+    versions.sort();
+    let pinned = PINNED.lock().unwrap_or_else(|e| e.into_inner());
+    for (_, v) in versions {
+        if total <= cfg.max_storage {
+            break;
+        }
+        if pinned.contains(&v) || in_use.contains(&v) {
+            continue;
+        }
+        let bytes = dir_bytes(&v);
+        if let Err(e) = std::fs::remove_dir_all(&v) {
+            say(&format!("Dataset cache: cannot evict {}: {e}", v.display()));
+            continue;
+        }
+        total = total.saturating_sub(bytes);
+        say(&format!(
+            "Dataset cache: evicted {} ({bytes} bytes)",
+            v.display()
+        ));
+        if let Some(parent) = v.parent() {
+            let _ = std::fs::remove_dir(parent); // only succeeds when empty
+        }
+    }
+    if total > cfg.max_storage {
+        say(&format!(
+            "Dataset cache: {total} bytes is over MAX_STORAGE ({}), but the rest is in use",
+            cfg.max_storage
+        ));
+    }
+    Ok(())
+}
+
+/// Host paths (symlinks resolved) that managed containers bind-mount.
+fn mounted_sources(docker: &str) -> Result<Vec<PathBuf>, String> {
+    let docker_cmd = |args: &[&str]| {
+        Cmd::new(docker)
+            .args(args)
+            .timeout(crate::deployer::DOCKER_SHORT, "docker call timeout")
+    };
+    let ids = executor::output(&docker_cmd(&[
+        "ps",
+        "-aq",
+        "--filter",
+        "label=muvee.managed=true",
+    ]))
+    .map_err(|e| e.to_string())?;
+    let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cmd = docker_cmd(&["inspect", "--format", "{{json .Mounts}}"]).args(ids);
+    let out = match executor::output(&cmd) {
+        Ok(o) => o.stdout,
+        // A container removed between the two calls makes inspect exit 1 after printing
+        // the others; with nothing printed we cannot tell what is in use.
+        Err(e) => match e.output() {
+            Some(o) if !o.stdout.trim().is_empty() => o.stdout.clone(),
+            _ => return Err(e.to_string()),
+        },
+    };
+    let mut paths = Vec::new();
+    for line in out.lines() {
+        let Ok(serde_json::Value::Array(mounts)) = serde_json::from_str(line) else {
+            continue;
+        };
+        for m in mounts {
+            if let Some(src) = m.get("Source").and_then(|s| s.as_str()) {
+                paths.push(std::fs::canonicalize(src).unwrap_or_else(|_| PathBuf::from(src)));
+            }
+        }
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_v(v: serde_json::Value, base: &str) -> Result<Vec<Dataset>, String> {
+        let cp = AgentConfig {
+            dataset_nfs_base_path: base.into(),
+            ..AgentConfig::default()
+        };
+        parse(&Payload::of(&v).unwrap(), &cp)
+    }
+
+    #[test]
+    fn rejects_bad_names_ids_and_paths_naming_the_field() {
+        let base = std::env::temp_dir();
+        let base = base.to_str().unwrap();
+        let ds = |name: &str, id: &str, nfs: &str| json!({"datasets":[{"id":id,"name":name,"nfs_path":nfs,"version":1,"mount_mode":"dependency"}]});
+        for bad in ["", "a/b", "..", "x..y", "a:b", "."] {
+            let e = parse_v(ds(bad, "d1", "."), base).unwrap_err();
+            assert!(e.contains("datasets[0].name"), "{bad:?}: {e}");
+        }
+        for bad in ["../x", "a/b", ".hidden", "-rf", ""] {
+            let e = parse_v(ds("n", bad, "."), base).unwrap_err();
+            assert!(e.contains("datasets[0].id"), "{bad:?}: {e}");
+        }
+        let e = parse_v(ds("n", "d1", "../etc"), base).unwrap_err();
+        assert!(e.contains("datasets[0].nfs_path"), "{e}");
+        let e = parse_v(ds("n", "d1", "rel"), "").unwrap_err();
+        assert_eq!(e, "dataset NFS base path is not configured");
+        let e = parse_v(ds("n", "d1", "no-such-dir-4242"), base).unwrap_err();
+        assert!(
+            e.contains("no-such-dir-4242") && e.contains("does not exist"),
+            "{e}"
+        );
+        let v = json!({"datasets":[{"id":"d","name":"n","nfs_path":".","version":1,"mount_mode":"rw"}]});
+        assert!(parse_v(v, base).unwrap_err().contains("mount_mode"));
+        let v =
+            json!({"datasets":[{"id":"d","name":"n","nfs_path":".","mount_mode":"dependency"}]});
+        assert!(parse_v(v, base)
+            .unwrap_err()
+            .contains("datasets[0].version"));
+        let v = json!({"datasets":[{"id":"d","name":"n","nfs_path":".","version":2.0,"mount_mode":"dependency"}]});
+        assert_eq!(parse_v(v, base).unwrap()[0].version, 2);
+        assert!(parse_v(json!({"datasets": null}), "").unwrap().is_empty());
     }
 }

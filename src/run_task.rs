@@ -112,6 +112,8 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
     let completion = tasks::execute(&ctx);
     let body = serde_json::to_string(&completion).unwrap_or_default();
     let _ = writeln!(std::io::stdout(), "{body}");
+    // A deploy's previous container is drained and removed after the report.
+    crate::deployer::wait_retirements(None);
     if completion.status == "completed" {
         0
     } else {
