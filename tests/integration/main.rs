@@ -1,7 +1,9 @@
 //! Integration tests for muvee-agent.
 
 mod agent;
+mod builder;
+mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
+mod git_http;
 mod util;
-mod docs;
