@@ -2,6 +2,7 @@
 
 mod agent;
 mod builder;
+mod deployer;
 mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
