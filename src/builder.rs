@@ -113,21 +113,23 @@ fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job
     for (_, v) in &secrets {
         redact::add(v);
     }
-    let auth_header = match (user.is_empty(), token.is_empty()) {
-        (true, true) => None,
-        (false, false) => {
-            let basic = base64(format!("{user}:{token}").as_bytes());
-            redact::add(&basic);
-            Some(format!("Authorization: Basic {basic}"))
-        }
+    // Credentials written into an http(s) URL move to the header as well: never in argv.
+    let (url, url_creds) = split_userinfo(&clone_url(p.required("git_url")?, control_plane_url)?);
+    let creds = match (user.is_empty(), token.is_empty()) {
+        (true, true) => url_creds,
+        (false, false) => Some((user.to_string(), token.to_string())),
         _ => {
             return Err(
                 "payload fields `git_username` and `git_token` must be given together".into(),
             )
         }
     };
-
-    let url = clone_url(p.required("git_url")?, control_plane_url)?;
+    let auth_header = creds.map(|(u, t)| {
+        redact::add(&t);
+        let basic = base64(format!("{u}:{t}").as_bytes());
+        redact::add(&basic);
+        format!("Authorization: Basic {basic}")
+    });
     let branch = p.str("git_branch")?;
     if !branch.is_empty() && !valid_ref_name(branch) {
         return Err(format!(
@@ -213,6 +215,49 @@ fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, String> {
         }
     }
     bad("is not a https, http, ssh, git, file or scp-style (user@host:path) URL")
+}
+
+/// `http(s)://user:pass@host/x` → (`http(s)://host/x`, (user, pass) percent-decoded).
+fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((info, host)) if matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") => {
+            let (u, p) = info.split_once(':').unwrap_or((info, ""));
+            let (u, p) = (percent_decode(u), percent_decode(p));
+            if u.is_empty() || p.is_empty() {
+                // A bare user name is no secret; leave such a URL alone.
+                return (url.to_string(), None);
+            }
+            (format!("{scheme}://{host}{path}"), Some((u, p)))
+        }
+        _ => (url.to_string(), None),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `git check-ref-format` rules, plus: must not start with '-'.
@@ -618,6 +663,37 @@ mod tests {
             assert!(clone_url(bad, CP).is_err(), "{bad:?} accepted");
         }
         assert!(clone_url("-x", CP).unwrap_err().contains("`git_url`"));
+    }
+
+    #[test]
+    fn url_credentials_move_out_of_the_url() {
+        assert_eq!(
+            split_userinfo("https://bob:p%40ss-url-3c1d@git.example/a.git"),
+            (
+                "https://git.example/a.git".to_string(),
+                Some(("bob".to_string(), "p@ss-url-3c1d".to_string()))
+            )
+        );
+        assert_eq!(
+            split_userinfo("ssh://git@h/a.git"),
+            ("ssh://git@h/a.git".to_string(), None)
+        );
+        assert_eq!(
+            split_userinfo("https://bob@h/a.git"),
+            ("https://bob@h/a.git".to_string(), None)
+        );
+        let j = parse_job(
+            &json!({"git_url": "https://bob:tok-url-5e6f@git.example/a.git",
+                    "deployment_id": "d", "project_id": "7a7a7a7a-0000-4000-8000-000000000007"}),
+            CP,
+        )
+        .unwrap();
+        assert_eq!(j.url, "https://git.example/a.git");
+        assert_eq!(
+            j.auth_header.unwrap(),
+            format!("Authorization: Basic {}", base64(b"bob:tok-url-5e6f"))
+        );
+        assert_eq!(redact::scrub("tok-url-5e6f"), "***");
     }
 
     #[test]

@@ -992,3 +992,109 @@ fn build_timeout_kills_docker_build_and_leaves_no_process_behind() {
     }
     run.assert_no_build_dirs();
 }
+
+#[test]
+fn cancel_mid_build_kills_docker_build_and_cleans_up() {
+    let Some(cli) = require_cli(
+        "cancel_mid_build_kills_docker_build_and_cleans_up",
+        Kind::BuildKit,
+    ) else {
+        return;
+    };
+    let (bare, _) = repo_with("RUN sleep 68", &[]);
+    let project = new_uuid();
+    let reg = util::registry();
+    let data = temp_dir("bdata");
+    let mut child = Command::new(util::bin())
+        .args(["run-task", "--type", "build", "--registry-addr", &reg.addr])
+        .env("DATA_DIR", &data)
+        .env("DOCKER_CONFIG", temp_dir("bdcfg"))
+        .env("DOCKER_CLI", &cli)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = payload(&file_url(&bare), "main", &project).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    // Wait until `docker build -t <registry>/<project>:...` runs, then SIGTERM twice (the
+    // first drains, the second cancels running work).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while procs_with(&format!("/{project}:")).is_empty() {
+        assert!(Instant::now() < deadline, "the build never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(body["status"], "failed", "{}", util::describe(&out));
+    assert!(
+        body["result"].as_str().unwrap_or("").contains("canceled"),
+        "{}",
+        util::describe(&out)
+    );
+    assert!(
+        procs_with(&project).is_empty(),
+        "{:?}",
+        procs_with(&project)
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !procs_with("sleep 68").is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", procs_with("sleep 68"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left: Vec<_> = std::fs::read_dir(data.join("builds"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn credentials_written_into_the_url_never_reach_argv() {
+    let root = temp_dir("githttp");
+    git_http::make_repo(
+        &root.join("app.git"),
+        "main",
+        &[("Dockerfile", "FROM x\n")],
+        &[],
+    );
+    let token = format!("tok-{}", unique_hex());
+    let server = GitHttp::start(&root, "builder", &token);
+    let (shims, path) = shim_path(&["docker"]);
+    let log = shims.join("calls.log").display().to_string();
+    let url = server
+        .url()
+        .replace("http://", &format!("http://builder:{token}@"));
+    let sampler = ArgvSampler::start();
+    let run = run_build(
+        &payload(&format!("{url}/app.git"), "main", &new_uuid()),
+        &[
+            ("PATH", &path),
+            ("DOCKER_CLI", "docker"),
+            ("SHIM_LOG", &log),
+        ],
+        true,
+    );
+    let argvs = sampler.finish();
+    run.assert_completed();
+    assert!(argvs.iter().all(|a| !a.contains(&token)), "argv leak");
+    assert!(!run.stderr.contains(&token), "{}", run.dump());
+    let basic = git_http::base64(format!("builder:{token}").as_bytes());
+    assert!(server
+        .requests()
+        .iter()
+        .any(|(_, a)| *a == format!("Basic {basic}")));
+    run.assert_no_build_dirs();
+}
