@@ -284,7 +284,8 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
     let mut out = Output::default();
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut eofs = 0;
-    let mut status = None;
+    // The leader is only reaped at the very end: until then its pid stays reserved, so a
+    // group kill can never reach an unrelated process that reused the number.
     let mut exited_at: Option<Instant> = None;
     let mut last_output = Instant::now();
     let mut killing: Option<(Instant, Ending)> = None;
@@ -307,13 +308,10 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
             Ok(Event::Eof) => eofs += 1,
             Err(_) => {}
         }
-        if status.is_none() {
-            status = child.try_wait().ok().flatten();
-            if status.is_some() {
-                exited_at = Some(Instant::now());
-            }
+        if exited_at.is_none() && signal::exited_unreaped(pgid) {
+            exited_at = Some(Instant::now());
         }
-        if status.is_some() && eofs == 2 {
+        if exited_at.is_some() && eofs == 2 {
             break;
         }
         // A grandchild that kept the pipes open must not keep us waiting.
@@ -347,17 +345,14 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
             Some(_) => {}
         }
     }
-    // Make sure nothing of the group survives us (also reaps the leader if still pending).
+    // Make sure nothing of the group survives us, then reap the leader.
     if killing.is_some() {
         signal::kill_group(pgid, libc::SIGKILL);
     }
-    let status = match status {
-        Some(s) => s,
-        None => child.wait().map_err(|err| ExecError::Spawn {
-            name: name.clone(),
-            err,
-        })?,
-    };
+    let status = child.wait().map_err(|err| ExecError::Spawn {
+        name: name.clone(),
+        err,
+    })?;
     for r in readers.into_iter().flatten() {
         if eofs == 2 {
             let _ = r.join();

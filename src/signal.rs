@@ -48,6 +48,17 @@ pub fn kill_group(pgid: u32, sig: libc::c_int) {
     }
 }
 
+/// True once child `pid` has exited, without reaping it (WNOWAIT): the zombie keeps the pid
+/// and its process-group number reserved until `Child::wait`.
+pub fn exited_unreaped(pid: u32) -> bool {
+    // SAFETY: waitid only writes into the zeroed siginfo we own.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
+    }
+}
+
 /// Sleeps up to `total`, waking early on a shutdown signal or when `wake` returns true.
 /// `thread::sleep` resumes after signals, so sleep in short slices.
 pub fn sleep_unless(total: Duration, wake: impl Fn() -> bool) {

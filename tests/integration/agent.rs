@@ -28,9 +28,37 @@ impl Agent {
     }
 
     pub fn start_url(url: &str, role: &str, dir: &Path, env: &[(&str, &str)]) -> Agent {
-        let log = dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
-        let log = unique(log);
-        let mut cmd = Command::new(util::bin());
+        Agent::start_full(url, role, dir, env, &[])
+    }
+
+    /// Like `start`, with the agent run under `wrapper` (e.g. unshare).
+    pub fn start_with(
+        cp: &FakeCp,
+        role: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Agent {
+        Agent::start_full(&cp.url(), role, dir, env, wrapper)
+    }
+
+    fn start_full(
+        url: &str,
+        role: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Agent {
+        util::become_subreaper();
+        let log = unique(dir.join("agent.log"));
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(util::bin());
+                c
+            }
+            None => Command::new(util::bin()),
+        };
         cmd.env_clear()
             .env(
                 "PATH",
@@ -94,15 +122,21 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // Shim processes started by this agent (a killed agent leaves them to us).
+        // Shims left behind by a killed agent. Only process groups whose leader is still our
+        // docker shim are killed: a recycled pid must never take an unrelated group with it.
+        let shim = shims().join("docker");
         for pid in std::fs::read_to_string(self.dir.join("pids"))
             .unwrap_or_default()
             .lines()
         {
-            let _ = Command::new("kill")
-                .args(["-9", &format!("-{pid}")])
-                .stderr(Stdio::null())
-                .status();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = String::from_utf8_lossy(&cmdline).contains(shim.to_str().unwrap());
+            if ours && pid.parse::<u32>().is_ok_and(|p| p > 1) {
+                let _ = Command::new("kill")
+                    .args(["-9", &format!("-{pid}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 }
@@ -165,7 +199,7 @@ fn round_trip_today_cleanup_reports_running_then_completed() {
     assert!(
         agent
             .calls()
-            .contains(&"docker rm -f -- muvee-myapp".to_string()),
+            .contains(&"docker rm -f muvee-myapp".to_string()),
         "{:?}",
         agent.calls()
     );
@@ -317,7 +351,7 @@ fn same_task_polled_twice_runs_once() {
     let runs = agent
         .calls()
         .iter()
-        .filter(|c| c.contains("muvee-once"))
+        .filter(|c| *c == "docker rm -f muvee-once")
         .count();
     assert_eq!(runs, 1, "{:?}", agent.calls());
     assert_eq!(statuses(&cp, &task), ["running", "completed"]);
@@ -335,7 +369,10 @@ fn outage_mid_task_loses_no_report() {
     cp.go_down();
     std::thread::sleep(Duration::from_secs(30));
     assert!(
-        agent.calls().iter().any(|c| c.contains("muvee-outage")),
+        agent
+            .calls()
+            .iter()
+            .any(|c| *c == "docker rm -f muvee-outage"),
         "task ran while the server was down"
     );
     cp.come_up();
@@ -422,7 +459,12 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     });
     cp.go_down();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent.calls().iter().any(|c| c.contains("muvee-queued")) && Instant::now() < deadline {
+    while !agent
+        .calls()
+        .iter()
+        .any(|c| *c == "docker rm -f muvee-queued")
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -447,11 +489,20 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     cp.wait_for("running report of B", Duration::from_secs(20), |cp| {
         statuses(cp, &b) == ["running"]
     });
+    std::thread::sleep(Duration::from_millis(500));
     agent.signal("-KILL");
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
+    let b_calls = |a: &Agent| {
+        a.calls()
+            .iter()
+            .filter(|c| c.contains("interrupted"))
+            .count()
+    };
 
     let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let calls_before = b_calls(&agent);
+    assert!(calls_before >= 1, "B had started");
     let c = wait_final(&cp, &b, 30);
     assert_eq!(
         c,
@@ -464,12 +515,9 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
         "B is not run again"
     );
     assert_eq!(
-        agent
-            .calls()
-            .iter()
-            .filter(|c| c.contains("muvee-interrupted"))
-            .count(),
-        1
+        b_calls(&agent),
+        calls_before,
+        "B's commands did not run again"
     );
 }
 
@@ -571,9 +619,13 @@ fn run_task_round_trip_and_exit_codes() {
         String::from_utf8_lossy(&out.stdout),
         "{\"status\":\"completed\"}\n"
     );
-    assert_eq!(
-        std::fs::read_to_string(&log).unwrap(),
-        "docker rm -f -- muvee-myapp\n"
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .any(|l| l == "docker rm -f muvee-myapp"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
     );
 
     let out = util::run_task(&["--type", "cleanup"], r#"{"domain_prefix":"../x"}"#, &env);
@@ -626,4 +678,111 @@ fn cleanup_removes_a_real_container_and_tolerates_a_missing_one() {
         "{{.Names}}",
     ]));
     assert!(ps.trim().is_empty(), "container still there: {ps}");
+}
+
+#[test]
+fn resets_hangs_and_garbage_are_survived() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.inject("/api/agent/config", Fault::Garbage, 1);
+    cp.inject("/api/agent/tasks?", Fault::Reset, 2);
+    // Longer than the client's 20 s timeout: the report is sent again.
+    cp.inject("/api/agent/tasks/", Fault::Hang(Duration::from_secs(25)), 1);
+    let dir = temp_dir("agent-faults");
+    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "faults"}));
+    assert_eq!(wait_final(&cp, &task, 90)["status"], "completed");
+    assert_eq!(
+        agent
+            .calls()
+            .iter()
+            .filter(|c| *c == "docker rm -f muvee-faults")
+            .count(),
+        1
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("/api/agent/config answered 200 with content type \"application/json\""),
+        "{log}"
+    );
+}
+
+#[test]
+fn works_as_pid_1() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-pid1");
+    let mut agent = Agent::start_with(
+        &cp,
+        "deploy",
+        &dir,
+        // Pids recorded inside the namespace mean nothing outside it: record none.
+        &[("FAKE_DOCKER_SLEEP", "2"), ("FAKE_PIDFILE", "")],
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+    let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "pid1"}));
+    cp.wait_for("running report", Duration::from_secs(20), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    // The agent is unshare's child, PID 1 in its namespace.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", agent.child.id())).unwrap();
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("agent pid")
+        .to_string();
+    let ns_pid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        ns_pid
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "{ns_pid}"
+    );
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = agent
+        .wait_exit(Duration::from_secs(30))
+        .expect("PID 1 agent exits on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert_eq!(statuses(&cp, &task), ["running", "completed"]);
+}
+
+#[test]
+fn check_reports_each_problem_with_a_fix() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-check");
+    let run = |secret: &str| {
+        Command::new(util::bin())
+            .arg("check")
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", shims().display()))
+            .env("NODE_ROLE", "deploy")
+            .env("CONTROL_PLANE_URL", cp.url())
+            .env("AGENT_SECRET", secret)
+            .env("DATA_DIR", dir.join("data"))
+            .output()
+            .unwrap()
+    };
+    let out = run(SECRET);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{}", util::describe(&out));
+    for line in [
+        "ok    git:",
+        "ok    docker daemon:",
+        "ok    rsync:",
+        "ok    DATA_DIR:",
+        "ok    control plane:",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    let out = run("wrong-secret");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error control plane: the control plane rejected AGENT_SECRET"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: check CONTROL_PLANE_URL and AGENT_SECRET"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong-secret"));
 }

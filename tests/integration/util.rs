@@ -217,3 +217,13 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
             .unwrap_or_default(),
     )
 }
+
+/// Makes this test process the reaper of orphans (shims left by a killed agent), so they are
+/// never reparented to the machine's PID 1.
+pub fn become_subreaper() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: prctl with integer arguments; affects only this process.
+    ONCE.call_once(|| unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    });
+}
