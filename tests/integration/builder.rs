@@ -1098,3 +1098,29 @@ fn credentials_written_into_the_url_never_reach_argv() {
         .any(|(_, a)| *a == format!("Basic {basic}")));
     run.assert_no_build_dirs();
 }
+
+#[test]
+fn a_silent_build_step_hits_the_idle_timeout() {
+    let Some(cli) = require_cli("a_silent_build_step_hits_the_idle_timeout", Kind::Legacy) else {
+        return;
+    };
+    let (bare, _) = repo_with("RUN sleep 69", &[]);
+    let run = run_build(
+        &payload(&file_url(&bare), "main", &new_uuid()),
+        &[("DOCKER_CLI", &cli), ("BUILD_IDLE_TIMEOUT", "2s")],
+        true,
+    );
+    run.assert_failed();
+    assert!(
+        run.result()
+            .starts_with("docker build produced no output for 2s and was killed"),
+        "{}",
+        run.dump()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !procs_with("sleep 69").is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", procs_with("sleep 69"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run.assert_no_build_dirs();
+}
