@@ -199,9 +199,15 @@ pub fn setup(ctx: &Ctx, deployment_id: &str, list: &[Dataset]) -> Result<Mounts,
     if list.is_empty() {
         return Ok(m);
     }
-    // docker needs absolute host paths.
+    // docker needs absolute host paths, and ':' or ',' would split its -v syntax.
     let data_dir = std::fs::canonicalize(&ctx.cfg.data_dir)
         .map_err(|e| format!("DATA_DIR {}: {e}", ctx.cfg.data_dir.display()))?;
+    if data_dir.to_string_lossy().contains([':', ',']) {
+        return Err(format!(
+            "DATA_DIR {} contains ':' or ',', which docker -v cannot take",
+            data_dir.display()
+        ));
+    }
     let mdir = mounts_dir(&data_dir, deployment_id);
     let mut synced = false;
     for d in list.iter().filter(|d| d.mode == Mode::Dependency) {
@@ -253,11 +259,16 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, String> {
         let dir = target.parent().unwrap_or(target);
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        // Temp dirs start with '.', so they are never taken for a version; any left here
-        // is from an interrupted sync (we hold the lock).
+        // Temp dirs start with '.', so they are never taken for a version. One whose
+        // process is gone is from an interrupted sync; ours are covered by the lock.
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with('.') {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let owner = n.rsplit_once(".tmp-").map(|(_, pid)| pid.to_string());
+                let other_alive = owner.is_some_and(|pid| {
+                    pid != std::process::id().to_string() && Path::new("/proc").join(&pid).exists()
+                });
+                if n.starts_with('.') && !other_alive {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -279,10 +290,15 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, String> {
         let done = ctx
             .run(&cmd)
             .map_err(|e| format!("dataset `{}`: {e}", d.name))
-            .and_then(|_| {
-                std::fs::rename(&tmp, target).map_err(|e| {
+            .and_then(|_| match std::fs::rename(&tmp, target) {
+                // Another agent process sharing DATA_DIR finished the same version first.
+                Err(_) if target.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Ok(())
+                }
+                r => r.map_err(|e| {
                     format!("dataset `{}`: cannot move the copy into place: {e}", d.name)
-                })
+                }),
             });
         if let Err(e) = done {
             let _ = std::fs::remove_dir_all(&tmp);

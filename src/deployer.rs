@@ -289,6 +289,18 @@ fn app_containers(
 }
 
 fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
+    let r = replace_inner(ctx, s);
+    if r.is_err() {
+        // This deployment's mount dir, unless the container that keeps running uses it.
+        let (current, _) = app_containers(ctx.cfg, s.prefix).unwrap_or_default();
+        if current.map_or(true, |c| c.deployment_id != s.deployment_id) {
+            let _ = datasets::remove_mounts(&ctx.cfg.data_dir, s.deployment_id);
+        }
+    }
+    r
+}
+
+fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
     let cfg = ctx.cfg;
     // A previous deploy of this app may still be draining its old container.
     wait_retirements(Some(s.prefix));
@@ -304,23 +316,7 @@ fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
     }
 
     let name = format!("muvee-{}", s.prefix);
-    let (mut current, mut leftovers) = app_containers(cfg, s.prefix)?;
-    if current.is_none() {
-        // The agent died between renaming the old container aside and finishing: that one
-        // is still what Traefik points at.
-        if let Some(i) = leftovers.iter().position(|c| c.running) {
-            let c = leftovers.remove(i);
-            ctx.say(&format!(
-                "Restoring {} (left by an interrupted deploy) as {name}",
-                c.name
-            ));
-            rename(cfg, &c.name, &name)?;
-            current = Some(Container {
-                name: name.clone(),
-                ..c
-            });
-        }
-    }
+    let (current, mut leftovers) = app_containers(cfg, s.prefix)?;
     let old = match current {
         Some(c) => {
             let aside = format!("muvee-{}-old-{}", s.prefix, &c.id[..c.id.len().min(12)]);
@@ -330,15 +326,31 @@ fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
             rename(cfg, &name, &aside)?;
             Some(Container { name: aside, ..c })
         }
-        None => None,
+        // The agent died after renaming the old container aside: that one still serves
+        // (Traefik points at it), so it is the one to restore on failure.
+        None => leftovers
+            .iter()
+            .position(|c| c.running)
+            .map(|i| leftovers.remove(i))
+            .inspect(|c| {
+                ctx.say(&format!(
+                    "{} was left aside by an interrupted deploy; it keeps serving until the new one is healthy",
+                    c.name
+                ))
+            }),
     };
     // A fixed host port cannot be bound twice: the old container has to let go first.
-    let stopped = match &old {
-        Some(o) if o.running && s.fixed_port.is_some() => {
+    let holds_fixed = |o: &Container| {
+        let ports = docker_out(cfg, &["port", &o.name]).unwrap_or_default();
+        ports
+            .lines()
+            .any(|l| parse_host_port(l).map(|p| p.0) == s.fixed_port)
+    };
+    let stopped = match (&old, s.fixed_port) {
+        (Some(o), Some(fixed)) if o.running && holds_fixed(o) => {
             ctx.say(&format!(
-                "Stopping {} to free fixed host port {}",
-                o.name,
-                s.fixed_port.unwrap_or_default()
+                "Stopping {} to free fixed host port {fixed}",
+                o.name
             ));
             if let Err(e) = docker_out(cfg, &["stop", "-t", "10", &o.name]) {
                 let _ = rename(cfg, &o.name, &name);
@@ -385,34 +397,26 @@ fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
             if let Err(e) = rm_container(cfg, &name) {
                 msg.push_str(&format!("; could not remove the new container: {e}"));
             }
-            match &old {
-                Some(o) => {
-                    let back = rename(cfg, &o.name, &name).and_then(|()| {
-                        if stopped {
-                            docker_out(cfg, &["start", &name]).map(drop)
-                        } else {
-                            Ok(())
-                        }
-                    });
-                    match back {
-                        Ok(()) => msg.push_str("; the previous container keeps serving"),
-                        Err(e) => msg.push_str(&format!(
-                            "; could not restore the previous container {}: {e}",
-                            o.name
-                        )),
+            if let Some(o) = &old {
+                let back = rename(cfg, &o.name, &name).and_then(|()| {
+                    if stopped {
+                        docker_out(cfg, &["start", &name]).map(drop)
+                    } else {
+                        Ok(())
                     }
-                    if o.deployment_id != s.deployment_id {
-                        let _ = datasets::remove_mounts(&cfg.data_dir, s.deployment_id);
-                    }
-                }
-                None => {
-                    let _ = datasets::remove_mounts(&cfg.data_dir, s.deployment_id);
+                });
+                match back {
+                    Ok(()) if o.running => msg.push_str("; the previous container keeps serving"),
+                    Ok(()) => msg.push_str(&format!("; the previous container is back as {name}")),
+                    Err(e) => msg.push_str(&format!(
+                        "; could not restore the previous container {}: {e}",
+                        o.name
+                    )),
                 }
             }
             if !logs.is_empty() {
                 msg.push_str(&format!("\nlast log lines of the new container:\n{logs}"));
             }
-            ctx.say(&msg);
             Err(msg)
         }
     }
