@@ -494,12 +494,13 @@ fn wait_healthy(ctx: &Ctx, s: &Spec, name: &str) -> Result<u16, String> {
             ],
         )?;
         let f: Vec<&str> = st.split_whitespace().collect();
-        if let [status, restarts, code] = f[..] {
-            if status != "running" || restarts != "0" {
-                return Err(format!(
-                    "the container is {status} (exit code {code}, restarted {restarts} times)"
-                ));
-            }
+        let [status, restarts, code] = f[..] else {
+            return Err(format!("cannot read the container state: {st:?}"));
+        };
+        if status != "running" || restarts != "0" {
+            return Err(format!(
+                "the container is {status} (exit code {code}, restarted {restarts} times)"
+            ));
         }
         if port.is_none() {
             let out = docker_out(ctx.cfg, &["port", name, &format!("{}/tcp", s.port)])?;

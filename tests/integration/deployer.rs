@@ -556,12 +556,25 @@ fn dir_bytes(p: &Path) -> u64 {
         .sum()
 }
 
-/// Bad payloads fail naming the field, before any command runs: DOCKER_CLI points at a
-/// program that does not exist, so any docker call would fail differently.
+/// Bad payloads fail naming the field, before any command runs: docker and rsync are
+/// recording stand-ins, and their log must stay empty.
 #[test]
 fn invalid_payloads_fail_naming_the_field_before_any_command() {
     let mut app = App::new("itd-bad");
-    app.set("DOCKER_CLI", "/nonexistent/docker");
+    let shims = temp_dir("deploy-shims");
+    let calls = shims.join("calls.log");
+    let rsync = shims.join("rsync");
+    std::fs::write(&rsync, "#!/bin/sh\necho \"rsync $*\" >> \"$FAKE_LOG\"\n").unwrap();
+    std::fs::set_permissions(&rsync, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake_docker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bin/docker");
+    app.set("DOCKER_CLI", fake_docker.to_str().unwrap());
+    app.set("FAKE_LOG", calls.to_str().unwrap());
+    let path = format!(
+        "{}:{}",
+        shims.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    app.set("PATH", &path);
     std::fs::create_dir_all(app.share.join("ok")).unwrap();
     let base = app.payload("dep-b1", APP, "x");
     let ds = |name: &str, id: &str, nfs: &str| json!([{"id": id, "name": name, "nfs_path": nfs, "version": 1, "mount_mode": "dependency"}]);
@@ -606,8 +619,9 @@ fn invalid_payloads_fail_naming_the_field_before_any_command() {
         let why = r.report["result"].as_str().unwrap();
         assert!(why.contains(expect), "{field}={value}: {why}");
         assert!(
-            !why.contains("nonexistent"),
-            "{field}={value}: a command ran: {why}"
+            !calls.exists(),
+            "{field}={value}: commands ran: {}",
+            std::fs::read_to_string(&calls).unwrap_or_default()
         );
     }
     // A relative nfs_path needs the base path from the config.
@@ -618,7 +632,9 @@ fn invalid_payloads_fail_naming_the_field_before_any_command() {
         &p.to_string(),
         &[
             ("DATA_DIR", app.data.to_str().unwrap()),
-            ("DOCKER_CLI", "/nonexistent/docker"),
+            ("DOCKER_CLI", fake_docker.to_str().unwrap()),
+            ("FAKE_LOG", calls.to_str().unwrap()),
+            ("PATH", &path),
         ],
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -626,5 +642,11 @@ fn invalid_payloads_fail_naming_the_field_before_any_command() {
         report,
         json!({"result": "dataset NFS base path is not configured", "status": "failed"})
     );
+    assert!(!calls.exists());
     assert!(!app.data.join("objects").exists() && !app.data.join("mounts").exists());
+    // Control: a valid payload does reach the stand-ins.
+    let r = app.deploy(&base);
+    assert_eq!(r.report["status"], "failed", "{r:?}");
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert!(log.starts_with("docker image inspect"), "{log}");
 }
