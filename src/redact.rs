@@ -60,6 +60,9 @@ pub fn scrub(line: &str) -> Cow<'_, str> {
 
 /// `https://user:tok@host/x` → `https://***@host/x`; None when nothing needs masking.
 fn mask_userinfo(s: &str) -> Option<String> {
+    if !s.contains("://") {
+        return None;
+    }
     let mut out = String::new();
     let mut rest = s;
     let mut changed = false;
