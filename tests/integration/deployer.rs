@@ -18,6 +18,15 @@ const IDLE: &str = "muvee-it-deploy/idle:1";
 fn images() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        // Containers of an earlier run that was killed (no Drop ran) restart with the engine.
+        for name in containers("itd-") {
+            let pid = name
+                .split('-')
+                .find(|s| s.bytes().all(|b| b.is_ascii_digit()));
+            if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
+                let _ = docker(&["rm", "-f", &name]);
+            }
+        }
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         for (tag, dir) in [
             (APP, "deploy-app"),
@@ -161,8 +170,16 @@ impl App {
 
 impl Drop for App {
     fn drop(&mut self) {
-        for c in containers(&self.prefix) {
-            let _ = docker(&["rm", "-f", &c]);
+        // Without panicking: there may be no engine, or a test is already failing.
+        let filter = format!("name=muvee-{}", self.prefix);
+        let Ok(out) = Command::new(util::docker_cli())
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
         }
     }
 }
