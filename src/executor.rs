@@ -9,7 +9,6 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -38,7 +37,6 @@ pub struct Cmd {
     pub program: String,
     pub args: Vec<OsString>,
     pub env: Vec<(String, String)>,
-    pub cwd: Option<PathBuf>,
     pub stdin: Option<Vec<u8>>,
     /// Absolute deadline for this call: (when, how long it was, the setting's name).
     pub deadline: Option<(Instant, Duration, &'static str)>,
@@ -65,10 +63,6 @@ impl Cmd {
     }
     pub fn env(mut self, k: impl Into<String>, v: impl Into<String>) -> Cmd {
         self.env.push((k.into(), v.into()));
-        self
-    }
-    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Cmd {
-        self.cwd = Some(dir.into());
         self
     }
     pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Cmd {
@@ -151,9 +145,7 @@ pub enum ExecError {
         after: Duration,
         output: Output,
     },
-    Canceled {
-        name: String,
-    },
+    Canceled,
 }
 
 impl ExecError {
@@ -165,9 +157,6 @@ impl ExecError {
             | ExecError::Idle { output, .. } => Some(output),
             _ => None,
         }
-    }
-    pub fn is_canceled(&self) -> bool {
-        matches!(self, ExecError::Canceled { .. })
     }
 }
 
@@ -197,7 +186,7 @@ impl fmt::Display for ExecError {
                     fmt_duration(*after)
                 )
             }
-            ExecError::Canceled { .. } => write!(f, "canceled: agent shutting down"),
+            ExecError::Canceled => write!(f, "canceled: agent shutting down"),
         }?;
         if let Some(out) = self.output() {
             if !out.tail.is_empty() {
@@ -229,7 +218,7 @@ enum Event {
 pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
     let name = cmd.name();
     if signal::cancel_requested() {
-        return Err(ExecError::Canceled { name });
+        return Err(ExecError::Canceled);
     }
     log::debug!("running: {}", cmd.display());
     let mut c = Command::new(&cmd.program);
@@ -246,9 +235,6 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
         c.env_remove(k);
     }
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
-    if let Some(dir) = &cmd.cwd {
-        c.current_dir(dir);
-    }
     let mut child = c.spawn().map_err(|err| ExecError::Spawn {
         name: name.clone(),
         err,
@@ -361,7 +347,7 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
     out.tail = tail.into();
     if let Some((_, ending)) = killing {
         return Err(match ending {
-            Ending::Canceled => ExecError::Canceled { name },
+            Ending::Canceled => ExecError::Canceled,
             Ending::Timeout => {
                 let (_, after, what) = cmd.deadline.unwrap_or((Instant::now(), Duration::ZERO, ""));
                 ExecError::Timeout {
