@@ -786,3 +786,100 @@ fn check_reports_each_problem_with_a_fix() {
     );
     assert!(!text.contains("wrong-secret"));
 }
+
+#[test]
+fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5999");
+    cp.set_config("registry_user", "ci-bot");
+    cp.set_config("registry_password", "first-password-1");
+    let dir = temp_dir("agent-login");
+    let agent = Agent::start(&cp, "builder", &dir, &[("HEARTBEAT_INTERVAL", "500ms")]);
+    let logins = |a: &Agent| {
+        a.calls()
+            .iter()
+            .filter(|c| c.starts_with("docker login"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logins(&agent) < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(logins(&agent), 1, "unchanged credentials: one login");
+    cp.set_config("registry_password", "rotated-password-2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logins(&agent) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(logins(&agent), 2, "rotated password: a new login");
+    let calls = agent.calls().join("\n");
+    assert!(
+        calls.contains("docker login 127.0.0.1:5999 -u ci-bot --password-stdin"),
+        "{calls}"
+    );
+    assert!(
+        !calls.contains("password-1") && !calls.contains("password-2"),
+        "{calls}"
+    );
+    assert!(!agent.log().contains("password-2"));
+
+    // A registry that refuses: a clear error, retried, and the agent keeps running.
+    let dir = temp_dir("agent-login-fail");
+    let mut agent = Agent::start(
+        &cp,
+        "builder",
+        &dir,
+        &[("HEARTBEAT_INTERVAL", "500ms"), ("FAKE_DOCKER_EXIT", "1")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logins(&agent) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(logins(&agent) >= 3, "login retried");
+    assert!(
+        agent
+            .log()
+            .contains("docker login to 127.0.0.1:5999 failed (will retry at the next heartbeat)"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "a failed login is not fatal"
+    );
+}
+
+#[test]
+fn log_overflow_leaves_a_marker_and_does_not_block_the_task() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    // The first log request hangs while the build prints far more than the 4 MiB buffer.
+    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(8)), 1);
+    let dep = "c0ffee00-1234-4abc-9def-0000000000ff";
+    let dir = temp_dir("agent-logs-overflow");
+    let agent = Agent::start(
+        &cp,
+        "builder",
+        &dir,
+        &[("FAKE_GIT_LINES", "200000"), ("FAKE_GIT_EXIT", "128")],
+    );
+    let payload = json!({
+        "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
+        "deployment_id": dep, "project_id": "7a7a7a7a-0000-4000-8000-000000000008", "domain_prefix": "overflow"
+    });
+    let task = cp.add_task_for_role("builder", "build", dep, payload);
+    assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert!(
+        log.contains("log lines dropped: the control plane did not keep up]"),
+        "no marker in {} bytes",
+        log.len()
+    );
+    assert!(
+        log.contains("remote: progress line 1\n"),
+        "early lines kept"
+    );
+    assert!(log.len() < 6 << 20, "bounded: {} bytes", log.len());
+    assert!(agent.calls().iter().any(|c| c.starts_with("git clone")));
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# `make bench`: figures for the README's claims, each a ratio measured in the same run.
+#   1. binary size (static build when available, else release) and idle RSS/CPU over 60 s
+#   2. build through the agent vs the same git + docker commands by hand; a 200k-line build
+#   3. deploy through the agent vs the same docker commands by hand; redeploy downtime;
+#      bytes copied by a cached-dataset redeploy
+# BENCH_IDLE_SECS and BENCH_RUNS shorten or lengthen it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE_SECS=${BENCH_IDLE_SECS:-60}
+RUNS=${BENCH_RUNS:-3}
+
+scripts/testbed.sh up >/dev/null
+eval "$(scripts/testbed.sh env)"
+cargo build --release --locked --quiet
+agent=$PWD/target/release/muvee-agent
+work=$(mktemp -d /tmp/muvee-bench.XXXXXX)
+trap 'rm -rf "$work"; [ -n "${cp_pid:-}" ] && kill "$cp_pid" 2>/dev/null; true' EXIT
+export DOCKER_CONFIG=$work/docker-config REGISTRY_PASSWORD=$MUVEE_TEST_REGISTRY_PASSWORD
+reg=(--registry-addr "$MUVEE_TEST_REGISTRY" --registry-user "$MUVEE_TEST_REGISTRY_USER")
+printf '%s' "$MUVEE_TEST_REGISTRY_PASSWORD" | docker login "$MUVEE_TEST_REGISTRY" -u "$MUVEE_TEST_REGISTRY_USER" --password-stdin >/dev/null
+
+now() { date +%s.%N; }
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.3f}')" "$1" "$2"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo "== 1. size and idle cost"
+# The shipped artifact is the static build; fall back to the release build without musl.
+size_bin=$agent
+if make -s static >/dev/null 2>&1; then size_bin=target/x86_64-unknown-linux-musl/release/muvee-agent; fi
+echo "binary: $size_bin $(stat -c %s "$size_bin") bytes ($(file -b "$size_bin" | cut -d, -f1-2))"
+port_file=$work/cp.port
+python3 scripts/bench_cp.py >"$port_file" &
+cp_pid=$!
+for _ in $(seq 50); do [ -s "$port_file" ] && break; sleep 0.1; done
+NODE_ROLE=deploy CONTROL_PLANE_URL=http://127.0.0.1:$(cat "$port_file") AGENT_SECRET=bench \
+  DATA_DIR=$work/idle "$agent" 2>"$work/idle.log" &
+apid=$!
+sleep 2
+ticks() { awk '{print $14+$15}' "/proc/$apid/stat"; }
+t0=$(ticks); s0=$(now)
+sleep "$IDLE_SECS"
+t1=$(ticks); s1=$(now)
+rss=$(awk '/VmRSS/ {print $2}' "/proc/$apid/status")
+kill -TERM "$apid"; wait "$apid" || true
+hz=$(getconf CLK_TCK)
+python3 -c "import sys; t,s,hz=float(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); print(f'idle over {s:.0f}s: RSS {int(sys.argv[4])/1024:.1f} MiB, CPU {100*t/hz/s:.3f}% ({t/hz*1000:.0f} ms)')" \
+  "$((t1 - t0))" "$(python3 -c "print($s1-$s0)")" "$hz" "$rss"
+
+# Everything below runs the same docker CLI both ways: Debian's 20.10 client with BuildKit.
+docker_cli=${BENCH_DOCKER_CLI:-/usr/bin/docker}
+export DOCKER_CLI=$docker_cli
+echo
+echo "== 2. build: agent vs the same commands by hand ($docker_cli, BuildKit, median of $RUNS)"
+repo=$work/repo
+mkdir -p "$repo"
+cat >"$repo/Dockerfile" <<DOCKERFILE
+FROM $MUVEE_TEST_BASE_IMAGE
+COPY stamp /stamp
+# A few seconds of real work, like a small compile step.
+RUN i=0; while [ \$i -lt 1500000 ]; do i=\$((i+1)); done; echo built
+DOCKERFILE
+git -C "$repo" init -q -b main
+commit() { date +%s%N >"$repo/stamp"; git -C "$repo" add -A; git -C "$repo" -c user.name=b -c user.email=b@b commit -qm "$1"; }
+project=be000000-0000-4000-8000-000000000001
+payload() { printf '{"git_url":"file://%s","git_branch":"main","dockerfile_path":"%s","deployment_id":"be000000-0000-4000-8000-0000000000d1","project_id":"%s","domain_prefix":"bench"}' "$repo" "$1" "$project"; }
+agent_build() { # $1 dockerfile
+  payload "$1" | NODE_ROLE=builder DATA_DIR=$work/build REGISTRY_ADDR=$MUVEE_TEST_REGISTRY \
+    "$agent" run-task --type build >/dev/null 2>"$work/agent-build.log"
+}
+raw_build() { # $1 dockerfile; what the agent runs, typed by hand
+  rm -rf "$work/clone"
+  git clone -q --depth=1 --branch main -- "file://$repo" "$work/clone"
+  sha=$(git -C "$work/clone" rev-parse HEAD)
+  tag=$MUVEE_TEST_REGISTRY/$project:${sha:0:12}
+  DOCKER_BUILDKIT=1 "$docker_cli" build --platform linux/amd64 -f "$work/clone/$1" -t "$tag" "$work/clone" 2>&1 | cat >/dev/null
+  "$docker_cli" push "$tag" | cat >/dev/null
+}
+timed() { local s; s=$(now); "$@"; python3 -c "print($(now)-$s)"; }
+quiet() { "$@" >/dev/null; }
+a=(); r=()
+for i in $(seq "$RUNS"); do
+  commit "agent $i"; a+=("$(timed agent_build Dockerfile)")
+  commit "raw $i"; r+=("$(timed raw_build Dockerfile)")
+done
+ma=$(median "${a[@]}"); mr=$(median "${r[@]}")
+printf 'build: agent %.2fs, by hand %.2fs, ratio %s (target <= 1.03)\n' "$ma" "$mr" "$(ratio "$ma" "$mr")"
+
+cat >"$repo/Dockerfile.loud" <<DOCKERFILE
+FROM $MUVEE_TEST_BASE_IMAGE
+COPY stamp /stamp
+RUN seq 1 200000
+DOCKERFILE
+a=(); r=()
+for i in $(seq "$RUNS"); do
+  commit "loud agent $i"; a+=("$(timed agent_build Dockerfile.loud)")
+  commit "loud raw $i"; r+=("$(timed raw_build Dockerfile.loud)")
+done
+ma=$(median "${a[@]}"); mr=$(median "${r[@]}")
+printf 'build printing 200k lines: agent %.2fs, by hand %.2fs, ratio %s (target <= 1.05)\n' "$ma" "$mr" "$(ratio "$ma" "$mr")"
+
+echo
+echo "== 3. deploy"
+image=$MUVEE_TEST_REGISTRY/$project:bench
+"$docker_cli" tag "$MUVEE_TEST_BASE_IMAGE" "$image.base" >/dev/null
+app=$work/app
+mkdir -p "$app"
+printf 'FROM %s\nRUN mkdir -p /www && echo bench > /www/index.html\nSTOPSIGNAL SIGKILL\nCMD ["httpd","-f","-p","8080","-h","/www"]\n' "$MUVEE_TEST_BASE_IMAGE" >"$app/Dockerfile"
+DOCKER_BUILDKIT=1 "$docker_cli" build -q -t "$image" "$app" >/dev/null
+dep_payload() { printf '{"image_tag":"%s","deployment_id":"%s","project_id":"%s","domain_prefix":"%s","container_port":8080,"memory_limit":"","datasets":%s,"env_vars":{}}' "$image" "$2" "$project" "$1" "${3:-null}"; }
+agent_deploy() { # $1 prefix, $2 deployment id, $3 datasets json
+  dep_payload "$1" "$2" "${3:-null}" | NODE_ROLE=deploy DATA_DIR=$work/deploy DEPLOY_DRAIN=${DRAIN:-0s} \
+    DATASET_NFS_BASE_PATH=$work/share "$agent" run-task --type deploy 2>>"$work/agent-deploy.log"
+}
+raw_deploy() { # docker run, find the port, wait until it answers: what a user needs
+  "$docker_cli" run -d --name muvee-bench-raw --restart unless-stopped -p 0:8080 "$image" >/dev/null
+  port=$("$docker_cli" port muvee-bench-raw 8080 | sed -n 's/^0\.0\.0\.0://p' | head -n1)
+  until curl -fs -o /dev/null "http://127.0.0.1:$port/"; do sleep 0.05; done
+}
+cleanup_apps() { "$docker_cli" rm -f muvee-bench-raw muvee-bench-agent >/dev/null 2>&1 || true; }
+trap 'cleanup_apps; rm -rf "$work"; [ -n "${cp_pid:-}" ] && kill "$cp_pid" 2>/dev/null; true' EXIT
+a=(); r=()
+for i in $(seq "$RUNS"); do
+  cleanup_apps
+  a+=("$(timed quiet agent_deploy bench-agent de000000-0000-4000-8000-00000000000$i)")
+  r+=("$(timed raw_deploy)")
+done
+ma=$(median "${a[@]}"); mr=$(median "${r[@]}")
+printf 'deploy (first start, until it answers HTTP): agent %.2fs, by hand %.2fs, ratio %s\n' "$ma" "$mr" "$(ratio "$ma" "$mr")"
+cleanup_apps
+
+# Redeploy while a client hits the app every 20 ms, following the reported port the way
+# Traefik follows the control plane.
+first=$(agent_deploy bench-agent de000000-0000-4000-8000-0000000000a1 | sed -n 's/.*"host_port":\([0-9]*\).*/\1/p')
+python3 - "$first" <<PY
+import json, subprocess, sys, threading, time, urllib.request
+port = [int(sys.argv[1])]; ok = [0]; failed = [0]; stop = [False]
+def hammer():
+    while not stop[0]:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port[0]}/", timeout=2).read(); ok[0] += 1
+        except Exception:
+            failed[0] += 1
+        time.sleep(0.02)
+t = threading.Thread(target=hammer); t.start()
+time.sleep(0.5)
+payload = '''$(dep_payload bench-agent de000000-0000-4000-8000-0000000000a2)'''
+env = dict(__import__("os").environ, NODE_ROLE="deploy", DATA_DIR="$work/deploy", DEPLOY_DRAIN="3s")
+p = subprocess.Popen(["$agent", "run-task", "--type", "deploy"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+p.stdin.write(payload); p.stdin.close()
+body = json.loads(p.stdout.readline())
+port[0] = body["host_port"]   # the control plane switches Traefik on this report
+p.wait(); time.sleep(0.5); stop[0] = True; t.join()
+print(f"redeploy downtime: {failed[0]} failed of {ok[0] + failed[0]} requests (old port {sys.argv[1]} -> new port {port[0]})")
+PY
+cleanup_apps
+
+mkdir -p "$work/share/bench-data"
+head -c $((20 << 20)) /dev/urandom >"$work/share/bench-data/blob"
+ds='[{"id":"da000000-0000-4000-8000-000000000001","name":"blob","nfs_path":"bench-data","version":1,"size_bytes":20971520,"mount_mode":"dependency"}]'
+objects=$work/deploy/objects
+before=$(du -sb "$objects" 2>/dev/null | cut -f1 || echo 0)
+agent_deploy bench-agent de000000-0000-4000-8000-0000000000b1 "$ds" >/dev/null
+mid=$(du -sb "$objects" | cut -f1)
+agent_deploy bench-agent de000000-0000-4000-8000-0000000000b2 "$ds" >/dev/null
+after=$(du -sb "$objects" | cut -f1)
+syncs=$(grep -c 'copying version' "$work/agent-deploy.log" || true)
+echo "dataset: first deploy copied $((mid - ${before:-0})) bytes, cached redeploy copied $((after - mid)) bytes (rsync runs: $syncs)"
+cleanup_apps
