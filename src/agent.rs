@@ -89,6 +89,10 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     }
     journal.prune(JOURNAL_KEEP);
 
+    if role == Role::Builder {
+        // Probed once per start and logged, not at the first build.
+        crate::builder::build_mode(&cfg.docker_cli);
+    }
     let shared = Arc::new(Shared::new(&cfg));
     let mut agent = Agent {
         cfg: Arc::new(cfg),

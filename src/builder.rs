@@ -63,7 +63,7 @@ pub fn detect_build_mode(docker: &str) -> BuildMode {
 }
 
 /// The build mode of this process: probed on the first build, then cached.
-fn build_mode(docker: &str) -> BuildMode {
+pub fn build_mode(docker: &str) -> BuildMode {
     static MODE: OnceLock<BuildMode> = OnceLock::new();
     *MODE.get_or_init(|| {
         let m = detect_build_mode(docker);

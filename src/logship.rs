@@ -24,6 +24,22 @@ struct Buf {
     closed: bool,
 }
 
+impl Buf {
+    /// Records, in line order, how many lines were dropped since the last marker.
+    fn push_marker(&mut self) {
+        if self.dropped == 0 {
+            return;
+        }
+        let marker = format!(
+            "[muvee-agent: {} log lines dropped: the control plane did not keep up]",
+            self.dropped
+        );
+        self.bytes += marker.len() + 1;
+        self.lines.push_back(marker);
+        self.dropped = 0;
+    }
+}
+
 pub struct LogShipper {
     shared: Arc<(Mutex<Buf>, Condvar)>,
     handle: Option<JoinHandle<()>>,
@@ -48,15 +64,7 @@ impl LogShipper {
             b.dropped += 1;
             return;
         }
-        if b.dropped > 0 {
-            let marker = format!(
-                "[muvee-agent: {} log lines dropped: the control plane did not keep up]",
-                b.dropped
-            );
-            b.bytes += marker.len() + 1;
-            b.lines.push_back(marker);
-            b.dropped = 0;
-        }
+        b.push_marker();
         b.bytes += line.len() + 1;
         b.lines.push_back(line.to_string());
         if b.bytes >= BATCH_BYTES {
@@ -105,14 +113,8 @@ fn ship(client: &Client, deployment_id: &str, shared: &(Mutex<Buf>, Condvar)) {
             if b.closed && close_deadline.is_none() {
                 close_deadline = Some(Instant::now() + CLOSE_WAIT);
             }
-            if b.lines.is_empty() && b.dropped > 0 {
-                let marker = format!(
-                    "[muvee-agent: {} log lines dropped: the control plane did not keep up]",
-                    b.dropped
-                );
-                b.bytes += marker.len() + 1;
-                b.lines.push_back(marker);
-                b.dropped = 0;
+            if b.lines.is_empty() {
+                b.push_marker();
             }
             if b.lines.is_empty() {
                 if b.closed {

@@ -883,3 +883,55 @@ fn log_overflow_leaves_a_marker_and_does_not_block_the_task() {
     assert!(log.len() < 6 << 20, "bounded: {} bytes", log.len());
     assert!(agent.calls().iter().any(|c| c.starts_with("git clone")));
 }
+
+#[test]
+fn builds_beyond_builder_max_concurrent_wait_already_running() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    let dir = temp_dir("agent-build-slots");
+    let env = [
+        ("FAKE_GIT_SLEEP", "2"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("BUILDER_MAX_CONCURRENT", "1"),
+    ];
+    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let payload = |n: u32| {
+        json!({
+            "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
+            "deployment_id": format!("c0ffee00-1234-4abc-9def-00000000010{n}"),
+            "project_id": "7a7a7a7a-0000-4000-8000-000000000009", "domain_prefix": "slots"
+        })
+    };
+    let a = cp.add_task_for_role("builder", "build", "", payload(1));
+    let b = cp.add_task_for_role("builder", "build", "", payload(2));
+    cp.wait_for("both running", Duration::from_secs(10), |cp| {
+        statuses(cp, &a) == ["running"] && statuses(cp, &b) == ["running"]
+    });
+    // Both are running while only one clone has started.
+    let clones = |a: &Agent| {
+        a.calls()
+            .iter()
+            .filter(|c| c.starts_with("git clone"))
+            .count()
+    };
+    assert_eq!(clones(&agent), 1, "{:?}", agent.calls());
+    wait_final(&cp, &a, 30);
+    wait_final(&cp, &b, 30);
+    let seq: Vec<String> = agent
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("git clone") || c == "git done")
+        .map(|c| {
+            if c == "git done" {
+                "done".into()
+            } else {
+                "clone".into()
+            }
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        ["clone", "done", "clone", "done"],
+        "builds never overlap"
+    );
+}
