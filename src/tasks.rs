@@ -48,7 +48,18 @@ impl Ctx<'_> {
 }
 
 pub fn execute(ctx: &Ctx) -> Completion {
+    let mode = ctx
+        .task
+        .payload
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
     let result = match ctx.task.kind.as_str() {
+        // Today's compose and image projects: say so rather than fail on a missing field.
+        "deploy" | "cleanup" if !mode.is_empty() => Err(format!(
+            "payload field `mode`: {mode:?} deployments are not supported by muvee-agent {}",
+            env!("CARGO_PKG_VERSION")
+        )),
         "build" => builder::build(ctx).map(|tag| Completion {
             image_tag: Some(tag),
             ..Completion::completed()

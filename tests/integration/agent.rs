@@ -637,6 +637,18 @@ fn run_task_round_trip_and_exit_codes() {
         "{body}"
     );
 
+    let compose = r#"{"mode":"compose","domain_prefix":"shop","project_id":"7a7a7a7a-0000-4000-8000-000000000007"}"#;
+    let out = util::run_task(&["--type", "deploy"], compose, &env);
+    assert_eq!(out.status.code(), Some(1), "{}", util::describe(&out));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        body["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("payload field `mode`: \"compose\" deployments are not supported"),
+        "{body}"
+    );
+
     let out = util::run_task(&[], "not json", &env);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("input is not JSON"));
