@@ -110,6 +110,9 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
     };
+    if role == Role::Deploy {
+        spawn_status_reporter(agent.cfg.clone(), agent.client.clone());
+    }
     agent.main_loop();
     agent.shut_down();
     Ok(())
@@ -224,6 +227,7 @@ impl Agent {
         if let Err(e) = self.client.post("/api/agent/node-metrics", &m) {
             log::debug!("node metrics not accepted: {e}");
         }
+
         Ok(())
     }
 
@@ -445,6 +449,25 @@ impl Worker {
         self.running.fetch_sub(1, Ordering::SeqCst);
         self.wake.store(true, Ordering::SeqCst);
     }
+}
+
+/// Container statuses every HEARTBEAT_INTERVAL, on a thread of their own: a node with many
+/// apps needs a few docker calls per app, which must not delay polling.
+fn spawn_status_reporter(cfg: Arc<Config>, client: Client) {
+    let _ = std::thread::Builder::new()
+        .name("statuses".into())
+        .spawn(move || loop {
+            signal::sleep_unless(cfg.heartbeat_interval, || false);
+            if signal::shutdown_requested() {
+                return;
+            }
+            let statuses = metrics::container_statuses(&cfg);
+            if !statuses.is_empty() {
+                if let Err(e) = client.post("/api/agent/container-statuses", &statuses.into()) {
+                    log::debug!("container statuses not accepted: {e}");
+                }
+            }
+        });
 }
 
 /// `docker login ADDR -u USER --password-stdin`: the password never reaches argv.

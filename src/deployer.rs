@@ -686,7 +686,7 @@ fn docker(cfg: &Config, args: &[&str]) -> Cmd {
 }
 
 /// A short docker call whose stdout we need.
-fn docker_out(cfg: &Config, args: &[&str]) -> Result<String, String> {
+pub fn docker_out(cfg: &Config, args: &[&str]) -> Result<String, String> {
     executor::output(&docker(cfg, args).timeout(DOCKER_SHORT, "docker call timeout"))
         .map(|o| o.stdout)
         .map_err(|e| e.to_string())

@@ -117,3 +117,58 @@ mod tests {
         assert!(m["disk_total_bytes"].as_u64().unwrap() > 0);
     }
 }
+
+/// `POST /api/agent/container-statuses` for the deploy role, as the Go agent sends it every
+/// 30 s: restart count, OOM flag and (today's server) the current host port, which re-routes
+/// Traefik after a Docker restart gave an app a new ephemeral port. Containers set aside
+/// during a replacement are skipped; containers of the Go agent (no labels) count by name.
+pub fn container_statuses(cfg: &crate::config::Config) -> Vec<Value> {
+    use crate::deployer::{docker_out, parse_host_port};
+    let format = "{{.Names}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.expose_port\"}}";
+    let Ok(list) = docker_out(cfg, &["ps", "--filter", "name=muvee-", "--format", format]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in list.lines() {
+        let mut f = line.split('\t');
+        let (name, label, port) = (
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+            f.next().unwrap_or(""),
+        );
+        let prefix = if label.is_empty() {
+            name.strip_prefix("muvee-").unwrap_or("")
+        } else {
+            label
+        };
+        if prefix.is_empty() || name != format!("muvee-{prefix}") {
+            continue;
+        }
+        let state = docker_out(
+            cfg,
+            &[
+                "inspect",
+                "--format",
+                "{{.RestartCount}} {{.State.OOMKilled}}",
+                name,
+            ],
+        )
+        .unwrap_or_default();
+        let mut s = state.split_whitespace();
+        let restart_count: u64 = s.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let oom_killed = s.next() == Some("true");
+        let mut status = json!({"domain_prefix": prefix, "restart_count": restart_count, "oom_killed": oom_killed});
+        let mut args = vec!["port", name];
+        if !port.is_empty() {
+            args.push(port);
+        }
+        if let Some((host_port, _)) = docker_out(cfg, &args)
+            .ok()
+            .and_then(|o| parse_host_port(&o))
+        {
+            status["host_port"] = json!(host_port);
+        }
+        out.push(status);
+    }
+    out
+}

@@ -947,3 +947,77 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
         "builds never overlap"
     );
 }
+
+#[test]
+fn deploy_node_reports_container_statuses_with_host_port() {
+    if !util::require_docker("deploy_node_reports_container_statuses") {
+        return;
+    }
+    let docker = util::docker_cli();
+    let prefix = format!("status-it-{}", std::process::id());
+    let name = format!("muvee-{prefix}");
+    let aside = format!("{name}-old-0123456789ab");
+    let rm = || {
+        let _ = Command::new(&docker)
+            .args(["rm", "-f", &name, &aside])
+            .output();
+    };
+    rm();
+    for n in [&name, &aside] {
+        util::sh(Command::new(&docker).args([
+            "run",
+            "-d",
+            "--name",
+            n,
+            "-p",
+            "0:8080",
+            "--label",
+            &format!("muvee.domain_prefix={prefix}"),
+            "--label",
+            "muvee.expose_port=8080",
+            &util::base_image(),
+            "sleep",
+            "300",
+        ]));
+    }
+    let port = util::sh(Command::new(&docker).args(["port", &name, "8080"]));
+    let port: u64 = port
+        .lines()
+        .find_map(|l| l.strip_prefix("0.0.0.0:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("agent-statuses");
+    let _agent = Agent::start(
+        &cp,
+        "deploy",
+        &dir,
+        &[
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("HEARTBEAT_INTERVAL", "1s"),
+        ],
+    );
+    let mine = |cp: &FakeCp| -> Vec<Value> {
+        cp.posted("/api/agent/container-statuses")
+            .iter()
+            .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            .filter(|s| s["domain_prefix"] == prefix.as_str())
+            .collect()
+    };
+    cp.wait_for("a container status", Duration::from_secs(30), |cp| {
+        !mine(cp).is_empty()
+    });
+    rm();
+    let statuses = mine(&cp);
+    assert_eq!(
+        statuses[0],
+        json!({"domain_prefix": prefix, "restart_count": 0, "oom_killed": false, "host_port": port})
+    );
+    assert!(
+        statuses.iter().all(|s| s["host_port"] == port),
+        "the aside container is not reported: {statuses:?}"
+    );
+}
