@@ -93,31 +93,6 @@ pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Val
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_have_the_go_agent_keys_and_real_values() {
-        let mut cpu = CpuSampler::default();
-        let m = node_metrics("n1", Path::new("/"), &mut cpu);
-        for k in [
-            "cpu_percent",
-            "mem_total_bytes",
-            "mem_used_bytes",
-            "disk_total_bytes",
-            "disk_used_bytes",
-            "load1",
-            "load5",
-            "load15",
-        ] {
-            assert!(m.get(k).is_some(), "{k} missing in {m}");
-        }
-        assert!(m["mem_total_bytes"].as_u64().unwrap() > 0);
-        assert!(m["disk_total_bytes"].as_u64().unwrap() > 0);
-    }
-}
-
 /// `POST /api/agent/container-statuses` for the deploy role, as the Go agent sends it every
 /// 30 s: restart count, OOM flag and (today's server) the current host port, which re-routes
 /// Traefik after a Docker restart gave an app a new ephemeral port. Containers set aside
@@ -171,4 +146,29 @@ pub fn container_statuses(cfg: &crate::config::Config) -> Vec<Value> {
         out.push(status);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_have_the_go_agent_keys_and_real_values() {
+        let mut cpu = CpuSampler::default();
+        let m = node_metrics("n1", Path::new("/"), &mut cpu);
+        for k in [
+            "cpu_percent",
+            "mem_total_bytes",
+            "mem_used_bytes",
+            "disk_total_bytes",
+            "disk_used_bytes",
+            "load1",
+            "load5",
+            "load15",
+        ] {
+            assert!(m.get(k).is_some(), "{k} missing in {m}");
+        }
+        assert!(m["mem_total_bytes"].as_u64().unwrap() > 0);
+        assert!(m["disk_total_bytes"].as_u64().unwrap() > 0);
+    }
 }
