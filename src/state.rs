@@ -293,6 +293,7 @@ mod tests {
         j.finish("t1").unwrap();
         assert!(j.interrupted().is_empty());
         assert!(!j.claim(&t).unwrap());
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -317,6 +318,7 @@ mod tests {
             ]
         );
         assert!(ob.has_final("a") && !ob.has_final("b"));
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

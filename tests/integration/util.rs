@@ -13,9 +13,28 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_muvee-agent"))
 }
 
+/// Removes the temp dirs of earlier test runs (their pid is gone), so /tmp does not grow.
+fn sweep_old_temp_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("muvee-agent-it-") else {
+            continue;
+        };
+        let pid = rest.rsplit('-').nth(1).unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A fresh, unique directory under the system temp dir.
 pub fn temp_dir(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_old_temp_dirs);
     let d = std::env::temp_dir().join(format!(
         "muvee-agent-it-{name}-{}-{}",
         std::process::id(),
