@@ -5,7 +5,7 @@ use crate::client::{Backoff, Client, CpError};
 use crate::config::{Config, ConfigError, Role};
 use crate::executor::{self, Cmd};
 use crate::logship::LogShipper;
-use crate::state::{valid_task_id, Journal, Outbox};
+use crate::state::{valid_id, Journal, Outbox};
 use crate::tasks::{self, Ctx, Shared};
 use crate::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
 use crate::{datasets, metrics, redact, signal};
@@ -275,7 +275,7 @@ impl Agent {
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
-        if !valid_task_id(&id) {
+        if !valid_id(&id) {
             log::error!("ignoring a task with an invalid ID {id:?}");
             return;
         }

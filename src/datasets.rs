@@ -46,8 +46,17 @@ pub fn mounts_dir(data_dir: &Path, deployment_id: &str) -> PathBuf {
 }
 
 /// Bytes used by cached dataset versions (reported as `used_storage_bytes`).
+/// Remembered between changes: walking a large cache on every heartbeat would be real I/O.
+/// Syncs forget it; eviction, which walks the cache anyway, records the new total.
 pub fn cache_bytes(data_dir: &Path) -> u64 {
-    dir_bytes(&objects_dir(data_dir))
+    let mut total = CACHE_TOTAL.lock().unwrap_or_else(|e| e.into_inner());
+    *total.get_or_insert_with(|| dir_bytes(&objects_dir(data_dir)))
+}
+
+static CACHE_TOTAL: Mutex<Option<u64>> = Mutex::new(None);
+
+fn set_cache_total(total: Option<u64>) {
+    *CACHE_TOTAL.lock().unwrap_or_else(|e| e.into_inner()) = total;
 }
 
 pub fn dir_bytes(p: &Path) -> u64 {
@@ -64,7 +73,7 @@ pub fn dir_bytes(p: &Path) -> u64 {
 
 /// Removes a retired deployment's mount dir (symlinks only; the cache stays).
 pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), String> {
-    if !crate::state::valid_task_id(deployment_id) {
+    if !crate::state::valid_id(deployment_id) {
         return Err(format!("deployment id {deployment_id:?} is not a valid id"));
     }
     let dir = mounts_dir(data_dir, deployment_id);
@@ -305,6 +314,7 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, String> {
             return Err(e);
         }
         touch(target);
+        set_cache_total(None);
         ctx.say(&format!(
             "Dataset {}: cached {} bytes",
             d.name,
@@ -339,6 +349,7 @@ pub fn evict(cfg: &Config, say: &dyn Fn(&str)) -> Result<(), String> {
     };
     let root = objects_dir(&data_dir);
     let mut total = dir_bytes(&root);
+    set_cache_total(Some(total));
     if total <= cfg.max_storage {
         return Ok(());
     }
@@ -375,6 +386,7 @@ pub fn evict(cfg: &Config, say: &dyn Fn(&str)) -> Result<(), String> {
             let _ = std::fs::remove_dir(parent); // only succeeds when empty
         }
     }
+    set_cache_total(Some(total));
     if total > cfg.max_storage {
         say(&format!(
             "Dataset cache: {total} bytes is over MAX_STORAGE ({}), but the rest is in use",

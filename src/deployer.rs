@@ -87,7 +87,7 @@ fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, String> {
         "" => ctx.task.deployment_id.as_str(),
         d => d,
     };
-    if !crate::state::valid_task_id(deployment_id) {
+    if !crate::state::valid_id(deployment_id) {
         return Err(format!(
             "payload field `deployment_id`: {deployment_id:?} is not a valid id"
         ));
@@ -117,7 +117,7 @@ fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, String> {
     let base = ctx.cp.volume_nfs_base_path.trim();
     let workspace = if !mount_path.is_empty() && !base.is_empty() {
         let project = p.required("project_id")?;
-        if !crate::state::valid_task_id(project) {
+        if !crate::state::valid_id(project) {
             return Err(format!(
                 "payload field `project_id`: {project:?} is not a valid id"
             ));

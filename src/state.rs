@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Task IDs become file names: allow only what a UUID (or a test's ID) contains.
-pub fn valid_task_id(id: &str) -> bool {
+/// Task, deployment and project IDs become file names: allow only what a UUID (or a test's ID) contains.
+pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id
@@ -323,8 +323,8 @@ mod tests {
 
     #[test]
     fn task_ids_are_checked_before_becoming_paths() {
-        assert!(valid_task_id("9b2e7c40-1d7a-4f0e-8c55-6a0f3e2d9b10"));
-        assert!(!valid_task_id("../../etc/passwd"));
-        assert!(!valid_task_id(""));
+        assert!(valid_id("9b2e7c40-1d7a-4f0e-8c55-6a0f3e2d9b10"));
+        assert!(!valid_id("../../etc/passwd"));
+        assert!(!valid_id(""));
     }
 }
