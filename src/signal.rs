@@ -42,6 +42,10 @@ pub fn force_cancel() {
 
 /// Sends `sig` to a whole process group.
 pub fn kill_group(pgid: u32, sig: libc::c_int) {
+    // kill(0) would hit our own group and kill(-1) every process we may signal.
+    if pgid <= 1 || pgid > libc::pid_t::MAX as u32 {
+        return;
+    }
     // SAFETY: plain syscall; a negative pid addresses the group.
     unsafe {
         libc::kill(-(pgid as libc::pid_t), sig);

@@ -99,11 +99,8 @@ impl Agent {
             .collect()
     }
 
-    pub fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
+    pub fn signal(&self, sig: i32) {
+        util::signal(self.child.id() as i32, sig);
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
@@ -131,11 +128,9 @@ impl Drop for Agent {
         {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let ours = String::from_utf8_lossy(&cmdline).contains(shim.to_str().unwrap());
-            if ours && pid.parse::<u32>().is_ok_and(|p| p > 1) {
-                let _ = Command::new("kill")
-                    .args(["-9", &format!("-{pid}")])
-                    .stderr(Stdio::null())
-                    .status();
+            match pid.parse::<i32>() {
+                Ok(p) if ours && p > 1 => util::signal(-p, libc::SIGKILL),
+                _ => {}
             }
         }
     }
@@ -394,7 +389,7 @@ fn sigterm_lets_the_running_task_finish() {
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
     });
-    agent.signal("-TERM");
+    agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(30))
         .expect("agent exits after the task");
@@ -420,9 +415,9 @@ fn second_sigterm_cancels_and_leaves_no_child() {
         statuses(cp, &task) == ["running"]
     });
     std::thread::sleep(Duration::from_millis(300));
-    agent.signal("-TERM");
+    agent.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
-    agent.signal("-TERM");
+    agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(30))
         .expect("agent exits after cancel");
@@ -458,17 +453,28 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
         statuses(cp, &a) == ["running"]
     });
     cp.go_down();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent
-        .calls()
-        .iter()
-        .any(|c| *c == "docker rm -f muvee-queued")
-        && Instant::now() < deadline
-    {
+    // Wait until A's final report is persisted in the outbox (the server is down, so it
+    // cannot have been delivered), then kill.
+    let outbox = dir.join("data/state/outbox");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let a_final_queued = || {
+        std::fs::read_dir(&outbox)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let body = std::fs::read_to_string(e.path()).unwrap_or_default();
+                body.contains(&a) && body.contains("completed")
+            })
+    };
+    while !a_final_queued() {
+        assert!(
+            Instant::now() < deadline,
+            "A's final report never reached the outbox"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(2));
-    agent.signal("-KILL");
+    agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
     cp.come_up();
@@ -490,7 +496,7 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
         statuses(cp, &b) == ["running"]
     });
     std::thread::sleep(Duration::from_millis(500));
-    agent.signal("-KILL");
+    agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
     let b_calls = |a: &Agent| {
@@ -749,7 +755,7 @@ fn works_as_pid_1() {
             .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
         "{ns_pid}"
     );
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    util::signal(pid.parse().unwrap(), libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(30))
         .expect("PID 1 agent exits on SIGTERM");

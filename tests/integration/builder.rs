@@ -1031,10 +1031,7 @@ fn cancel_mid_build_kills_docker_build_and_cleans_up() {
     }
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
+        util::signal(child.id() as i32, libc::SIGTERM);
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = child.wait_with_output().unwrap();

@@ -560,7 +560,7 @@ fn fake_cp_faults() {
     let t = cp.add_task(&node, "deploy", "", json!({}));
     cp.inject(
         "/api/agent/tasks/",
-        Fault::Hang(Duration::from_millis(800)),
+        Fault::Hang(Duration::from_millis(2500)),
         1,
     );
     let url = format!("{}/api/agent/tasks/{t}/complete", cp.url());
@@ -569,9 +569,9 @@ fn fake_cp_faults() {
         .post(&url)
         .header("X-Agent-Secret", SECRET)
         .send(r#"{"status":"running"}"#);
-    assert!(res.is_err() && start.elapsed() < Duration::from_millis(700));
+    assert!(res.is_err() && start.elapsed() < Duration::from_millis(2000));
     assert_eq!(cp.task_status(&t), "pending");
-    cp.wait_for("hung completion", Duration::from_secs(3), |cp| {
+    cp.wait_for("hung completion", Duration::from_secs(10), |cp| {
         cp.task_status(&t) == "running"
     });
     // wait_for panics with a dump of recent requests.

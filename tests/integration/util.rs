@@ -237,6 +237,17 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     )
 }
 
+/// Sends `sig` to `pid` (negative: a process group) through libc, never through the `kill`
+/// binary: procps-ng 4.0.2 parses `kill -9 -1234` as `kill(-1, SIGKILL)` and takes down every
+/// process on the machine. A pid of 0 or -1 is refused for the same reason.
+pub fn signal(pid: i32, sig: i32) {
+    assert!(pid != 0 && pid != -1, "refusing to signal pid {pid}");
+    // SAFETY: plain syscall with integer arguments.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
 /// Makes this test process the reaper of orphans (shims left by a killed agent), so they are
 /// never reparented to the machine's PID 1.
 pub fn become_subreaper() {
