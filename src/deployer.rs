@@ -400,10 +400,15 @@ fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, String> {
             if let Some(o) = &old {
                 let back = rename(cfg, &o.name, &name).and_then(|()| {
                     if stopped {
-                        docker_out(cfg, &["start", &name]).map(drop)
-                    } else {
-                        Ok(())
+                        docker_out(cfg, &["start", &name])?;
+                        // Report only once the restored app serves again (best effort).
+                        let until = Instant::now() + cfg.deploy_health_timeout;
+                        let port = s.fixed_port.unwrap_or_default();
+                        while !http_answers(port, true) && Instant::now() < until {
+                            std::thread::sleep(PROBE_EVERY);
+                        }
                     }
+                    Ok(())
                 });
                 match back {
                     Ok(()) if o.running => msg.push_str("; the previous container keeps serving"),

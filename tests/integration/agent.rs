@@ -164,7 +164,20 @@ fn wait_final(cp: &FakeCp, task: &str, secs: u64) -> Value {
                 .any(|s| s == "completed" || s == "failed")
         },
     );
-    cp.completions(task).last().cloned().unwrap()
+    // A hung `running` report may be recorded after the final one.
+    cp.completions(task)
+        .into_iter()
+        .rfind(|c| c["status"] == "completed" || c["status"] == "failed")
+        .unwrap()
+}
+
+/// Polls `cond` every 50 ms for up to `secs`, panicking with `what` on timeout.
+fn poll(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn alive(pid: &str) -> bool {
@@ -314,12 +327,11 @@ fn periodic_reregistration_keeps_march_node_alive() {
     let cp = FakeCp::start(Version::March, SECRET);
     let dir = temp_dir("agent-heartbeat");
     let _agent = Agent::start(&cp, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
-    cp.wait_for("three registrations", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 3
-    });
-    assert!(
-        cp.requests_to("/api/agent/config").len() >= 3,
-        "config is re-read on every heartbeat"
+    // Each heartbeat registers, then re-reads the config.
+    cp.wait_for(
+        "three registrations, each with a config refresh",
+        Duration::from_secs(20),
+        |cp| cp.register_count() >= 3 && cp.requests_to("/api/agent/config").len() >= 3,
     );
     assert_eq!(
         cp.nodes().len(),
@@ -409,14 +421,19 @@ fn sigterm_lets_the_running_task_finish() {
 fn second_sigterm_cancels_and_leaves_no_child() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-cancel");
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "61.5")]);
+    // A duration unique to this run, so pgrep cannot see another run's sleeps.
+    let marker = format!("61.{}", std::process::id());
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", &marker)]);
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "cancel"}));
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
     });
-    std::thread::sleep(Duration::from_millis(300));
+    poll("the docker shim", 20, || dir.join("pids").exists());
     agent.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    // Two signals in quick succession could merge; the second must come after the first.
+    poll("the drain log line", 20, || {
+        agent.log().contains("shutting down: waiting")
+    });
     agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(30))
@@ -432,7 +449,7 @@ fn second_sigterm_cancels_and_leaves_no_child() {
         assert!(!alive(pid), "shim {pid} survived");
     }
     let sleeps = Command::new("pgrep")
-        .args(["-f", "sleep 61.5"])
+        .args(["-f", &format!("sleep {marker}")])
         .output()
         .unwrap();
     assert!(
@@ -447,7 +464,7 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-kill9");
     // Task A finishes while the server is down: its report waits in the outbox.
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "1")]);
+    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "5")]);
     let a = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "queued"}));
     cp.wait_for("running report of A", Duration::from_secs(20), |cp| {
         statuses(cp, &a) == ["running"]
@@ -456,24 +473,18 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     // Wait until A's final report is persisted in the outbox (the server is down, so it
     // cannot have been delivered), then kill.
     let outbox = dir.join("data/state/outbox");
-    let deadline = Instant::now() + Duration::from_secs(30);
     let a_final_queued = || {
         std::fs::read_dir(&outbox)
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
             .any(|e| {
                 let body = std::fs::read_to_string(e.path()).unwrap_or_default();
                 body.contains(&a) && body.contains("completed")
             })
     };
-    while !a_final_queued() {
-        assert!(
-            Instant::now() < deadline,
-            "A's final report never reached the outbox"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll("A's final report in the outbox", 30, a_final_queued);
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
@@ -495,7 +506,12 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     cp.wait_for("running report of B", Duration::from_secs(20), |cp| {
         statuses(cp, &b) == ["running"]
     });
-    std::thread::sleep(Duration::from_millis(500));
+    poll("B's docker call", 20, || {
+        agent
+            .calls()
+            .iter()
+            .any(|c| c.contains("muvee-interrupted"))
+    });
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
@@ -873,7 +889,8 @@ fn log_overflow_leaves_a_marker_and_does_not_block_the_task() {
     let cp = FakeCp::start(Version::Today, SECRET);
     cp.set_config("registry_addr", "127.0.0.1:5000");
     // The first log request hangs while the build prints far more than the 4 MiB buffer.
-    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(8)), 1);
+    // 15 s: long enough for a loaded machine to print 4 MiB, shorter than the client's 20 s timeout.
+    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(15)), 1);
     let dep = "c0ffee00-1234-4abc-9def-0000000000ff";
     let dir = temp_dir("agent-logs-overflow");
     let agent = Agent::start(
@@ -908,7 +925,7 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
     cp.set_config("registry_addr", "127.0.0.1:5000");
     let dir = temp_dir("agent-build-slots");
     let env = [
-        ("FAKE_GIT_SLEEP", "2"),
+        ("FAKE_GIT_SLEEP", "8"),
         ("FAKE_GIT_EXIT", "128"),
         ("BUILDER_MAX_CONCURRENT", "1"),
     ];
@@ -922,7 +939,7 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
     };
     let a = cp.add_task_for_role("builder", "build", "", payload(1));
     let b = cp.add_task_for_role("builder", "build", "", payload(2));
-    cp.wait_for("both running", Duration::from_secs(10), |cp| {
+    cp.wait_for("both running", Duration::from_secs(20), |cp| {
         statuses(cp, &a) == ["running"] && statuses(cp, &b) == ["running"]
     });
     // Both are running while only one clone has started.
