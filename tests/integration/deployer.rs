@@ -384,7 +384,8 @@ fn failed_redeploys_keep_the_old_container_serving() {
     images();
     let mut app = App::new("itd-fail");
     let (port, _) = app.deploy_ok(&app.payload("dep-f1", APP, "stable"));
-    let id = || docker_ok(&["inspect", "--format", "{{.Id}}", &app.container()]);
+    let name = app.container();
+    let id = || docker_ok(&["inspect", "--format", "{{.Id}}", &name]);
     let id1 = id();
 
     // A process that exits at once: failed with its logs, old one untouched.
