@@ -171,15 +171,6 @@ fn wait_final(cp: &FakeCp, task: &str, secs: u64) -> Value {
         .unwrap()
 }
 
-/// Polls `cond` every 50 ms for up to `secs`, panicking with `what` on timeout.
-fn poll(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn alive(pid: &str) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -428,12 +419,16 @@ fn second_sigterm_cancels_and_leaves_no_child() {
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
     });
-    poll("the docker shim", 20, || dir.join("pids").exists());
+    assert!(
+        util::poll(20, || dir.join("pids").exists()),
+        "timed out waiting for the docker shim"
+    );
     agent.signal(libc::SIGTERM);
     // Two signals in quick succession could merge; the second must come after the first.
-    poll("the drain log line", 20, || {
-        agent.log().contains("shutting down: waiting")
-    });
+    assert!(
+        util::poll(20, || { agent.log().contains("shutting down: waiting") }),
+        "timed out waiting for the drain log line"
+    );
     agent.signal(libc::SIGTERM);
     let status = agent
         .wait_exit(Duration::from_secs(30))
@@ -484,7 +479,10 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
                 body.contains(&a) && body.contains("completed")
             })
     };
-    poll("A's final report in the outbox", 30, a_final_queued);
+    assert!(
+        util::poll(30, a_final_queued),
+        "timed out waiting for A's final report in the outbox"
+    );
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
@@ -506,12 +504,15 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     cp.wait_for("running report of B", Duration::from_secs(20), |cp| {
         statuses(cp, &b) == ["running"]
     });
-    poll("B's docker call", 20, || {
-        agent
-            .calls()
-            .iter()
-            .any(|c| c.contains("muvee-interrupted"))
-    });
+    assert!(
+        util::poll(20, || {
+            agent
+                .calls()
+                .iter()
+                .any(|c| c.contains("muvee-interrupted"))
+        }),
+        "timed out waiting for B's docker call"
+    );
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
@@ -835,17 +836,11 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
             .filter(|c| c.starts_with("docker login"))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while logins(&agent) < 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    util::poll(20, || logins(&agent) >= 1);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(logins(&agent), 1, "unchanged credentials: one login");
     cp.set_config("registry_password", "rotated-password-2");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while logins(&agent) < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    util::poll(20, || logins(&agent) >= 2);
     assert_eq!(logins(&agent), 2, "rotated password: a new login");
     let calls = agent.calls().join("\n");
     assert!(
@@ -866,10 +861,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
         &dir,
         &[("HEARTBEAT_INTERVAL", "500ms"), ("FAKE_DOCKER_EXIT", "1")],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while logins(&agent) < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    util::poll(20, || logins(&agent) >= 3);
     assert!(logins(&agent) >= 3, "login retried");
     assert!(
         agent

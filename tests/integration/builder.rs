@@ -270,26 +270,48 @@ fn assert_pushed_and_runs(run: &Run, file: &str, expected: &str) {
 
 /// A temp dir with the chosen shims from tests/fixtures/builder-shim, and a PATH that puts
 /// it first.
-fn shim_path(names: &[&str]) -> (PathBuf, String) {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builder-shim");
-    let dir = temp_dir("shims");
-    for n in names {
-        std::os::unix::fs::symlink(fixtures.join(n), dir.join(n)).unwrap();
-    }
-    let path = format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    (dir, path)
+/// PATH shims from tests/fixtures/builder-shim that record each call in `log`.
+struct Shims {
+    path: String,
+    log: String,
 }
 
-fn shim_log(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("calls.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+impl Shims {
+    fn new(names: &[&str]) -> Shims {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/builder-shim");
+        let dir = temp_dir("shims");
+        for n in names {
+            std::os::unix::fs::symlink(fixtures.join(n), dir.join(n)).unwrap();
+        }
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = dir.join("calls.log").display().to_string();
+        Shims { path, log }
+    }
+
+    /// The environment that puts the shims in front of the real tools.
+    fn env(&self) -> [(&str, &str); 3] {
+        [
+            ("PATH", &self.path),
+            ("DOCKER_CLI", "docker"),
+            ("SHIM_LOG", &self.log),
+        ]
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn clear(&self) {
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 /// A bare repo with one Dockerfile under a fresh dir; returns (bare path, HEAD sha).
@@ -414,20 +436,11 @@ fn wrong_token_fails_at_git_clone_without_leaking_it() {
         &[],
     );
     let server = GitHttp::start(&root, "builder", "right-token-1234");
-    let (shims, path) = shim_path(&["docker"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker"]);
     let mut p = payload(&format!("{}/app.git", server.url()), "main", &new_uuid());
     p["git_username"] = json!("builder");
     p["git_token"] = json!("wrong-token-5678");
-    let run = run_build(
-        &p,
-        &[
-            ("PATH", &path),
-            ("DOCKER_CLI", "docker"),
-            ("SHIM_LOG", &log),
-        ],
-        false,
-    );
+    let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
         run.result().starts_with("git clone exited 128"),
@@ -588,15 +601,10 @@ fn failing_dockerfile_names_docker_build_and_the_run_error() {
 #[test]
 fn wrong_branch_fails_at_git_clone() {
     let (bare, _) = repo_with("RUN true", &[]);
-    let (shims, path) = shim_path(&["docker"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker"]);
     let run = run_build(
         &payload(&file_url(&bare), "no-such-branch", &new_uuid()),
-        &[
-            ("PATH", &path),
-            ("DOCKER_CLI", "docker"),
-            ("SHIM_LOG", &log),
-        ],
+        &shims.env(),
         false,
     );
     run.assert_failed();
@@ -604,7 +612,7 @@ fn wrong_branch_fails_at_git_clone() {
     assert!(r.starts_with("git clone exited 128"), "{}", run.dump());
     assert!(r.contains("no-such-branch"), "{r}");
     assert!(
-        !shim_log(&shims).iter().any(|l| is_build_call(l)),
+        !shims.calls().iter().any(|l| is_build_call(l)),
         "no build after a failed clone"
     );
     run.assert_no_build_dirs();
@@ -612,8 +620,7 @@ fn wrong_branch_fails_at_git_clone() {
 
 #[test]
 fn invalid_payloads_are_rejected_before_any_command_runs() {
-    let (shims, path) = shim_path(&["docker", "git", "ssh"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker", "git", "ssh"]);
     let project = new_uuid();
     let ok = payload("https://git.example/a.git", "main", &project);
     let cases: Vec<(&str, Value, &str)> = vec![
@@ -650,15 +657,7 @@ fn invalid_payloads_are_rejected_before_any_command_runs() {
     for (field, value, expect) in cases {
         let mut p = ok.clone();
         p[field] = value.clone();
-        let run = run_build(
-            &p,
-            &[
-                ("PATH", &path),
-                ("DOCKER_CLI", "docker"),
-                ("SHIM_LOG", &log),
-            ],
-            false,
-        );
+        let run = run_build(&p, &shims.env(), false);
         run.assert_failed();
         assert!(
             run.result().contains(expect),
@@ -666,7 +665,7 @@ fn invalid_payloads_are_rejected_before_any_command_runs() {
             run.dump()
         );
         assert!(!run.data.join("builds").exists(), "{field}={value}");
-        assert_eq!(shim_log(&shims), Vec::<String>::new(), "{field}={value}");
+        assert_eq!(shims.calls(), Vec::<String>::new(), "{field}={value}");
     }
 }
 
@@ -679,20 +678,11 @@ fn dockerfile_symlink_leading_outside_the_clone_is_refused() {
             ("sub/link-rel", "symlink:../../../../../../etc/hostname"),
         ],
     );
-    let (shims, path) = shim_path(&["docker"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker"]);
     for df in ["link-abs", "sub/link-rel"] {
         let mut p = payload(&file_url(&bare), "main", &new_uuid());
         p["dockerfile_path"] = json!(df);
-        let run = run_build(
-            &p,
-            &[
-                ("PATH", &path),
-                ("DOCKER_CLI", "docker"),
-                ("SHIM_LOG", &log),
-            ],
-            false,
-        );
+        let run = run_build(&p, &shims.env(), false);
         run.assert_failed();
         assert!(
             run.result().contains("`dockerfile_path`")
@@ -702,7 +692,7 @@ fn dockerfile_symlink_leading_outside_the_clone_is_refused() {
         );
         run.assert_no_build_dirs();
     }
-    assert!(!shim_log(&shims).iter().any(|l| is_build_call(l)));
+    assert!(!shims.calls().iter().any(|l| is_build_call(l)));
 }
 
 /// A recorded image build (not a `build --help` probe).
@@ -736,13 +726,10 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
     let tag = format!("{}/{project}:{}", reg.addr, &head[..12]);
     let mut p = payload(&file_url(&bare), "main", &project);
     p["build_secrets"] = json!({ "api_key": "value-one-1234", "db.pass": "value-two-5678" });
-    let (shims, path) = shim_path(&["docker"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker"]);
     let mut env: Vec<(&str, &str)> = PROXY_VARS.iter().map(|v| (*v, "")).collect();
+    env.extend(shims.env());
     env.extend([
-        ("PATH", path.as_str()),
-        ("DOCKER_CLI", "docker"),
-        ("SHIM_LOG", log.as_str()),
         (
             "HTTP_PROXY",
             "http://puser:proxy-pw-9d3e@proxy.invalid:3128",
@@ -779,7 +766,7 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
     let strs = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
     for mode in ["buildx", "buildkit", "legacy"] {
-        let _ = std::fs::remove_file(&log);
+        shims.clear();
         let mut env = env.clone();
         env.push(("SHIM_MODE", mode));
         let mut p = p.clone();
@@ -789,7 +776,7 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
         let run = run_build(&p, &env, true);
         run.assert_completed();
         assert_eq!(run.tag(), tag);
-        let calls = shim_log(&shims);
+        let calls = shims.calls();
         let all = calls.join("\n");
         assert_eq!(
             calls[0],
@@ -856,15 +843,15 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
     }
 
     // BUILDER_PROXY_PASSTHROUGH=false: no --build-arg at all.
-    let _ = std::fs::remove_file(&log);
+    shims.clear();
     let mut off = env.clone();
     off.push(("BUILDER_PROXY_PASSTHROUGH", "false"));
     let run = run_build(&p, &off, true);
     run.assert_completed();
-    assert!(!shim_log(&shims).iter().any(|l| l.contains("--build-arg")));
+    assert!(!shims.calls().iter().any(|l| l.contains("--build-arg")));
 
     // The legacy builder cannot take build secrets: a clear failure, and no clone.
-    let _ = std::fs::remove_file(&log);
+    shims.clear();
     let mut legacy = env.clone();
     legacy.push(("SHIM_MODE", "legacy"));
     let run = run_build(&p, &legacy, true);
@@ -879,23 +866,14 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
 
 #[test]
 fn ssh_key_goes_to_a_private_file_with_trust_on_first_use() {
-    let (shims, path) = shim_path(&["docker", "ssh"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker", "ssh"]);
     let key_body = format!("b3BlbnNzaC1rZXktdjEAAAAAB{}", unique_hex());
     let key = format!(
         "-----BEGIN OPENSSH PRIVATE KEY-----\n{key_body}\n-----END OPENSSH PRIVATE KEY-----"
     );
     let mut p = payload("ssh://git@127.0.0.1:1/team/app.git", "main", &new_uuid());
     p["git_ssh_key"] = json!(key);
-    let run = run_build(
-        &p,
-        &[
-            ("PATH", &path),
-            ("DOCKER_CLI", "docker"),
-            ("SHIM_LOG", &log),
-        ],
-        false,
-    );
+    let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
         run.result().starts_with("git clone exited 128")
@@ -903,7 +881,7 @@ fn ssh_key_goes_to_a_private_file_with_trust_on_first_use() {
         "{}",
         run.dump()
     );
-    let calls = shim_log(&shims);
+    let calls = shims.calls();
     let ssh = calls
         .iter()
         .find(|l| l.starts_with("ssh\t"))
@@ -981,15 +959,11 @@ fn build_timeout_kills_docker_build_and_leaves_no_process_behind() {
         procs_with(&project)
     );
     // The engine stops the build container once its client is gone.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !procs_with("sleep 67").is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "still running: {:?}",
-            procs_with("sleep 67")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        util::poll(15, || procs_with("sleep 67").is_empty()),
+        "still running: {:?}",
+        procs_with("sleep 67")
+    );
     run.assert_no_build_dirs();
 }
 
@@ -1024,13 +998,12 @@ fn cancel_mid_build_kills_docker_build_and_cleans_up() {
         .unwrap()
         .write_all(input.as_bytes())
         .unwrap();
-    // Wait until `docker build -t <registry>/<project>:...` runs, then SIGTERM twice (the
-    // first drains, the second cancels running work).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while procs_with(&format!("/{project}:")).is_empty() {
-        assert!(Instant::now() < deadline, "the build never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Wait until `docker build -t <registry>/<project>:...` runs, then SIGTERM until it exits
+    // (the first signal drains, the second cancels running work).
+    assert!(
+        util::poll(60, || !procs_with(&format!("/{project}:")).is_empty()),
+        "the build never started"
+    );
     std::thread::sleep(Duration::from_millis(500));
     // Signals sent close together can merge into one, so keep signalling until it exits.
     for _ in 0..100 {
@@ -1055,11 +1028,11 @@ fn cancel_mid_build_kills_docker_build_and_cleans_up() {
         "{:?}",
         procs_with(&project)
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !procs_with("sleep 68").is_empty() {
-        assert!(Instant::now() < deadline, "{:?}", procs_with("sleep 68"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        util::poll(15, || procs_with("sleep 68").is_empty()),
+        "{:?}",
+        procs_with("sleep 68")
+    );
     let left: Vec<_> = std::fs::read_dir(data.join("builds"))
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -1077,19 +1050,14 @@ fn credentials_written_into_the_url_never_reach_argv() {
     );
     let token = format!("tok-{}", unique_hex());
     let server = GitHttp::start(&root, "builder", &token);
-    let (shims, path) = shim_path(&["docker"]);
-    let log = shims.join("calls.log").display().to_string();
+    let shims = Shims::new(&["docker"]);
     let url = server
         .url()
         .replace("http://", &format!("http://builder:{token}@"));
     let sampler = ArgvSampler::start();
     let run = run_build(
         &payload(&format!("{url}/app.git"), "main", &new_uuid()),
-        &[
-            ("PATH", &path),
-            ("DOCKER_CLI", "docker"),
-            ("SHIM_LOG", &log),
-        ],
+        &shims.env(),
         true,
     );
     let argvs = sampler.finish();
@@ -1122,10 +1090,10 @@ fn a_silent_build_step_hits_the_idle_timeout() {
         "{}",
         run.dump()
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !procs_with("sleep 69").is_empty() {
-        assert!(Instant::now() < deadline, "{:?}", procs_with("sleep 69"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        util::poll(15, || procs_with("sleep 69").is_empty()),
+        "{:?}",
+        procs_with("sleep 69")
+    );
     run.assert_no_build_dirs();
 }

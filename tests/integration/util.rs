@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_muvee-agent"))
@@ -235,6 +235,18 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default(),
     )
+}
+
+/// Polls `cond` every 50 ms for up to `secs`; false when it never held.
+pub fn poll(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// Sends `sig` to `pid` (negative: a process group) through libc, never through the `kill`
