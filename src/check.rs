@@ -1,9 +1,10 @@
 //! `muvee-agent check`: verifies this host can do its role. One line per check:
 //! `ok`, `warn` or `error`, with a fix for anything not ok. Exit 1 on any error.
 
-use crate::client::Client;
 use crate::config::{Config, Role};
-use crate::executor::{self, Cmd};
+use crate::cp::client::Client;
+use crate::sys::docker::{BuildMode, Docker};
+use crate::sys::executor::{self, Cmd, System};
 use std::time::Duration;
 
 struct Report {
@@ -52,8 +53,8 @@ pub fn run(cfg: &Config) -> u8 {
         ),
     }
     if cfg.role != Some(Role::Deploy) {
-        match crate::builder::detect_build_mode(docker) {
-            crate::builder::BuildMode::Buildx => r.ok("buildx", "docker buildx available"),
+        match Docker::new(docker, &System).detect_build_mode() {
+            BuildMode::Buildx => r.ok("buildx", "docker buildx available"),
             mode => r.warn(
                 "buildx",
                 &format!("no buildx plugin; builds use {}", mode.describe()),
@@ -107,10 +108,10 @@ pub fn run(cfg: &Config) -> u8 {
             if c.registry_user.is_empty() || c.registry_password.is_empty() {
                 r.warn("registry login", &format!("no credentials for {:?}", c.registry_addr), "set REGISTRY_USER and REGISTRY_PASSWORD on the control plane if the registry needs them");
             } else {
-                crate::redact::add(&c.registry_password);
-                match crate::agent::docker_login(docker, &c) {
+                crate::sys::redact::add(&c.registry_password);
+                match Docker::new(docker, &System).login(&c.registry_addr, &c.registry_user, &c.registry_password) {
                     Ok(()) => r.ok("registry login", &format!("logged in to {} as {}", c.registry_addr, c.registry_user)),
-                    Err(e) => r.error("registry login", &e, "check REGISTRY_* on the control plane and that this host reaches the registry"),
+                    Err(e) => r.error("registry login", &e.to_string(), "check REGISTRY_* on the control plane and that this host reaches the registry"),
                 }
             }
         }

@@ -2,23 +2,13 @@
 //! Layout: cli/config (settings) → client/wire (control plane) → agent (loop) →
 //! tasks → builder/deployer/datasets (work) → executor (every external command).
 
-mod agent;
-mod builder;
 mod check;
 mod cli;
-mod client;
 mod config;
-mod datasets;
-mod deployer;
-mod executor;
-mod logship;
-mod metrics;
-mod redact;
+mod cp;
 mod run_task;
-mod signal;
-mod state;
-mod tasks;
-mod wire;
+mod sys;
+mod work;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -30,7 +20,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(args.verbose);
-    signal::install();
+    sys::signal::install();
     let cfg = match config::Config::load(&args, &config::process_env) {
         Ok(c) => c,
         Err(e) => {
@@ -39,7 +29,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match &args.cmd {
-        None | Some(cli::Sub::Run(_)) => match agent::run(cfg) {
+        None | Some(cli::Sub::Run(_)) => match cp::agent::run(cfg) {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("{e}");
@@ -69,7 +59,7 @@ fn init_logging(verbose: bool) {
     }
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     b.format(move |buf, rec| {
-        let msg = redact::scrub(&rec.args().to_string()).into_owned();
+        let msg = sys::redact::scrub(&rec.args().to_string()).into_owned();
         if journald {
             writeln!(buf, "{:<5} {msg}", rec.level())
         } else {

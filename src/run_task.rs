@@ -4,11 +4,14 @@
 
 use crate::cli::RunTaskArgs;
 use crate::config::{process_env, Config};
-use crate::tasks::{self, Ctx, Shared};
-use crate::wire::{AgentConfig, Task};
-use crate::{agent, redact};
+use crate::cp::wire::{AgentConfig, Task};
+use crate::sys::executor::System;
+use crate::sys::redact;
+use crate::work::ctx::{Ctx, Shared};
+use crate::work::dispatch;
 use serde_json::Value;
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 pub fn run(cfg: Config, args: &RunTaskArgs) -> u8 {
     match prepare(&cfg, args) {
@@ -92,17 +95,18 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
 }
 
 fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
+    let shared = Arc::new(Shared::new(cfg, Arc::new(System)));
     if !cp.registry_user.is_empty()
         && !cp.registry_password.is_empty()
         && !cp.registry_addr.is_empty()
     {
-        if let Err(e) = agent::docker_login(&cfg.docker_cli, cp) {
+        let docker = shared.docker(cfg);
+        if let Err(e) = docker.login(&cp.registry_addr, &cp.registry_user, &cp.registry_password) {
             log::error!("docker login to {} failed: {e}", cp.registry_addr);
         }
     }
     let err = StderrLines::start();
     let out = |line: &str| err.line(line);
-    let shared = Shared::new(cfg);
     let ctx = Ctx {
         cfg,
         cp,
@@ -110,12 +114,12 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
         shared: &shared,
         out: &out,
     };
-    let completion = tasks::execute(&ctx);
+    let completion = dispatch::execute(&ctx);
     err.flush();
     let body = serde_json::to_string(&completion).unwrap_or_default();
     let _ = writeln!(std::io::stdout(), "{body}");
     // A deploy's previous container is drained and removed after the report.
-    crate::deployer::wait_retirements(None);
+    shared.retiring.wait(None);
     if completion.status == "completed" {
         0
     } else {

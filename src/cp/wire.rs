@@ -106,49 +106,77 @@ impl Completion {
     }
 }
 
-/// Typed access to a free-form payload. Errors name the field and what was wrong with it.
-pub struct Payload<'a>(&'a Map<String, Value>);
+/// A payload value that cannot be used; the message names the field and what was wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid(pub String);
 
-static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Typed access to a free-form payload (no map: a null payload, every field absent).
+/// Items of an array know their place, so errors name `datasets[0].version`.
+pub struct Payload<'a> {
+    map: Option<&'a Map<String, Value>>,
+    path: String,
+}
 
 impl<'a> Payload<'a> {
-    pub fn of(v: &'a Value) -> Result<Payload<'a>, String> {
+    pub fn of(v: &'a Value) -> Result<Payload<'a>, Invalid> {
         match v {
-            Value::Object(m) => Ok(Payload(m)),
-            Value::Null => Ok(Payload(EMPTY.get_or_init(Map::new))),
-            other => Err(format!(
+            Value::Object(m) => Ok(Payload::at(Some(m), String::new())),
+            Value::Null => Ok(Payload::at(None, String::new())),
+            other => Err(Invalid(format!(
                 "payload: expected a JSON object, got {}",
                 kind(other)
-            )),
+            ))),
         }
+    }
+
+    fn at(map: Option<&'a Map<String, Value>>, path: String) -> Payload<'a> {
+        Payload { map, path }
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.0.get(key).filter(|v| !v.is_null())
+        self.map?.get(key).filter(|v| !v.is_null())
     }
 
-    /// An optional string; absent or null → "".
-    pub fn str(&self, key: &str) -> Result<&'a str, String> {
-        match self.get(key) {
-            None => Ok(""),
-            Some(Value::String(s)) => Ok(s),
-            Some(v) => Err(format!(
-                "payload field `{key}`: expected a string, got {}",
-                kind(v)
-            )),
+    /// The field's full name: `key`, or `list[i].key` inside an array item.
+    pub fn field(&self, key: &str) -> String {
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.path)
         }
     }
 
-    pub fn required(&self, key: &str) -> Result<&'a str, String> {
+    /// An optional string; absent or null → "".
+    pub fn str(&self, key: &str) -> Result<&'a str, Invalid> {
+        let name = self.field(key);
+        match self.get(key) {
+            None => Ok(""),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(Invalid(format!(
+                "payload field `{name}`: expected a string, got {}",
+                kind(v)
+            ))),
+        }
+    }
+
+    pub fn required(&self, key: &str) -> Result<&'a str, Invalid> {
+        let name = self.field(key);
         let s = self.str(key)?;
         if s.trim().is_empty() {
-            return Err(format!("payload field `{key}` is required"));
+            return Err(Invalid(format!("payload field `{name}` is required")));
         }
         Ok(s)
     }
 
     /// A non-negative integer; Go may send it as a float (8080.0).
-    pub fn uint(&self, key: &str) -> Result<Option<u64>, String> {
+    pub fn uint(&self, key: &str) -> Result<Option<u64>, Invalid> {
+        let name = self.field(key);
         match self.get(key) {
             None => Ok(None),
             Some(Value::Number(n)) => {
@@ -157,59 +185,61 @@ impl<'a> Payload<'a> {
                 }
                 match n.as_f64() {
                     Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(Some(f as u64)),
-                    _ => Err(format!(
-                        "payload field `{key}`: expected a non-negative whole number, got {n}"
-                    )),
+                    _ => Err(Invalid(format!(
+                        "payload field `{name}`: expected a non-negative whole number, got {n}"
+                    ))),
                 }
             }
-            Some(v) => Err(format!(
-                "payload field `{key}`: expected a number, got {}",
+            Some(v) => Err(Invalid(format!(
+                "payload field `{name}`: expected a number, got {}",
                 kind(v)
-            )),
+            ))),
         }
     }
 
     /// An object of string values (env_vars, build_secrets); absent or null → empty.
-    pub fn string_map(&self, key: &str) -> Result<Vec<(String, String)>, String> {
+    pub fn string_map(&self, key: &str) -> Result<Vec<(String, String)>, Invalid> {
+        let name = self.field(key);
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(Value::Object(m)) => m
                 .iter()
                 .map(|(k, v)| match v {
                     Value::String(s) => Ok((k.clone(), s.clone())),
-                    other => Err(format!(
-                        "payload field `{key}.{k}`: expected a string, got {}",
+                    other => Err(Invalid(format!(
+                        "payload field `{name}.{k}`: expected a string, got {}",
                         kind(other)
-                    )),
+                    ))),
                 })
                 .collect(),
-            Some(v) => Err(format!(
-                "payload field `{key}`: expected an object, got {}",
+            Some(v) => Err(Invalid(format!(
+                "payload field `{name}`: expected an object, got {}",
                 kind(v)
-            )),
+            ))),
         }
     }
 
     /// An array of objects; absent or null → empty.
-    pub fn objects(&self, key: &str) -> Result<Vec<Payload<'a>>, String> {
+    pub fn objects(&self, key: &str) -> Result<Vec<Payload<'a>>, Invalid> {
+        let name = self.field(key);
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    Payload::of(v).map_err(|_| {
-                        format!(
-                            "payload field `{key}[{i}]`: expected an object, got {}",
-                            kind(v)
-                        )
-                    })
+                .map(|(i, v)| match v {
+                    Value::Object(m) => Ok(Payload::at(Some(m), format!("{name}[{i}]"))),
+                    Value::Null => Ok(Payload::at(None, format!("{name}[{i}]"))),
+                    _ => Err(Invalid(format!(
+                        "payload field `{name}[{i}]`: expected an object, got {}",
+                        kind(v)
+                    ))),
                 })
                 .collect(),
-            Some(v) => Err(format!(
-                "payload field `{key}`: expected an array, got {}",
+            Some(v) => Err(Invalid(format!(
+                "payload field `{name}`: expected an array, got {}",
                 kind(v)
-            )),
+            ))),
         }
     }
 }
@@ -254,16 +284,16 @@ mod tests {
         let v: Value = serde_json::json!({"container_port": "80", "env_vars": {"A": 1}, "n": -1.5});
         let p = Payload::of(&v).unwrap();
         assert_eq!(
-            p.uint("container_port").unwrap_err(),
+            p.uint("container_port").unwrap_err().to_string(),
             "payload field `container_port`: expected a number, got string \"80\""
         );
         assert_eq!(
-            p.string_map("env_vars").unwrap_err(),
+            p.string_map("env_vars").unwrap_err().to_string(),
             "payload field `env_vars.A`: expected a string, got number 1"
         );
-        assert!(p.uint("n").unwrap_err().contains("`n`"));
+        assert!(p.uint("n").unwrap_err().to_string().contains("`n`"));
         assert_eq!(
-            p.required("image_tag").unwrap_err(),
+            p.required("image_tag").unwrap_err().to_string(),
             "payload field `image_tag` is required"
         );
     }

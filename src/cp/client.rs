@@ -2,7 +2,7 @@
 //! connect and overall timeouts. A 2xx is only success when its body is what the route
 //! returns: an HTML page from a wrong URL is an error naming the URL and content type.
 
-use crate::wire::{AgentConfig, Node};
+use crate::cp::wire::{AgentConfig, Node};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::fmt;
@@ -135,7 +135,7 @@ impl Client {
         }
         if !(200..300).contains(&code) {
             let mut body: String = text.trim().chars().take(300).collect();
-            body = crate::redact::scrub(&body).into_owned();
+            body = crate::sys::redact::scrub(&body).into_owned();
             return Err(CpError::Status {
                 url: shown,
                 code,
@@ -188,7 +188,7 @@ impl Client {
         }
     }
 
-    /// `body` is a serialized [`crate::wire::Completion`], stored verbatim in the outbox.
+    /// `body` is a serialized [`crate::cp::wire::Completion`], stored verbatim in the outbox.
     pub fn complete(&self, task_id: &str, body: &[u8]) -> Result<(), CpError> {
         self.call(&format!("/api/agent/tasks/{task_id}/complete"), Some(body))
             .map(drop)

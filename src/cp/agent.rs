@@ -1,14 +1,17 @@
 //! The foreground agent: register, heartbeat, poll, run tasks on bounded worker threads,
 //! report through the outbox, and shut down in two stages on SIGTERM/SIGINT.
 
-use crate::client::{Backoff, Client, CpError};
 use crate::config::{Config, ConfigError, Role};
-use crate::executor::{self, Cmd};
-use crate::logship::LogShipper;
-use crate::state::{valid_id, Journal, Outbox};
-use crate::tasks::{self, Ctx, Shared};
-use crate::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
-use crate::{datasets, metrics, redact, signal};
+use crate::cp::client::{Backoff, Client, CpError};
+use crate::cp::logship::LogShipper;
+use crate::cp::metrics;
+use crate::cp::state::{valid_id, Journal, Outbox};
+use crate::cp::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
+use crate::sys::executor;
+use crate::sys::executor::System;
+use crate::sys::{redact, signal};
+use crate::work::ctx::{Ctx, Shared};
+use crate::work::dispatch;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -89,11 +92,11 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     }
     journal.prune(JOURNAL_KEEP);
 
+    let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
-        crate::builder::build_mode(&cfg.docker_cli);
+        crate::work::builder::build_mode(&shared, &cfg);
     }
-    let shared = Arc::new(Shared::new(&cfg));
     let mut agent = Agent {
         cfg: Arc::new(cfg),
         role,
@@ -111,7 +114,11 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         cpu: metrics::CpuSampler::default(),
     };
     if role == Role::Deploy {
-        spawn_status_reporter(agent.cfg.clone(), agent.client.clone());
+        spawn_status_reporter(
+            agent.cfg.clone(),
+            agent.client.clone(),
+            agent.shared.clone(),
+        );
     }
     agent.main_loop();
     agent.shut_down();
@@ -192,7 +199,7 @@ impl Agent {
             role: self.role.as_str().into(),
             host_ip: self.host_ip.clone(),
             max_storage_bytes: self.cfg.max_storage,
-            used_storage_bytes: datasets::cache_bytes(&self.cfg.data_dir),
+            used_storage_bytes: self.shared.cache.bytes(&self.cfg.data_dir),
             last_seen_at: ZERO_TIME.into(),
             created_at: ZERO_TIME.into(),
         };
@@ -251,7 +258,8 @@ impl Agent {
         if self.logged_in.as_ref() == Some(&key) {
             return;
         }
-        match docker_login(&self.cfg.docker_cli, &c) {
+        let docker = self.shared.docker(&self.cfg);
+        match docker.login(&c.registry_addr, &c.registry_user, &c.registry_password) {
             Ok(()) => {
                 log::info!(
                     "logged in to registry {} as {}",
@@ -298,7 +306,7 @@ impl Agent {
         }
         let rejection = match &parsed {
             Err(e) => Some(e.clone()),
-            Ok(t) if !self.role.serves(&t.kind) => Some(if tasks::known_type(&t.kind) {
+            Ok(t) if !self.role.serves(&t.kind) => Some(if dispatch::known_type(&t.kind) {
                 format!(
                     "task type {:?} is not run by a {} node",
                     t.kind,
@@ -384,7 +392,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        crate::deployer::wait_retirements(None);
+        self.shared.retiring.wait(None);
         if !self.outbox.wait_empty(Instant::now() + FINAL_FLUSH) {
             log::warn!("control plane unreachable: undelivered reports stay queued in {} for the next start", self.cfg.data_dir.join("state/outbox").display());
         }
@@ -433,7 +441,7 @@ impl Worker {
             shared: &self.shared,
             out: &out,
         };
-        let completion = tasks::execute(&ctx);
+        let completion = dispatch::execute(&ctx);
         // Logs first, so the deployment log is complete when the final status lands.
         if let Some(s) = shipper {
             s.close();
@@ -453,7 +461,7 @@ impl Worker {
 
 /// Container statuses every HEARTBEAT_INTERVAL, on a thread of their own: a node with many
 /// apps needs a few docker calls per app, which must not delay polling.
-fn spawn_status_reporter(cfg: Arc<Config>, client: Client) {
+fn spawn_status_reporter(cfg: Arc<Config>, client: Client, shared: Arc<Shared>) {
     let _ = std::thread::Builder::new()
         .name("statuses".into())
         .spawn(move || loop {
@@ -461,26 +469,11 @@ fn spawn_status_reporter(cfg: Arc<Config>, client: Client) {
             if signal::shutdown_requested() {
                 return;
             }
-            let statuses = metrics::container_statuses(&cfg);
+            let statuses = metrics::container_statuses(&shared.docker(&cfg));
             if !statuses.is_empty() {
                 if let Err(e) = client.post("/api/agent/container-statuses", &statuses.into()) {
                     log::debug!("container statuses not accepted: {e}");
                 }
             }
         });
-}
-
-/// `docker login ADDR -u USER --password-stdin`: the password never reaches argv.
-pub fn docker_login(docker: &str, c: &AgentConfig) -> Result<(), String> {
-    let cmd = Cmd::new(docker)
-        .args([
-            "login",
-            c.registry_addr.as_str(),
-            "-u",
-            c.registry_user.as_str(),
-            "--password-stdin",
-        ])
-        .stdin(c.registry_password.as_bytes().to_vec())
-        .timeout(Duration::from_secs(60), "docker login timeout");
-    executor::output(&cmd).map(drop).map_err(|e| e.to_string())
 }

@@ -3,7 +3,7 @@
 //! a callback and kept in a bounded tail for error messages. Every call runs in its own
 //! process group so a timeout or cancel kills the whole tree.
 
-use crate::{redact, signal};
+use crate::sys::{redact, signal};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
@@ -38,8 +38,8 @@ pub struct Cmd {
     pub args: Vec<OsString>,
     pub env: Vec<(String, String)>,
     pub stdin: Option<Vec<u8>>,
-    /// Absolute deadline for this call: (when, how long it was, the setting's name).
-    pub deadline: Option<(Instant, Duration, &'static str)>,
+    /// Absolute deadline for this call.
+    pub deadline: Option<Deadline>,
     /// Kill when no output arrives for this long.
     pub idle_timeout: Option<Duration>,
     /// Name used in messages ("docker buildx build"); defaults to program + first word.
@@ -75,9 +75,19 @@ impl Cmd {
     }
     /// A deadline shared by several calls (a whole build); `total` is for the message.
     pub fn deadline(mut self, at: Instant, total: Duration, what: &'static str) -> Cmd {
-        self.deadline = Some((at, total, what));
+        self.deadline = Some(Deadline {
+            at,
+            total,
+            setting: what,
+        });
         self
     }
+    pub fn limits(mut self, l: Limits) -> Cmd {
+        self.deadline = l.deadline.or(self.deadline);
+        self.idle_timeout = l.idle.or(self.idle_timeout);
+        self
+    }
+    #[cfg(test)]
     pub fn idle_timeout(mut self, d: Duration) -> Cmd {
         self.idle_timeout = Some(d);
         self
@@ -106,6 +116,51 @@ impl Cmd {
             s.push_str(&a.to_string_lossy());
         }
         redact::scrub(&s).into_owned()
+    }
+}
+
+/// When a call (or a group of calls, such as a whole build) must be over.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    pub at: Instant,
+    /// How long the limit was, for the message.
+    pub total: Duration,
+    /// The setting that sets it, e.g. "BUILD_TIMEOUT".
+    pub setting: &'static str,
+}
+
+impl Deadline {
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+}
+
+/// The limits of one step: an overall deadline and an idle timeout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub deadline: Option<Deadline>,
+    /// Kill when no output arrives for this long.
+    pub idle: Option<Duration>,
+}
+
+/// The seam under every external command: the real one starts processes, unit tests use
+/// a scripted one (`sys::fake`). Roles reach it through their task context.
+pub trait Runner: Send + Sync {
+    /// Runs `cmd`, calling `on_line` with every scrubbed output line.
+    fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError>;
+
+    /// Runs a short command whose lines are only captured.
+    fn output(&self, cmd: &Cmd) -> Result<Output, ExecError> {
+        self.run(cmd, &mut |_, _| {})
+    }
+}
+
+/// Real processes, through [`run`].
+pub struct System;
+
+impl Runner for System {
+    fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
+        run(cmd, on_line)
     }
 }
 
@@ -309,7 +364,7 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
             None => {
                 let ending = if signal::cancel_requested() {
                     Some(Ending::Canceled)
-                } else if cmd.deadline.is_some_and(|(at, _, _)| Instant::now() >= at) {
+                } else if cmd.deadline.is_some_and(|d| d.passed()) {
                     Some(Ending::Timeout)
                 } else if cmd.idle_timeout.is_some_and(|d| last_output.elapsed() >= d) {
                     Some(Ending::Idle)
@@ -349,11 +404,11 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
         return Err(match ending {
             Ending::Canceled => ExecError::Canceled,
             Ending::Timeout => {
-                let (_, after, what) = cmd.deadline.unwrap_or((Instant::now(), Duration::ZERO, ""));
+                let d = cmd.deadline;
                 ExecError::Timeout {
                     name,
-                    after,
-                    what,
+                    after: d.map(|d| d.total).unwrap_or_default(),
+                    what: d.map(|d| d.setting).unwrap_or(""),
                     output: out,
                 }
             }
@@ -502,7 +557,7 @@ mod tests {
 
     #[test]
     fn output_is_scrubbed_and_agent_secret_is_not_inherited() {
-        crate::redact::add("s3cr3t-value-xyz");
+        crate::sys::redact::add("s3cr3t-value-xyz");
         // Edition 2021: set_var is safe; no other test reads AGENT_SECRET.
         std::env::set_var("AGENT_SECRET", "inherited-secret");
         let cmd = sh("echo token=s3cr3t-value-xyz; echo url=https://u:p@h/x; echo \"env=${AGENT_SECRET:-unset}\"")

@@ -4,7 +4,7 @@
 //! never slows the task. Memory is bounded; overflow leaves an explicit marker. The March 2026
 //! server has no such route (404): shipping stops for that task with one info line.
 
-use crate::client::{Backoff, Client, CpError};
+use crate::cp::client::{Backoff, Client, CpError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};

@@ -1,6 +1,7 @@
 //! Node metrics for `POST /api/agent/node-metrics` (both server versions accept it), read
 //! from /proc and statvfs: CPU since the last sample, memory, DATA_DIR disk, load averages.
 
+use crate::sys::docker::Docker;
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -97,50 +98,27 @@ pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Val
 /// 30 s: restart count, OOM flag and (today's server) the current host port, which re-routes
 /// Traefik after a Docker restart gave an app a new ephemeral port. Containers set aside
 /// during a replacement are skipped; containers of the Go agent (no labels) count by name.
-pub fn container_statuses(cfg: &crate::config::Config) -> Vec<Value> {
-    use crate::deployer::{docker_out, parse_host_port};
-    let format = "{{.Names}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.expose_port\"}}";
-    let Ok(list) = docker_out(cfg, &["ps", "--filter", "name=muvee-", "--format", format]) else {
+pub fn container_statuses(docker: &Docker) -> Vec<Value> {
+    let Ok(list) = docker.ps(false, "muvee-") else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for line in list.lines() {
-        let mut f = line.split('\t');
-        let (name, label, port) = (
-            f.next().unwrap_or(""),
-            f.next().unwrap_or(""),
-            f.next().unwrap_or(""),
-        );
-        let prefix = if label.is_empty() {
-            name.strip_prefix("muvee-").unwrap_or("")
-        } else {
-            label
+    for c in list {
+        let prefix = match c.domain_prefix.as_str() {
+            "" => c.name.strip_prefix("muvee-").unwrap_or(""),
+            label => label,
         };
-        if prefix.is_empty() || name != format!("muvee-{prefix}") {
+        if prefix.is_empty() || c.name != format!("muvee-{prefix}") {
             continue;
         }
-        let state = docker_out(
-            cfg,
-            &[
-                "inspect",
-                "--format",
-                "{{.RestartCount}} {{.State.OOMKilled}}",
-                name,
-            ],
-        )
-        .unwrap_or_default();
-        let mut s = state.split_whitespace();
-        let restart_count: u64 = s.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-        let oom_killed = s.next() == Some("true");
+        let (restart_count, oom_killed) = docker
+            .state(&c.name)
+            .map(|st| (st.restarts, st.oom_killed))
+            .unwrap_or((0, false));
         let mut status = json!({"domain_prefix": prefix, "restart_count": restart_count, "oom_killed": oom_killed});
-        let mut args = vec!["port", name];
-        if !port.is_empty() {
-            args.push(port);
-        }
-        if let Some((host_port, _)) = docker_out(cfg, &args)
-            .ok()
-            .and_then(|o| parse_host_port(&o))
-        {
+        let spec = (!c.expose_port.is_empty()).then_some(c.expose_port.as_str());
+        let ports = docker.ports(&c.name, spec).unwrap_or_default();
+        if let Some((host_port, _)) = ports.iter().find(|p| p.1).or(ports.first()) {
             status["host_port"] = json!(host_port);
         }
         out.push(status);

@@ -2,8 +2,8 @@
 //! and a task interrupted by a crash is reported) and the outbox (every report is written to
 //! disk before it is sent, and retried until the control plane answers 2xx, in order).
 
-use crate::client::{Backoff, Client};
-use crate::wire::{Completion, Task};
+use crate::cp::client::{Backoff, Client};
+use crate::cp::wire::{Completion, Task};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};

@@ -6,71 +6,23 @@
 //! validated before anything runs, and the clone dir, key and secret files are removed
 //! however the build ends.
 
-use crate::executor::{self, Cmd, ExecError};
-use crate::redact;
-use crate::tasks::Ctx;
-use crate::wire::Payload;
-use std::fs::{DirBuilder, OpenOptions};
+use crate::config::Config;
+use crate::cp::wire::{Invalid, Payload};
+use crate::sys::docker::{BuildMode, BuildSpec};
+use crate::sys::executor::{Deadline, Limits};
+use crate::sys::git::Git;
+use crate::sys::redact;
+use crate::work::ctx::{Ctx, Shared};
+use crate::work::error::TaskError;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use percent_encoding::percent_decode_str;
+use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Once, OnceLock};
-use std::time::{Duration, Instant};
-
-/// How this host builds images, detected once per start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BuildMode {
-    /// `docker buildx build --push`.
-    Buildx,
-    /// `DOCKER_BUILDKIT=1 docker build` then `docker push` (CLI < 23 has BuildKit built in).
-    BuildKit,
-    /// The legacy builder then `docker push`: no build secrets.
-    Legacy,
-}
-
-impl BuildMode {
-    pub fn describe(self) -> &'static str {
-        match self {
-            BuildMode::Buildx => "docker buildx build --push",
-            BuildMode::BuildKit => "DOCKER_BUILDKIT=1 docker build + docker push",
-            BuildMode::Legacy => {
-                "the legacy builder (docker build + docker push; no build secrets)"
-            }
-        }
-    }
-}
-
-/// Probes what the CLI actually does rather than trusting its version number: a 23+ CLI
-/// without the buildx plugin answers `DOCKER_BUILDKIT=1 docker build` with "BuildKit is
-/// enabled but the buildx component is missing" (exit 1) and only has the legacy builder;
-/// a 20.10 CLI has BuildKit (and `--secret`) built in.
-pub fn detect_build_mode(docker: &str) -> BuildMode {
-    let probe =
-        |cmd: Cmd| executor::output(&cmd.timeout(Duration::from_secs(20), "docker probe timeout"));
-    if probe(Cmd::new(docker).args(["buildx", "version"])).is_ok() {
-        return BuildMode::Buildx;
-    }
-    let help = probe(
-        Cmd::new(docker)
-            .args(["build", "--help"])
-            .env("DOCKER_BUILDKIT", "1"),
-    );
-    match help {
-        Ok(o) if o.stdout.contains("--secret") => BuildMode::BuildKit,
-        _ => BuildMode::Legacy,
-    }
-}
-
-/// The build mode of this process: probed on the first build, then cached.
-pub fn build_mode(docker: &str) -> BuildMode {
-    static MODE: OnceLock<BuildMode> = OnceLock::new();
-    *MODE.get_or_init(|| {
-        let m = detect_build_mode(docker);
-        log::info!("builder: {docker} builds with {}", m.describe());
-        m
-    })
-}
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// Proxy variables handed to builds (values come from our environment, see `build_args`).
 const PROXY_VARS: &[&str] = &[
@@ -102,7 +54,7 @@ struct Job {
 
 /// Reads and validates the payload. Secrets are registered for redaction first, so even a
 /// validation message cannot carry one.
-fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job, String> {
+fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job, TaskError> {
     let p = Payload::of(payload)?;
     let user = p.str("git_username")?;
     let token = p.str("git_token")?;
@@ -119,30 +71,30 @@ fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job
         (true, true) => url_creds,
         (false, false) => Some((user.to_string(), token.to_string())),
         _ => {
-            return Err(
+            return Err(TaskError::Invalid(
                 "payload fields `git_username` and `git_token` must be given together".into(),
-            )
+            ))
         }
     };
     let auth_header = creds.map(|(u, t)| {
         redact::add(&t);
-        let basic = base64(format!("{u}:{t}").as_bytes());
+        let basic = BASE64.encode(format!("{u}:{t}"));
         redact::add(&basic);
         format!("Authorization: Basic {basic}")
     });
     let branch = p.str("git_branch")?;
     if !branch.is_empty() && !valid_ref_name(branch) {
-        return Err(format!(
+        return Err(TaskError::Invalid(format!(
             "payload field `git_branch`: {branch:?} is not a valid branch name"
-        ));
+        )));
     }
     let dockerfile = relative_dockerfile(p.str("dockerfile_path")?)?;
     p.required("deployment_id")?;
     let project = p.required("project_id")?;
     if !is_uuid(project) {
-        return Err(format!(
+        return Err(TaskError::Invalid(format!(
             "payload field `project_id`: {project:?} is not a UUID"
-        ));
+        )));
     }
     for (id, _) in &secrets {
         let ok = !id.is_empty()
@@ -151,9 +103,9 @@ fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
         if !ok {
-            return Err(format!(
+            return Err(TaskError::Invalid(format!(
                 "payload field `build_secrets`: secret id {id:?} may only use A-Z a-z 0-9 _ - ."
-            ));
+            )));
         }
     }
     Ok(Job {
@@ -170,8 +122,8 @@ fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job
 /// Allowed: http(s), ssh, git and file URLs, scp-style `[user@]host:path`, and `/path` for a
 /// repo hosted by the control plane. Anything else (`-opt`, `ext::cmd`, bare local paths) is
 /// refused: git would treat it as an option or run a transport helper.
-fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, String> {
-    let bad = |why: &str| Err(format!("payload field `git_url`: {raw:?} {why}"));
+fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, Invalid> {
+    let bad = |why: &str| Err(Invalid(format!("payload field `git_url`: {raw:?} {why}")));
     if raw.starts_with('-') {
         return bad("must not start with '-'");
     }
@@ -219,45 +171,29 @@ fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, String> {
 
 /// `http(s)://user:pass@host/x` → (`http(s)://host/x`, (user, pass) percent-decoded).
 fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_string(), None);
+    let unchanged = (url.to_string(), None);
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return unchanged;
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((info, host)) if matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") => {
-            let (u, p) = info.split_once(':').unwrap_or((info, ""));
-            let (u, p) = (percent_decode(u), percent_decode(p));
-            if u.is_empty() || p.is_empty() {
-                // A bare user name is no secret; leave such a URL alone.
-                return (url.to_string(), None);
-            }
-            (format!("{scheme}://{host}{path}"), Some((u, p)))
-        }
-        _ => (url.to_string(), None),
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return unchanged;
+    };
+    let Some((info, host)) = authority.as_str().rsplit_once('@') else {
+        return unchanged;
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return unchanged;
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let (u, p) = info.split_once(':').unwrap_or((info, ""));
+    let (u, p) = (decode(u), decode(p));
+    if u.is_empty() || p.is_empty() {
+        // A bare user name is no secret; leave such a URL alone.
+        return unchanged;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    let path = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let path = if url.ends_with(path) { path } else { "" };
+    (format!("{scheme}://{host}{path}"), Some((u, p)))
 }
 
 /// `git check-ref-format` rules, plus: must not start with '-'.
@@ -279,7 +215,7 @@ fn valid_ref_name(b: &str) -> bool {
 }
 
 /// `dockerfile_path` must be relative with no `..`; empty means `Dockerfile`.
-fn relative_dockerfile(s: &str) -> Result<PathBuf, String> {
+fn relative_dockerfile(s: &str) -> Result<PathBuf, Invalid> {
     if s.is_empty() {
         return Ok(PathBuf::from("Dockerfile"));
     }
@@ -289,29 +225,26 @@ fn relative_dockerfile(s: &str) -> Result<PathBuf, String> {
             .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
         && p.components().any(|c| matches!(c, Component::Normal(_)));
     if !ok {
-        return Err(format!(
+        return Err(Invalid(format!(
             "payload field `dockerfile_path`: {s:?} must be a relative path inside the repository (no `..`)"
-        ));
+        )));
     }
     Ok(p.to_path_buf())
 }
 
 /// After the clone: the Dockerfile must be a file inside it, also after following symlinks.
-fn dockerfile_in(src: &Path, rel: &Path) -> Result<PathBuf, String> {
+fn dockerfile_in(src: &Path, rel: &Path) -> Result<PathBuf, TaskError> {
     let shown = rel.display();
-    let root = std::fs::canonicalize(src).map_err(|e| format!("clone dir: {e}"))?;
-    let full = std::fs::canonicalize(src.join(rel)).map_err(|_| {
-        format!("payload field `dockerfile_path`: {shown} does not exist in the repository")
-    })?;
+    let bad =
+        |why: &str| TaskError::Invalid(format!("payload field `dockerfile_path`: {shown} {why}"));
+    let root = std::fs::canonicalize(src).map_err(TaskError::io("clone dir"))?;
+    let full = std::fs::canonicalize(src.join(rel))
+        .map_err(|_| bad("does not exist in the repository"))?;
     if !full.starts_with(&root) {
-        return Err(format!(
-            "payload field `dockerfile_path`: {shown} leads outside the repository"
-        ));
+        return Err(bad("leads outside the repository"));
     }
     if !full.is_file() {
-        return Err(format!(
-            "payload field `dockerfile_path`: {shown} is not a file"
-        ));
+        return Err(bad("is not a file"));
     }
     Ok(full)
 }
@@ -322,28 +255,6 @@ fn is_uuid(s: &str) -> bool {
             8 | 13 | 18 | 23 => b == b'-',
             _ => b.is_ascii_hexdigit(),
         })
-}
-
-/// Standard padded base64 (no dependency for one header).
-fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Shell-quotes one word for GIT_SSH_COMMAND (git runs it through `sh -c`).
@@ -368,57 +279,36 @@ fn registry_host(addr: &str) -> &str {
         .trim_end_matches('/')
 }
 
-/// `sha256:<64 hex>` from a push line: `docker push` prints `<tag>: digest: sha256:… size: N`,
-/// buildx `pushing manifest for <tag>@sha256:…`.
-fn pushed_digest(line: &str) -> Option<String> {
-    if !line.contains("digest: ") && !line.contains("pushing manifest for") {
-        return None;
-    }
-    let i = line.find("sha256:")?;
-    let hex = line.get(i + 7..i + 7 + 64)?;
-    hex.bytes()
-        .all(|b| b.is_ascii_hexdigit())
-        .then(|| format!("sha256:{hex}"))
-}
-
 /// A private per-build directory under DATA_DIR/builds (0700): the clone, the SSH key and
 /// the secret files. Removed on drop, so success, failure, timeout and cancel all clean up.
 struct BuildDir(PathBuf);
 
 impl BuildDir {
-    fn create(data_dir: &Path, project: &str) -> Result<BuildDir, String> {
-        static N: AtomicUsize = AtomicUsize::new(0);
+    fn create(data_dir: &Path, project: &str, seq: usize) -> Result<BuildDir, TaskError> {
         let root = data_dir.join("builds");
-        let err = |e: std::io::Error| format!("build dir {}: {e}", root.display());
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&root)
+        let err = TaskError::io(format!("build dir {}", root.display()));
+        let made = DirBuilder::new().recursive(true).mode(0o700).create(&root);
+        made.and_then(|()| std::fs::set_permissions(&root, Permissions::from_mode(0o700)))
             .map_err(err)?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
         sweep_stale(&root);
         // The pid leads the name so a later start can tell whose leftovers these are.
-        let name = format!(
-            "{}-{}-{project}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = root.join(name);
+        let dir = root.join(format!("{}-{seq}-{project}", std::process::id()));
+        let err = TaskError::io(format!("build dir {}", dir.display()));
         DirBuilder::new().mode(0o700).create(&dir).map_err(err)?;
         Ok(BuildDir(dir))
     }
 
     /// Writes a 0600 file that did not exist before.
-    fn write_private(&self, name: &str, data: &[u8]) -> Result<PathBuf, String> {
+    fn write_private(&self, name: &str, data: &[u8]) -> Result<PathBuf, TaskError> {
         let path = self.0.join(name);
-        let mut f = OpenOptions::new()
+        let err = TaskError::io(format!("cannot write {}", path.display()));
+        OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        f.write_all(data)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .and_then(|mut f| f.write_all(data))
+            .map_err(err)?;
         Ok(path)
     }
 }
@@ -433,70 +323,107 @@ impl Drop for BuildDir {
 
 /// Removes build dirs left by an agent process that no longer runs (killed mid-build).
 fn sweep_stale(root: &Path) {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let Ok(rd) = std::fs::read_dir(root) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let pid = name.to_string_lossy().split('-').next().map(str::to_owned);
-            if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
-                if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-                    log::info!("removing a stale build dir {}", e.path().display());
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let pid = name.to_string_lossy().split('-').next().map(str::to_owned);
+        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
+            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+                log::info!("removing a stale build dir {}", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
             }
         }
-    });
+    }
 }
 
-pub fn build(ctx: &Ctx) -> Result<String, String> {
-    // Our own messages may quote payload values: scrub them like every output line.
-    run_build(ctx).map_err(|e| redact::scrub(&e).into_owned())
+/// The build mode of this process: probed on the first build (or at start), then kept.
+pub fn build_mode(ctx_shared: &Shared, cfg: &Config) -> BuildMode {
+    *ctx_shared.build_mode.get_or_init(|| {
+        let m = ctx_shared.docker(cfg).detect_build_mode();
+        log::info!("builder: {} builds with {}", cfg.docker_cli, m.describe());
+        m
+    })
 }
 
-fn run_build(ctx: &Ctx) -> Result<String, String> {
+/// `build`: clone, build and push; returns the pushed tag.
+pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     let job = parse_job(&ctx.task.payload, &ctx.cfg.control_plane_url)?;
     let registry = registry_host(&ctx.cp.registry_addr);
     if registry.is_empty() {
-        return Err(
+        return Err(TaskError::Invalid(
             "no registry_addr in the control plane's agent config: cannot tag the image".into(),
-        );
+        ));
     }
     let _slot = ctx
         .shared
         .build_slots
         .acquire()
-        .ok_or("canceled: agent shutting down")?;
+        .ok_or(TaskError::Canceled)?;
     // BUILD_TIMEOUT covers clone, build and push together, from the moment we hold a slot.
-    let deadline = Instant::now() + ctx.cfg.build_timeout;
-    let docker = ctx.cfg.docker_cli.as_str();
-    let mode = build_mode(docker);
-    if mode == BuildMode::Legacy && !job.secrets.is_empty() {
-        return Err(format!(
-            "build_secrets need BuildKit, but {docker} has neither the buildx plugin nor built-in \
-             BuildKit (Docker 23+ without docker-buildx): install the buildx plugin"
-        ));
-    }
-    let step = |cmd: Cmd, label: &str| {
-        cmd.deadline(deadline, ctx.cfg.build_timeout, "BUILD_TIMEOUT")
-            .idle_timeout(ctx.cfg.build_idle_timeout)
-            .label(label)
+    let limits = Limits {
+        deadline: Some(Deadline {
+            at: Instant::now() + ctx.cfg.build_timeout,
+            total: ctx.cfg.build_timeout,
+            setting: "BUILD_TIMEOUT",
+        }),
+        idle: Some(ctx.cfg.build_idle_timeout),
     };
-
-    let dir = BuildDir::create(&ctx.cfg.data_dir, &job.project)?;
+    let mode = build_mode(ctx.shared, ctx.cfg);
+    if mode == BuildMode::Legacy && !job.secrets.is_empty() {
+        return Err(TaskError::Unsupported(format!(
+            "build_secrets need BuildKit, but {} has neither the buildx plugin nor built-in \
+             BuildKit (Docker 23+ without docker-buildx): install the buildx plugin",
+            ctx.cfg.docker_cli
+        )));
+    }
+    let seq = ctx.shared.build_seq.fetch_add(1, Ordering::SeqCst);
+    let dir = BuildDir::create(&ctx.cfg.data_dir, &job.project, seq)?;
     let src = dir.0.join("src");
-    let mut git = Cmd::new("git")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_ASKPASS", "")
-        // Transport helpers such as ext:: would run arbitrary commands.
-        .env("GIT_ALLOW_PROTOCOL", "https:http:ssh:git:file");
+    let sha12 = checkout(ctx, &job, &dir, &src, limits)?;
+    let dockerfile = dockerfile_in(&src, &job.dockerfile)?;
+    let tag = format!("{registry}/{}:{sha12}", job.project);
+    ctx.say(&format!("Building image {tag} with {}...", mode.describe()));
+    let secret_files = job
+        .secrets
+        .iter()
+        .enumerate()
+        .map(|(i, (id, v))| {
+            Ok((
+                id.clone(),
+                dir.write_private(&format!("secret-{i}"), v.as_bytes())?,
+            ))
+        })
+        .collect::<Result<Vec<_>, TaskError>>()?;
+    let build_args = proxy_build_args(ctx);
+    let spec = BuildSpec {
+        mode,
+        dockerfile: &dockerfile,
+        context: &src,
+        tag: &tag,
+        secrets: &secret_files,
+        build_args: &build_args,
+    };
+    let digest = build_and_push(ctx, &spec, limits)?;
+    match digest {
+        Some(d) => ctx.say(&format!("Successfully pushed {tag} (digest {d})")),
+        None => ctx.say(&format!("Successfully pushed {tag}")),
+    }
+    Ok(tag)
+}
+
+/// Clones the job's branch into `src` and returns the commit's first 12 hex digits.
+fn checkout(
+    ctx: &Ctx,
+    job: &Job,
+    dir: &BuildDir,
+    src: &Path,
+    limits: Limits,
+) -> Result<String, TaskError> {
+    let mut git = Git::new(&*ctx.shared.runner);
     if let Some(h) = &job.auth_header {
-        git = git
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-            .env("GIT_CONFIG_VALUE_0", h.as_str());
+        git = git.header(h);
     }
     if let Some(key) = &job.ssh_key {
         // ssh rejects a key file without the final newline.
@@ -506,98 +433,47 @@ fn run_build(ctx: &Ctx) -> Result<String, String> {
         }
         let path = dir.write_private("ssh_key", k.as_bytes())?;
         let known = ctx.cfg.data_dir.join("known_hosts");
-        git = git.env("GIT_SSH_COMMAND", ssh_command(&path, &known));
+        git = git.ssh_command(ssh_command(&path, &known));
     }
-    let secret_files = job
-        .secrets
-        .iter()
-        .enumerate()
-        .map(|(i, (id, v))| Ok((id, dir.write_private(&format!("secret-{i}"), v.as_bytes())?)))
-        .collect::<Result<Vec<_>, String>>()?;
-
     let shown_branch = if job.branch.is_empty() {
         "(default branch)"
     } else {
         &job.branch
     };
     ctx.say(&format!("Cloning {}@{shown_branch}...", job.url));
-    let mut clone = git.clone().args(["clone", "--depth=1"]);
-    if !job.branch.is_empty() {
-        clone = clone.args(["--branch", &job.branch]);
-    }
-    let clone = clone.arg("--").arg(&job.url).arg(&src);
-    ctx.run(&step(clone, "git clone"))
-        .map_err(|e| e.to_string())?;
-
-    let head = executor::output(&step(
-        git.args(["-C"]).arg(&src).args(["rev-parse", "HEAD"]),
-        "git rev-parse",
-    ))
-    .map_err(|e| e.to_string())?;
-    let sha = head.stdout.trim();
+    git.clone_shallow(&job.url, &job.branch, src, limits, &mut |l| (ctx.out)(l))?;
+    let sha = git.head(src, limits)?;
     let sha12 = sha
         .get(..12)
         .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| format!("git rev-parse HEAD: unexpected output {sha:?}"))?;
+        .ok_or_else(|| {
+            TaskError::Failed(format!("git rev-parse HEAD: unexpected output {sha:?}"))
+        })?;
     ctx.say(&format!("Commit: {sha12}"));
-    let dockerfile = dockerfile_in(&src, &job.dockerfile)?;
-    let tag = format!("{registry}/{}:{sha12}", job.project);
-    ctx.say(&format!("Building image {tag} with {}...", mode.describe()));
+    Ok(sha12.to_string())
+}
 
-    let mut build = Cmd::new(docker);
-    build = match mode {
-        BuildMode::Buildx => build.args(["buildx", "build"]),
-        // Set both ways: an inherited DOCKER_BUILDKIT must not flip the builder.
-        BuildMode::BuildKit => build.arg("build").env("DOCKER_BUILDKIT", "1"),
-        BuildMode::Legacy => build.arg("build").env("DOCKER_BUILDKIT", "0"),
-    };
-    build = build
-        .args(["--platform", "linux/amd64", "-f"])
-        .arg(&dockerfile)
-        .args(["-t", &tag]);
-    build = match mode {
-        BuildMode::Buildx => build.arg("--push"),
-        // Failed legacy builds otherwise leave their intermediate containers behind.
-        BuildMode::Legacy => build.arg("--force-rm"),
-        BuildMode::BuildKit => build,
-    };
-    for (id, path) in &secret_files {
-        build = build
-            .arg("--secret")
-            .arg(format!("id={id},src={}", path.display()));
-    }
-    build = build.args(proxy_build_args(ctx)).arg(&src);
-    let label = match mode {
-        BuildMode::Buildx => "docker buildx build",
-        _ => "docker build",
-    };
-    let mut digest = run_scanning(ctx, &step(build, label))?;
-
-    if mode != BuildMode::Buildx {
-        let push = Cmd::new(docker).args(["push", &tag]);
-        digest = run_scanning(ctx, &step(push, "docker push"))?;
+/// Builds (and with buildx pushes) the image; otherwise pushes it. Returns the digest.
+fn build_and_push(
+    ctx: &Ctx,
+    spec: &BuildSpec,
+    limits: Limits,
+) -> Result<Option<String>, TaskError> {
+    let docker = ctx.docker();
+    let out = &mut |l: &str| (ctx.out)(l);
+    let mut digest = docker.build_step(docker.build_cmd(spec), limits, out)?;
+    if spec.mode != BuildMode::Buildx {
+        digest = docker.build_step(docker.push_cmd(spec.tag), limits, out)?;
         if digest.is_none() {
-            digest = executor::output(&step(
-                Cmd::new(docker).args(["inspect", "--format", "{{index .RepoDigests 0}}", &tag]),
-                "docker inspect",
-            ))
-            .ok()
-            .and_then(|o| {
-                let s = o.stdout.trim();
-                s.rsplit_once('@').map(|(_, d)| d.to_string())
-            });
+            digest = docker.repo_digest(spec.tag, limits);
         }
     }
-    match digest {
-        Some(d) => ctx.say(&format!("Successfully pushed {tag} (digest {d})")),
-        None => ctx.say(&format!("Successfully pushed {tag}")),
-    }
-    Ok(tag)
+    Ok(digest)
 }
 
 /// `--build-arg NAME` without a value for each proxy variable we have: docker takes the
 /// value from its environment, so proxy credentials stay out of argv.
-fn proxy_build_args(ctx: &Ctx) -> Vec<String> {
+fn proxy_build_args(ctx: &Ctx) -> Vec<&'static str> {
     if !ctx.cfg.builder_proxy_passthrough {
         ctx.say("[proxy] BUILDER_PROXY_PASSTHROUGH is off: no proxy build args");
         return Vec::new();
@@ -612,22 +488,7 @@ fn proxy_build_args(ctx: &Ctx) -> Vec<String> {
     } else {
         ctx.say(&format!("[proxy] passing {} as build args", set.join(", ")));
     }
-    set.iter()
-        .flat_map(|k| ["--build-arg".to_string(), k.to_string()])
-        .collect()
-}
-
-/// Runs a streamed step and returns the pushed digest if its output named one.
-fn run_scanning(ctx: &Ctx, cmd: &Cmd) -> Result<Option<String>, String> {
-    let mut digest = None;
-    executor::run(cmd, &mut |_, line| {
-        if digest.is_none() {
-            digest = pushed_digest(line);
-        }
-        (ctx.out)(line)
-    })
-    .map_err(|e: ExecError| e.to_string())?;
-    Ok(digest)
+    set
 }
 
 #[cfg(test)]
@@ -662,7 +523,10 @@ mod tests {
         ] {
             assert!(clone_url(bad, CP).is_err(), "{bad:?} accepted");
         }
-        assert!(clone_url("-x", CP).unwrap_err().contains("`git_url`"));
+        assert!(clone_url("-x", CP)
+            .unwrap_err()
+            .to_string()
+            .contains("`git_url`"));
     }
 
     #[test]
@@ -691,7 +555,10 @@ mod tests {
         assert_eq!(j.url, "https://git.example/a.git");
         assert_eq!(
             j.auth_header.unwrap(),
-            format!("Authorization: Basic {}", base64(b"bob:tok-url-5e6f"))
+            format!(
+                "Authorization: Basic {}",
+                BASE64.encode(b"bob:tok-url-5e6f")
+            )
         );
         assert_eq!(redact::scrub("tok-url-5e6f"), "***");
     }
@@ -720,7 +587,7 @@ mod tests {
             PathBuf::from("./docker/Dockerfile.prod")
         );
         for bad in ["../Dockerfile", "a/../../b", "/etc/passwd", ".", "a/.."] {
-            let e = relative_dockerfile(bad).unwrap_err();
+            let e = relative_dockerfile(bad).unwrap_err().to_string();
             assert!(e.contains("`dockerfile_path`"), "{bad}: {e}");
         }
     }
@@ -737,12 +604,15 @@ mod tests {
         assert!(dockerfile_in(&d, Path::new("sub/in")).is_ok());
         assert!(dockerfile_in(&d, Path::new("out"))
             .unwrap_err()
+            .to_string()
             .contains("outside"));
         assert!(dockerfile_in(&d, Path::new("sub"))
             .unwrap_err()
+            .to_string()
             .contains("not a file"));
         assert!(dockerfile_in(&d, Path::new("nope"))
             .unwrap_err()
+            .to_string()
             .contains("does not exist"));
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -760,14 +630,20 @@ mod tests {
         assert_eq!(j.dockerfile, PathBuf::from("Dockerfile"));
         assert_eq!(
             j.auth_header.as_deref(),
-            Some(format!("Authorization: Basic {}", base64(b"agent:tok-unit-9f2c")).as_str())
+            Some(
+                format!(
+                    "Authorization: Basic {}",
+                    BASE64.encode(b"agent:tok-unit-9f2c")
+                )
+                .as_str()
+            )
         );
         assert_eq!(redact::scrub("x tok-unit-9f2c sec-unit-77aa"), "x *** ***");
-        assert_eq!(redact::scrub(&base64(b"agent:tok-unit-9f2c")), "***");
+        assert_eq!(redact::scrub(&BASE64.encode(b"agent:tok-unit-9f2c")), "***");
         let with = |k: &str, v: serde_json::Value| {
             let mut p = base.clone();
             p[k] = v;
-            parse_job(&p, CP).unwrap_err()
+            parse_job(&p, CP).unwrap_err().to_string()
         };
         assert!(with("git_url", json!(null)).contains("`git_url` is required"));
         assert!(with("project_id", json!("../x")).contains("`project_id`"));
@@ -780,28 +656,17 @@ mod tests {
 
     #[test]
     fn helpers() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"agent:s3cret"), "YWdlbnQ6czNjcmV0");
+        assert_eq!(BASE64.encode(b""), "");
+        assert_eq!(BASE64.encode(b"f"), "Zg==");
+        assert_eq!(BASE64.encode(b"fo"), "Zm8=");
+        assert_eq!(BASE64.encode(b"foo"), "Zm9v");
+        assert_eq!(BASE64.encode(b"agent:s3cret"), "YWdlbnQ6czNjcmV0");
         assert_eq!(
             ssh_command(Path::new("/d/it's/key"), Path::new("/d/known_hosts")),
             "ssh -i '/d/it'\\''s/key' -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile='/d/known_hosts'"
         );
         assert_eq!(registry_host("http://r.example:5000/"), "r.example:5000");
-        let d = "a".repeat(64);
-        assert_eq!(
-            pushed_digest(&format!("abc: digest: sha256:{d} size: 527")),
-            Some(format!("sha256:{d}"))
-        );
-        assert_eq!(
-            pushed_digest(&format!(
-                "#9 pushing manifest for r/p:1@sha256:{d} 0.1s done"
-            )),
-            Some(format!("sha256:{d}"))
-        );
-        assert_eq!(pushed_digest(&format!("#5 sha256:{d}")), None);
+
         assert!(is_uuid("7a7a7a7a-0000-4000-8000-000000000007"));
         assert!(!is_uuid("7a7a7a7a-0000-4000-8000-00000000000g"));
     }

@@ -1,0 +1,9 @@
+//! Talking to the control plane: the HTTP client and wire types, the agent loop, the
+//! durable journal and outbox, log shipping, and node/container metrics.
+
+pub mod agent;
+pub mod client;
+pub mod logship;
+pub mod metrics;
+pub mod state;
+pub mod wire;

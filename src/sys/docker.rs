@@ -1,0 +1,526 @@
+//! Every docker CLI call the agent makes, with typed results. This is the one place that
+//! reads docker's messages: a missing container or image becomes [`DockerError::NotFound`],
+//! so no caller matches on text. Values (registry password, env values) never reach argv.
+
+use crate::sys::executor::{Cmd, ExecError, Limits, Runner};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Short docker calls (ps, inspect, rm, port) must never hang a task.
+pub const SHORT: Duration = Duration::from_secs(60);
+/// Pulling a large image over a slow link.
+const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// `docker run -d` copies the image's layers on some storage drivers (vfs).
+const RUN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub enum DockerError {
+    /// The container, image or object does not exist.
+    NotFound(ExecError),
+    /// The call failed otherwise (exit code, timeout, cancel...).
+    Failed(ExecError),
+    /// The call succeeded but printed something we cannot read.
+    Unreadable { what: String, got: String },
+}
+
+impl DockerError {
+    fn from_exec(e: ExecError) -> DockerError {
+        const MISSING: &[&str] = &["No such container", "No such object", "No such image"];
+        let missing = matches!(e, ExecError::Exit { .. })
+            && e.output()
+                .is_some_and(|o| o.tail.iter().any(|l| MISSING.iter().any(|m| l.contains(m))));
+        if missing {
+            DockerError::NotFound(e)
+        } else {
+            DockerError::Failed(e)
+        }
+    }
+}
+
+impl fmt::Display for DockerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DockerError::NotFound(e) | DockerError::Failed(e) => e.fmt(f),
+            DockerError::Unreadable { what, got } => write!(f, "cannot read {what}: {got:?}"),
+        }
+    }
+}
+
+/// How this host builds images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildMode {
+    /// `docker buildx build --push`.
+    Buildx,
+    /// `DOCKER_BUILDKIT=1 docker build` then `docker push` (CLI < 23 has BuildKit built in).
+    BuildKit,
+    /// The legacy builder then `docker push`: no build secrets.
+    Legacy,
+}
+
+impl BuildMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            BuildMode::Buildx => "docker buildx build --push",
+            BuildMode::BuildKit => "DOCKER_BUILDKIT=1 docker build + docker push",
+            BuildMode::Legacy => {
+                "the legacy builder (docker build + docker push; no build secrets)"
+            }
+        }
+    }
+}
+
+/// A row of `docker ps`, with our labels (empty for containers of the Go agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PsRow {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    pub domain_prefix: String,
+    pub deployment_id: String,
+    pub expose_port: String,
+}
+
+/// State of a container, from `docker inspect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    pub status: String,
+    pub restarts: u64,
+    pub exit_code: i64,
+    pub oom_killed: bool,
+}
+
+/// What `docker run -d` starts. Env values go through the CLI's environment (`-e NAME`) or
+/// stdin (`--env-file /dev/stdin`), never argv.
+#[derive(Debug, Default)]
+pub struct RunSpec<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    /// `-p` value, e.g. `0:8080`.
+    pub publish: String,
+    pub labels: Vec<String>,
+    pub memory: &'a str,
+    pub volumes: Vec<String>,
+    pub env: &'a [(String, String)],
+}
+
+/// What `docker build` / `docker buildx build` builds.
+#[derive(Debug)]
+pub struct BuildSpec<'a> {
+    pub mode: BuildMode,
+    pub dockerfile: &'a std::path::Path,
+    pub context: &'a std::path::Path,
+    pub tag: &'a str,
+    /// (id, file) pairs for `--secret`.
+    pub secrets: &'a [(String, PathBuf)],
+    /// Names passed as `--build-arg NAME` (docker copies the value from its environment).
+    pub build_args: &'a [&'a str],
+}
+
+pub struct Docker<'a> {
+    cli: &'a str,
+    runner: &'a dyn Runner,
+}
+
+impl<'a> Docker<'a> {
+    pub fn new(cli: &'a str, runner: &'a dyn Runner) -> Docker<'a> {
+        Docker { cli, runner }
+    }
+
+    fn cmd<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Cmd {
+        Cmd::new(self.cli).args(args.iter().map(|a| a.as_ref().to_os_string()))
+    }
+
+    /// A short call whose stdout we need.
+    fn out<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Result<String, DockerError> {
+        let cmd = self.cmd(args).timeout(SHORT, "docker call timeout");
+        self.runner
+            .output(&cmd)
+            .map(|o| o.stdout)
+            .map_err(DockerError::from_exec)
+    }
+
+    fn stream(&self, cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<(), DockerError> {
+        self.runner
+            .run(cmd, &mut |_, l| on_line(l))
+            .map(drop)
+            .map_err(DockerError::from_exec)
+    }
+
+    /// `docker login ADDR -u USER --password-stdin`: the password never reaches argv.
+    pub fn login(&self, addr: &str, user: &str, password: &str) -> Result<(), DockerError> {
+        let cmd = self
+            .cmd(&["login", addr, "-u", user, "--password-stdin"])
+            .stdin(password.as_bytes().to_vec())
+            .timeout(SHORT, "docker login timeout");
+        self.runner
+            .output(&cmd)
+            .map(drop)
+            .map_err(DockerError::from_exec)
+    }
+
+    /// Probes what the CLI actually does rather than trusting its version number: a 23+ CLI
+    /// without the buildx plugin answers `DOCKER_BUILDKIT=1 docker build` with "BuildKit is
+    /// enabled but the buildx component is missing" (exit 1) and only has the legacy builder;
+    /// a 20.10 CLI has BuildKit (and `--secret`) built in.
+    pub fn detect_build_mode(&self) -> BuildMode {
+        let probe = |cmd: Cmd| {
+            self.runner
+                .output(&cmd.timeout(PROBE_TIMEOUT, "docker probe timeout"))
+        };
+        if probe(self.cmd(&["buildx", "version"])).is_ok() {
+            return BuildMode::Buildx;
+        }
+        match probe(self.cmd(&["build", "--help"]).env("DOCKER_BUILDKIT", "1")) {
+            Ok(o) if o.stdout.contains("--secret") => BuildMode::BuildKit,
+            _ => BuildMode::Legacy,
+        }
+    }
+
+    pub fn image_present(&self, image: &str) -> Result<bool, DockerError> {
+        match self.out(&["image", "inspect", "--format", "{{.Id}}", image]) {
+            Ok(_) => Ok(true),
+            Err(DockerError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn pull(&self, image: &str, on_line: &mut dyn FnMut(&str)) -> Result<(), DockerError> {
+        let cmd = self
+            .cmd(&["pull", image])
+            .timeout(PULL_TIMEOUT, "image pull limit 30m");
+        self.stream(&cmd, on_line)
+    }
+
+    /// Containers (running and stopped with `all`) whose name contains `name`.
+    pub fn ps(&self, all: bool, name: &str) -> Result<Vec<PsRow>, DockerError> {
+        let format = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
+        let filter = format!("name={name}");
+        let mut args = vec!["ps", "--filter", &filter, "--format", format];
+        if all {
+            args.insert(1, "-a");
+        }
+        let out = self.out(&args)?;
+        Ok(out.lines().filter_map(parse_ps_row).collect())
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
+        self.out(&["rename", from, to]).map(drop)
+    }
+
+    pub fn stop(&self, name: &str) -> Result<(), DockerError> {
+        self.out(&["stop", "-t", "10", name]).map(drop)
+    }
+
+    pub fn start(&self, name: &str) -> Result<(), DockerError> {
+        self.out(&["start", name]).map(drop)
+    }
+
+    /// `docker rm -f`; a container that does not exist is success.
+    pub fn remove(&self, name: &str) -> Result<(), DockerError> {
+        match self.out(&["rm", "-f", name]) {
+            Ok(_) | Err(DockerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn state(&self, name: &str) -> Result<State, DockerError> {
+        let format = "{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}} {{.State.OOMKilled}}";
+        let out = self.out(&["inspect", "--format", format, name])?;
+        let f: Vec<&str> = out.split_whitespace().collect();
+        let state = match f[..] {
+            [status, restarts, code, oom] => {
+                restarts
+                    .parse()
+                    .ok()
+                    .zip(code.parse().ok())
+                    .map(|(restarts, exit_code)| State {
+                        status: status.to_string(),
+                        restarts,
+                        exit_code,
+                        oom_killed: oom == "true",
+                    })
+            }
+            _ => None,
+        };
+        state.ok_or(DockerError::Unreadable {
+            what: "the container state".into(),
+            got: out,
+        })
+    }
+
+    /// Host ports published for `spec` (e.g. `8080/tcp`), or for every port.
+    pub fn ports(&self, name: &str, spec: Option<&str>) -> Result<Vec<(u16, bool)>, DockerError> {
+        let mut args = vec!["port", name];
+        args.extend(spec);
+        Ok(host_ports(&self.out(&args)?))
+    }
+
+    /// The host port of `container_port`, preferring IPv4: (port, bound on IPv4).
+    pub fn host_port(&self, name: &str, container_port: u16) -> Result<(u16, bool), DockerError> {
+        let spec = format!("{container_port}/tcp");
+        let out = self.out(&["port", name, &spec])?;
+        let ports = host_ports(&out);
+        ports
+            .iter()
+            .find(|p| p.1)
+            .or(ports.first())
+            .copied()
+            .ok_or(DockerError::Unreadable {
+                what: "the host port from `docker port`".into(),
+                got: out,
+            })
+    }
+
+    /// The last lines the container printed (best effort, for error messages).
+    pub fn logs_tail(&self, name: &str, lines: usize) -> String {
+        let n = lines.to_string();
+        let cmd = self
+            .cmd(&["logs", "--tail", &n, name])
+            .timeout(SHORT, "docker call timeout");
+        match self.runner.output(&cmd) {
+            Ok(o) => o.tail.join("\n"),
+            Err(e) => e.output().map(|o| o.tail.join("\n")).unwrap_or_default(),
+        }
+    }
+
+    /// The `docker run -d` argv; env values are in the Cmd's environment or stdin.
+    pub fn run_cmd(&self, s: &RunSpec) -> Cmd {
+        let mut cmd = self.cmd(&["run", "-d", "--name", s.name, "--restart", "unless-stopped"]);
+        cmd = cmd.arg("-p").arg(&s.publish);
+        for label in &s.labels {
+            cmd = cmd.arg("--label").arg(label);
+        }
+        if !s.memory.is_empty() {
+            cmd = cmd.args(["--memory", s.memory, "--memory-swap", s.memory]);
+        }
+        for v in &s.volumes {
+            cmd = cmd.arg("-v").arg(v);
+        }
+        // `-e NAME` makes the CLI copy NAME from its own environment.
+        let mut env_file = String::new();
+        for (k, v) in s.env {
+            if cli_reads(k) {
+                env_file.push_str(&format!("{k}={v}\n"));
+            } else {
+                cmd = cmd.arg("-e").arg(k).env(k, v);
+            }
+        }
+        if !env_file.is_empty() {
+            cmd = cmd.args(["--env-file", "/dev/stdin"]).stdin(env_file);
+        }
+        cmd.arg(s.image).timeout(RUN_TIMEOUT, "docker run limit 5m")
+    }
+
+    pub fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<(), DockerError> {
+        self.stream(cmd, on_line)
+    }
+
+    /// The build command of `mode` (with `--push` for buildx).
+    pub fn build_cmd(&self, s: &BuildSpec) -> Cmd {
+        let mut c = match s.mode {
+            BuildMode::Buildx => self.cmd(&["buildx", "build"]).label("docker buildx build"),
+            // Set both ways: an inherited DOCKER_BUILDKIT must not flip the builder.
+            BuildMode::BuildKit => self.cmd(&["build"]).env("DOCKER_BUILDKIT", "1"),
+            BuildMode::Legacy => self.cmd(&["build"]).env("DOCKER_BUILDKIT", "0"),
+        };
+        c = c
+            .args(["--platform", "linux/amd64", "-f"])
+            .arg(s.dockerfile)
+            .args(["-t", s.tag]);
+        c = match s.mode {
+            BuildMode::Buildx => c.arg("--push"),
+            // Failed legacy builds otherwise leave their intermediate containers behind.
+            BuildMode::Legacy => c.arg("--force-rm"),
+            BuildMode::BuildKit => c,
+        };
+        for (id, path) in s.secrets {
+            c = c
+                .arg("--secret")
+                .arg(format!("id={id},src={}", path.display()));
+        }
+        for k in s.build_args {
+            c = c.args(["--build-arg", k]);
+        }
+        c.arg(s.context)
+    }
+
+    /// Runs a build step (build or push) under `limits`; returns the pushed digest if the
+    /// output named one.
+    pub fn build_step(
+        &self,
+        cmd: Cmd,
+        limits: Limits,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<Option<String>, DockerError> {
+        let mut digest = None;
+        self.stream(&cmd.limits(limits), &mut |line| {
+            if digest.is_none() {
+                digest = pushed_digest(line);
+            }
+            on_line(line)
+        })?;
+        Ok(digest)
+    }
+
+    pub fn push_cmd(&self, tag: &str) -> Cmd {
+        self.cmd(&["push", tag])
+    }
+
+    /// The registry digest of a pushed tag (`sha256:…`), when the engine knows it.
+    pub fn repo_digest(&self, tag: &str, limits: Limits) -> Option<String> {
+        let cmd = self
+            .cmd(&["inspect", "--format", "{{index .RepoDigests 0}}", tag])
+            .limits(limits);
+        let out = self.runner.output(&cmd).ok()?;
+        let s = out.stdout.trim();
+        s.rsplit_once('@').map(|(_, d)| d.to_string())
+    }
+
+    /// Host paths (symlinks resolved) that containers labelled `muvee.managed=true` mount.
+    pub fn managed_mounts(&self) -> Result<Vec<PathBuf>, DockerError> {
+        let ids = self.out(&["ps", "-aq", "--filter", "label=muvee.managed=true"])?;
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["inspect", "--format", "{{json .Mounts}}"];
+        args.extend(ids);
+        let out = match self.out(&args) {
+            Ok(o) => o,
+            // A container removed between the two calls makes inspect exit 1 after printing
+            // the others; with nothing printed we cannot tell what is in use.
+            Err(DockerError::NotFound(e)) | Err(DockerError::Failed(e)) => match e.output() {
+                Some(o) if !o.stdout.trim().is_empty() => o.stdout.clone(),
+                _ => return Err(DockerError::from_exec(e)),
+            },
+            Err(e) => return Err(e),
+        };
+        let mut paths = Vec::new();
+        for line in out.lines() {
+            let Ok(serde_json::Value::Array(mounts)) = serde_json::from_str(line) else {
+                continue;
+            };
+            for m in mounts {
+                if let Some(src) = m.get("Source").and_then(|s| s.as_str()) {
+                    paths.push(std::fs::canonicalize(src).unwrap_or_else(|_| PathBuf::from(src)));
+                }
+            }
+        }
+        Ok(paths)
+    }
+}
+
+fn parse_ps_row(line: &str) -> Option<PsRow> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [id, name, state, prefix, dep, port] = f[..] else {
+        return None;
+    };
+    Some(PsRow {
+        id: id.into(),
+        name: name.into(),
+        running: state == "running",
+        domain_prefix: prefix.into(),
+        deployment_id: dep.into(),
+        expose_port: port.into(),
+    })
+}
+
+/// `docker port` output in any of its formats → (port, bound on IPv4), in output order.
+pub fn host_ports(out: &str) -> Vec<(u16, bool)> {
+    let mut ports = Vec::new();
+    for line in out.lines() {
+        // `8080/tcp -> 0.0.0.0:32768` (no port argument) or `0.0.0.0:32768`.
+        let addr = line.rsplit("-> ").next().unwrap_or(line).trim();
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            continue;
+        };
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push((p, !host.contains(':'))),
+            _ => {}
+        }
+    }
+    ports
+}
+
+/// Names the docker CLI (a Go program, often root) or the dynamic loader read themselves.
+/// Setting these in the CLI's environment would change what our `docker run` does (another
+/// daemon, LD_PRELOAD...), so they go through `--env-file /dev/stdin` instead of `-e NAME`.
+pub fn cli_reads(k: &str) -> bool {
+    const PREFIXES: &[&str] = &["DOCKER_", "LD_", "SSH_", "XDG_", "MALLOC_", "BUILDX_"];
+    const NAMES: &[&str] = &[
+        "HOME",
+        "PATH",
+        "TMPDIR",
+        "GCONV_PATH",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "RES_OPTIONS",
+        "GODEBUG",
+        "GOGC",
+        "GOMAXPROCS",
+        "GOMEMLIMIT",
+        "GOTRACEBACK",
+        "NOTARY_AUTH",
+    ];
+    PREFIXES.iter().any(|p| k.starts_with(p))
+        || NAMES.contains(&k)
+        || k.to_ascii_uppercase().contains("PROXY")
+}
+
+/// `sha256:<64 hex>` from a push line: `docker push` prints `<tag>: digest: sha256:… size: N`,
+/// buildx `pushing manifest for <tag>@sha256:…`.
+pub fn pushed_digest(line: &str) -> Option<String> {
+    if !line.contains("digest: ") && !line.contains("pushing manifest for") {
+        return None;
+    }
+    let i = line.find("sha256:")?;
+    let hex = line.get(i + 7..i + 7 + 64)?;
+    hex.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| format!("sha256:{hex}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_v4(out: &str) -> Option<(u16, bool)> {
+        let p = host_ports(out);
+        p.iter().find(|p| p.1).or(p.first()).copied()
+    }
+
+    #[test]
+    fn host_port_in_every_docker_format() {
+        assert_eq!(first_v4("0.0.0.0:32768\n"), Some((32768, true)));
+        assert_eq!(first_v4("[::]:32769\n0.0.0.0:32768\n"), Some((32768, true)));
+        assert_eq!(first_v4(":::32770\n"), Some((32770, false)));
+        assert_eq!(first_v4("[::]:32771"), Some((32771, false)));
+        assert_eq!(
+            first_v4("8080/tcp -> 0.0.0.0:9000\n8080/tcp -> [::]:9000\n"),
+            Some((9000, true))
+        );
+        assert_eq!(first_v4("127.0.0.1:5000\r\n"), Some((5000, true)));
+        assert_eq!(first_v4(""), None);
+        assert_eq!(first_v4("Error: No public port '8080/tcp'"), None);
+    }
+
+    #[test]
+    fn digests_and_cli_names() {
+        let d = "a".repeat(64);
+        assert_eq!(
+            pushed_digest(&format!("abc: digest: sha256:{d} size: 527")),
+            Some(format!("sha256:{d}"))
+        );
+        assert_eq!(
+            pushed_digest(&format!(
+                "#9 pushing manifest for r/p:1@sha256:{d} 0.1s done"
+            )),
+            Some(format!("sha256:{d}"))
+        );
+        assert_eq!(pushed_digest(&format!("#5 sha256:{d}")), None);
+        assert!(cli_reads("DOCKER_HOST") && cli_reads("LD_PRELOAD") && cli_reads("https_proxy"));
+        assert!(!cli_reads("DATABASE_URL"));
+    }
+}

@@ -1,0 +1,9 @@
+//! The host: running external programs, signals, secret redaction.
+
+pub mod docker;
+pub mod executor;
+pub mod git;
+pub mod redact;
+pub mod rsync;
+pub mod signal;
+pub mod sync;

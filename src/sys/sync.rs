@@ -1,0 +1,110 @@
+//! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
+//! per key (an app, a dataset), and background jobs that can be waited for by key.
+
+use crate::sys::signal;
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// A counting semaphore (BUILDER_MAX_CONCURRENT).
+pub struct Semaphore {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Default for Semaphore {
+    fn default() -> Semaphore {
+        Semaphore::new(1)
+    }
+}
+
+pub struct Permit<'a>(&'a Semaphore);
+
+impl Semaphore {
+    pub fn new(n: usize) -> Semaphore {
+        Semaphore {
+            free: Mutex::new(n.max(1)),
+            cv: Condvar::new(),
+        }
+    }
+    /// Waits for a slot; None when the agent is canceling tasks.
+    pub fn acquire(&self) -> Option<Permit<'_>> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            if signal::cancel_requested() {
+                return None;
+            }
+            free = self
+                .cv
+                .wait_timeout(free, std::time::Duration::from_millis(200))
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *free -= 1;
+        Some(Permit(self))
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+/// One mutex per key (a domain prefix, a dataset): serializes work on the same thing.
+#[derive(Default)]
+pub struct KeyedLocks {
+    map: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let _g = m.lock().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+}
+
+/// Threads doing work after a task reported (draining an old container), by key.
+#[derive(Default)]
+pub struct Jobs {
+    list: Mutex<Vec<(String, JoinHandle<()>)>>,
+}
+
+impl Jobs {
+    /// Starts `work` on a thread named `name`; the error says why no thread could start.
+    pub fn spawn(
+        &self,
+        key: &str,
+        name: String,
+        work: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(_, h)| !h.is_finished());
+        let h = std::thread::Builder::new().name(name).spawn(work)?;
+        list.push((key.to_string(), h));
+        Ok(())
+    }
+
+    /// Waits for the jobs of one key, or all of them.
+    pub fn wait(&self, key: Option<&str>) {
+        let mine: Vec<JoinHandle<()>> = {
+            let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, rest) = std::mem::take(&mut *list)
+                .into_iter()
+                .partition(|(k, _)| key.map_or(true, |x| x == k));
+            *list = rest;
+            mine.into_iter().map(|(_, h)| h).collect()
+        };
+        for h in mine {
+            let _ = h.join();
+        }
+    }
+}

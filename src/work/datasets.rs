@@ -1,0 +1,497 @@
+//! Dataset cache for the deploy role: rsync copies under DATA_DIR/objects, per-deployment
+//! symlinks under DATA_DIR/mounts, least-recently-used eviction beyond MAX_STORAGE.
+//!
+//! A version dir `objects/<id>/v<version>` only ever appears by an atomic rename of a
+//! finished sync, so its existence means "complete". Its mtime is the LRU clock.
+
+use crate::config::Config;
+use crate::cp::state::valid_id;
+use crate::cp::wire::{AgentConfig, Invalid, Payload};
+use crate::sys::rsync;
+use crate::work::ctx::{CacheBook, Ctx, Shared};
+use crate::work::error::TaskError;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// A large dataset over NFS can take hours; a hung mount must not hold a deploy for ever.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Copied into the local cache, mounted read-only.
+    Dependency,
+    /// The share itself, mounted read-write.
+    ReadWrite,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub id: String,
+    pub name: String,
+    pub version: u64,
+    pub mode: Mode,
+    /// The source directory on the share (absolute, exists).
+    pub source: PathBuf,
+}
+
+pub fn objects_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("objects")
+}
+
+pub fn mounts_dir(data_dir: &Path, deployment_id: &str) -> PathBuf {
+    data_dir.join("mounts").join(deployment_id)
+}
+
+impl CacheBook {
+    /// Bytes used by cached dataset versions (reported as `used_storage_bytes`).
+    /// Remembered between changes: walking a large cache on every heartbeat would be real
+    /// I/O. Syncs forget it; eviction, which walks the cache anyway, records the new total.
+    pub fn bytes(&self, data_dir: &Path) -> u64 {
+        let mut total = self.total.lock().unwrap_or_else(|e| e.into_inner());
+        *total.get_or_insert_with(|| dir_bytes(&objects_dir(data_dir)))
+    }
+
+    fn set_total(&self, total: Option<u64>) {
+        *self.total.lock().unwrap_or_else(|e| e.into_inner()) = total;
+    }
+
+    fn pin(&self, p: &Path) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p.to_path_buf());
+    }
+
+    fn unpin(&self, pins: &[PathBuf]) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        for p in pins {
+            if let Some(i) = pinned.iter().position(|x| x == p) {
+                pinned.swap_remove(i);
+            }
+        }
+    }
+}
+
+pub fn dir_bytes(p: &Path) -> u64 {
+    let Ok(md) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if !md.is_dir() {
+        return md.len();
+    }
+    std::fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| dir_bytes(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// Removes a retired deployment's mount dir (symlinks only; the cache stays).
+pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), TaskError> {
+    if !valid_id(deployment_id) {
+        return Err(TaskError::Invalid(format!(
+            "deployment id {deployment_id:?} is not a valid id"
+        )));
+    }
+    let dir = mounts_dir(data_dir, deployment_id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TaskError::io(format!("cannot remove {}", dir.display()))(e)),
+    }
+}
+
+/// Parses and checks `datasets` without touching anything but `stat`.
+pub fn parse(p: &Payload, cp: &AgentConfig) -> Result<Vec<Dataset>, Invalid> {
+    let mut out: Vec<Dataset> = Vec::new();
+    for d in p.objects("datasets")? {
+        let ds = parse_one(&d, cp)?;
+        if out.iter().any(|o| o.name == ds.name) {
+            let field = d.field("name");
+            return Err(Invalid(format!(
+                "payload field `{field}`: {:?} appears twice",
+                ds.name
+            )));
+        }
+        out.push(ds);
+    }
+    Ok(out)
+}
+
+fn parse_one(d: &Payload, cp: &AgentConfig) -> Result<Dataset, Invalid> {
+    let bad = |key: &str, why: String| Invalid(format!("payload field `{}`: {why}", d.field(key)));
+    let name = d.required("name")?;
+    // The name becomes a path under mounts/ and a container path /data/<name>; ':' and
+    // ',' would split docker's -v syntax.
+    if name.contains(['/', '\\', ':', ',', '\0']) || name.contains("..") || name == "." {
+        let why = format!("{name:?} is not a valid dataset name (no '/', '..', ':' or ',')");
+        return Err(bad("name", why));
+    }
+    let mode = match d.str("mount_mode")? {
+        "dependency" => Mode::Dependency,
+        "readwrite" => Mode::ReadWrite,
+        // The Go agent bind-mounts anything else read-write (W-17); refuse instead.
+        m => {
+            let why = format!("{m:?} is not a mount mode (dependency or readwrite)");
+            return Err(bad("mount_mode", why));
+        }
+    };
+    let (id, version) = if mode == Mode::Dependency {
+        let id = d.required("id")?;
+        if !safe_component(id) {
+            return Err(bad(
+                "id",
+                format!("{id:?} cannot be used as a directory name"),
+            ));
+        }
+        let v = d.uint("version")?.ok_or_else(|| {
+            Invalid(format!(
+                "payload field `{}` is required",
+                d.field("version")
+            ))
+        })?;
+        (id.to_string(), v)
+    } else {
+        (d.str("id")?.to_string(), 0)
+    };
+    let source = source_dir(d, name, cp)?;
+    Ok(Dataset {
+        id,
+        name: name.to_string(),
+        version,
+        mode,
+        source,
+    })
+}
+
+/// `nfs_path`, absolute or under the dataset base path; it must exist.
+fn source_dir(d: &Payload, name: &str, cp: &AgentConfig) -> Result<PathBuf, Invalid> {
+    let nfs = d.required("nfs_path")?;
+    if Path::new(nfs).components().any(|c| c.as_os_str() == "..") {
+        let field = d.field("nfs_path");
+        return Err(Invalid(format!(
+            "payload field `{field}`: {nfs:?} contains '..'"
+        )));
+    }
+    let base = cp.dataset_nfs_base_path.trim();
+    let source = if Path::new(nfs).is_absolute() {
+        PathBuf::from(nfs)
+    } else if base.is_empty() {
+        return Err(Invalid("dataset NFS base path is not configured".into()));
+    } else {
+        Path::new(base).join(nfs)
+    };
+    let source = match std::fs::canonicalize(&source) {
+        Ok(s) if s.is_dir() => s,
+        _ => {
+            return Err(Invalid(format!(
+                "dataset `{name}`: source directory {} does not exist",
+                source.display()
+            )))
+        }
+    };
+    if source.to_string_lossy().contains([':', ',']) {
+        return Err(Invalid(format!(
+            "dataset `{name}`: source path {} contains ':' or ',', which docker -v cannot take",
+            source.display()
+        )));
+    }
+    Ok(source)
+}
+
+/// A path component we create ourselves: no separators, no dot names, no leading '-'.
+pub fn safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The `-v` values for a deploy. Holds pins on its cached versions until dropped, which the
+/// deployer does once the container runs (docker then reports the mounts) or is gone.
+pub struct Mounts<'a> {
+    pub volumes: Vec<String>,
+    pins: Vec<PathBuf>,
+    book: &'a CacheBook,
+}
+
+impl Drop for Mounts<'_> {
+    fn drop(&mut self) {
+        self.book.unpin(&self.pins);
+    }
+}
+
+/// Syncs dependency datasets into the cache, links them under mounts/<deployment_id> and
+/// returns the `-v` values (dependency mounts first, then read-write ones, as Go orders them).
+pub fn setup<'a>(
+    ctx: &'a Ctx,
+    deployment_id: &str,
+    list: &[Dataset],
+) -> Result<Mounts<'a>, TaskError> {
+    let mut m = Mounts {
+        volumes: Vec::new(),
+        pins: Vec::new(),
+        book: &ctx.shared.cache,
+    };
+    if list.is_empty() {
+        return Ok(m);
+    }
+    let data_dir = mountable_data_dir(ctx.cfg)?;
+    let mdir = mounts_dir(&data_dir, deployment_id);
+    let mut synced = false;
+    for d in list.iter().filter(|d| d.mode == Mode::Dependency) {
+        let target = objects_dir(&data_dir)
+            .join(&d.id)
+            .join(format!("v{}", d.version));
+        m.book.pin(&target);
+        m.pins.push(target.clone());
+        synced |= ensure(ctx, d, &target)?;
+        let what = format!("cannot create {}", mdir.display());
+        std::fs::create_dir_all(&mdir).map_err(TaskError::io(what))?;
+        let link = mdir.join(&d.name);
+        let what = format!("cannot link {}", link.display());
+        relink(&target, &link).map_err(TaskError::io(what))?;
+        m.volumes
+            .push(format!("{}:/data/{}:ro", link.display(), d.name));
+    }
+    for d in list.iter().filter(|d| d.mode == Mode::ReadWrite) {
+        ctx.say(&format!(
+            "Dataset {}: mounting {} read-write",
+            d.name,
+            d.source.display()
+        ));
+        m.volumes
+            .push(format!("{}:/data/{}:rw", d.source.display(), d.name));
+    }
+    if synced {
+        if let Err(e) = evict(ctx.cfg, ctx.shared, &|l| ctx.say(l)) {
+            ctx.say(&format!("Dataset cache eviction skipped: {e}"));
+        }
+    }
+    Ok(m)
+}
+
+/// DATA_DIR as docker needs it: absolute, and without ':' or ',' (they split its -v syntax).
+fn mountable_data_dir(cfg: &Config) -> Result<PathBuf, TaskError> {
+    let what = format!("DATA_DIR {}", cfg.data_dir.display());
+    let data_dir = std::fs::canonicalize(&cfg.data_dir).map_err(TaskError::io(what))?;
+    if data_dir.to_string_lossy().contains([':', ',']) {
+        return Err(TaskError::Invalid(format!(
+            "DATA_DIR {} contains ':' or ',', which docker -v cannot take",
+            data_dir.display()
+        )));
+    }
+    Ok(data_dir)
+}
+
+/// Makes `target` a complete copy of the dataset; true when it had to sync.
+fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
+    // One lock per dataset: concurrent deploys wait for one sync instead of racing.
+    ctx.shared.locks.with(&format!("dataset:{}", d.id), || {
+        if target.is_dir() {
+            touch(target);
+            ctx.say(&format!(
+                "Dataset {}: version {} is cached, nothing to copy",
+                d.name, d.version
+            ));
+            return Ok(false);
+        }
+        let dir = target.parent().unwrap_or(target);
+        let what = format!("cannot create {}", dir.display());
+        std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
+        remove_stale_temps(dir);
+        let tmp = dir.join(format!(".v{}.tmp-{}", d.version, std::process::id()));
+        let what = format!("cannot create {}", tmp.display());
+        std::fs::create_dir(&tmp).map_err(TaskError::io(what))?;
+        ctx.say(&format!(
+            "Dataset {}: copying version {} from {}",
+            d.name,
+            d.version,
+            d.source.display()
+        ));
+        if let Err(e) = sync_into(ctx, d, &tmp, target) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        touch(target);
+        ctx.shared.cache.set_total(None);
+        ctx.say(&format!(
+            "Dataset {}: cached {} bytes",
+            d.name,
+            dir_bytes(target)
+        ));
+        Ok(true)
+    })
+}
+
+/// Temp dirs start with '.', so they are never taken for a version. One whose process is
+/// gone is from an interrupted sync; ours are covered by the dataset lock.
+fn remove_stale_temps(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let owner = n.rsplit_once(".tmp-").map(|(_, pid)| pid.to_string());
+        let other_alive = owner.is_some_and(|pid| {
+            pid != std::process::id().to_string() && Path::new("/proc").join(&pid).exists()
+        });
+        if n.starts_with('.') && !other_alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// rsync into `tmp`, then the atomic rename that makes the version exist.
+fn sync_into(ctx: &Ctx, d: &Dataset, tmp: &Path, target: &Path) -> Result<(), TaskError> {
+    let limit = (SYNC_TIMEOUT, "dataset sync limit 6h");
+    rsync::mirror(&*ctx.shared.runner, &d.source, tmp, limit, &mut |l| {
+        (ctx.out)(l)
+    })
+    .map_err(|e| TaskError::from(e).context(format!("dataset `{}`", d.name)))?;
+    match std::fs::rename(tmp, target) {
+        // Another agent process sharing DATA_DIR finished the same version first.
+        Err(_) if target.is_dir() => {
+            let _ = std::fs::remove_dir_all(tmp);
+            Ok(())
+        }
+        r => r.map_err(TaskError::io(format!(
+            "dataset `{}`: cannot move the copy into place",
+            d.name
+        ))),
+    }
+}
+
+/// Points `link` at `target`, replacing an old link atomically.
+fn relink(target: &Path, link: &Path) -> std::io::Result<()> {
+    let name = link.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = link.with_file_name(format!(".{name}.link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    std::fs::rename(&tmp, link)
+}
+
+/// Marks a version as just used (its mtime is the LRU clock).
+fn touch(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+/// Deletes least-recently-used versions until the cache fits MAX_STORAGE, skipping every
+/// version a managed container (running or stopped, as a rollback may restart it) mounts or
+/// an in-flight deploy has pinned.
+pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), TaskError> {
+    let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
+        return Ok(());
+    };
+    let book = &shared.cache;
+    let root = objects_dir(&data_dir);
+    let mut total = dir_bytes(&root);
+    book.set_total(Some(total));
+    if total <= cfg.max_storage {
+        return Ok(());
+    }
+    let in_use = shared.docker(cfg).managed_mounts()?;
+    let pinned = book.pinned.lock().unwrap_or_else(|e| e.into_inner());
+    for v in versions_by_age(&root) {
+        if total <= cfg.max_storage {
+            break;
+        }
+        if pinned.contains(&v) || in_use.contains(&v) {
+            continue;
+        }
+        let bytes = dir_bytes(&v);
+        if let Err(e) = std::fs::remove_dir_all(&v) {
+            say(&format!("Dataset cache: cannot evict {}: {e}", v.display()));
+            continue;
+        }
+        total = total.saturating_sub(bytes);
+        say(&format!(
+            "Dataset cache: evicted {} ({bytes} bytes)",
+            v.display()
+        ));
+        if let Some(parent) = v.parent() {
+            let _ = std::fs::remove_dir(parent); // only succeeds when empty
+        }
+    }
+    drop(pinned);
+    book.set_total(Some(total));
+    if total > cfg.max_storage {
+        say(&format!(
+            "Dataset cache: {total} bytes is over MAX_STORAGE ({}), but the rest is in use",
+            cfg.max_storage
+        ));
+    }
+    Ok(())
+}
+
+/// Every cached version dir, least recently used first.
+fn versions_by_age(root: &Path) -> Vec<PathBuf> {
+    let mut versions: Vec<(SystemTime, PathBuf)> = Vec::new();
+    for ds in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for v in std::fs::read_dir(ds.path()).into_iter().flatten().flatten() {
+            if v.file_name().to_string_lossy().starts_with('v') {
+                let t = v.metadata().and_then(|m| m.modified());
+                versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path()));
+            }
+        }
+    }
+    versions.sort();
+    versions.into_iter().map(|(_, p)| p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_v(v: serde_json::Value, base: &str) -> Result<Vec<Dataset>, String> {
+        let cp = AgentConfig {
+            dataset_nfs_base_path: base.into(),
+            ..AgentConfig::default()
+        };
+        parse(&Payload::of(&v).unwrap(), &cp).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn rejects_bad_names_ids_and_paths_naming_the_field() {
+        let base = std::env::temp_dir();
+        let base = base.to_str().unwrap();
+        let ds = |name: &str, id: &str, nfs: &str| json!({"datasets":[{"id":id,"name":name,"nfs_path":nfs,"version":1,"mount_mode":"dependency"}]});
+        for bad in ["", "a/b", "..", "x..y", "a:b", "."] {
+            let e = parse_v(ds(bad, "d1", "."), base).unwrap_err().to_string();
+            assert!(e.contains("datasets[0].name"), "{bad:?}: {e}");
+        }
+        for bad in ["../x", "a/b", ".hidden", "-rf", ""] {
+            let e = parse_v(ds("n", bad, "."), base).unwrap_err().to_string();
+            assert!(e.contains("datasets[0].id"), "{bad:?}: {e}");
+        }
+        let e = parse_v(ds("n", "d1", "../etc"), base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("datasets[0].nfs_path"), "{e}");
+        let e = parse_v(ds("n", "d1", "rel"), "").unwrap_err().to_string();
+        assert_eq!(e, "dataset NFS base path is not configured");
+        let e = parse_v(ds("n", "d1", "no-such-dir-4242"), base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no-such-dir-4242") && e.contains("does not exist"),
+            "{e}"
+        );
+        let v = json!({"datasets":[{"id":"d","name":"n","nfs_path":".","version":1,"mount_mode":"rw"}]});
+        assert!(parse_v(v, base)
+            .unwrap_err()
+            .to_string()
+            .contains("mount_mode"));
+        let v =
+            json!({"datasets":[{"id":"d","name":"n","nfs_path":".","mount_mode":"dependency"}]});
+        assert!(parse_v(v, base)
+            .unwrap_err()
+            .to_string()
+            .contains("datasets[0].version"));
+        let v = json!({"datasets":[{"id":"d","name":"n","nfs_path":".","version":2.0,"mount_mode":"dependency"}]});
+        assert_eq!(parse_v(v, base).unwrap()[0].version, 2);
+        assert!(parse_v(json!({"datasets": null}), "").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,590 @@
+//! Deploy role: runs an app image as `muvee-<domain_prefix>` and reports its host port.
+//!
+//! Unlike the Go agent (which removes the running container first, W-12), a replacement
+//! never interrupts the app: the old container is renamed aside and keeps serving until
+//! the new one answers HTTP; on any failure the new one is removed and the old one renamed
+//! back. The old one is removed after DEPLOY_DRAIN, in the background, because the control
+//! plane only switches Traefik to the new port once it has our report.
+
+use crate::config::Config;
+use crate::cp::state::valid_id;
+use crate::cp::wire::{Invalid, Payload};
+use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
+use crate::sys::executor::fmt_duration;
+use crate::sys::{redact, signal};
+use crate::work::ctx::{Ctx, Shared};
+use crate::work::datasets::{self, Dataset};
+use crate::work::error::TaskError;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// `domain_prefix` becomes a container name and a Traefik host: it must be a DNS label.
+pub fn domain_prefix<'a>(p: &Payload<'a>) -> Result<&'a str, Invalid> {
+    let v = p.required("domain_prefix")?;
+    let ok = v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if !ok {
+        return Err(Invalid(format!(
+            "payload field `domain_prefix`: {v:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
+        )));
+    }
+    Ok(v)
+}
+
+/// A validated deploy payload.
+struct Spec<'a> {
+    image: &'a str,
+    prefix: &'a str,
+    deployment_id: &'a str,
+    port: u16,
+    fixed_port: Option<u16>,
+    memory: &'a str,
+    /// Workspace volume: host dir and container path.
+    workspace: Option<(PathBuf, &'a str)>,
+    env: Vec<(String, String)>,
+    datasets: Vec<Dataset>,
+}
+
+/// `deploy`: replaces the app's container; returns the new host port.
+pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
+    let p = Payload::of(&ctx.task.payload)?;
+    let spec = parse(ctx, &p)?;
+    ctx.shared
+        .locks
+        .with(&lock_key(spec.prefix), || replace(ctx, &spec))
+}
+
+fn lock_key(prefix: &str) -> String {
+    format!("deploy:{prefix}")
+}
+
+/// Checks the whole payload before anything runs; every error names its field.
+fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
+    let env = parse_env(p)?;
+    let prefix = domain_prefix(p)?;
+    let image = p.required("image_tag")?;
+    if !image_ref(image) {
+        return Err(invalid(format!(
+            "payload field `image_tag`: {image:?} is not an image reference"
+        )));
+    }
+    let deployment_id = match p.str("deployment_id")? {
+        "" => ctx.task.deployment_id.as_str(),
+        d => d,
+    };
+    if !valid_id(deployment_id) {
+        return Err(invalid(format!(
+            "payload field `deployment_id`: {deployment_id:?} is not a valid id"
+        )));
+    }
+    let port = port_field(p, "container_port")?.unwrap_or(8080);
+    let fixed_port = port_field(p, "fixed_host_port")?;
+    let memory = p.str("memory_limit")?.trim();
+    if !memory.is_empty() && !docker_size(memory) {
+        return Err(invalid(format!(
+            "payload field `memory_limit`: {memory:?} is not a size like 512m or 4g"
+        )));
+    }
+    let workspace = parse_workspace(p, &ctx.cp.volume_nfs_base_path)?;
+    let datasets = datasets::parse(p, ctx.cp)?;
+    Ok(Spec {
+        image,
+        prefix,
+        deployment_id,
+        port,
+        fixed_port,
+        memory,
+        workspace,
+        env,
+        datasets,
+    })
+}
+
+fn invalid(msg: String) -> TaskError {
+    TaskError::Invalid(msg)
+}
+
+fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
+    match p.uint(key)? {
+        None | Some(0) => Ok(None),
+        Some(n) => u16::try_from(n).map(Some).map_err(|_| {
+            Invalid(format!(
+                "payload field `{key}`: {n} is not a port (1-65535)"
+            ))
+        }),
+    }
+}
+
+/// `env_vars`, registered for redaction before anything can log them.
+fn parse_env(p: &Payload) -> Result<Vec<(String, String)>, Invalid> {
+    let env = p.string_map("env_vars")?;
+    for (_, v) in &env {
+        redact::add_weak(v);
+    }
+    for (k, v) in &env {
+        let why = if !env_name(k) {
+            return Err(Invalid(format!(
+                "payload field `env_vars`: {k:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            )));
+        } else if v.contains('\0') {
+            "the value contains a NUL byte"
+        } else if cli_reads(k) && v.contains(['\n', '\r']) {
+            "a value with a line break cannot be passed for a name the docker CLI reads itself"
+        } else {
+            continue;
+        };
+        return Err(Invalid(format!("payload field `env_vars.{k}`: {why}")));
+    }
+    Ok(env)
+}
+
+/// The workspace volume: VOLUME_NFS_BASE_PATH/<project_id> mounted at `volume_mount_path`.
+fn parse_workspace<'a>(p: &Payload<'a>, base: &str) -> Result<Option<(PathBuf, &'a str)>, Invalid> {
+    let mount_path = p.str("volume_mount_path")?;
+    if !mount_path.is_empty() && !container_path(mount_path) {
+        return Err(Invalid(format!(
+            "payload field `volume_mount_path`: {mount_path:?} must be an absolute path without '..', ':' or ','"
+        )));
+    }
+    let base = base.trim();
+    if mount_path.is_empty() || base.is_empty() {
+        return Ok(None);
+    }
+    let project = p.required("project_id")?;
+    if !valid_id(project) {
+        return Err(Invalid(format!(
+            "payload field `project_id`: {project:?} is not a valid id"
+        )));
+    }
+    if base.contains([':', ',']) {
+        return Err(Invalid(format!(
+            "volume NFS base path {base:?} contains ':' or ',', which docker -v cannot take"
+        )));
+    }
+    Ok(Some((Path::new(base).join(project), mount_path)))
+}
+
+/// `[registry[:port]/]path[:tag][@digest]`, loosely: the daemon has the final word, this
+/// only keeps option-like and malformed values away from argv.
+fn image_ref(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 512
+        && !s.starts_with(['-', '/', ':', '@', '.'])
+        && !s.ends_with(['/', ':', '@'])
+        && !s.contains("//")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+}
+
+/// Docker's RAMInBytes syntax: `123`, `1.5g`, `512MB`, `4GiB`.
+fn docker_size(s: &str) -> bool {
+    let digits = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let unit = unit.to_ascii_lowercase();
+    let unit = unit.trim_start_matches(' ');
+    num.parse::<f64>().is_ok_and(|n| n.is_finite())
+        && matches!(
+            unit,
+            "" | "b"
+                | "k"
+                | "kb"
+                | "kib"
+                | "m"
+                | "mb"
+                | "mib"
+                | "g"
+                | "gb"
+                | "gib"
+                | "t"
+                | "tb"
+                | "tib"
+        )
+}
+
+fn container_path(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.contains([':', ',', '\0'])
+        && !Path::new(p).components().any(|c| c.as_os_str() == "..")
+}
+
+fn env_name(k: &str) -> bool {
+    let mut b = k.bytes();
+    b.next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// The app's current container and the leftovers of interrupted replacements.
+fn app_containers(docker: &Docker, prefix: &str) -> Result<(Option<PsRow>, Vec<PsRow>), TaskError> {
+    let main = format!("muvee-{prefix}");
+    let aside = format!("muvee-{prefix}-old-");
+    let (mut current, mut leftovers) = (None, Vec::new());
+    for c in docker.ps(true, &main)? {
+        if c.name == main {
+            current = Some(c);
+        } else if c.name.starts_with(&aside)
+            && (c.domain_prefix.is_empty() || c.domain_prefix == prefix)
+        {
+            // Another app may be called `<prefix>-old-x`: its label says so.
+            leftovers.push(c);
+        }
+    }
+    Ok((current, leftovers))
+}
+
+fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+    let r = replace_inner(ctx, s);
+    if r.is_err() {
+        // This deployment's mount dir, unless the container that keeps running uses it.
+        let (current, _) = app_containers(&ctx.docker(), s.prefix).unwrap_or_default();
+        if current.map_or(true, |c| c.deployment_id != s.deployment_id) {
+            let _ = datasets::remove_mounts(&ctx.cfg.data_dir, s.deployment_id);
+        }
+    }
+    r
+}
+
+/// The container being replaced, renamed aside, and whether we stopped it.
+struct Old {
+    c: PsRow,
+    stopped: bool,
+}
+
+fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+    // A previous deploy of this app may still be draining its old container.
+    ctx.shared.retiring.wait(Some(s.prefix));
+    ensure_image(ctx, s.image)?;
+    let mounts = datasets::setup(ctx, s.deployment_id, &s.datasets)?;
+    let mut volumes = mounts.volumes.clone();
+    if let Some((dir, path)) = &s.workspace {
+        let what = format!("cannot create workspace {}", dir.display());
+        std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
+        let what = format!("workspace {}", dir.display());
+        let dir = std::fs::canonicalize(dir).map_err(TaskError::io(what))?;
+        volumes.push(format!("{}:{path}:rw", dir.display()));
+    }
+    let name = format!("muvee-{}", s.prefix);
+    let (old, leftovers) = set_aside(ctx, s, &name)?;
+    let started = start(ctx, s, &name, volumes).and_then(|()| wait_healthy(ctx, s, &name));
+    match started {
+        Ok(port) => {
+            ctx.say(&format!(
+                "Container {name} is healthy, listening on host port {port}."
+            ));
+            retire_old(ctx, s, old, leftovers);
+            Ok(port)
+        }
+        Err(reason) => Err(roll_back(ctx, s, &name, old.as_ref(), reason)),
+    }
+}
+
+/// Renames the current container aside (it keeps serving) and stops it only when it holds
+/// the fixed host port. Returns it and the leftovers of interrupted replacements.
+fn set_aside(ctx: &Ctx, s: &Spec, name: &str) -> Result<(Option<Old>, Vec<PsRow>), TaskError> {
+    let docker = ctx.docker();
+    let (current, mut leftovers) = app_containers(&docker, s.prefix)?;
+    let old = match current {
+        Some(c) => {
+            let aside = format!("muvee-{}-old-{}", s.prefix, &c.id[..c.id.len().min(12)]);
+            ctx.say(&format!(
+                "Renaming the current container to {aside}; it keeps serving until the new one is healthy"
+            ));
+            docker.rename(name, &aside)?;
+            Some(PsRow { name: aside, ..c })
+        }
+        // The agent died after renaming the old container aside: that one still serves
+        // (Traefik points at it), so it is the one to restore on failure.
+        None => leftovers
+            .iter()
+            .position(|c| c.running)
+            .map(|i| leftovers.remove(i))
+            .inspect(|c| {
+                ctx.say(&format!(
+                    "{} was left aside by an interrupted deploy; it keeps serving until the new one is healthy",
+                    c.name
+                ))
+            }),
+    };
+    let Some(c) = old else {
+        return Ok((None, leftovers));
+    };
+    // A fixed host port cannot be bound twice: the old container has to let go first.
+    let holds_fixed = |o: &PsRow| {
+        let ports = docker.ports(&o.name, None).unwrap_or_default();
+        ports.iter().any(|p| Some(p.0) == s.fixed_port)
+    };
+    let stopped = match s.fixed_port {
+        Some(fixed) if c.running && holds_fixed(&c) => {
+            ctx.say(&format!(
+                "Stopping {} to free fixed host port {fixed}",
+                c.name
+            ));
+            if let Err(e) = docker.stop(&c.name) {
+                let _ = docker.rename(&c.name, name);
+                return Err(TaskError::from(e).context("cannot stop the current container"));
+            }
+            true
+        }
+        _ => false,
+    };
+    Ok((Some(Old { c, stopped }), leftovers))
+}
+
+/// After a healthy start: the old container drains for DEPLOY_DRAIN (if it still served),
+/// then it and the leftovers are removed in the background.
+fn retire_old(ctx: &Ctx, s: &Spec, old: Option<Old>, leftovers: Vec<PsRow>) {
+    let mut victims = leftovers;
+    let mut drain = Duration::ZERO;
+    if let Some(o) = old {
+        if o.c.running && !o.stopped {
+            drain = ctx.cfg.deploy_drain;
+        }
+        victims.push(o.c);
+    }
+    if victims.is_empty() {
+        return;
+    }
+    if !drain.is_zero() {
+        ctx.say(&format!(
+            "The previous container is removed after {} (DEPLOY_DRAIN).",
+            fmt_duration(drain)
+        ));
+    }
+    retire(ctx.cfg, ctx.shared, s, victims, drain);
+}
+
+/// Removes the failed new container and puts the old one back; the error says what
+/// happened to each. A cancel stays a cancel once the old container is back.
+fn roll_back(ctx: &Ctx, s: &Spec, name: &str, old: Option<&Old>, reason: TaskError) -> TaskError {
+    let docker = ctx.docker();
+    let logs = docker.logs_tail(name, 20);
+    let mut msg = format!("deploy failed: {reason}");
+    if let Err(e) = docker.remove(name) {
+        msg.push_str(&format!("; could not remove the new container: {e}"));
+    }
+    if let Some(o) = old {
+        match restore(ctx, s, name, o) {
+            Ok(()) if o.c.running => msg.push_str("; the previous container keeps serving"),
+            Ok(()) => msg.push_str(&format!("; the previous container is back as {name}")),
+            Err(e) => msg.push_str(&format!(
+                "; could not restore the previous container {}: {e}",
+                o.c.name
+            )),
+        }
+    }
+    if reason.is_canceled() {
+        return TaskError::Canceled;
+    }
+    if !logs.is_empty() {
+        msg.push_str(&format!("\nlast log lines of the new container:\n{logs}"));
+    }
+    TaskError::Failed(msg)
+}
+
+/// Renames the old container back, restarting it if we stopped it; reports only once the
+/// restored app serves again (best effort).
+fn restore(ctx: &Ctx, s: &Spec, name: &str, o: &Old) -> Result<(), TaskError> {
+    let docker = ctx.docker();
+    docker.rename(&o.c.name, name)?;
+    if o.stopped {
+        docker.start(name)?;
+        let until = Instant::now() + ctx.cfg.deploy_health_timeout;
+        let port = s.fixed_port.unwrap_or_default();
+        while !http_answers(port, true) && Instant::now() < until {
+            std::thread::sleep(PROBE_EVERY);
+        }
+    }
+    Ok(())
+}
+
+/// Pulls the image unless it is present, so a bad tag fails before anything is touched.
+fn ensure_image(ctx: &Ctx, image: &str) -> Result<(), TaskError> {
+    let docker = ctx.docker();
+    if let Ok(true) = docker.image_present(image) {
+        return Ok(());
+    }
+    ctx.say(&format!("Pulling {image}..."));
+    Ok(docker.pull(image, &mut |l| (ctx.out)(l))?)
+}
+
+fn start(ctx: &Ctx, s: &Spec, name: &str, volumes: Vec<String>) -> Result<(), TaskError> {
+    let labels = vec![
+        format!("muvee.domain_prefix={}", s.prefix),
+        format!("muvee.expose_port={}", s.port),
+        format!("muvee.deployment_id={}", s.deployment_id),
+        "muvee.managed=true".to_string(),
+    ];
+    let spec = RunSpec {
+        name,
+        image: s.image,
+        publish: format!("{}:{}", s.fixed_port.unwrap_or(0), s.port),
+        labels,
+        memory: s.memory,
+        volumes,
+        env: &s.env,
+    };
+    let docker = ctx.docker();
+    let cmd = docker.run_cmd(&spec);
+    ctx.say(&format!("Starting container: {}", cmd.display()));
+    Ok(docker.run(&cmd, &mut |l| (ctx.out)(l))?)
+}
+
+/// Healthy = running, never restarted, and something answers HTTP on the host port. A TCP
+/// connect proves nothing: docker-proxy accepts connections even when the app is not up.
+fn wait_healthy(ctx: &Ctx, s: &Spec, name: &str) -> Result<u16, TaskError> {
+    let docker = ctx.docker();
+    let deadline = Instant::now() + ctx.cfg.deploy_health_timeout;
+    let mut port = None;
+    loop {
+        let st = docker.state(name)?;
+        if st.status != "running" || st.restarts != 0 {
+            return Err(TaskError::Failed(format!(
+                "the container is {} (exit code {}, restarted {} times)",
+                st.status, st.exit_code, st.restarts
+            )));
+        }
+        let (p, v4) = match port {
+            Some(p) => p,
+            None => *port.insert(docker.host_port(name, s.port)?),
+        };
+        if http_answers(p, v4) {
+            return Ok(p);
+        }
+        if Instant::now() >= deadline {
+            return Err(TaskError::Failed(format!(
+                "no HTTP answer on host port {p} within {} (DEPLOY_HEALTH_TIMEOUT)",
+                fmt_duration(ctx.cfg.deploy_health_timeout)
+            )));
+        }
+        if signal::cancel_requested() {
+            return Err(TaskError::Canceled);
+        }
+        std::thread::sleep(PROBE_EVERY);
+    }
+}
+
+/// True when the port answers an HTTP request with any status line.
+fn http_answers(port: u16, v4: bool) -> bool {
+    let addr: SocketAddr = if v4 {
+        ([127, 0, 0, 1], port).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, port).into()
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(3)));
+    let mut head = [0u8; 5];
+    s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\nUser-Agent: muvee-agent\r\n\r\n")
+        .is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && &head == b"HTTP/"
+}
+
+/// Removes `victims` after `drain` on a background thread (the report goes out first), then
+/// the mount dirs of deployments they belonged to, then evicts the cache if it is over.
+fn retire(cfg: &Config, shared: &Arc<Shared>, s: &Spec, victims: Vec<PsRow>, drain: Duration) {
+    let jobs = shared.clone();
+    let (cfg, shared) = (cfg.clone(), shared.clone());
+    let mut deps: Vec<String> = victims
+        .iter()
+        .map(|v| v.deployment_id.clone())
+        .filter(|d| !d.is_empty() && d != s.deployment_id)
+        .collect();
+    deps.dedup();
+    let work = move || {
+        let end = Instant::now() + drain;
+        while Instant::now() < end && !signal::cancel_requested() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let docker = shared.docker(&cfg);
+        for v in &victims {
+            match docker.remove(&v.name) {
+                Ok(()) => log::info!("removed previous container {}", v.name),
+                Err(e) => log::warn!("cannot remove previous container {}: {e}", v.name),
+            }
+        }
+        for d in &deps {
+            if let Err(e) = datasets::remove_mounts(&cfg.data_dir, d) {
+                log::warn!("{e}");
+            }
+        }
+        if let Err(e) = datasets::evict(&cfg, &shared, &|l| log::info!("{l}")) {
+            log::warn!("dataset cache eviction skipped: {e}");
+        }
+    };
+    let prefix = s.prefix;
+    if let Err(e) = jobs
+        .retiring
+        .spawn(prefix, format!("retire-{prefix}"), work)
+    {
+        log::warn!(
+            "cannot start a thread to remove the previous container: {e}; the next deploy or cleanup of {prefix} removes it"
+        );
+    }
+}
+
+/// Removes `muvee-<prefix>`, the leftovers of interrupted replacements and the mount dirs
+/// of the deployments they ran; containers that do not exist are success.
+pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
+    let docker = ctx.docker();
+    ctx.shared.locks.with(&lock_key(prefix), || {
+        let (current, leftovers) = app_containers(&docker, prefix)?;
+        // By name too: containers of the Go agent carry no labels.
+        docker.remove(&format!("muvee-{prefix}"))?;
+        for c in &leftovers {
+            docker.remove(&c.name)?;
+        }
+        for c in current.iter().chain(&leftovers) {
+            if !c.deployment_id.is_empty() {
+                datasets::remove_mounts(&ctx.cfg.data_dir, &c.deployment_id)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validators() {
+        for ok in [
+            "registry.example.com/7a7a:1a2b3c",
+            "127.0.0.1:5000/muvee-test/busybox:latest",
+            "busybox",
+            "r/p@sha256:abcdef",
+        ] {
+            assert!(image_ref(ok), "{ok}");
+        }
+        for bad in ["", "-v", "--privileged", "a b", "x:", "a//b", "/abs", "a;b"] {
+            assert!(!image_ref(bad), "{bad}");
+        }
+        for ok in ["4g", "512m", "1.5g", "4GB", "4GiB", "1024", "100 m"] {
+            assert!(docker_size(ok), "{ok}");
+        }
+        for bad in ["-1", "4x", "g", "4gg", ""] {
+            assert!(!docker_size(bad), "{bad}");
+        }
+        assert!(container_path("/data/workspace"));
+        for bad in ["data", "/a/../b", "/a:b", "/a,b"] {
+            assert!(!container_path(bad), "{bad}");
+        }
+        assert!(env_name("_A1") && env_name("DATABASE_URL"));
+        for bad in ["", "1A", "A-B", "A=B", "A B"] {
+            assert!(!env_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Runs one task, the same way for the agent loop and `run-task`: validates the payload,
+//! dispatches on the type and turns the outcome into a completion body. Never panics on
+//! input: every problem becomes a `failed` report that says what was wrong.
+
+use crate::cp::wire::{Completion, Payload};
+use crate::sys::redact;
+use crate::work::ctx::Ctx;
+use crate::work::error::TaskError;
+use crate::work::{builder, datasets, deployer};
+
+pub fn execute(ctx: &Ctx) -> Completion {
+    match run(ctx) {
+        Ok(c) => c,
+        Err(e) => report(&e),
+    }
+}
+
+/// The one place a task error becomes report text; our own messages may quote payload
+/// values, so they are scrubbed like every output line.
+pub fn report(e: &TaskError) -> Completion {
+    Completion::failed(redact::scrub(&e.to_string()).into_owned())
+}
+
+fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
+    let mode = ctx
+        .task
+        .payload
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .unwrap_or("");
+    match ctx.task.kind.as_str() {
+        // Today's compose and image projects: say so rather than fail on a missing field.
+        "deploy" | "cleanup" if !mode.is_empty() => Err(TaskError::Unsupported(format!(
+            "payload field `mode`: {mode:?} deployments are not supported by muvee-agent {}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        "build" => builder::build(ctx).map(|tag| Completion {
+            image_tag: Some(tag),
+            ..Completion::completed()
+        }),
+        "deploy" => deployer::deploy(ctx).map(|port| Completion {
+            host_port: Some(port),
+            ..Completion::completed()
+        }),
+        "cleanup" => cleanup(ctx).map(|()| Completion::completed()),
+        "" => Err(TaskError::Invalid("task has no type".into())),
+        other => Err(unknown_type(other)),
+    }
+}
+
+pub fn unknown_type(kind: &str) -> TaskError {
+    TaskError::Unsupported(format!(
+        "unknown task type {kind:?}: muvee-agent {} does not run it",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// Task types muvee-agent runs (on the role that serves them).
+pub fn known_type(kind: &str) -> bool {
+    matches!(kind, "build" | "deploy" | "cleanup")
+}
+
+/// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the
+/// leftovers of an interrupted replacement, and the deployment's dataset mount dir.
+fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
+    let p = Payload::of(&ctx.task.payload)?;
+    let prefix = deployer::domain_prefix(&p)?;
+    deployer::remove_app(ctx, prefix)?;
+    if !ctx.task.deployment_id.is_empty() {
+        datasets::remove_mounts(&ctx.cfg.data_dir, &ctx.task.deployment_id)?;
+    }
+    Ok(())
+}
