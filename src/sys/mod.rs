@@ -2,6 +2,8 @@
 
 pub mod docker;
 pub mod executor;
+#[cfg(test)]
+pub mod fake;
 pub mod git;
 pub mod redact;
 pub mod rsync;

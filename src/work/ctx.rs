@@ -73,3 +73,90 @@ impl Ctx<'_> {
         self.shared.docker(self.cfg)
     }
 }
+
+/// A task context over a scripted runner, for the roles' unit tests.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+    use crate::cli::Args;
+    use crate::sys::fake::Fake;
+
+    pub struct Harness {
+        pub cfg: Config,
+        pub cp: AgentConfig,
+        pub fake: Arc<Fake>,
+        pub shared: Arc<Shared>,
+        pub lines: Mutex<Vec<String>>,
+        pub dir: PathBuf,
+    }
+
+    impl Harness {
+        /// `env` adds to NODE_ROLE/DATA_DIR defaults (DEPLOY_DRAIN=0s unless given).
+        pub fn new(name: &str, env: &[(&str, &str)]) -> Harness {
+            let dir = std::env::temp_dir()
+                .join(format!("muvee-agent-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let data = dir.join("data").to_string_lossy().into_owned();
+            let mut vars: Vec<(String, String)> = vec![
+                ("DATA_DIR".into(), data),
+                ("DEPLOY_DRAIN".into(), "0s".into()),
+                ("DEPLOY_HEALTH_TIMEOUT".into(), "2s".into()),
+            ];
+            vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let lookup = move |k: &str| {
+                vars.iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
+            let cfg = Config::load(&Args::default(), &lookup).unwrap();
+            cfg.prepare_data_dir().unwrap();
+            let fake = Fake::new();
+            let shared = Arc::new(Shared::new(&cfg, fake.clone()));
+            Harness {
+                cfg,
+                cp: AgentConfig::default(),
+                fake,
+                shared,
+                lines: Mutex::default(),
+                dir,
+            }
+        }
+
+        /// Runs `f` with a context for a task of `kind` with `payload`.
+        pub fn with<T>(
+            &self,
+            kind: &str,
+            payload: serde_json::Value,
+            f: impl FnOnce(&Ctx) -> T,
+        ) -> T {
+            let task = Task {
+                id: "t1".into(),
+                kind: kind.into(),
+                deployment_id: "dep-1".into(),
+                payload,
+            };
+            let out = |l: &str| self.lines.lock().unwrap().push(l.to_string());
+            let ctx = Ctx {
+                cfg: &self.cfg,
+                cp: &self.cp,
+                task: &task,
+                shared: &self.shared,
+                out: &out,
+            };
+            f(&ctx)
+        }
+
+        pub fn said(&self) -> String {
+            self.lines.lock().unwrap().join("\n")
+        }
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.shared.retiring.wait(None);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -558,6 +558,226 @@ pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::fake::Reply;
+    use crate::work::ctx::testing::Harness;
+    use crate::work::dispatch;
+    use serde_json::json;
+    use std::net::TcpListener;
+
+    const ROW: &str = "abcdef1234567890\tmuvee-app\trunning\tapp\tdep-0\t8080";
+    const ASIDE: &str = "muvee-app-old-abcdef123456";
+
+    /// A port that answers HTTP, like a healthy app behind docker-proxy.
+    fn http_port() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nok");
+            }
+        });
+        port
+    }
+
+    /// A node where `muvee-app` runs and every docker call succeeds.
+    fn node(name: &str, app_port: u16) -> Harness {
+        let h = Harness::new(
+            name,
+            &[("NODE_ROLE", "deploy"), ("DEPLOY_HEALTH_TIMEOUT", "1s")],
+        );
+        let f = &h.fake;
+        f.on("docker image inspect", Reply::Ok("sha256:1".into()));
+        f.on(
+            "docker ps -a --filter name=muvee-app",
+            Reply::Ok(ROW.into()),
+        );
+        f.on(
+            "docker inspect --format",
+            Reply::Ok("running 0 0 false".into()),
+        );
+        let port = format!("0.0.0.0:{app_port}");
+        f.on("docker port muvee-app 8080/tcp", Reply::Ok(port));
+        f.on("docker logs", Reply::Ok("app log line".into()));
+        h
+    }
+
+    fn deploy_with(h: &Harness, extra: serde_json::Value) -> Result<u16, TaskError> {
+        let mut p = json!({"image_tag": "r/app:1", "domain_prefix": "app",
+                           "deployment_id": "dep-1", "container_port": 8080});
+        if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+            p.extend(extra.clone());
+        }
+        let r = h.with("deploy", p, deploy);
+        h.shared.retiring.wait(None);
+        r
+    }
+
+    fn text(r: &Result<u16, TaskError>) -> String {
+        match r {
+            Ok(p) => format!("ok {p}"),
+            Err(e) => dispatch::report(e).result.unwrap_or_default(),
+        }
+    }
+
+    /// The index of the first call starting with `prefix` (panics when it never ran).
+    fn at(h: &Harness, prefix: &str) -> usize {
+        let calls = h.fake.calls();
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix:?} never ran: {calls:#?}"))
+    }
+
+    #[test]
+    fn a_healthy_replacement_retires_the_old_container_after_the_new_one_answers() {
+        let h = node("dep-ok", http_port());
+        let r = deploy_with(&h, json!({}));
+        assert!(r.is_ok(), "{}", text(&r));
+        let order = [
+            "docker rename muvee-app muvee-app-old-abcdef123456",
+            "docker run -d --name muvee-app",
+            "docker inspect --format",
+            &format!("docker rm -f {ASIDE}"),
+        ];
+        let idx: Vec<usize> = order.iter().map(|c| at(&h, c)).collect();
+        assert!(idx.windows(2).all(|w| w[0] < w[1]), "{:#?}", h.fake.calls());
+        assert!(h.said().contains("is healthy, listening on host port"));
+    }
+
+    #[test]
+    fn each_failed_step_of_a_replacement_puts_the_old_container_back() {
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // (step, rule prefix, reply, expected report text, whether the new container ran)
+        let cases: Vec<(&str, &str, Reply, &str, bool)> = vec![
+            ("pull", "docker pull", Reply::Fail(1, "pull access denied".into()),
+             "docker pull exited 1: pull access denied", false),
+            ("rename aside", "docker rename muvee-app ", Reply::Fail(1, "conflict".into()),
+             "docker rename exited 1: conflict", false),
+            ("run", "docker run", Reply::Fail(125, "bad flag".into()),
+             "deploy failed: docker run exited 125: bad flag; the previous container keeps serving", true),
+            ("health", "docker inspect --format", Reply::Ok("restarting 1 3 false".into()),
+             "deploy failed: the container is restarting (exit code 3, restarted 1 times); the previous container keeps serving\nlast log lines of the new container:\napp log line", true),
+            ("port", "docker port muvee-app 8080/tcp", Reply::Ok(String::new()),
+             "deploy failed: cannot read the host port from `docker port`: \"\"", true),
+            ("http", "docker port muvee-app 8080/tcp", Reply::Ok(format!("0.0.0.0:{closed}")),
+             &*format!("deploy failed: no HTTP answer on host port {closed} within 1s (DEPLOY_HEALTH_TIMEOUT)").leak(), true),
+        ];
+        for (step, prefix, reply, expect, ran) in cases {
+            let h = node(&format!("dep-fail-{}", step.replace(' ', "-")), http_port());
+            if step == "pull" {
+                h.fake.on(
+                    "docker image inspect",
+                    Reply::Fail(1, "Error: No such image: r/app:1".into()),
+                );
+            }
+            h.fake.on(prefix, reply);
+            let r = deploy_with(&h, json!({}));
+            let why = text(&r);
+            assert!(why.starts_with(expect), "{step}: {why}");
+            assert_eq!(
+                !h.fake.ran("docker run").is_empty(),
+                ran,
+                "{step}: {:#?}",
+                h.fake.calls()
+            );
+            if ran {
+                // The new container goes, the old one gets its name back, in that order.
+                assert!(
+                    at(&h, "docker rm -f muvee-app")
+                        < at(&h, &format!("docker rename {ASIDE} muvee-app")),
+                    "{step}"
+                );
+            }
+            assert!(
+                h.fake.ran(&format!("docker rm -f {ASIDE}")).is_empty(),
+                "{step}: old one removed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cancel_during_the_run_rolls_back_and_reports_canceled() {
+        let h = node("dep-cancel", http_port());
+        h.fake.on("docker run", Reply::Canceled);
+        let r = deploy_with(&h, json!({}));
+        assert!(matches!(r, Err(TaskError::Canceled)), "{}", text(&r));
+        assert_eq!(text(&r), "canceled: agent shutting down");
+        at(&h, &format!("docker rename {ASIDE} muvee-app"));
+    }
+
+    #[test]
+    fn a_failed_retire_does_not_fail_a_healthy_deploy() {
+        let port = http_port();
+        let h = node("dep-retire", port);
+        h.fake.on(
+            &format!("docker rm -f {ASIDE}"),
+            Reply::Fail(1, "device busy".into()),
+        );
+        assert_eq!(deploy_with(&h, json!({})).unwrap(), port);
+        at(&h, &format!("docker rm -f {ASIDE}"));
+    }
+
+    #[test]
+    fn a_fixed_port_is_freed_first_and_restored_after_a_failure() {
+        let fixed = http_port();
+        let h = node("dep-fixed", fixed);
+        let fixed_out = format!("8080/tcp -> 0.0.0.0:{fixed}");
+        h.fake
+            .on(&format!("docker port {ASIDE}"), Reply::Ok(fixed_out));
+        h.fake.on(
+            "docker run",
+            Reply::Fail(125, "port is already allocated".into()),
+        );
+        let r = deploy_with(&h, json!({"fixed_host_port": fixed}));
+        assert!(
+            text(&r).contains("the previous container keeps serving"),
+            "{}",
+            text(&r)
+        );
+        let stop = at(&h, &format!("docker stop -t 10 {ASIDE}"));
+        assert!(stop < at(&h, "docker run"));
+        assert!(
+            at(&h, &format!("docker rename {ASIDE} muvee-app")) < at(&h, "docker start muvee-app")
+        );
+
+        // The old one cannot be stopped: nothing new runs and it gets its name back.
+        let h = node("dep-fixed-stop", fixed);
+        h.fake.on(
+            &format!("docker port {ASIDE}"),
+            Reply::Ok(format!("0.0.0.0:{fixed}")),
+        );
+        h.fake.on("docker stop", Reply::Fail(1, "timeout".into()));
+        let r = deploy_with(&h, json!({"fixed_host_port": fixed}));
+        assert_eq!(
+            text(&r),
+            "cannot stop the current container: docker stop exited 1: timeout"
+        );
+        assert!(h.fake.ran("docker run").is_empty());
+        at(&h, &format!("docker rename {ASIDE} muvee-app"));
+    }
+
+    #[test]
+    fn an_app_left_aside_by_an_interrupted_deploy_is_the_rollback_target() {
+        let h = node("dep-aside", http_port());
+        let row = format!("abcdef1234567890\t{ASIDE}\trunning\tapp\tdep-0\t8080");
+        h.fake
+            .on("docker ps -a --filter name=muvee-app", Reply::Ok(row));
+        h.fake.on("docker run", Reply::Fail(125, "no".into()));
+        let r = deploy_with(&h, json!({}));
+        assert!(
+            text(&r).contains("the previous container keeps serving"),
+            "{}",
+            text(&r)
+        );
+        assert!(h.fake.ran("docker rename muvee-app ").is_empty());
+        at(&h, &format!("docker rename {ASIDE} muvee-app"));
+    }
 
     #[test]
     fn validators() {
