@@ -494,9 +494,190 @@ fn proxy_build_args(ctx: &Ctx) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::fake::Reply;
+    use crate::work::ctx::testing::Harness;
+    use crate::work::dispatch;
     use serde_json::json;
+    use std::sync::Arc;
 
     const CP: &str = "http://10.0.0.1:8080";
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+    const PROJECT: &str = "7a7a7a7a-0000-4000-8000-000000000007";
+
+    /// A builder host where every step succeeds (BuildKit without buildx, unless `buildx`).
+    fn host(name: &str, buildx: bool) -> Harness {
+        let mut h = Harness::new(name, &[("NODE_ROLE", "builder")]);
+        h.cp.registry_addr = "reg.example:5000".into();
+        let f = &h.fake;
+        let probe = if buildx {
+            Reply::Ok("v0.10".into())
+        } else {
+            Reply::Fail(1, "unknown".into())
+        };
+        f.on("docker buildx version", probe);
+        f.on(
+            "docker build --help",
+            Reply::Ok("      --secret stringArray".into()),
+        );
+        // The clone leaves a repository with a Dockerfile behind, as git would.
+        f.on(
+            "git clone",
+            Reply::With(Arc::new(|cmd| {
+                let dest = std::path::PathBuf::from(cmd.args.last().unwrap());
+                std::fs::create_dir_all(&dest).unwrap();
+                std::fs::write(dest.join("Dockerfile"), "FROM scratch\n").unwrap();
+                Ok("Cloning into 'src'...".into())
+            })),
+        );
+        f.on("git -C", Reply::Ok(SHA.into()));
+        let digest = format!("1: digest: sha256:{} size: 527", "a".repeat(64));
+        f.on("docker push", Reply::Ok(digest));
+        h
+    }
+
+    fn build_with(h: &Harness, extra: serde_json::Value) -> Result<String, TaskError> {
+        let mut p = json!({"git_url": "https://git.example/a.git", "git_branch": "main",
+                           "deployment_id": "d", "project_id": PROJECT});
+        if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+            p.extend(extra.clone());
+        }
+        let r = h.with("build", p, build);
+        let left = std::fs::read_dir(h.cfg.data_dir.join("builds")).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "a build dir outlived its build");
+        r
+    }
+
+    fn text(r: &Result<String, TaskError>) -> String {
+        match r {
+            Ok(t) => format!("ok {t}"),
+            Err(e) => dispatch::report(e).result.unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_build_clones_builds_and_pushes_in_order() {
+        let h = host("bld-ok", false);
+        let tag = build_with(&h, json!({})).unwrap();
+        assert_eq!(tag, format!("reg.example:5000/{PROJECT}:0123456789ab"));
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap();
+        assert!(
+            pos("git clone --depth=1 --branch main -- https://git.example/a.git") < pos("git -C")
+        );
+        assert!(pos("git -C") < pos("docker build --platform linux/amd64 -f"));
+        assert!(pos("docker build --platform") < pos(&format!("docker push {tag}")));
+        assert!(h.said().contains(&format!(
+            "Successfully pushed {tag} (digest sha256:{})",
+            "a".repeat(64)
+        )));
+
+        let h = host("bld-buildx", true);
+        let tag = build_with(&h, json!({})).unwrap();
+        let build = h.fake.ran("docker buildx build");
+        assert!(build[0].contains(&format!("-t {tag} --push")), "{build:?}");
+        assert!(h.fake.ran("docker push").is_empty());
+    }
+
+    #[test]
+    fn a_failure_at_each_build_step_stops_what_follows() {
+        let cases = [
+            (
+                "git clone",
+                Reply::Fail(128, "fatal: repository not found".into()),
+                "git clone exited 128: fatal: repository not found",
+                "docker build --platform",
+            ),
+            (
+                "git -C",
+                Reply::Ok("not-a-sha".into()),
+                "git rev-parse HEAD: unexpected output \"not-a-sha\"",
+                "docker build --platform",
+            ),
+            (
+                "docker build --platform",
+                Reply::Fail(1, "#5 ERROR: failed to solve".into()),
+                "docker build exited 1: #5 ERROR: failed to solve",
+                "docker push",
+            ),
+            (
+                "docker push",
+                Reply::Fail(
+                    1,
+                    "denied: requested access to the resource is denied".into(),
+                ),
+                "docker push exited 1: denied",
+                "docker inspect",
+            ),
+            (
+                "git clone",
+                Reply::Canceled,
+                "canceled: agent shutting down",
+                "git -C",
+            ),
+        ];
+        for (i, (step, reply, expect, not_run)) in cases.into_iter().enumerate() {
+            let h = host(&format!("bld-fail-{i}"), false);
+            h.fake.on(step, reply);
+            let r = build_with(&h, json!({}));
+            assert!(text(&r).starts_with(expect), "{step}: {}", text(&r));
+            assert!(
+                h.fake.ran(not_run).is_empty(),
+                "{step}: {:#?}",
+                h.fake.calls()
+            );
+        }
+    }
+
+    #[test]
+    fn a_push_without_a_digest_line_asks_the_engine() {
+        let h = host("bld-digest", false);
+        h.fake.on("docker push", Reply::Ok("pushed".into()));
+        let d = format!("reg.example:5000/p@sha256:{}", "b".repeat(64));
+        h.fake.on(
+            "docker inspect --format {{index .RepoDigests 0}}",
+            Reply::Ok(d),
+        );
+        build_with(&h, json!({})).unwrap();
+        assert!(
+            h.said()
+                .contains(&format!("(digest sha256:{})", "b".repeat(64))),
+            "{}",
+            h.said()
+        );
+    }
+
+    #[test]
+    fn refused_builds_run_nothing_they_should_not() {
+        // Build secrets with only the legacy builder: refused before the clone.
+        let h = host("bld-legacy", false);
+        h.fake
+            .on("docker build --help", Reply::Ok("legacy help".into()));
+        let r = build_with(&h, json!({"build_secrets": {"k": "sec-unit-legacy"}}));
+        assert!(
+            text(&r).starts_with("build_secrets need BuildKit"),
+            "{}",
+            text(&r)
+        );
+        assert!(h.fake.ran("git").is_empty());
+        // A Dockerfile the clone does not have: nothing is built.
+        let h = host("bld-nofile", false);
+        let r = build_with(&h, json!({"dockerfile_path": "docker/Dockerfile.prod"}));
+        assert_eq!(text(&r), "payload field `dockerfile_path`: docker/Dockerfile.prod does not exist in the repository");
+        assert!(h.fake.ran("docker build --platform").is_empty());
+        // Credentials reach git through its environment, never argv.
+        let h = host("bld-token", false);
+        build_with(
+            &h,
+            json!({"git_username": "u", "git_token": "tok-fake-5d1e"}),
+        )
+        .unwrap();
+        assert!(!h.fake.calls().join(" ").contains("tok-fake-5d1e"));
+        assert!(!h
+            .fake
+            .calls()
+            .join(" ")
+            .contains(&BASE64.encode("u:tok-fake-5d1e")));
+    }
 
     #[test]
     fn clone_urls() {

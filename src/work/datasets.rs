@@ -443,7 +443,148 @@ fn versions_by_age(root: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::fake::Reply;
+    use crate::work::ctx::testing::Harness;
     use serde_json::json;
+    use std::sync::Arc;
+
+    /// A deploy node with a dataset share holding one file.
+    fn node(name: &str, env: &[(&str, &str)]) -> (Harness, Vec<Dataset>) {
+        let mut env = env.to_vec();
+        env.push(("NODE_ROLE", "deploy"));
+        let h = Harness::new(name, &env);
+        let share = h.dir.join("share/corpus");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("a.txt"), "0123456789").unwrap();
+        let v = json!({"datasets": [{"id": "d1", "name": "n", "version": 1,
+                       "mount_mode": "dependency", "nfs_path": share}]});
+        let list = parse(&Payload::of(&v).unwrap(), &h.cp).unwrap();
+        // rsync SRC/ DST/: copy the one file, as rsync would.
+        h.fake.on(
+            "rsync",
+            Reply::With(Arc::new(|cmd| {
+                let arg = |i: usize| cmd.args[cmd.args.len() - i].to_string_lossy().into_owned();
+                let (src, dst) = (PathBuf::from(arg(2)), PathBuf::from(arg(1)));
+                std::fs::copy(src.join("a.txt"), dst.join("a.txt")).unwrap();
+                Ok(String::new())
+            })),
+        );
+        (h, list)
+    }
+
+    fn entries(p: &Path) -> Vec<String> {
+        let rd = std::fs::read_dir(p).into_iter().flatten().flatten();
+        let mut v: Vec<String> = rd
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_failed_sync_leaves_neither_a_version_nor_a_temp_dir() {
+        let (h, list) = node("ds-fail", &[]);
+        let err = "rsync error: some files/attrs were not transferred (code 23)";
+        h.fake.once("rsync", Reply::Fail(23, err.into()));
+        let r = h.with("deploy", json!({}), |ctx| {
+            setup(ctx, "dep-1", &list).map(|m| m.volumes.clone())
+        });
+        let e = r.unwrap_err().to_string();
+        assert_eq!(e, format!("dataset `n`: rsync exited 23: {err}"));
+        assert!(entries(&h.cfg.data_dir.join("objects/d1")).is_empty());
+        // The next deploy syncs again and mounts the complete copy read-only.
+        let vols = h
+            .with("deploy", json!({}), |ctx| {
+                setup(ctx, "dep-1", &list).map(|m| m.volumes.clone())
+            })
+            .unwrap();
+        let data = std::fs::canonicalize(&h.cfg.data_dir).unwrap();
+        assert_eq!(
+            vols,
+            [format!("{}/mounts/dep-1/n:/data/n:ro", data.display())]
+        );
+        assert_eq!(entries(&h.cfg.data_dir.join("objects/d1")), ["v1"]);
+        assert_eq!(h.fake.ran("rsync -a --delete").len(), 2);
+        // Cached: no third copy.
+        h.with("deploy", json!({}), |ctx| {
+            setup(ctx, "dep-2", &list).map(drop)
+        })
+        .unwrap();
+        assert_eq!(h.fake.ran("rsync").len(), 2);
+        assert!(h
+            .said()
+            .contains("Dataset n: version 1 is cached, nothing to copy"));
+    }
+
+    /// objects/<id>/v1 holding 10 bytes, last used `age` seconds ago.
+    fn version(h: &Harness, id: &str, age: u64) -> PathBuf {
+        let v = objects_dir(&std::fs::canonicalize(&h.cfg.data_dir).unwrap())
+            .join(id)
+            .join("v1");
+        std::fs::create_dir_all(&v).unwrap();
+        std::fs::write(v.join("f"), "0123456789").unwrap();
+        let t = SystemTime::now() - Duration::from_secs(age);
+        std::fs::File::open(&v).unwrap().set_modified(t).unwrap();
+        v
+    }
+
+    #[test]
+    fn eviction_skips_mounted_and_pinned_versions_and_removes_the_oldest_other() {
+        let (h, _) = node("ds-evict", &[("MAX_STORAGE", "25")]);
+        let (mounted, old, new) = (
+            version(&h, "c", 300),
+            version(&h, "a", 200),
+            version(&h, "b", 100),
+        );
+        h.fake.on(
+            "docker ps -aq --filter label=muvee.managed=true",
+            Reply::Ok("cid1".into()),
+        );
+        let mounts = format!(r#"[{{"Source":"{}"}}]"#, mounted.display());
+        h.fake.on(
+            "docker inspect --format {{json .Mounts}} cid1",
+            Reply::Ok(mounts),
+        );
+        let said = std::sync::Mutex::new(Vec::new());
+        evict(&h.cfg, &h.shared, &|l| {
+            said.lock().unwrap().push(l.to_string())
+        })
+        .unwrap();
+        assert!(mounted.exists() && !old.exists() && new.exists());
+        assert_eq!(h.shared.cache.bytes(&h.cfg.data_dir), 20);
+        // Pinned by an in-flight deploy: kept even when that leaves the cache over budget.
+        let (h2, _) = node("ds-evict-pin", &[("MAX_STORAGE", "15")]);
+        let (m2, p2) = (version(&h2, "c", 300), version(&h2, "a", 200));
+        h2.shared.cache.pin(&p2);
+        let mounts = format!(r#"[{{"Source":"{}"}}]"#, m2.display());
+        h2.fake.on("docker ps -aq", Reply::Ok("cid1".into()));
+        h2.fake.on(
+            "docker inspect --format {{json .Mounts}} cid1",
+            Reply::Ok(mounts),
+        );
+        let said = std::sync::Mutex::new(Vec::new());
+        evict(&h2.cfg, &h2.shared, &|l| {
+            said.lock().unwrap().push(l.to_string())
+        })
+        .unwrap();
+        assert!(m2.exists() && p2.exists());
+        assert!(
+            said.lock().unwrap()[0].contains("is over MAX_STORAGE (15), but the rest is in use")
+        );
+    }
+
+    #[test]
+    fn eviction_deletes_nothing_when_docker_cannot_say_what_is_mounted() {
+        let (h, _) = node("ds-evict-blind", &[("MAX_STORAGE", "5")]);
+        let v = version(&h, "a", 100);
+        h.fake.on(
+            "docker ps -aq",
+            Reply::Fail(1, "Cannot connect to the Docker daemon".into()),
+        );
+        let e = evict(&h.cfg, &h.shared, &|_| {}).unwrap_err().to_string();
+        assert!(e.contains("Cannot connect to the Docker daemon"), "{e}");
+        assert!(v.exists());
+    }
 
     fn parse_v(v: serde_json::Value, base: &str) -> Result<Vec<Dataset>, String> {
         let cp = AgentConfig {
