@@ -6,14 +6,13 @@
 //! agent's own `docker login` is what lets the push through.
 
 use crate::git_http::{self, GitHttp};
-use crate::util::{self, temp_dir, ArgvSampler};
+use crate::util::{self, new_uuid, temp_dir, unique_hex, ArgvSampler};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const PROXY_VARS: &[&str] = &[
     "HTTP_PROXY",
@@ -27,36 +26,6 @@ const PROXY_VARS: &[&str] = &[
     "all_proxy",
     "ftp_proxy",
 ];
-
-/// Unique lowercase hex, so parallel tests never share a project, token or marker.
-fn unique_hex() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let mut x = t
-        ^ (u128::from(std::process::id()) << 64)
-        ^ ((N.fetch_add(1, Ordering::SeqCst) as u128) << 100);
-    // Mix the bits (xorshift-multiply) so values look random rather than mostly zeros.
-    for _ in 0..2 {
-        x ^= x >> 67;
-        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
-    }
-    format!("{x:032x}")
-}
-
-fn new_uuid() -> String {
-    let h = unique_hex();
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
-}
 
 fn dockerfile(body: &str) -> String {
     format!("FROM {}\n{body}\n", util::base_image())
@@ -199,21 +168,12 @@ fn require_cli(test: &str, kind: Kind) -> Option<String> {
     None
 }
 
-fn test_docker(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(util::docker_cli());
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
 /// GET on the registry API with the test credentials: (status line + headers, body).
 fn registry_get(path: &str, accept: &str) -> (String, String) {
     let reg = util::registry();
     let mut s = std::net::TcpStream::connect(&reg.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = git_http::base64(format!("{}:{}", reg.user, reg.password).as_bytes());
+    let auth = util::base64(format!("{}:{}", reg.user, reg.password).as_bytes());
     write!(
         s,
         "GET {path} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {auth}\r\nAccept: {accept}\r\n\r\n",
@@ -259,13 +219,13 @@ fn assert_pushed_and_runs(run: &Run, file: &str, expected: &str) {
     // Drop the local copy, pull it back with the agent's docker config, run it.
     let dcfg = run.dcfg.display().to_string();
     let env = [("DOCKER_CONFIG", dcfg.as_str())];
-    test_docker(&["rmi", "-f", tag], &[]);
-    let pull = test_docker(&["pull", "-q", tag], &env);
+    util::docker(&["rmi", "-f", tag], &[]);
+    let pull = util::docker(&["pull", "-q", tag], &env);
     assert!(pull.status.success(), "{}", util::describe(&pull));
-    let out = test_docker(&["run", "--rm", tag, "cat", file], &[]);
+    let out = util::docker(&["run", "--rm", tag, "cat", file], &[]);
     assert!(out.status.success(), "{}", util::describe(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
-    test_docker(&["rmi", "-f", tag], &[]);
+    util::docker(&["rmi", "-f", tag], &[]);
 }
 
 /// A temp dir with the chosen shims from tests/fixtures/builder-shim, and a PATH that puts
@@ -404,7 +364,7 @@ fn token_repo_over_http_basic_auth_keeps_the_token_out_of_argv_logs_and_files() 
     let mut p = payload(&format!("{}/team/app.git", server.url()), "main", &project);
     p["git_username"] = json!("builder");
     p["git_token"] = json!(token);
-    let basic = git_http::base64(format!("builder:{token}").as_bytes());
+    let basic = util::base64(format!("builder:{token}").as_bytes());
     let sampler = ArgvSampler::start();
     let run = run_build(&p, &[("DOCKER_CLI", &cli)], true);
     let argvs = sampler.finish();
@@ -1064,7 +1024,7 @@ fn credentials_written_into_the_url_never_reach_argv() {
     run.assert_completed();
     assert!(argvs.iter().all(|a| !a.contains(&token)), "argv leak");
     assert!(!run.stderr.contains(&token), "{}", run.dump());
-    let basic = git_http::base64(format!("builder:{token}").as_bytes());
+    let basic = util::base64(format!("builder:{token}").as_bytes());
     assert!(server
         .requests()
         .iter()

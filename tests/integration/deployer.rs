@@ -24,7 +24,7 @@ fn images() {
                 .split('-')
                 .find(|s| s.bytes().all(|b| b.is_ascii_digit()));
             if pid.is_some_and(|p| !Path::new("/proc").join(p).exists()) {
-                let _ = docker(&["rm", "-f", &name]);
+                let _ = util::docker(&["rm", "-f", &name], &[]);
             }
         }
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -50,13 +50,6 @@ fn uniq(what: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     )
-}
-
-fn docker(args: &[&str]) -> std::process::Output {
-    Command::new(util::docker_cli())
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn docker_ok(args: &[&str]) -> String {
@@ -179,7 +172,7 @@ impl Drop for App {
             return;
         };
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = docker(&["rm", "-f", id]);
+            let _ = util::docker(&["rm", "-f", id], &[]);
         }
     }
 }
@@ -247,7 +240,7 @@ fn deploy_serves_http_with_env_datasets_and_workspace() {
         docker_ok(&["exec", &c, "cat", "/data/ref/file.txt"]),
         "dataset-content-1\n"
     );
-    let w = docker(&["exec", &c, "sh", "-c", "echo x > /data/ref/new.txt"]);
+    let w = util::docker(&["exec", &c, "sh", "-c", "echo x > /data/ref/new.txt"], &[]);
     assert!(!w.status.success(), "write to a dependency dataset worked");
     docker_ok(&[
         "exec",

@@ -8,10 +8,9 @@
 //! lines), hosted git (`/git/…` gets the SPA page), the WebSocket control channel (answered 400).
 #![allow(dead_code)]
 
+use crate::util;
 use serde_json::Value;
-use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hasher};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -290,7 +289,7 @@ impl FakeCp {
         payload: Value,
     ) -> String {
         let now = SystemTime::now();
-        let id = new_uuid();
+        let id = util::new_uuid();
         let deployment_id = if deployment_id.is_empty() {
             NIL_UUID
         } else {
@@ -465,19 +464,13 @@ impl FakeCp {
         timeout: Duration,
         mut pred: impl FnMut(&FakeCp) -> bool,
     ) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(self) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for {what}\n{}",
-                    self.dump(40)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
+        if !util::poll_for(timeout, || pred(self)) {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                self.dump(40)
+            );
         }
+        true
     }
 
     /// Human-readable list of the last `n` requests (bodies truncated).
@@ -941,7 +934,7 @@ fn register(st: &mut State, version: Version, body: &[u8]) -> HRes {
             (n.id.clone(), times[1].clone())
         }
         None => {
-            let id = new_uuid();
+            let id = util::new_uuid();
             let (hostname, role, host_ip) = (hostname.clone(), role.clone(), host_ip.clone());
             st.nodes.push(Node {
                 id: id.clone(),
@@ -1253,30 +1246,6 @@ pub fn parse_uuid(s: &str) -> Result<String, String> {
 
 fn norm_id(s: &str) -> String {
     parse_uuid(s).unwrap_or_else(|_| s.to_string())
-}
-
-/// Random v4 UUID from std's randomly keyed SipHash.
-pub fn new_uuid() -> String {
-    let rand = |x: u128| {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u128(x);
-        h.finish() as u128
-    };
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let (a, b) = (rand(t), rand(t ^ 0x5555_5555));
-    let x = (a << 64 | b) & !(0xF << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
-    let h = format!("{x:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 fn civil(days: i64) -> (i64, u32, u32) {

@@ -20,7 +20,10 @@ impl GitHttp {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let expected = format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()));
+        let expected = format!(
+            "Basic {}",
+            crate::util::base64(format!("{user}:{pass}").as_bytes())
+        );
         let (root, seen2, user) = (root.to_path_buf(), seen.clone(), user.to_string());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -161,24 +164,6 @@ fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
-}
-
-pub fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                A[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
 }
 
 /// Makes a bare repo at `bare` from `files` (path, content; a content starting with

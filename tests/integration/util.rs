@@ -1,13 +1,13 @@
-//! Shared helpers for the integration tests: the built binary, temp dirs, the Docker test
-//! bed (skip loudly, or fail when MUVEE_REQUIRE_DOCKER=1), and an argv sampler that proves
-//! secrets never reach /proc/*/cmdline.
+//! Shared helpers for the integration tests: the built binary, temp dirs, unique ids, the
+//! Docker test bed (skip loudly, or fail when MUVEE_REQUIRE_DOCKER=1), and an argv sampler
+//! that proves secrets never reach /proc/*/cmdline.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_muvee-agent"))
@@ -45,8 +45,55 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Unique lowercase hex, so parallel tests never share a project, token or marker.
+pub fn unique_hex() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut x = t
+        ^ (u128::from(std::process::id()) << 64)
+        ^ ((N.fetch_add(1, Ordering::SeqCst) as u128) << 100);
+    // Mix the bits (xorshift-multiply) so values look random rather than mostly zeros.
+    for _ in 0..2 {
+        x ^= x >> 67;
+        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+    }
+    format!("{x:032x}")
+}
+
+/// A unique v4 UUID (lowercase, hyphenated).
+pub fn new_uuid() -> String {
+    let h = unique_hex();
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// Standard (padded) base64, as in HTTP Basic auth.
+pub fn base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
 pub fn docker_cli() -> String {
     std::env::var("MUVEE_TEST_DOCKER_CLI").unwrap_or_else(|_| "docker".into())
+}
+
+/// Runs the test Docker CLI with `args` (and `env` added) to completion; any exit status.
+pub fn docker(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(docker_cli());
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
 }
 
 pub fn base_image() -> String {
@@ -238,8 +285,13 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 /// Polls `cond` every 50 ms for up to `secs`; false when it never held.
-pub fn poll(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
+pub fn poll(secs: u64, cond: impl FnMut() -> bool) -> bool {
+    poll_for(Duration::from_secs(secs), cond)
+}
+
+/// Polls `cond` every 50 ms for up to `timeout`; false when it never held.
+pub fn poll_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
     while !cond() {
         if Instant::now() >= deadline {
             return false;
