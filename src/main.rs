@@ -1,6 +1,7 @@
 //! muvee-agent: the build and deploy agent of the muvee PaaS.
-//! Layout: cli/config (settings) → client/wire (control plane) → agent (loop) →
-//! tasks → builder/deployer/datasets (work) → executor (every external command).
+//! Layout, top down: cli/config/check/run_task (entry) → cp (control plane: the agent loop,
+//! client, wire, journal/outbox, log shipping) → work (dispatch, roles, datasets) → sys
+//! (executor, docker/git/rsync, signals, redaction). Modules only use modules below them.
 
 mod check;
 mod cli;
