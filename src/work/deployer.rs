@@ -227,19 +227,31 @@ fn env_name(k: &str) -> bool {
 /// The app's current container and the leftovers of interrupted replacements.
 fn app_containers(docker: &Docker, prefix: &str) -> Result<(Option<PsRow>, Vec<PsRow>), TaskError> {
     let main = format!("muvee-{prefix}");
-    let aside = format!("muvee-{prefix}-old-");
     let (mut current, mut leftovers) = (None, Vec::new());
     for c in docker.ps(true, &main)? {
         if c.name == main {
             current = Some(c);
-        } else if c.name.starts_with(&aside)
-            && (c.domain_prefix.is_empty() || c.domain_prefix == prefix)
-        {
-            // Another app may be called `<prefix>-old-x`: its label says so.
+        } else if is_aside_of(&c, prefix) {
             leftovers.push(c);
         }
     }
     Ok((current, leftovers))
+}
+
+/// The name a replacement gives the container it sets aside.
+fn aside_name(prefix: &str, id: &str) -> String {
+    format!("muvee-{prefix}-old-{}", &id[..id.len().min(12)])
+}
+
+/// A leftover of our own replacement of `prefix`: labelled with it, or (a container of the
+/// Go agent, which labels nothing, that we set aside) named exactly as we name it. Another
+/// app may well be called `<prefix>-old-v2`.
+fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
+    let ours = format!("muvee-{prefix}-old-");
+    match c.domain_prefix.as_str() {
+        "" => c.name == aside_name(prefix, &c.id),
+        label => label == prefix && c.name.starts_with(&ours),
+    }
 }
 
 fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
@@ -295,7 +307,7 @@ fn set_aside(ctx: &Ctx, s: &Spec, name: &str) -> Result<(Option<Old>, Vec<PsRow>
     let (current, mut leftovers) = app_containers(&docker, s.prefix)?;
     let old = match current {
         Some(c) => {
-            let aside = format!("muvee-{}-old-{}", s.prefix, &c.id[..c.id.len().min(12)]);
+            let aside = aside_name(s.prefix, &c.id);
             ctx.say(&format!(
                 "Renaming the current container to {aside}; it keeps serving until the new one is healthy"
             ));
@@ -760,6 +772,21 @@ mod tests {
         );
         assert!(h.fake.ran("docker run").is_empty());
         at(&h, &format!("docker rename {ASIDE} muvee-app"));
+    }
+
+    #[test]
+    fn only_our_labels_or_exact_aside_names_make_a_leftover() {
+        let row = |name: &str, label: &str| PsRow {
+            id: "abcdef123456".into(),
+            name: name.into(),
+            domain_prefix: label.into(),
+            ..PsRow::default()
+        };
+        assert!(is_aside_of(&row("muvee-api-old-abcdef123456", ""), "api"));
+        assert!(is_aside_of(&row("muvee-api-old-0123", "api"), "api"));
+        // The Go agent's app `api-old-v2`, and another app's labelled container.
+        assert!(!is_aside_of(&row("muvee-api-old-v2", ""), "api"));
+        assert!(!is_aside_of(&row("muvee-api-old-v2", "api-old-v2"), "api"));
     }
 
     #[test]

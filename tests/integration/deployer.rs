@@ -493,11 +493,26 @@ fn interrupted_replacement_is_recovered_and_cleanup_removes_everything() {
         "sleep",
         "600",
     ]);
+    // The Go agent labels nothing: its app `<prefix>-old-v2` is not our leftover either.
+    let go_app = format!("{}-old-v2", app.container());
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &go_app,
+        &util::base_image(),
+        "sleep",
+        "600",
+    ]);
+    let (port3, _) = app.deploy_ok(&p);
+    assert!(body(port3).contains("body=two"));
     let task = json!({"ID": "cleanup-1", "Type": "cleanup", "DeploymentID": "dep-c2",
         "Payload": {"domain_prefix": app.prefix}});
     let r = app.run(None, &task);
     assert_eq!(r.report, json!({"status": "completed"}), "{r:?}");
-    assert_eq!(containers(&app.prefix), vec![decoy.clone()]);
+    let mut left = containers(&app.prefix);
+    left.sort();
+    assert_eq!(left, vec![decoy.clone(), go_app.clone()]);
     assert!(!app.data.join("mounts/dep-c2").exists());
     assert!(!app.data.join("mounts/dep-c1").exists());
     // Cleaning up again (nothing left) is still success.
