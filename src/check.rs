@@ -3,8 +3,10 @@
 
 use crate::config::{Config, Role};
 use crate::cp::client::Client;
+use crate::cp::wire::AgentConfig;
 use crate::sys::docker::{BuildMode, Docker};
-use crate::sys::executor::{self, Cmd, System};
+use crate::sys::executor::{self, Cmd, ExecError, System};
+use std::fmt;
 use std::time::Duration;
 
 struct Report {
@@ -22,36 +24,61 @@ impl Report {
         self.errors += 1;
         println!("error {what}: {msg}\n      fix: {fix}");
     }
+    /// `ok` with the message, or `error` with the failure and the fix.
+    fn check(&mut self, what: &str, res: Result<String, impl fmt::Display>, fix: &str) {
+        match res {
+            Ok(msg) => self.ok(what, &msg),
+            Err(e) => self.error(what, &e.to_string(), fix),
+        }
+    }
 }
 
-fn probe(program: &str, args: &[&str]) -> Result<String, String> {
+/// The first line of a command's stdout.
+fn probe(program: &str, args: &[&str]) -> Result<String, ExecError> {
     let cmd = Cmd::new(program)
         .args(args.iter().copied())
         .timeout(Duration::from_secs(20), "check timeout");
-    executor::output(&cmd)
-        .map(|o| o.stdout.lines().next().unwrap_or("").trim().to_string())
-        .map_err(|e| e.to_string())
+    executor::output(&cmd).map(|o| o.stdout.lines().next().unwrap_or("").trim().to_string())
 }
 
 pub fn run(cfg: &Config) -> u8 {
     let mut r = Report { errors: 0 };
+    tools(&mut r, cfg);
+    local_setup(&mut r, cfg);
+    control_plane(&mut r, cfg);
+    u8::from(r.errors > 0)
+}
+
+/// git, docker (see [`docker`]), and rsync on nodes that may deploy.
+fn tools(r: &mut Report, cfg: &Config) {
+    let git = probe("git", &["--version"]);
+    r.check("git", git, "install git (apt-get install git)");
+    docker(r, cfg);
+    if cfg.role != Some(Role::Builder) {
+        let rsync = probe("rsync", &["--version"]);
+        r.check(
+            "rsync",
+            rsync,
+            "install rsync (needed for dependency datasets)",
+        );
+    }
+}
+
+/// The docker CLI, the daemon behind it, and buildx on nodes that may build.
+fn docker(r: &mut Report, cfg: &Config) {
     let docker = cfg.docker_cli.as_str();
-    match probe("git", &["--version"]) {
-        Ok(v) => r.ok("git", &v),
-        Err(e) => r.error("git", &e, "install git (apt-get install git)"),
-    }
-    match probe(docker, &["version", "--format", "{{.Client.Version}}"]) {
-        Ok(v) => r.ok("docker CLI", &format!("{docker} {v}")),
-        Err(e) => r.error("docker CLI", &e, "install the docker CLI or set DOCKER_CLI"),
-    }
-    match probe(docker, &["info", "--format", "{{.ServerVersion}}"]) {
-        Ok(v) => r.ok("docker daemon", &format!("engine {v}")),
-        Err(e) => r.error(
-            "docker daemon",
-            &e,
-            "start dockerd and check access to its socket (DOCKER_HOST)",
-        ),
-    }
+    let cli = probe(docker, &["version", "--format", "{{.Client.Version}}"]);
+    r.check(
+        "docker CLI",
+        cli.map(|v| format!("{docker} {v}")),
+        "install the docker CLI or set DOCKER_CLI",
+    );
+    let daemon = probe(docker, &["info", "--format", "{{.ServerVersion}}"]);
+    r.check(
+        "docker daemon",
+        daemon.map(|v| format!("engine {v}")),
+        "start dockerd and check access to its socket (DOCKER_HOST)",
+    );
     if cfg.role != Some(Role::Deploy) {
         match Docker::new(docker, &System).detect_build_mode() {
             BuildMode::Buildx => r.ok("buildx", "docker buildx available"),
@@ -62,27 +89,18 @@ pub fn run(cfg: &Config) -> u8 {
             ),
         }
     }
-    if cfg.role != Some(Role::Builder) {
-        match probe("rsync", &["--version"]) {
-            Ok(v) => r.ok("rsync", &v),
-            Err(e) => r.error(
-                "rsync",
-                &e,
-                "install rsync (needed for dependency datasets)",
-            ),
-        }
-    }
-    match cfg.prepare_data_dir() {
-        Ok(()) => r.ok(
-            "DATA_DIR",
-            &format!("{} is writable", cfg.data_dir.display()),
-        ),
-        Err(e) => r.error(
-            "DATA_DIR",
-            &e.0,
-            "create the directory or set DATA_DIR to a writable path",
-        ),
-    }
+}
+
+/// DATA_DIR writable, NODE_ROLE set, AGENT_SECRET not empty.
+fn local_setup(r: &mut Report, cfg: &Config) {
+    let data_dir = cfg
+        .prepare_data_dir()
+        .map(|()| format!("{} is writable", cfg.data_dir.display()));
+    r.check(
+        "DATA_DIR",
+        data_dir,
+        "create the directory or set DATA_DIR to a writable path",
+    );
     match cfg.role {
         Some(role) => r.ok("NODE_ROLE", role.as_str()),
         None => r.error(
@@ -98,22 +116,18 @@ pub fn run(cfg: &Config) -> u8 {
             "set AGENT_SECRET to the control plane's secret",
         );
     }
-    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
-    match client.config() {
+}
+
+/// The control plane accepts the secret; then a registry login with the credentials it hands out.
+fn control_plane(r: &mut Report, cfg: &Config) {
+    let url = &cfg.control_plane_url;
+    match Client::new(url, &cfg.agent_secret).config() {
         Ok(c) => {
             r.ok(
                 "control plane",
-                &format!("{} reachable, secret accepted", cfg.control_plane_url),
+                &format!("{url} reachable, secret accepted"),
             );
-            if c.registry_user.is_empty() || c.registry_password.is_empty() {
-                r.warn("registry login", &format!("no credentials for {:?}", c.registry_addr), "set REGISTRY_USER and REGISTRY_PASSWORD on the control plane if the registry needs them");
-            } else {
-                crate::sys::redact::add(&c.registry_password);
-                match Docker::new(docker, &System).login(&c.registry_addr, &c.registry_user, &c.registry_password) {
-                    Ok(()) => r.ok("registry login", &format!("logged in to {} as {}", c.registry_addr, c.registry_user)),
-                    Err(e) => r.error("registry login", &e.to_string(), "check REGISTRY_* on the control plane and that this host reaches the registry"),
-                }
-            }
+            registry_login(r, cfg, &c);
         }
         Err(e) => r.error(
             "control plane",
@@ -121,9 +135,24 @@ pub fn run(cfg: &Config) -> u8 {
             "check CONTROL_PLANE_URL and AGENT_SECRET",
         ),
     }
-    if r.errors > 0 {
-        1
-    } else {
-        0
+}
+
+/// Logs in to the registry the control plane names, when it hands out credentials.
+fn registry_login(r: &mut Report, cfg: &Config, c: &AgentConfig) {
+    let (addr, user, password) = (&c.registry_addr, &c.registry_user, &c.registry_password);
+    if user.is_empty() || password.is_empty() {
+        let fix = "set REGISTRY_USER and REGISTRY_PASSWORD on the control plane if the registry needs them";
+        r.warn(
+            "registry login",
+            &format!("no credentials for {addr:?}"),
+            fix,
+        );
+        return;
     }
+    crate::sys::redact::add(password);
+    let login = Docker::new(&cfg.docker_cli, &System)
+        .login(addr, user, password)
+        .map(|()| format!("logged in to {addr} as {user}"));
+    let fix = "check REGISTRY_* on the control plane and that this host reaches the registry";
+    r.check("registry login", login, fix);
 }

@@ -74,152 +74,106 @@ fn pick(flag: &Option<String>, env: Env, name: &str) -> Option<String> {
         .filter(|v| !v.trim().is_empty())
 }
 
-fn parsed<T>(
-    flag: &Option<String>,
-    env: Env,
-    name: &str,
-    default: T,
-    parse: fn(&str) -> Option<T>,
-    expect: &str,
-) -> Result<T, ConfigError> {
-    match pick(flag, env, name) {
-        None => Ok(default),
-        Some(v) => parse(v.trim())
-            .ok_or_else(|| ConfigError(format!("{name}: invalid value {v:?} (expected {expect})"))),
+/// Reads settings for [`Config::load`]: `parsed` turns a picked value into `T` or an error
+/// `NAME: invalid value "v" (expected ...)`; unset or empty gives the default.
+struct Settings<'a> {
+    env: Env<'a>,
+}
+
+impl Settings<'_> {
+    fn parsed<T>(
+        &self,
+        flag: &Option<String>,
+        name: &str,
+        default: T,
+        parse: fn(&str) -> Option<T>,
+        expect: &str,
+    ) -> Result<T, ConfigError> {
+        match pick(flag, self.env, name) {
+            None => Ok(default),
+            Some(v) => parse(v.trim()).ok_or_else(|| invalid(name, &v, expect)),
+        }
     }
+
+    /// A duration; `example` completes "expected a duration like ...".
+    fn duration(
+        &self,
+        flag: &Option<String>,
+        name: &str,
+        default_secs: u64,
+        example: &str,
+    ) -> Result<Duration, ConfigError> {
+        let expect = format!("a duration like {example}");
+        self.parsed(flag, name, secs(default_secs), parse_duration, &expect)
+    }
+
+    /// A whole number >= 1.
+    fn count(
+        &self,
+        flag: &Option<String>,
+        name: &str,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        self.parsed(flag, name, default, parse_count, "a whole number >= 1")
+    }
+
+    /// A plain string setting, untrimmed, with a default.
+    fn text(&self, flag: &Option<String>, name: &str, default: &str) -> String {
+        pick(flag, self.env, name).unwrap_or_else(|| default.into())
+    }
+}
+
+fn invalid(name: &str, value: &str, expect: &str) -> ConfigError {
+    ConfigError(format!(
+        "{name}: invalid value {value:?} (expected {expect})"
+    ))
 }
 
 impl Config {
     pub fn load(a: &Args, env: Env) -> Result<Config, ConfigError> {
-        let role = match pick(&a.node_role, env, "NODE_ROLE") {
-            None => None,
-            Some(r) => Some(match r.trim() {
-                "builder" => Role::Builder,
-                "deploy" => Role::Deploy,
-                _ => {
-                    return Err(ConfigError(format!(
-                        "NODE_ROLE: invalid value {r:?} (expected builder or deploy)"
-                    )))
-                }
-            }),
-        };
-        let url = pick(&a.control_plane_url, env, "CONTROL_PLANE_URL")
-            .unwrap_or_else(|| "http://localhost:8080".into());
-        let url = url.trim().trim_end_matches('/').to_string();
-        if parse_url(&url).is_none() {
-            return Err(ConfigError(format!(
-                "CONTROL_PLANE_URL: invalid value {url:?} (expected http://host[:port] or https://host[:port])"
-            )));
-        }
-        let agent_secret = match &a.agent_secret_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    ConfigError(format!("--agent-secret-file: cannot read {path:?}: {e}"))
-                })?
-                .trim()
-                .to_string(),
-            None => env("AGENT_SECRET").unwrap_or_default().trim().to_string(),
-        };
-        let node_name = pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname);
-        let positive = |v: &str| v.parse::<usize>().ok().filter(|n| *n >= 1);
+        let s = Settings { env };
+        // Durations, one line each: flag, variable, default in seconds, example for the error.
+        let d = |flag, name, default_secs, example| s.duration(flag, name, default_secs, example);
+        let role = s.parsed(
+            &a.node_role,
+            "NODE_ROLE",
+            None,
+            parse_role,
+            "builder or deploy",
+        )?;
         Ok(Config {
             role,
-            control_plane_url: url,
-            agent_secret,
+            control_plane_url: control_plane_url(&s.text(
+                &a.control_plane_url,
+                "CONTROL_PLANE_URL",
+                "http://localhost:8080",
+            ))?,
+            agent_secret: agent_secret(a, env)?,
             host_ip: pick(&a.host_ip, env, "HOST_IP").map(|s| s.trim().to_string()),
-            node_name,
-            data_dir: PathBuf::from(
-                pick(&a.data_dir, env, "DATA_DIR").unwrap_or_else(|| "/muvee/data".into()),
-            ),
-            max_storage: parsed(
-                &a.max_storage,
-                env,
-                "MAX_STORAGE",
-                100 << 30,
-                parse_size,
-                "bytes or a size like 100G",
-            )?,
-            poll_interval: parsed(
-                &a.poll_interval,
-                env,
-                "POLL_INTERVAL",
-                secs(5),
-                parse_duration,
-                "a duration like 5s",
-            )?,
-            heartbeat_interval: parsed(
-                &a.heartbeat_interval,
-                env,
-                "HEARTBEAT_INTERVAL",
-                secs(30),
-                parse_duration,
-                "a duration like 30s",
-            )?,
-            max_concurrent_tasks: parsed(
-                &a.max_concurrent_tasks,
-                env,
-                "MAX_CONCURRENT_TASKS",
-                4,
-                positive,
-                "a whole number >= 1",
-            )?,
-            builder_max_concurrent: parsed(
+            node_name: pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname),
+            data_dir: PathBuf::from(s.text(&a.data_dir, "DATA_DIR", "/muvee/data")),
+            max_storage: s.parsed(&a.max_storage, "MAX_STORAGE", 100 << 30, parse_size, SIZE)?,
+            poll_interval: d(&a.poll_interval, "POLL_INTERVAL", 5, "5s")?,
+            heartbeat_interval: d(&a.heartbeat_interval, "HEARTBEAT_INTERVAL", 30, "30s")?,
+            max_concurrent_tasks: s.count(&a.max_concurrent_tasks, "MAX_CONCURRENT_TASKS", 4)?,
+            builder_max_concurrent: s.count(
                 &a.builder_max_concurrent,
-                env,
                 "BUILDER_MAX_CONCURRENT",
                 1,
-                positive,
-                "a whole number >= 1",
             )?,
-            shutdown_grace: parsed(
-                &a.shutdown_grace,
-                env,
-                "SHUTDOWN_GRACE",
-                secs(300),
-                parse_duration,
-                "a duration like 5m",
-            )?,
-            build_timeout: parsed(
-                &a.build_timeout,
-                env,
-                "BUILD_TIMEOUT",
-                secs(3600),
-                parse_duration,
-                "a duration like 60m",
-            )?,
-            build_idle_timeout: parsed(
-                &a.build_idle_timeout,
-                env,
-                "BUILD_IDLE_TIMEOUT",
-                secs(900),
-                parse_duration,
-                "a duration like 15m",
-            )?,
-            docker_cli: pick(&a.docker_cli, env, "DOCKER_CLI").unwrap_or_else(|| "docker".into()),
-            builder_proxy_passthrough: parsed(
+            shutdown_grace: d(&a.shutdown_grace, "SHUTDOWN_GRACE", 300, "5m")?,
+            build_timeout: d(&a.build_timeout, "BUILD_TIMEOUT", 3600, "60m")?,
+            build_idle_timeout: d(&a.build_idle_timeout, "BUILD_IDLE_TIMEOUT", 900, "15m")?,
+            docker_cli: s.text(&a.docker_cli, "DOCKER_CLI", "docker"),
+            builder_proxy_passthrough: s.parsed(
                 &a.builder_proxy_passthrough,
-                env,
                 "BUILDER_PROXY_PASSTHROUGH",
                 true,
                 parse_bool,
                 "true or false",
             )?,
-            deploy_health_timeout: parsed(
-                &a.deploy_health_timeout,
-                env,
-                "DEPLOY_HEALTH_TIMEOUT",
-                secs(60),
-                parse_duration,
-                "a duration like 60s",
-            )?,
-            deploy_drain: parsed(
-                &a.deploy_drain,
-                env,
-                "DEPLOY_DRAIN",
-                secs(10),
-                parse_duration,
-                "a duration like 10s",
-            )?,
+            deploy_health_timeout: d(&a.deploy_health_timeout, "DEPLOY_HEALTH_TIMEOUT", 60, "60s")?,
+            deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", 10, "10s")?,
         })
     }
 
@@ -254,6 +208,44 @@ impl Config {
         let ip = sock.local_addr().ok()?.ip();
         (!ip.is_unspecified()).then(|| ip.to_string())
     }
+}
+
+/// CONTROL_PLANE_URL without surrounding blanks or trailing slashes; must parse.
+fn control_plane_url(raw: &str) -> Result<String, ConfigError> {
+    let url = raw.trim().trim_end_matches('/').to_string();
+    match parse_url(&url) {
+        Some(_) => Ok(url),
+        None => Err(invalid(
+            "CONTROL_PLANE_URL",
+            &url,
+            "http://host[:port] or https://host[:port]",
+        )),
+    }
+}
+
+/// `--agent-secret-file` (read, trimmed), else AGENT_SECRET, else empty.
+fn agent_secret(a: &Args, env: Env) -> Result<String, ConfigError> {
+    match &a.agent_secret_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| ConfigError(format!("--agent-secret-file: cannot read {path:?}: {e}"))),
+        None => Ok(env("AGENT_SECRET").unwrap_or_default().trim().to_string()),
+    }
+}
+
+/// What MAX_STORAGE expects, for its error message.
+const SIZE: &str = "bytes or a size like 100G";
+
+fn parse_role(s: &str) -> Option<Option<Role>> {
+    match s {
+        "builder" => Some(Some(Role::Builder)),
+        "deploy" => Some(Some(Role::Deploy)),
+        _ => None,
+    }
+}
+
+fn parse_count(s: &str) -> Option<usize> {
+    s.parse::<usize>().ok().filter(|n| *n >= 1)
 }
 
 fn secs(n: u64) -> Duration {
@@ -297,11 +289,16 @@ pub fn parse_url(url: &str) -> Option<(String, String, u16)> {
     (!host.is_empty()).then(|| (scheme.to_string(), host.to_string(), port))
 }
 
-/// "90", "90s", "500ms", "5m", "1h", "1h30m".
+/// The longest duration a setting accepts (100 years): anything beyond is a typo, and a
+/// deadline `Instant::now() + d` must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// "90", "90s", "500ms", "5m", "1h", "1h30m"; at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Option<Duration> {
     if let Ok(n) = s.parse::<u64>() {
-        return Some(secs(n));
+        return Some(secs(n)).filter(|d| *d <= MAX_DURATION);
     }
+    let max = MAX_DURATION.as_secs_f64();
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
@@ -321,7 +318,14 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
             _ => return None,
         };
         rest = &rest[unit..];
-        total += Duration::from_secs_f64(n * mult);
+        let part = n * mult;
+        // Checked before converting: from_secs_f64 panics on huge or non-finite values.
+        if !(part.is_finite() && part <= max) {
+            return None;
+        }
+        total = total
+            .checked_add(Duration::from_secs_f64(part))
+            .filter(|t| *t <= MAX_DURATION)?;
     }
     Some(total)
 }
@@ -433,6 +437,95 @@ mod tests {
             Some(("https".into(), "cp.example".into(), 443))
         );
         assert_eq!(parse_url("http://u:p@cp"), None);
+    }
+
+    #[test]
+    fn huge_or_non_finite_durations_are_invalid_not_a_panic() {
+        for v in [
+            "99999999999999999999s",
+            "18446744073709551615",
+            "18446744073709551615ms",
+            "3155760001",
+            "876601h",
+            "876000h876000h",
+            "1e400s",
+            "inf",
+            "NaN",
+        ] {
+            assert_eq!(parse_duration(v), None, "{v}");
+        }
+        assert_eq!(parse_duration("876000h"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("3153600000"), Some(MAX_DURATION));
+        // The largest accepted value still makes a deadline.
+        let _ = std::time::Instant::now() + MAX_DURATION;
+        assert_eq!(
+            load(&[("POLL_INTERVAL", "99999999999999999999s")])
+                .unwrap_err()
+                .0,
+            "POLL_INTERVAL: invalid value \"99999999999999999999s\" (expected a duration like 5s)"
+        );
+        assert_eq!(
+            load(&[("HEARTBEAT_INTERVAL", "18446744073709551615")])
+                .unwrap_err()
+                .0,
+            "HEARTBEAT_INTERVAL: invalid value \"18446744073709551615\" (expected a duration like 30s)"
+        );
+    }
+
+    #[test]
+    fn every_setting_keeps_its_default_and_error_text() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.role, None);
+        assert_eq!(c.control_plane_url, "http://localhost:8080");
+        assert_eq!(c.agent_secret, "");
+        assert_eq!(c.host_ip, None);
+        assert_eq!(c.heartbeat_interval, secs(30));
+        assert_eq!(c.max_concurrent_tasks, 4);
+        assert_eq!(c.shutdown_grace, secs(300));
+        assert_eq!(c.build_timeout, secs(3600));
+        assert_eq!(c.build_idle_timeout, secs(900));
+        assert_eq!(c.docker_cli, "docker");
+        assert!(c.builder_proxy_passthrough);
+        assert_eq!(c.deploy_health_timeout, secs(60));
+        assert_eq!(c.deploy_drain, secs(10));
+        let cases = [
+            ("NODE_ROLE", " web ", "builder or deploy"),
+            ("MAX_STORAGE", "lots", "bytes or a size like 100G"),
+            ("POLL_INTERVAL", "soon", "a duration like 5s"),
+            ("HEARTBEAT_INTERVAL", "soon", "a duration like 30s"),
+            ("MAX_CONCURRENT_TASKS", "0", "a whole number >= 1"),
+            ("BUILDER_MAX_CONCURRENT", "-1", "a whole number >= 1"),
+            ("SHUTDOWN_GRACE", "soon", "a duration like 5m"),
+            ("BUILD_TIMEOUT", "soon", "a duration like 60m"),
+            ("BUILD_IDLE_TIMEOUT", "soon", "a duration like 15m"),
+            ("BUILDER_PROXY_PASSTHROUGH", "maybe", "true or false"),
+            ("DEPLOY_HEALTH_TIMEOUT", "soon", "a duration like 60s"),
+            ("DEPLOY_DRAIN", "soon", "a duration like 10s"),
+        ];
+        for (name, value, expect) in cases {
+            assert_eq!(
+                load(&[(name, value)]).unwrap_err().0,
+                format!("{name}: invalid value {value:?} (expected {expect})")
+            );
+        }
+        // Empty or blank counts as unset; values are trimmed before parsing.
+        let c = load(&[
+            ("POLL_INTERVAL", "  "),
+            ("NODE_ROLE", ""),
+            ("DEPLOY_DRAIN", " 2m "),
+            ("MAX_CONCURRENT_TASKS", " 8"),
+            ("CONTROL_PLANE_URL", " https://cp.example// "),
+            ("HOST_IP", " 10.0.0.9 "),
+            ("BUILDER_PROXY_PASSTHROUGH", "off"),
+        ])
+        .unwrap();
+        assert_eq!(c.poll_interval, secs(5));
+        assert_eq!(c.role, None);
+        assert_eq!(c.deploy_drain, secs(120));
+        assert_eq!(c.max_concurrent_tasks, 8);
+        assert_eq!(c.control_plane_url, "https://cp.example");
+        assert_eq!(c.host_ip.as_deref(), Some("10.0.0.9"));
+        assert!(!c.builder_proxy_passthrough);
     }
 
     #[test]
