@@ -9,8 +9,9 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Lines kept for error messages.
@@ -267,15 +268,247 @@ enum Event {
     Eof,
 }
 
+/// How long pumping goes on after the leader exited while a grandchild keeps the pipes open.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs `cmd`, calling `on_line` with every scrubbed output line. Returns the captured
 /// output on exit 0; any other ending is an [`ExecError`] whose text says what ran, how it
 /// ended and the last lines it printed.
 pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
-    let name = cmd.name();
     if signal::cancel_requested() {
         return Err(ExecError::Canceled);
     }
     log::debug!("running: {}", cmd.display());
+    let mut running = Running::spawn(cmd)?;
+    running.pump(on_line);
+    running.finish()
+}
+
+/// Runs a short command, ignoring its output lines (they are still captured).
+pub fn output(cmd: &Cmd) -> Result<Output, ExecError> {
+    run(cmd, &mut |_, _| {})
+}
+
+/// Why the agent ended a call itself, with the limit that was hit.
+#[derive(Clone, Copy)]
+enum Ending {
+    Canceled,
+    Timeout(Deadline),
+    Idle(Duration),
+}
+
+impl Ending {
+    fn describe(self) -> &'static str {
+        match self {
+            Ending::Canceled => "canceled",
+            Ending::Timeout(_) => "timed out",
+            Ending::Idle(_) => "no output for too long",
+        }
+    }
+
+    fn into_error(self, name: String, output: Output) -> ExecError {
+        match self {
+            Ending::Canceled => ExecError::Canceled,
+            Ending::Timeout(d) => ExecError::Timeout {
+                name,
+                after: d.total,
+                what: d.setting,
+                output,
+            },
+            Ending::Idle(after) => ExecError::Idle {
+                name,
+                after,
+                output,
+            },
+        }
+    }
+}
+
+/// A group kill under way: SIGTERM went out at `since`, SIGKILL follows after [`KILL_GRACE`].
+struct Kill {
+    since: Instant,
+    ending: Ending,
+}
+
+impl Kill {
+    /// Logs the reason and sends SIGTERM to the group.
+    fn start(name: &str, pgid: u32, ending: Ending) -> Kill {
+        log::warn!(
+            "{name}: {}; sending SIGTERM to its process group",
+            ending.describe()
+        );
+        signal::kill_group(pgid, libc::SIGTERM);
+        Kill {
+            since: Instant::now(),
+            ending,
+        }
+    }
+
+    /// Sends SIGKILL (again on every tick) once the grace has run out.
+    fn escalate(&self, pgid: u32) {
+        if self.since.elapsed() >= KILL_GRACE {
+            signal::kill_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A started child in its own process group and what it has printed so far.
+struct Running<'a> {
+    cmd: &'a Cmd,
+    name: String,
+    child: Child,
+    pgid: u32,
+    readers: [Option<JoinHandle<()>>; 2],
+    rx: mpsc::Receiver<Event>,
+    out: Output,
+    tail: VecDeque<String>,
+    eofs: usize,
+    // The leader is only reaped at the very end: until then its pid stays reserved, so a
+    // group kill can never reach an unrelated process that reused the number.
+    exited_at: Option<Instant>,
+    last_output: Instant,
+    killing: Option<Kill>,
+}
+
+impl<'a> Running<'a> {
+    /// Starts the child with a stdin writer thread and one reader thread per output pipe.
+    fn spawn(cmd: &'a Cmd) -> Result<Running<'a>, ExecError> {
+        let name = cmd.name();
+        let mut child = command(cmd).spawn().map_err(|err| ExecError::Spawn {
+            name: name.clone(),
+            err,
+        })?;
+        if let (Some(data), Some(mut pipe)) = (cmd.stdin.clone(), child.stdin.take()) {
+            // A writer thread, so a child that does not read stdin cannot block us.
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&data);
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let readers = [
+            spawn_reader(child.stdout.take(), Stream::Stdout, tx.clone()),
+            spawn_reader(child.stderr.take(), Stream::Stderr, tx),
+        ];
+        Ok(Running {
+            cmd,
+            name,
+            pgid: child.id(),
+            child,
+            readers,
+            rx,
+            out: Output::default(),
+            tail: VecDeque::new(),
+            eofs: 0,
+            exited_at: None,
+            last_output: Instant::now(),
+            killing: None,
+        })
+    }
+
+    /// Hands out lines until the child is done, enforcing the limits on every tick.
+    fn pump(&mut self, on_line: &mut dyn FnMut(Stream, &str)) {
+        loop {
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Event::Line(stream, bytes)) => self.line(stream, &bytes, on_line),
+                Ok(Event::Eof) => self.eofs += 1,
+                Err(_) => {}
+            }
+            if self.done() {
+                break;
+            }
+            self.enforce_limits();
+        }
+    }
+
+    /// Scrubs one raw line, passes it on and keeps it in the stdout capture and the tail.
+    fn line(&mut self, stream: Stream, bytes: &[u8], on_line: &mut dyn FnMut(Stream, &str)) {
+        self.last_output = Instant::now();
+        let raw = String::from_utf8_lossy(bytes);
+        let line = redact::scrub(raw.trim_end_matches(['\n', '\r']));
+        on_line(stream, &line);
+        if stream == Stream::Stdout && self.out.stdout.len() < STDOUT_CAP {
+            self.out.stdout.push_str(&line);
+            self.out.stdout.push('\n');
+        }
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.into_owned());
+    }
+
+    /// True once the leader has exited and both pipes are closed, or a grandchild has held
+    /// them open past [`PIPE_GRACE`] (then the group is killed: it must not keep us waiting).
+    fn done(&mut self) -> bool {
+        if self.exited_at.is_none() && signal::exited_unreaped(self.pgid) {
+            self.exited_at = Some(Instant::now());
+        }
+        let Some(exited_at) = self.exited_at else {
+            return false;
+        };
+        if self.eofs == 2 {
+            return true;
+        }
+        if exited_at.elapsed() > PIPE_GRACE {
+            signal::kill_group(self.pgid, libc::SIGKILL);
+            return true;
+        }
+        false
+    }
+
+    /// Starts a group kill when a limit is hit, or escalates the one under way.
+    fn enforce_limits(&mut self) {
+        match &self.killing {
+            None => {
+                if let Some(ending) = self.limit_hit() {
+                    self.killing = Some(Kill::start(&self.name, self.pgid, ending));
+                }
+            }
+            Some(kill) => kill.escalate(self.pgid),
+        }
+    }
+
+    /// The first limit this call has hit: cancel, then the deadline, then the idle timeout.
+    fn limit_hit(&self) -> Option<Ending> {
+        if signal::cancel_requested() {
+            Some(Ending::Canceled)
+        } else if let Some(d) = self.cmd.deadline.filter(Deadline::passed) {
+            Some(Ending::Timeout(d))
+        } else {
+            let idle = self.last_output.elapsed();
+            self.cmd
+                .idle_timeout
+                .filter(|d| idle >= *d)
+                .map(Ending::Idle)
+        }
+    }
+
+    /// Kills what is left of a killed group, reaps the leader and says how the call ended.
+    fn finish(mut self) -> Result<Output, ExecError> {
+        // Make sure nothing of the group survives us, then reap the leader.
+        if self.killing.is_some() {
+            signal::kill_group(self.pgid, libc::SIGKILL);
+        }
+        let status = self.child.wait().map_err(|err| ExecError::Spawn {
+            name: self.name.clone(),
+            err,
+        })?;
+        if self.eofs == 2 {
+            for r in self.readers.into_iter().flatten() {
+                let _ = r.join();
+            }
+        }
+        let mut out = self.out;
+        out.tail = self.tail.into();
+        match self.killing {
+            Some(kill) => Err(kill.ending.into_error(self.name, out)),
+            None => exit_result(self.name, status, out),
+        }
+    }
+}
+
+/// The process to start: its own process group, piped output, the agent's secrets removed
+/// from the inherited environment.
+fn command(cmd: &Cmd) -> Command {
     let mut c = Command::new(&cmd.program);
     c.args(&cmd.args)
         .stdin(if cmd.stdin.is_some() {
@@ -290,182 +523,28 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
         c.env_remove(k);
     }
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
-    let mut child = c.spawn().map_err(|err| ExecError::Spawn {
-        name: name.clone(),
-        err,
-    })?;
-    let pgid = child.id();
+    c
+}
 
-    if let (Some(data), Some(mut pipe)) = (cmd.stdin.clone(), child.stdin.take()) {
-        // A writer thread, so a child that does not read stdin cannot block us.
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        });
-    }
-    let (tx, rx) = mpsc::channel();
-    let readers = [
-        spawn_reader(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            Stream::Stdout,
-            tx.clone(),
-        ),
-        spawn_reader(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            Stream::Stderr,
-            tx,
-        ),
-    ];
-
-    let mut out = Output::default();
-    let mut tail: VecDeque<String> = VecDeque::new();
-    let mut eofs = 0;
-    // The leader is only reaped at the very end: until then its pid stays reserved, so a
-    // group kill can never reach an unrelated process that reused the number.
-    let mut exited_at: Option<Instant> = None;
-    let mut last_output = Instant::now();
-    let mut killing: Option<(Instant, Ending)> = None;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::Line(stream, bytes)) => {
-                last_output = Instant::now();
-                let raw = String::from_utf8_lossy(&bytes);
-                let line = redact::scrub(raw.trim_end_matches(['\n', '\r']));
-                on_line(stream, &line);
-                if stream == Stream::Stdout && out.stdout.len() < STDOUT_CAP {
-                    out.stdout.push_str(&line);
-                    out.stdout.push('\n');
-                }
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line.into_owned());
-            }
-            Ok(Event::Eof) => eofs += 1,
-            Err(_) => {}
-        }
-        if exited_at.is_none() && signal::exited_unreaped(pgid) {
-            exited_at = Some(Instant::now());
-        }
-        if exited_at.is_some() && eofs == 2 {
-            break;
-        }
-        // A grandchild that kept the pipes open must not keep us waiting.
-        if exited_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
-            signal::kill_group(pgid, libc::SIGKILL);
-            break;
-        }
-        match killing {
-            None => {
-                let ending = if signal::cancel_requested() {
-                    Some(Ending::Canceled)
-                } else if cmd.deadline.is_some_and(|d| d.passed()) {
-                    Some(Ending::Timeout)
-                } else if cmd.idle_timeout.is_some_and(|d| last_output.elapsed() >= d) {
-                    Some(Ending::Idle)
-                } else {
-                    None
-                };
-                if let Some(e) = ending {
-                    log::warn!(
-                        "{name}: {}; sending SIGTERM to its process group",
-                        e.describe()
-                    );
-                    signal::kill_group(pgid, libc::SIGTERM);
-                    killing = Some((Instant::now(), e));
-                }
-            }
-            Some((since, _)) if since.elapsed() >= KILL_GRACE => {
-                signal::kill_group(pgid, libc::SIGKILL);
-            }
-            Some(_) => {}
-        }
-    }
-    // Make sure nothing of the group survives us, then reap the leader.
-    if killing.is_some() {
-        signal::kill_group(pgid, libc::SIGKILL);
-    }
-    let status = child.wait().map_err(|err| ExecError::Spawn {
-        name: name.clone(),
-        err,
-    })?;
-    for r in readers.into_iter().flatten() {
-        if eofs == 2 {
-            let _ = r.join();
-        }
-    }
-    out.tail = tail.into();
-    if let Some((_, ending)) = killing {
-        return Err(match ending {
-            Ending::Canceled => ExecError::Canceled,
-            Ending::Timeout => {
-                let d = cmd.deadline;
-                ExecError::Timeout {
-                    name,
-                    after: d.map(|d| d.total).unwrap_or_default(),
-                    what: d.map(|d| d.setting).unwrap_or(""),
-                    output: out,
-                }
-            }
-            Ending::Idle => ExecError::Idle {
-                name,
-                after: cmd.idle_timeout.unwrap_or_default(),
-                output: out,
-            },
-        });
-    }
+/// Maps the exit status of a call the agent did not kill to its result.
+fn exit_result(name: String, status: ExitStatus, output: Output) -> Result<Output, ExecError> {
     match (status.code(), status.signal()) {
-        (Some(0), _) => Ok(out),
-        (Some(code), _) => Err(ExecError::Exit {
-            name,
-            code,
-            output: out,
-        }),
-        (None, Some(sig)) => Err(ExecError::Signal {
-            name,
-            sig,
-            output: out,
-        }),
+        (Some(0), _) => Ok(output),
+        (Some(code), _) => Err(ExecError::Exit { name, code, output }),
+        (None, Some(sig)) => Err(ExecError::Signal { name, sig, output }),
         (None, None) => Err(ExecError::Exit {
             name,
             code: -1,
-            output: out,
+            output,
         }),
-    }
-}
-
-/// Runs a short command, ignoring its output lines (they are still captured).
-pub fn output(cmd: &Cmd) -> Result<Output, ExecError> {
-    run(cmd, &mut |_, _| {})
-}
-
-#[derive(Clone, Copy)]
-enum Ending {
-    Canceled,
-    Timeout,
-    Idle,
-}
-
-impl Ending {
-    fn describe(self) -> &'static str {
-        match self {
-            Ending::Canceled => "canceled",
-            Ending::Timeout => "timed out",
-            Ending::Idle => "no output for too long",
-        }
     }
 }
 
 fn spawn_reader(
-    pipe: Option<Box<dyn Read + Send>>,
+    pipe: Option<impl Read + Send + 'static>,
     stream: Stream,
     tx: mpsc::Sender<Event>,
-) -> Option<std::thread::JoinHandle<()>> {
+) -> Option<JoinHandle<()>> {
     let pipe = pipe?;
     Some(std::thread::spawn(move || {
         let mut r = BufReader::with_capacity(64 * 1024, pipe);
