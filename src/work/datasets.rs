@@ -2,7 +2,10 @@
 //! symlinks under DATA_DIR/mounts, least-recently-used eviction beyond MAX_STORAGE.
 //!
 //! A version dir `objects/<id>/v<version>` only ever appears by an atomic rename of a
-//! finished sync, so its existence means "complete". Its mtime is the LRU clock.
+//! finished sync, and counts as cached only once its marker `v<version>.complete` exists
+//! (written and fsync'd last; eviction removes it first, then renames the dir out of the
+//! cache before deleting it). A cached version is used without touching its source. Its
+//! mtime is the LRU clock.
 
 use crate::config::Config;
 use crate::cp::state::valid_id;
@@ -36,6 +39,49 @@ pub struct Dataset {
 
 pub fn objects_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("objects")
+}
+
+pub fn version_dir(data_dir: &Path, id: &str, version: u64) -> PathBuf {
+    objects_dir(data_dir).join(id).join(format!("v{version}"))
+}
+
+/// `objects/<id>/v<n>.complete`, beside the version dir so the app never sees it.
+fn marker(version: &Path) -> PathBuf {
+    let name = version.file_name().unwrap_or_default().to_string_lossy();
+    version.with_file_name(format!("{name}.complete"))
+}
+
+/// A complete copy: the dir and its marker exist.
+fn is_cached(version: &Path) -> bool {
+    version.is_dir() && marker(version).is_file()
+}
+
+/// Writes the marker durably: data first, then the marker, then the directory entry.
+fn mark_complete(version: &Path) -> std::io::Result<()> {
+    let m = marker(version);
+    let f = std::fs::File::create(&m)?;
+    f.sync_all()?;
+    sync_parent(&m)
+}
+
+fn sync_parent(p: &Path) -> std::io::Result<()> {
+    match p.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Takes a version out of the cache: marker first, then a rename to a temp name (a crash
+/// mid-delete leaves a temp, never a partial version), then the delete.
+fn discard(version: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(marker(version)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => sync_parent(version)?,
+    }
+    let name = version.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = version.with_file_name(format!(".{name}.evict-{}", std::process::id()));
+    std::fs::rename(version, &doomed)?;
+    std::fs::remove_dir_all(&doomed)
 }
 
 pub fn mounts_dir(data_dir: &Path, deployment_id: &str) -> PathBuf {
@@ -100,10 +146,10 @@ pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), TaskErr
 }
 
 /// Parses and checks `datasets` without touching anything but `stat`.
-pub fn parse(p: &Payload, cp: &AgentConfig) -> Result<Vec<Dataset>, Invalid> {
+pub fn parse(p: &Payload, cp: &AgentConfig, data_dir: &Path) -> Result<Vec<Dataset>, Invalid> {
     let mut out: Vec<Dataset> = Vec::new();
     for d in p.objects("datasets")? {
-        let ds = parse_one(&d, cp)?;
+        let ds = parse_one(&d, cp, data_dir)?;
         if out.iter().any(|o| o.name == ds.name) {
             let field = d.field("name");
             return Err(Invalid(format!(
@@ -116,7 +162,7 @@ pub fn parse(p: &Payload, cp: &AgentConfig) -> Result<Vec<Dataset>, Invalid> {
     Ok(out)
 }
 
-fn parse_one(d: &Payload, cp: &AgentConfig) -> Result<Dataset, Invalid> {
+fn parse_one(d: &Payload, cp: &AgentConfig, data_dir: &Path) -> Result<Dataset, Invalid> {
     let bad = |key: &str, why: String| Invalid(format!("payload field `{}`: {why}", d.field(key)));
     let name = d.required("name")?;
     // The name becomes a path under mounts/ and a container path /data/<name>; ':' and
@@ -152,7 +198,8 @@ fn parse_one(d: &Payload, cp: &AgentConfig) -> Result<Dataset, Invalid> {
     } else {
         (d.str("id")?.to_string(), 0)
     };
-    let source = source_dir(d, name, cp)?;
+    let cached = mode == Mode::Dependency && is_cached(&version_dir(data_dir, &id, version));
+    let source = source_dir(d, name, cp, cached)?;
     Ok(Dataset {
         id,
         name: name.to_string(),
@@ -162,8 +209,9 @@ fn parse_one(d: &Payload, cp: &AgentConfig) -> Result<Dataset, Invalid> {
     })
 }
 
-/// `nfs_path`, absolute or under the dataset base path; it must exist.
-fn source_dir(d: &Payload, name: &str, cp: &AgentConfig) -> Result<PathBuf, Invalid> {
+/// `nfs_path`, absolute or under the dataset base path; it must exist unless the version
+/// is cached (the share may be unreachable: the cached copy is all a deploy needs).
+fn source_dir(d: &Payload, name: &str, cp: &AgentConfig, cached: bool) -> Result<PathBuf, Invalid> {
     let nfs = d.required("nfs_path")?;
     if Path::new(nfs).components().any(|c| c.as_os_str() == "..") {
         let field = d.field("nfs_path");
@@ -181,6 +229,7 @@ fn source_dir(d: &Payload, name: &str, cp: &AgentConfig) -> Result<PathBuf, Inva
     };
     let source = match std::fs::canonicalize(&source) {
         Ok(s) if s.is_dir() => s,
+        _ if cached => return Ok(source),
         _ => {
             return Err(Invalid(format!(
                 "dataset `{name}`: source directory {} does not exist",
@@ -239,9 +288,7 @@ pub fn setup<'a>(
     let mdir = mounts_dir(&data_dir, deployment_id);
     let mut synced = false;
     for d in list.iter().filter(|d| d.mode == Mode::Dependency) {
-        let target = objects_dir(&data_dir)
-            .join(&d.id)
-            .join(format!("v{}", d.version));
+        let target = version_dir(&data_dir, &d.id, d.version);
         m.book.pin(&target);
         m.pins.push(target.clone());
         synced |= ensure(ctx, d, &target)?;
@@ -287,7 +334,7 @@ fn mountable_data_dir(cfg: &Config) -> Result<PathBuf, TaskError> {
 fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
     // One lock per dataset: concurrent deploys wait for one sync instead of racing.
     ctx.shared.locks.with(&format!("dataset:{}", d.id), || {
-        if target.is_dir() {
+        if is_cached(target) {
             touch(target);
             ctx.say(&format!(
                 "Dataset {}: version {} is cached, nothing to copy",
@@ -299,6 +346,11 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
         let what = format!("cannot create {}", dir.display());
         std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
         remove_stale_temps(dir);
+        if target.exists() {
+            // Not complete: an interrupted eviction, or a copy by an older agent.
+            let what = format!("cannot remove the incomplete copy {}", target.display());
+            discard(target).map_err(TaskError::io(what))?;
+        }
         let tmp = dir.join(format!(".v{}.tmp-{}", d.version, std::process::id()));
         let what = format!("cannot create {}", tmp.display());
         std::fs::create_dir(&tmp).map_err(TaskError::io(what))?;
@@ -331,7 +383,8 @@ fn remove_stale_temps(dir: &Path) {
     };
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
-        let owner = n.rsplit_once(".tmp-").map(|(_, pid)| pid.to_string());
+        // `.v1.tmp-<pid>` (a sync) or `.v1.evict-<pid>` (an eviction).
+        let owner = n.rsplit_once('-').map(|(_, pid)| pid.to_string());
         let other_alive = owner.is_some_and(|pid| {
             pid != std::process::id().to_string() && Path::new("/proc").join(&pid).exists()
         });
@@ -348,16 +401,16 @@ fn sync_into(ctx: &Ctx, d: &Dataset, tmp: &Path, target: &Path) -> Result<(), Ta
         (ctx.out)(l)
     })
     .map_err(|e| TaskError::from(e).context(format!("dataset `{}`", d.name)))?;
+    let what = format!("dataset `{}`: cannot move the copy into place", d.name);
     match std::fs::rename(tmp, target) {
         // Another agent process sharing DATA_DIR finished the same version first.
-        Err(_) if target.is_dir() => {
+        Err(_) if is_cached(target) => {
             let _ = std::fs::remove_dir_all(tmp);
             Ok(())
         }
-        r => r.map_err(TaskError::io(format!(
-            "dataset `{}`: cannot move the copy into place",
-            d.name
-        ))),
+        r => r
+            .and_then(|()| mark_complete(target))
+            .map_err(TaskError::io(what)),
     }
 }
 
@@ -401,7 +454,7 @@ pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), Ta
             continue;
         }
         let bytes = dir_bytes(&v);
-        if let Err(e) = std::fs::remove_dir_all(&v) {
+        if let Err(e) = discard(&v) {
             say(&format!("Dataset cache: cannot evict {}: {e}", v.display()));
             continue;
         }
@@ -430,7 +483,8 @@ fn versions_by_age(root: &Path) -> Vec<PathBuf> {
     let mut versions: Vec<(SystemTime, PathBuf)> = Vec::new();
     for ds in std::fs::read_dir(root).into_iter().flatten().flatten() {
         for v in std::fs::read_dir(ds.path()).into_iter().flatten().flatten() {
-            if v.file_name().to_string_lossy().starts_with('v') {
+            let is_dir = v.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && v.file_name().to_string_lossy().starts_with('v') {
                 let t = v.metadata().and_then(|m| m.modified());
                 versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path()));
             }
@@ -458,7 +512,7 @@ mod tests {
         std::fs::write(share.join("a.txt"), "0123456789").unwrap();
         let v = json!({"datasets": [{"id": "d1", "name": "n", "version": 1,
                        "mount_mode": "dependency", "nfs_path": share}]});
-        let list = parse(&Payload::of(&v).unwrap(), &h.cp).unwrap();
+        let list = parse(&Payload::of(&v).unwrap(), &h.cp, &h.cfg.data_dir).unwrap();
         // rsync SRC/ DST/: copy the one file, as rsync would.
         h.fake.on(
             "rsync",
@@ -503,7 +557,10 @@ mod tests {
             vols,
             [format!("{}/mounts/dep-1/n:/data/n:ro", data.display())]
         );
-        assert_eq!(entries(&h.cfg.data_dir.join("objects/d1")), ["v1"]);
+        assert_eq!(
+            entries(&h.cfg.data_dir.join("objects/d1")),
+            ["v1", "v1.complete"]
+        );
         assert_eq!(h.fake.ran("rsync -a --delete").len(), 2);
         // Cached: no third copy.
         h.with("deploy", json!({}), |ctx| {
@@ -516,6 +573,40 @@ mod tests {
             .contains("Dataset n: version 1 is cached, nothing to copy"));
     }
 
+    #[test]
+    fn only_a_complete_version_counts_as_cached_and_it_needs_no_source() {
+        let (h, list) = node("ds-marker", &[]);
+        let sync = |dep: &str| h.with("deploy", json!({}), |ctx| setup(ctx, dep, &list).map(drop));
+        sync("dep-1").unwrap();
+        // As if an eviction was killed after taking the marker: half the files are gone.
+        let v = h.cfg.data_dir.join("objects/d1/v1");
+        std::fs::remove_file(marker(&v)).unwrap();
+        std::fs::remove_file(v.join("a.txt")).unwrap();
+        sync("dep-2").unwrap();
+        assert_eq!(
+            h.fake.ran("rsync").len(),
+            2,
+            "an incomplete copy was taken for cached"
+        );
+        assert!(v.join("a.txt").is_file() && is_cached(&v));
+        // The share goes away: the cached version still deploys, a version never copied not.
+        std::fs::remove_dir_all(h.dir.join("share")).unwrap();
+        let mut p = json!({"datasets": [{"id": "d1", "name": "n", "version": 1,
+                           "mount_mode": "dependency", "nfs_path": h.dir.join("share/corpus")}]});
+        let parsed = parse(&Payload::of(&p).unwrap(), &h.cp, &h.cfg.data_dir).unwrap();
+        h.with("deploy", json!({}), |ctx| {
+            setup(ctx, "dep-3", &parsed).map(drop)
+        })
+        .unwrap();
+        assert_eq!(h.fake.ran("rsync").len(), 2);
+        p["datasets"][0]["version"] = json!(2);
+        let e = parse(&Payload::of(&p).unwrap(), &h.cp, &h.cfg.data_dir).unwrap_err();
+        assert!(
+            e.0.contains("source directory") && e.0.contains("does not exist"),
+            "{e}"
+        );
+    }
+
     /// objects/<id>/v1 holding 10 bytes, last used `age` seconds ago.
     fn version(h: &Harness, id: &str, age: u64) -> PathBuf {
         let v = objects_dir(&std::fs::canonicalize(&h.cfg.data_dir).unwrap())
@@ -523,6 +614,7 @@ mod tests {
             .join("v1");
         std::fs::create_dir_all(&v).unwrap();
         std::fs::write(v.join("f"), "0123456789").unwrap();
+        mark_complete(&v).unwrap();
         let t = SystemTime::now() - Duration::from_secs(age);
         std::fs::File::open(&v).unwrap().set_modified(t).unwrap();
         v
@@ -591,7 +683,7 @@ mod tests {
             dataset_nfs_base_path: base.into(),
             ..AgentConfig::default()
         };
-        parse(&Payload::of(&v).unwrap(), &cp).map_err(|e| e.0)
+        parse(&Payload::of(&v).unwrap(), &cp, Path::new("/nonexistent")).map_err(|e| e.0)
     }
 
     #[test]

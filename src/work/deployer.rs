@@ -94,7 +94,7 @@ fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
         )));
     }
     let workspace = parse_workspace(p, &ctx.cp.volume_nfs_base_path)?;
-    let datasets = datasets::parse(p, ctx.cp)?;
+    let datasets = datasets::parse(p, ctx.cp, &ctx.cfg.data_dir)?;
     Ok(Spec {
         image,
         prefix,

@@ -568,6 +568,53 @@ fn dataset_cache_evicts_lru_but_never_a_mounted_version() {
     );
 }
 
+/// A version counts as cached only when complete (its marker is written last): a copy
+/// half-deleted by a killed eviction is copied again, and a complete one serves without
+/// its NFS source.
+#[test]
+fn a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted() {
+    if !require_docker("a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted") {
+        return;
+    }
+    images();
+    let mut app = App::new("itd-cache");
+    app.set("DEPLOY_DRAIN", "0s");
+    let id = uniq("dsc");
+    let src = app.share.join("c");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..200 {
+        std::fs::write(src.join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+    std::fs::write(src.join("file.txt"), "complete-set\n").unwrap();
+    let mut p = app.payload("dep-k1", APP, "k");
+    p["datasets"] = json!([{"id": id, "name": "set", "nfs_path": "c", "version": 1, "mount_mode": "dependency"}]);
+    app.deploy_ok(&p);
+    let objects = app.data.join("objects").join(&id);
+    let mounted = |app: &App| {
+        let ls = docker_ok(&["exec", &app.container(), "ls", "/data/set"]);
+        ls.lines().count()
+    };
+    assert_eq!(mounted(&app), 201);
+
+    // As if an eviction was killed half-way after taking the marker.
+    std::fs::remove_file(objects.join("v1.complete")).unwrap();
+    for i in 0..100 {
+        std::fs::remove_file(objects.join("v1").join(format!("f{i}"))).unwrap();
+    }
+    p["deployment_id"] = json!("dep-k2");
+    let (_, r) = app.deploy_ok(&p);
+    assert!(r.log.contains("copying version 1"), "{}", r.log);
+    assert_eq!(mounted(&app), 201);
+
+    // The share is unreachable: the cached version deploys as it is.
+    std::fs::remove_dir_all(&src).unwrap();
+    p["deployment_id"] = json!("dep-k3");
+    let (port, r) = app.deploy_ok(&p);
+    assert!(r.log.contains("version 1 is cached"), "{}", r.log);
+    assert!(body(port).contains("complete-set"));
+    assert_eq!(mounted(&app), 201);
+}
+
 fn dir_bytes(p: &Path) -> u64 {
     let Ok(md) = std::fs::symlink_metadata(p) else {
         return 0;
