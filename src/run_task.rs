@@ -107,11 +107,13 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
     }
     let err = StderrLines::start();
     let out = |line: &str| err.line(line);
+    let secrets = redact::Scope::new();
     let ctx = Ctx {
         cfg,
         cp,
         task,
         shared: &shared,
+        secrets: &secrets,
         out: &out,
     };
     let completion = dispatch::execute(&ctx);

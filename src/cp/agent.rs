@@ -434,11 +434,13 @@ impl Worker {
                 s.line(line);
             }
         };
+        let secrets = redact::Scope::new();
         let ctx = Ctx {
             cfg: &self.cfg,
             cp: &self.cp,
             task: &task,
             shared: &self.shared,
+            secrets: &secrets,
             out: &out,
         };
         let completion = dispatch::execute(&ctx);

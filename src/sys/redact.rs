@@ -1,45 +1,100 @@
-//! Process-wide secret redaction. Every secret the agent learns (agent secret, registry
-//! password, git tokens, SSH key lines, build secrets, env values) is registered here once,
-//! and every line the agent logs, captures or ships passes through [`scrub`].
-//! The set only grows: a value seen once stays masked for the life of the process.
+//! Process-wide secret redaction. Every secret the agent learns is registered here, and
+//! every line the agent logs, captures or ships passes through [`scrub`]. The agent's own
+//! credentials (agent secret, registry password) stay registered for the life of the
+//! process; a task's secrets (git tokens, SSH keys, build secrets, env values) belong to
+//! the task's [`Scope`] and are released when it ends, so no cap ever has to drop a secret
+//! that is still in use, however many values one payload carries.
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
 const MASK: &str = "***";
-/// Hard cap so a long-lived agent with thousands of deploys cannot grow without bound.
-const MAX_SECRETS: usize = 10_000;
 
-static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+/// Every registered value, longest first (so a secret that contains another is masked
+/// whole), with how many registrations hold it.
+static SECRETS: RwLock<BTreeMap<(Reverse<usize>, String), usize>> = RwLock::new(BTreeMap::new());
 
-/// Registers a secret. Explicit credentials are masked from 4 characters up; multi-line
-/// values (SSH keys) are also registered line by line, since output is scrubbed per line.
-pub fn add(secret: &str) {
-    add_min(secret, 4)
-}
-
-/// Registers a value that is secret but may be short and common (env values): only values
-/// of 6 characters or more are masked, so "8080" or "true" do not blank unrelated output.
-pub fn add_weak(value: &str) {
-    add_min(value, 6)
-}
-
-fn add_min(secret: &str, min: usize) {
+fn parts(secret: &str, min: usize) -> Vec<String> {
+    // Multi-line values (SSH keys) also line by line: output is scrubbed per line.
     let mut parts: Vec<&str> = vec![secret.trim_end_matches(['\r', '\n'])];
     if secret.contains('\n') {
         parts.extend(secret.lines().map(str::trim));
     }
+    let mut out: Vec<String> = parts
+        .into_iter()
+        .filter(|p| p.chars().count() >= min)
+        .map(String::from)
+        .collect();
+    out.dedup();
+    out
+}
+
+fn hold(values: &[String]) {
     let mut set = SECRETS.write().unwrap_or_else(|e| e.into_inner());
-    for p in parts {
-        if p.chars().count() < min || set.iter().any(|s| s == p) {
-            continue;
+    for v in values {
+        *set.entry((Reverse(v.len()), v.clone())).or_default() += 1;
+    }
+}
+
+fn release(values: &[String]) {
+    let mut set = SECRETS.write().unwrap_or_else(|e| e.into_inner());
+    for v in values {
+        let key = (Reverse(v.len()), v.clone());
+        if let Some(n) = set.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                set.remove(&key);
+            }
         }
-        if set.len() >= MAX_SECRETS {
-            set.remove(0);
-        }
-        set.push(p.to_string());
-        // Longest first, so a secret that contains another is masked whole.
-        set.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    }
+}
+
+/// Registers one of the agent's own credentials for the life of the process (masked from
+/// 4 characters up). Registering the same value again costs nothing.
+pub fn add(secret: &str) {
+    let mut set = SECRETS.write().unwrap_or_else(|e| e.into_inner());
+    for v in parts(secret, 4) {
+        // Held for ever: a count no release can bring to zero.
+        *set.entry((Reverse(v.len()), v)).or_default() = usize::MAX / 2;
+    }
+}
+
+/// A task's secrets, masked while the task runs and released when it is dropped.
+#[derive(Default)]
+pub struct Scope {
+    held: std::sync::Mutex<Vec<String>>,
+}
+
+impl Scope {
+    pub fn new() -> Scope {
+        Scope::default()
+    }
+
+    /// An explicit credential (token, key, build secret): masked from 4 characters up.
+    pub fn add(&self, secret: &str) {
+        self.hold(parts(secret, 4));
+    }
+
+    /// A value that is secret but may be short and common (env values): only values of 6
+    /// characters or more are masked, so "8080" or "true" do not blank unrelated output.
+    pub fn add_weak(&self, value: &str) {
+        self.hold(parts(value, 6));
+    }
+
+    fn hold(&self, values: Vec<String>) {
+        hold(&values);
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(values);
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        release(&self.held.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -47,7 +102,7 @@ fn add_min(secret: &str, min: usize) {
 pub fn scrub(line: &str) -> Cow<'_, str> {
     let set = SECRETS.read().unwrap_or_else(|e| e.into_inner());
     let mut out: Cow<str> = Cow::Borrowed(line);
-    for s in set.iter() {
+    for (_, s) in set.keys() {
         if out.contains(s.as_str()) {
             out = Cow::Owned(out.replace(s.as_str(), MASK));
         }
@@ -93,8 +148,9 @@ mod tests {
     #[test]
     fn masks_registered_values_and_url_userinfo() {
         add("tok-3f9a1c");
-        add_weak("8080");
-        add("-----BEGIN KEY-----\nAAAAB3NzaC1yc2EAAAADAQAB\n-----END KEY-----\n");
+        let task = Scope::new();
+        task.add_weak("8080");
+        task.add("-----BEGIN KEY-----\nAAAAB3NzaC1yc2EAAAADAQAB\n-----END KEY-----\n");
         assert_eq!(scrub("auth tok-3f9a1c ok"), "auth *** ok");
         assert_eq!(scrub("port 8080"), "port 8080");
         assert_eq!(scrub("key AAAAB3NzaC1yc2EAAAADAQAB!"), "key ***!");
@@ -107,5 +163,28 @@ mod tests {
             "ssh://***@host/x and http://h/a@b"
         );
         assert_eq!(scrub("plain line"), "plain line");
+    }
+
+    #[test]
+    fn a_task_scope_holds_any_number_of_values_and_releases_them() {
+        add("agent-secret-5b7e");
+        let task = Scope::new();
+        task.add_weak("db-password-91c2e4");
+        for i in 0..20_000 {
+            task.add_weak(&format!("env-value-{i:06}"));
+        }
+        let other = Scope::new();
+        other.add("shared-value-3d3d");
+        task.add("shared-value-3d3d");
+        let line = "agent-secret-5b7e db-password-91c2e4 env-value-019999 shared-value-3d3d";
+        assert_eq!(scrub(line), "*** *** *** ***");
+        drop(task);
+        // The other task still uses its value; the agent's own secret is for ever.
+        assert_eq!(scrub(line), "*** db-password-91c2e4 env-value-019999 ***");
+        drop(other);
+        assert_eq!(
+            scrub("shared-value-3d3d agent-secret-5b7e"),
+            "shared-value-3d3d ***"
+        );
     }
 }

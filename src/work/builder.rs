@@ -11,7 +11,7 @@ use crate::cp::wire::{Invalid, Payload};
 use crate::sys::docker::{BuildMode, BuildSpec};
 use crate::sys::executor::{Deadline, Limits};
 use crate::sys::git::Git;
-use crate::sys::redact;
+use crate::sys::redact::Scope;
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::error::TaskError;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -54,16 +54,21 @@ struct Job {
 
 /// Reads and validates the payload. Secrets are registered for redaction first, so even a
 /// validation message cannot carry one.
-fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job, TaskError> {
+fn parse_job(
+    payload: &serde_json::Value,
+    control_plane_url: &str,
+    secrets: &Scope,
+) -> Result<Job, TaskError> {
     let p = Payload::of(payload)?;
     let user = p.str("git_username")?;
     let token = p.str("git_token")?;
     let ssh_key = p.str("git_ssh_key")?;
+    let scope = secrets;
+    scope.add(token);
+    scope.add(ssh_key);
     let secrets = p.string_map("build_secrets")?;
-    redact::add(token);
-    redact::add(ssh_key);
     for (_, v) in &secrets {
-        redact::add(v);
+        scope.add(v);
     }
     // Credentials written into an http(s) URL move to the header as well: never in argv.
     let (url, url_creds) = split_userinfo(&clone_url(p.required("git_url")?, control_plane_url)?);
@@ -77,9 +82,9 @@ fn parse_job(payload: &serde_json::Value, control_plane_url: &str) -> Result<Job
         }
     };
     let auth_header = creds.map(|(u, t)| {
-        redact::add(&t);
+        scope.add(&t);
         let basic = BASE64.encode(format!("{u}:{t}"));
-        redact::add(&basic);
+        scope.add(&basic);
         format!("Authorization: Basic {basic}")
     });
     let branch = p.str("git_branch")?;
@@ -349,7 +354,7 @@ pub fn build_mode(ctx_shared: &Shared, cfg: &Config) -> BuildMode {
 
 /// `build`: clone, build and push; returns the pushed tag.
 pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
-    let job = parse_job(&ctx.task.payload, &ctx.cfg.control_plane_url)?;
+    let job = parse_job(&ctx.task.payload, &ctx.cfg.control_plane_url, ctx.secrets)?;
     let registry = registry_host(&ctx.cp.registry_addr);
     if registry.is_empty() {
         return Err(TaskError::Invalid(
@@ -712,6 +717,7 @@ mod tests {
 
     #[test]
     fn url_credentials_move_out_of_the_url() {
+        let scope = Scope::new();
         assert_eq!(
             split_userinfo("https://bob:p%40ss-url-3c1d@git.example/a.git"),
             (
@@ -731,6 +737,7 @@ mod tests {
             &json!({"git_url": "https://bob:tok-url-5e6f@git.example/a.git",
                     "deployment_id": "d", "project_id": "7a7a7a7a-0000-4000-8000-000000000007"}),
             CP,
+            &scope,
         )
         .unwrap();
         assert_eq!(j.url, "https://git.example/a.git");
@@ -741,7 +748,7 @@ mod tests {
                 BASE64.encode(b"bob:tok-url-5e6f")
             )
         );
-        assert_eq!(redact::scrub("tok-url-5e6f"), "***");
+        assert_eq!(crate::sys::redact::scrub("tok-url-5e6f"), "***");
     }
 
     #[test]
@@ -800,13 +807,14 @@ mod tests {
 
     #[test]
     fn payload_validation_names_fields_and_registers_secrets() {
+        let scope = Scope::new();
         let base = json!({
             "git_url": "https://git.example/a.git", "git_branch": "", "dockerfile_path": "",
             "deployment_id": "d", "project_id": "7A7A7A7A-0000-4000-8000-000000000007",
             "git_username": "agent", "git_token": "tok-unit-9f2c",
             "build_secrets": {"api_key": "sec-unit-77aa"}
         });
-        let j = parse_job(&base, CP).unwrap();
+        let j = parse_job(&base, CP, &scope).unwrap();
         assert_eq!(j.project, "7a7a7a7a-0000-4000-8000-000000000007");
         assert_eq!(j.dockerfile, PathBuf::from("Dockerfile"));
         assert_eq!(
@@ -819,12 +827,18 @@ mod tests {
                 .as_str()
             )
         );
-        assert_eq!(redact::scrub("x tok-unit-9f2c sec-unit-77aa"), "x *** ***");
-        assert_eq!(redact::scrub(&BASE64.encode(b"agent:tok-unit-9f2c")), "***");
+        assert_eq!(
+            crate::sys::redact::scrub("x tok-unit-9f2c sec-unit-77aa"),
+            "x *** ***"
+        );
+        assert_eq!(
+            crate::sys::redact::scrub(&BASE64.encode(b"agent:tok-unit-9f2c")),
+            "***"
+        );
         let with = |k: &str, v: serde_json::Value| {
             let mut p = base.clone();
             p[k] = v;
-            parse_job(&p, CP).unwrap_err().to_string()
+            parse_job(&p, CP, &scope).unwrap_err().to_string()
         };
         assert!(with("git_url", json!(null)).contains("`git_url` is required"));
         assert!(with("project_id", json!("../x")).contains("`project_id`"));

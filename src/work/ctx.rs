@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
+use crate::sys::redact::Scope;
 use crate::sys::sync::{Jobs, KeyedLocks, Semaphore};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -59,6 +60,8 @@ pub struct Ctx<'a> {
     pub cp: &'a AgentConfig,
     pub task: &'a Task,
     pub shared: &'a Arc<Shared>,
+    /// The task's secrets, masked until the task ends.
+    pub secrets: &'a Scope,
     /// Receives every line meant for the deployment log (already scrubbed).
     pub out: &'a (dyn Fn(&str) + Sync),
 }
@@ -138,11 +141,13 @@ pub mod testing {
                 payload,
             };
             let out = |l: &str| self.lines.lock().unwrap().push(l.to_string());
+            let secrets = Scope::new();
             let ctx = Ctx {
                 cfg: &self.cfg,
                 cp: &self.cp,
                 task: &task,
                 shared: &self.shared,
+                secrets: &secrets,
                 out: &out,
             };
             f(&ctx)

@@ -11,7 +11,8 @@ use crate::cp::state::valid_id;
 use crate::cp::wire::{Invalid, Payload};
 use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
-use crate::sys::{redact, signal};
+use crate::sys::redact::Scope;
+use crate::sys::signal;
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::datasets::{self, Dataset};
 use crate::work::error::TaskError;
@@ -68,7 +69,7 @@ fn lock_key(prefix: &str) -> String {
 
 /// Checks the whole payload before anything runs; every error names its field.
 fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
-    let env = parse_env(p)?;
+    let env = parse_env(p, ctx.secrets)?;
     let prefix = domain_prefix(p)?;
     let image = p.required("image_tag")?;
     if !image_ref(image) {
@@ -124,10 +125,10 @@ fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
 }
 
 /// `env_vars`, registered for redaction before anything can log them.
-fn parse_env(p: &Payload) -> Result<Vec<(String, String)>, Invalid> {
+fn parse_env(p: &Payload, secrets: &Scope) -> Result<Vec<(String, String)>, Invalid> {
     let env = p.string_map("env_vars")?;
     for (_, v) in &env {
-        redact::add_weak(v);
+        secrets.add_weak(v);
     }
     for (k, v) in &env {
         let why = if !env_name(k) {

@@ -414,6 +414,31 @@ fn failed_redeploys_keep_the_old_container_serving() {
     assert!(!app.data.join("mounts/dep-f2").exists());
 }
 
+/// Env values are masked however many a payload carries: the registry of secrets has no
+/// cap that could drop one of a running task's values.
+#[test]
+fn ten_thousand_env_values_stay_masked_in_the_report_and_the_log() {
+    if !require_docker("ten_thousand_env_values_stay_masked_in_the_report_and_the_log") {
+        return;
+    }
+    images();
+    let app = App::new("itd-mask");
+    let password = format!("db-password-{}", uniq("pw"));
+    let mut p = app.payload("dep-m1", CRASH, &password);
+    for i in 0..10_000 {
+        p["env_vars"][format!("VAR_{i}")] = json!(format!("value-{i:06}-xyz"));
+    }
+    let r = app.deploy(&p);
+    assert_eq!(r.report["status"], "failed", "{r:?}");
+    let why = r.report["result"].as_str().unwrap();
+    assert!(
+        why.contains("crash-marker: cannot start; body=***"),
+        "{why}"
+    );
+    assert!(!why.contains(&password) && !r.log.contains(&password));
+    assert!(!r.log.contains("value-009999-xyz"));
+}
+
 #[test]
 fn fixed_host_port_replacement_and_rollback() {
     if !require_docker("fixed_host_port_replacement_and_rollback") {
