@@ -96,6 +96,7 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
         crate::work::builder::build_mode(&shared, &cfg);
+        crate::work::builder::sweep_at_start(&cfg);
     }
     let mut agent = Agent {
         cfg: Arc::new(cfg),

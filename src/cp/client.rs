@@ -234,22 +234,9 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
-        let frac = (random_u64() % 10_000) as f64 / 10_000.0;
+        let frac = (crate::sys::sync::random_u64() % 10_000) as f64 / 10_000.0;
         ceiling.mul_f64(frac).max(Duration::from_millis(100))
     }
-}
-
-/// A random u64 without a rand crate: RandomState is seeded per process and per call.
-pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.finish()
 }
 
 #[cfg(test)]

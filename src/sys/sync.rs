@@ -1,5 +1,6 @@
 //! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset), and background jobs that can be waited for by key.
+//! per key (an app, a dataset), background jobs that can be waited for by key, and file
+//! locks that tell a live process's files from a dead one's.
 
 use crate::sys::signal;
 use std::collections::HashMap;
@@ -107,4 +108,67 @@ impl Jobs {
             let _ = h.join();
         }
     }
+}
+
+/// An exclusive `flock` on a file, held until dropped (or the process dies, however it
+/// dies: the kernel releases it). Unlike a PID, it cannot be mistaken for another process's.
+/// A lock made by [`FileLock::create`] removes its file when dropped.
+pub struct FileLock {
+    _file: std::fs::File,
+    owned: Option<std::path::PathBuf>,
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.owned {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl FileLock {
+    /// Creates `path` already locked: the lock is taken on a temp name and the file renamed
+    /// into place, so nobody can see it unlocked.
+    pub fn create(path: &std::path::Path) -> std::io::Result<FileLock> {
+        let tmp = path.with_extension(format!("tmp-{}", random_u64()));
+        let f = std::fs::File::create(&tmp)?;
+        let mut lock = FileLock::take(f)?.ok_or_else(|| std::io::Error::other("lock is taken"))?;
+        std::fs::rename(&tmp, path)?;
+        lock.owned = Some(path.to_path_buf());
+        Ok(lock)
+    }
+
+    /// Some(lock) when nobody holds `path`'s lock.
+    pub fn try_open(path: &std::path::Path) -> std::io::Result<Option<FileLock>> {
+        FileLock::take(std::fs::File::open(path)?)
+    }
+
+    fn take(f: std::fs::File) -> std::io::Result<Option<FileLock>> {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(Some(FileLock {
+                _file: f,
+                owned: None,
+            }));
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            e => Err(e),
+        }
+    }
+}
+
+/// A random u64 without a rand crate: RandomState is seeded per process and per call.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
 }

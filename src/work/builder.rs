@@ -12,6 +12,7 @@ use crate::sys::docker::{BuildMode, BuildSpec};
 use crate::sys::executor::{Deadline, Limits};
 use crate::sys::git::Git;
 use crate::sys::redact::Scope;
+use crate::sys::sync::{random_u64, FileLock};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::error::TaskError;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -289,15 +290,12 @@ fn registry_host(addr: &str) -> &str {
 struct BuildDir(PathBuf);
 
 impl BuildDir {
-    fn create(data_dir: &Path, project: &str, seq: usize) -> Result<BuildDir, TaskError> {
-        let root = data_dir.join("builds");
-        let err = TaskError::io(format!("build dir {}", root.display()));
-        let made = DirBuilder::new().recursive(true).mode(0o700).create(&root);
-        made.and_then(|()| std::fs::set_permissions(&root, Permissions::from_mode(0o700)))
-            .map_err(err)?;
-        sweep_stale(&root);
-        // The pid leads the name so a later start can tell whose leftovers these are.
-        let dir = root.join(format!("{}-{seq}-{project}", std::process::id()));
+    fn create(ctx: &Ctx, project: &str) -> Result<BuildDir, TaskError> {
+        let root = builds_root(&ctx.cfg.data_dir)?;
+        let owner = owner_id(ctx)?;
+        sweep_stale(&ctx.cfg.data_dir, &owner);
+        let seq = ctx.shared.build_seq.fetch_add(1, Ordering::SeqCst);
+        let dir = root.join(format!("{owner}-{seq}-{project}"));
         let err = TaskError::io(format!("build dir {}", dir.display()));
         DirBuilder::new().mode(0o700).create(&dir).map_err(err)?;
         Ok(BuildDir(dir))
@@ -326,21 +324,79 @@ impl Drop for BuildDir {
     }
 }
 
-/// Removes build dirs left by an agent process that no longer runs (killed mid-build).
-fn sweep_stale(root: &Path) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
+/// DATA_DIR/builds, private (0700).
+fn builds_root(data_dir: &Path) -> Result<PathBuf, TaskError> {
+    let root = data_dir.join("builds");
+    let err = TaskError::io(format!("build dir {}", root.display()));
+    let made = DirBuilder::new().recursive(true).mode(0o700).create(&root);
+    made.and_then(|()| std::fs::set_permissions(&root, Permissions::from_mode(0o700)))
+        .map_err(err)?;
+    Ok(root)
+}
+
+/// Where each agent process keeps the lock that says it is alive.
+fn owners_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("state/build-owners")
+}
+
+/// This process's id: `state/build-owners/<id>.lock` stays flock'ed while the process lives,
+/// so its build dirs `builds/<id>-<n>-<project>` are told from a dead one's without a PID
+/// (in a container the agent is PID 1 on every start).
+fn owner_id(ctx: &Ctx) -> Result<String, TaskError> {
+    let mut owner = ctx
+        .shared
+        .build_owner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((id, _)) = &*owner {
+        return Ok(id.clone());
+    }
+    let id = format!("{:016x}", random_u64());
+    let dir = owners_dir(&ctx.cfg.data_dir);
+    let path = dir.join(format!("{id}.lock"));
+    let lock = std::fs::create_dir_all(&dir)
+        .and_then(|()| FileLock::create(&path))
+        .map_err(TaskError::io(path.display()))?;
+    *owner = Some((id.clone(), lock));
+    Ok(id)
+}
+
+/// Removes the build dirs (clones, keys, secret files) of agent processes that are gone:
+/// their lock is free, or they never had one (older agents named dirs by PID).
+pub fn sweep_stale(data_dir: &Path, own: &str) {
+    let owners = owners_dir(data_dir);
+    let locks: Vec<String> = names(&owners)
+        .filter_map(|n| n.strip_suffix(".lock").map(String::from))
+        .collect();
+    let alive = |id: &str| {
+        id == own
+            || !matches!(
+                FileLock::try_open(&owners.join(format!("{id}.lock"))),
+                Ok(Some(_))
+            )
     };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let pid = name.to_string_lossy().split('-').next().map(str::to_owned);
-        if let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) {
-            if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-                log::info!("removing a stale build dir {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+    let (live, dead): (Vec<&String>, Vec<&String>) = locks.iter().partition(|id| alive(id));
+    let root = data_dir.join("builds");
+    for name in names(&root) {
+        let id = name.split('-').next().unwrap_or("");
+        if id != own && !live.iter().any(|l| l.as_str() == id) {
+            log::info!("removing a stale build dir {}", root.join(&name).display());
+            let _ = std::fs::remove_dir_all(root.join(&name));
         }
     }
+    for id in dead {
+        let _ = std::fs::remove_file(owners.join(format!("{id}.lock")));
+    }
+}
+
+fn names(dir: &Path) -> impl Iterator<Item = String> {
+    let rd = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    rd.map(|e| e.file_name().to_string_lossy().into_owned())
+}
+
+/// At start: what builds of a killed agent left behind goes at once, not at the next build.
+pub fn sweep_at_start(cfg: &Config) {
+    sweep_stale(&cfg.data_dir, "");
 }
 
 /// The build mode of this process: probed on the first build (or at start), then kept.
@@ -383,8 +439,7 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
             ctx.cfg.docker_cli
         )));
     }
-    let seq = ctx.shared.build_seq.fetch_add(1, Ordering::SeqCst);
-    let dir = BuildDir::create(&ctx.cfg.data_dir, &job.project, seq)?;
+    let dir = BuildDir::create(ctx, &job.project)?;
     let src = dir.0.join("src");
     let sha12 = checkout(ctx, &job, &dir, &src, limits)?;
     let dockerfile = dockerfile_in(&src, &job.dockerfile)?;

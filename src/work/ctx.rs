@@ -7,7 +7,7 @@ use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{Jobs, KeyedLocks, Semaphore};
+use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,6 +24,8 @@ pub struct Shared {
     pub build_mode: OnceLock<BuildMode>,
     /// Numbers this process's build dirs.
     pub build_seq: AtomicUsize,
+    /// This process's id under DATA_DIR/builds and the lock that proves it is alive.
+    pub build_owner: Mutex<Option<(String, FileLock)>>,
     pub cache: CacheBook,
 }
 
@@ -36,6 +38,7 @@ impl Shared {
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),
             build_seq: AtomicUsize::new(0),
+            build_owner: Mutex::new(None),
             cache: CacheBook::default(),
         }
     }

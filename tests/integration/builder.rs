@@ -1057,3 +1057,99 @@ fn a_silent_build_step_hits_the_idle_timeout() {
     );
     run.assert_no_build_dirs();
 }
+
+/// Build dirs (and the secret files in them) of `data`.
+fn secret_files(data: &Path) -> Vec<PathBuf> {
+    let dirs = std::fs::read_dir(data.join("builds"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    dirs.flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|f| f.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("secret-"))
+        })
+        .collect()
+}
+
+/// In a container the agent is PID 1 on every start. A build killed by SIGKILL leaves its
+/// dir (clone, build secret file) behind; the next start, PID 1 again, must remove it and
+/// build the same project.
+#[test]
+fn a_killed_builds_dir_is_swept_by_the_next_start_as_pid_1() {
+    let ns = ["-p", "-f", "--mount-proc"];
+    let ok = Command::new("unshare").args(ns).arg("true").status();
+    if !ok.is_ok_and(|s| s.success()) {
+        assert!(
+            std::env::var("MUVEE_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "unshare -p is not available"
+        );
+        eprintln!("SKIPPED a_killed_builds_dir_is_swept_by_the_next_start_as_pid_1: no unshare -p");
+        return;
+    }
+    let (bare, _) = repo_with("RUN true", &[]);
+    let shims = Shims::new(&["docker"]);
+    let data = temp_dir("bdata-pid1");
+    let secret = format!("sec-pid1-{}", unique_hex());
+    let mut p = payload(&file_url(&bare), "main", &new_uuid());
+    p["build_secrets"] = json!({"token": secret});
+    let spawn = |sleep: &str| {
+        let mut child = Command::new("unshare")
+            .args(ns)
+            .arg(util::bin())
+            .args([
+                "run-task",
+                "--type",
+                "build",
+                "--registry-addr",
+                "127.0.0.1:5999",
+            ])
+            .env("DATA_DIR", &data)
+            .env("SHIM_BUILD_SLEEP", sleep)
+            .envs(shims.env())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = p.to_string();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child
+    };
+    let mut first = spawn("60");
+    assert!(
+        util::poll(60, || secret_files(&data).len() == 1),
+        "the build never wrote its secret file"
+    );
+    // The agent is unshare's only child (PID 1 inside); its death ends the namespace.
+    let children = format!("/proc/{0}/task/{0}/children", first.id());
+    let agent: i32 = std::fs::read_to_string(children)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    util::signal(agent, libc::SIGKILL);
+    first.wait().unwrap();
+    assert_eq!(
+        secret_files(&data).len(),
+        1,
+        "the killed build left nothing behind?"
+    );
+
+    let out = spawn("0").wait_with_output().unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(body["status"], "completed", "{}", util::describe(&out));
+    assert!(secret_files(&data).is_empty(), "{:?}", secret_files(&data));
+    let left: Vec<_> = std::fs::read_dir(data.join("builds"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(util::files_containing(&data, &secret).is_empty());
+}
