@@ -150,6 +150,17 @@ fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, Invalid> {
         if rest.is_empty() || (scheme != "file" && rest.starts_with('/')) {
             return bad("has no host");
         }
+        if scheme.starts_with("http") && !valid_http_url(raw) {
+            // Likely credentials with a reserved character (a '/' in a token): never quote
+            // them, and never hand such a URL to git.
+            let shown = match raw.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}"),
+                None => raw.to_string(),
+            };
+            return Err(Invalid(format!(
+                "payload field `git_url`: {shown:?} is not a valid URL (percent-encode reserved characters in credentials, e.g. '/' as %2F)"
+            )));
+        }
         return Ok(raw.to_string());
     }
     // scp-style: the part before the first ':' has no '/', the path does not start with ':'.
@@ -173,6 +184,20 @@ fn clone_url(raw: &str, control_plane_url: &str) -> Result<String, Invalid> {
         }
     }
     bad("is not a https, http, ssh, git, file or scp-style (user@host:path) URL")
+}
+
+/// Parses as a URI and, if it names a port, the port is a number: `https://bob:tok/en@h`
+/// (a token with an unencoded '/') is host `bob` with port `tok`, which git cannot use.
+fn valid_http_url(raw: &str) -> bool {
+    let Ok(uri) = raw.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(a) = uri.authority() else {
+        return false;
+    };
+    let hostport = a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+    let after_host = hostport.rsplit_once(']').map_or(hostport, |(_, rest)| rest);
+    !after_host.contains(':') || a.port_u16().is_some()
 }
 
 /// `http(s)://user:pass@host/x` → (`http(s)://host/x`, (user, pass) percent-decoded).
@@ -768,6 +793,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("`git_url`"));
+        // An unencoded '/' in a token: refused without quoting the token.
+        let e = clone_url("https://bob:tok/en-77c1@git.example/x.git", CP)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("\"https://***@git.example/x.git\" is not a valid URL"),
+            "{e}"
+        );
+        assert!(!e.contains("en-77c1"));
+        assert!(clone_url("https://bob:tok@git.example:8443/x.git", CP).is_ok());
+        assert!(clone_url("https://[::1]:8443/x.git", CP).is_ok());
+        let decoded = split_userinfo("https://bob:p%2Fss@h/a.git").1;
+        assert_eq!(decoded, Some(("bob".into(), "p/ss".into())));
     }
 
     #[test]

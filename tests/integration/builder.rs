@@ -627,6 +627,20 @@ fn invalid_payloads_are_rejected_before_any_command_runs() {
         assert!(!run.data.join("builds").exists(), "{field}={value}");
         assert_eq!(shims.calls(), Vec::<String>::new(), "{field}={value}");
     }
+    // A token with an unencoded '/': refused, and the token is quoted nowhere.
+    let mut p = ok.clone();
+    p["git_url"] = json!("https://bob:tok-slash/9d1e@git.example/a.git");
+    let run = run_build(&p, &shims.env(), false);
+    run.assert_failed();
+    assert!(run.result().contains("`git_url`"), "{}", run.dump());
+    for part in ["tok-slash", "9d1e"] {
+        assert!(
+            !run.result().contains(part) && !run.stderr.contains(part),
+            "{}",
+            run.dump()
+        );
+    }
+    assert_eq!(shims.calls(), Vec::<String>::new());
 }
 
 #[test]
