@@ -20,6 +20,8 @@ const TAIL_LINES: usize = 20;
 const STDOUT_CAP: usize = 1 << 20;
 /// A newline-less stream is cut into lines of this size so memory stays bounded.
 const MAX_LINE: usize = 16 * 1024;
+/// Lines in flight between the pipe readers and the consumer.
+const CHANNEL_LINES: usize = 256;
 /// Grace between SIGTERM and SIGKILL for a process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -384,7 +386,9 @@ impl<'a> Running<'a> {
                 let _ = pipe.write_all(&data);
             });
         }
-        let (tx, rx) = mpsc::channel();
+        // Bounded: a child that prints faster than we consume blocks on its pipe instead of
+        // growing our memory (at most CHANNEL_LINES × MAX_LINE in flight).
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_LINES);
         let readers = [
             spawn_reader(child.stdout.take(), Stream::Stdout, tx.clone()),
             spawn_reader(child.stderr.take(), Stream::Stderr, tx),
@@ -543,7 +547,7 @@ fn exit_result(name: String, status: ExitStatus, output: Output) -> Result<Outpu
 fn spawn_reader(
     pipe: Option<impl Read + Send + 'static>,
     stream: Stream,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::SyncSender<Event>,
 ) -> Option<JoinHandle<()>> {
     let pipe = pipe?;
     Some(std::thread::spawn(move || {

@@ -748,3 +748,30 @@ fn invalid_payloads_fail_naming_the_field_before_any_command() {
     let log = std::fs::read_to_string(&calls).unwrap();
     assert!(log.starts_with("docker image inspect"), "{log}");
 }
+
+/// A child that prints far faster than the agent consumes (a `docker pull` stand-in
+/// printing 300 MB) meets back-pressure: the agent's peak RSS stays under 64 MiB.
+#[test]
+fn a_flood_of_output_keeps_the_agent_under_64_mib() {
+    let app = App::new("itd-flood");
+    let docker = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flood/docker");
+    let hwm = app.data.join("hwm");
+    let mut p = app.payload("dep-fl1", "muvee-it-deploy/flood:1", "x");
+    p["memory_limit"] = json!("");
+    let out = util::run_task(
+        &["--type", "deploy"],
+        &p.to_string(),
+        &[
+            ("DATA_DIR", app.data.to_str().unwrap()),
+            ("DOCKER_CLI", docker.to_str().unwrap()),
+            ("FLOOD_BYTES", "300000000"),
+            ("FLOOD_HWM", hwm.to_str().unwrap()),
+        ],
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "failed", "{}", util::describe(&out));
+    let line = std::fs::read_to_string(&hwm).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    eprintln!("flood: peak RSS {kib} KiB");
+    assert!(kib < 64 * 1024, "peak RSS {kib} KiB: {line}");
+}
