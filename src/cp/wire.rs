@@ -94,16 +94,31 @@ impl Completion {
             ..Completion::default()
         }
     }
-    pub fn failed(reason: impl Into<String>) -> Completion {
+    pub fn failed(reason: impl AsRef<str>) -> Completion {
         Completion {
             status: "failed".into(),
-            result: Some(reason.into()),
+            result: Some(clean_text(reason.as_ref()).into_owned()),
             ..Completion::default()
         }
     }
     pub fn is_final(&self) -> bool {
         self.status != "running"
     }
+}
+
+/// Text the control plane stores: today's server keeps results and log lines in Postgres
+/// text columns, which refuse NUL (the request then fails with 500 for ever). NUL and the
+/// other control characters except tab and newline become U+FFFD.
+pub fn clean_text(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !s.contains(bad) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| if bad(c) { '\u{fffd}' } else { c })
+            .collect(),
+    )
 }
 
 /// A payload value that cannot be used; the message names the field and what was wrong.
@@ -311,6 +326,23 @@ mod tests {
         assert_eq!(
             s(&Completion::failed("x")),
             r#"{"result":"x","status":"failed"}"#
+        );
+    }
+
+    #[test]
+    fn text_for_the_control_plane_has_no_nul_or_control_characters() {
+        assert_eq!(
+            clean_text("a\0b\x1b[31mc\rd\te\nf\u{85}"),
+            "a\u{fffd}b\u{fffd}[31mc\u{fffd}d\te\nf\u{fffd}"
+        );
+        assert!(matches!(
+            clean_text("plain\ttext\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        let c = Completion::failed("exit 1: \0\0");
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            "{\"result\":\"exit 1: \u{fffd}\u{fffd}\",\"status\":\"failed\"}"
         );
     }
 
