@@ -18,7 +18,7 @@ pub fn execute(ctx: &Ctx) -> Completion {
 /// The one place a task error becomes report text; our own messages may quote payload
 /// values, so they are scrubbed like every output line.
 pub fn report(e: &TaskError) -> Completion {
-    Completion::failed(redact::scrub(&e.to_string()).into_owned())
+    Completion::failed(redact::scrub(&e.to_string()))
 }
 
 fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
