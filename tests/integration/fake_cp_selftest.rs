@@ -420,6 +420,26 @@ fn fake_cp_complete() {
             (cp.task_status(&t2), cp.task_result(&t2)),
             ("failed".into(), "boom".into())
         );
+        // A NUL in a text column: today's server answers 500 and keeps nothing.
+        let r = post(
+            &cp,
+            &format!("/api/agent/tasks/{t2}/complete"),
+            r#"{"result":"a\u0000b","status":"failed"}"#,
+        );
+        if v == Version::Today {
+            let want = r#"{"error":"ERROR: invalid byte sequence for encoding \"UTF8\": 0x00 (SQLSTATE 22021)"}"#;
+            assert_json(&r, 500, &format!("{want}\n"));
+            assert_eq!(cp.task_result(&t2), "boom");
+            let logs = format!(
+                "/api/deployments/{}/logs",
+                "c0ffee00-1234-4abc-9def-000000000001"
+            );
+            assert_json(
+                &post(&cp, &logs, r#"{"line":"x\u0000"}"#),
+                500,
+                &format!("{want}\n"),
+            );
+        }
         // Unknown id → 200; malformed id → Today 400, March 200.
         let r = post(
             &cp,
