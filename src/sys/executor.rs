@@ -618,8 +618,9 @@ fn spawn_reader(
             pending.extend_from_slice(&buf[..n]);
             let cut = match memchr::memrchr(b'\n', &pending) {
                 Some(i) => i + 1,
-                // A newline-less stream is cut into lines of MAX_LINE.
-                None if pending.len() >= MAX_LINE => pending.len(),
+                // A newline-less stream is cut into lines of MAX_LINE, counted from the
+                // start of the line whatever the read sizes were.
+                None if pending.len() >= MAX_LINE => pending.len() - pending.len() % MAX_LINE,
                 None => continue,
             };
             let rest = pending.split_off(cut);
