@@ -121,7 +121,7 @@ loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes
   cpid=$!
   for _ in $(seq 50); do [ -s "$pf" ] && break; sleep 0.1; done
   url=http://127.0.0.1:$(cat "$pf")
-  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=100ms \
+  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=50ms \
     "$agent" 2>"$work/loop.log" &
   apid=$!
   sleep 1
@@ -135,7 +135,7 @@ while True:
     final = [s for r in st["reports"].values() for s in r if s in ("completed", "failed")]
     if final:
         break
-    time.sleep(0.1)
+    time.sleep(0.02)
 took = time.time() - start
 hwm = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")][0]
 print(f"{took:.2f} {st['log_requests']} {st['log_bytes']} {st['log_lines']} {hwm} {final[0]}")
