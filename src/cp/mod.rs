@@ -5,5 +5,6 @@ pub mod agent;
 pub mod client;
 pub mod logship;
 pub mod metrics;
+pub mod resolver;
 pub mod state;
 pub mod wire;

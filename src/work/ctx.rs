@@ -7,7 +7,7 @@ use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
+use crate::sys::sync::{Bell, FileLock, Jobs, KeyedLocks, Semaphore};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub struct Shared {
     /// Every external command goes through this.
     pub runner: Arc<dyn Runner>,
+    /// Rung when a task finishes, a slot frees or a signal arrives: every wait sleeps on it.
+    pub bell: Arc<Bell>,
     pub build_slots: Semaphore,
     pub locks: KeyedLocks,
     /// Old containers draining after a replacement, by domain prefix.
@@ -31,9 +33,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: &Config, runner: Arc<dyn Runner>) -> Shared {
+        let bell = Arc::new(Bell::default());
         Shared {
             runner,
-            build_slots: Semaphore::new(cfg.builder_max_concurrent),
+            build_slots: Semaphore::new(cfg.builder_max_concurrent, bell.clone()),
+            bell,
             locks: KeyedLocks::default(),
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),
