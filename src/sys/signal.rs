@@ -3,7 +3,7 @@
 //! nothing polls for signals. First signal = stop polling and drain; second = cancel running
 //! tasks. This file holds the crate's only `unsafe`, with the executor's process-group kill.
 
-use crate::sys::sync::Bell;
+use crate::sys::bell::Bell;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 

@@ -4,10 +4,11 @@
 
 use crate::config::Config;
 use crate::cp::wire::{AgentConfig, Task};
+use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{Bell, FileLock, Jobs, KeyedLocks, Semaphore};
+use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
