@@ -3,8 +3,9 @@
 
 pub mod agent;
 pub mod client;
+pub mod journal;
 pub mod logship;
 pub mod metrics;
+pub mod outbox;
 pub mod resolver;
-pub mod state;
 pub mod wire;
