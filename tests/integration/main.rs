@@ -6,5 +6,6 @@ mod deployer;
 mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
+mod faults;
 mod git_http;
 mod util;
