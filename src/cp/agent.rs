@@ -61,7 +61,7 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
 
     // Recovery before any report goes out: a final report queued by the previous run must
     // not race the scan that reports its task interrupted.
-    report_interrupted(&journal, &outbox);
+    let interrupted = report_interrupted(&journal, &outbox);
     outbox.forget_sent(&|id| journal.is_saved_done(id));
     journal.prune(JOURNAL_KEEP);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
@@ -97,6 +97,7 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         cpu: metrics::CpuSampler::default(),
     };
     if role == Role::Deploy {
+        crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
         spawn_status_reporter(
             agent.cfg.clone(),
             agent.client.clone(),
@@ -132,7 +133,9 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
 
 /// Tasks that were running when the agent last stopped are reported failed, unless a final
 /// report of theirs was ever queued: a task is never reported twice with different outcomes.
-fn report_interrupted(journal: &Journal, outbox: &Outbox) {
+/// Returns the deployment ids of the interrupted deploys.
+fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
+    let mut deploys = Vec::new();
     for e in journal.interrupted() {
         if !outbox.has_final(&e.id) {
             log::warn!(
@@ -141,6 +144,9 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) {
                 e.kind
             );
             outbox.push(&e.id, &Completion::failed("agent restarted during task"));
+            if e.kind == "deploy" {
+                deploys.push(e.deployment_id.clone());
+            }
         }
         if let Err(err) = journal.finish(&e.id) {
             log::error!(
@@ -149,6 +155,7 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) {
             );
         }
     }
+    deploys
 }
 
 /// Why a polled task is refused before it runs.

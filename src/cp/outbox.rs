@@ -155,7 +155,11 @@ impl Outbox {
         q.failures = 0;
         q.backoff.reset();
         q.pause_until = now;
-        for i in q.items.iter_mut().filter(|i| !i.parked && i.not_before > now) {
+        for i in q
+            .items
+            .iter_mut()
+            .filter(|i| !i.parked && i.not_before > now)
+        {
             i.not_before = now;
             woke = true;
         }

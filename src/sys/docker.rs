@@ -195,13 +195,19 @@ impl<'a> Docker<'a> {
 
     /// Containers (running and stopped with `all`) whose name contains `name`.
     pub fn ps(&self, all: bool, name: &str) -> Result<Vec<PsRow>, DockerError> {
-        let format = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
         let filter = format!("name={name}");
-        let mut args = vec!["ps", "--filter", &filter, "--format", format];
+        let mut args = vec!["ps", "--filter", &filter, "--format", PS_FORMAT];
         if all {
             args.insert(1, "-a");
         }
         let out = self.out(&args)?;
+        Ok(out.lines().filter_map(parse_ps_row).collect())
+    }
+
+    /// All containers (any state) carrying `label=value`.
+    pub fn ps_labelled(&self, label: &str, value: &str) -> Result<Vec<PsRow>, DockerError> {
+        let filter = format!("label={label}={value}");
+        let out = self.out(&["ps", "-a", "--filter", &filter, "--format", PS_FORMAT])?;
         Ok(out.lines().filter_map(parse_ps_row).collect())
     }
 
@@ -411,6 +417,9 @@ impl<'a> Docker<'a> {
         Ok(paths)
     }
 }
+
+/// The `docker ps` columns [`parse_ps_row`] reads.
+const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
 
 fn parse_ps_row(line: &str) -> Option<PsRow> {
     let f: Vec<&str> = line.split('\t').collect();

@@ -247,3 +247,103 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
     // Its journal entry is done now, so the tombstone goes.
     assert!(!outbox.join(format!("{delivered}.sent")).exists());
 }
+
+/// Real engine: the agent is killed (-9) while a replacement waits for the new container to
+/// answer. The restarted agent reports the deploy failed, removes the new container and gives
+/// the old one its name back before its first status report, which carries the old port.
+#[test]
+fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
+    if !util::require_docker("kill_9_during_a_deploys_health_wait_is_reconciled_at_start") {
+        return;
+    }
+    crate::deployer::images();
+    let docker = which(&util::docker_cli());
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("faults-reconcile");
+    let prefix = format!("itf-rec-{}", std::process::id());
+    let name = format!("muvee-{prefix}");
+    let _cleanup = RemoveContainers(name.clone());
+    let env = [
+        ("DOCKER_CLI", docker.as_str()),
+        ("DEPLOY_HEALTH_TIMEOUT", "120s"),
+        ("HEARTBEAT_INTERVAL", "1s"),
+    ];
+    let mut agent = Agent::start(&cp, "deploy", &dir, &env);
+    let deploy = |dep: &str, image: &str| {
+        let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-rec",
+                       "domain_prefix": prefix, "container_port": 8080, "env_vars": {"BODY": "old"}});
+        cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let (dep1, dep2) = (
+        "d1000000-0000-4000-8000-000000000001",
+        "d1000000-0000-4000-8000-000000000002",
+    );
+    let first = wait_final(&cp, &deploy(dep1, crate::deployer::APP), 120);
+    assert_eq!(first["status"], "completed", "{first}\n{}", agent.log());
+    let port = first["host_port"].as_u64().unwrap() as u16;
+    // The replacement never answers HTTP: kill the agent while it waits.
+    let second = deploy(dep2, crate::deployer::IDLE);
+    let labelled = |dep: &str| {
+        let f = format!("label=muvee.deployment_id={dep}");
+        let out = util::docker(&["ps", "--filter", &f, "--format", "{{.Names}}"], &[]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        util::poll(120, || labelled(dep2) == name),
+        "the new container never ran"
+    );
+    assert!(labelled(dep1).starts_with(&format!("{name}-old-")));
+    agent.signal(libc::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5)).unwrap();
+    drop(agent);
+
+    let posted_before = cp.posted("/api/agent/container-statuses").len();
+    let _agent = Agent::start(&cp, "deploy", &dir, &env);
+    let r = wait_final(&cp, &second, 30);
+    assert_eq!(
+        r,
+        json!({"status": "failed", "result": "agent restarted during task"})
+    );
+    assert!(util::poll(30, || cp
+        .posted("/api/agent/container-statuses")
+        .len()
+        > posted_before));
+    let statuses = cp.posted("/api/agent/container-statuses");
+    let first_after = statuses[posted_before].to_string();
+    assert!(
+        first_after.contains(&format!("\"host_port\":{port}")),
+        "{first_after}"
+    );
+    assert_eq!(labelled(dep1), name, "the old container has its name back");
+    assert_eq!(
+        labelled(dep2),
+        "",
+        "the failed deployment's container still runs"
+    );
+    assert!(util::http_get(port, "/").is_some_and(|b| b.contains("body=old")));
+}
+
+fn which(prog: &str) -> String {
+    if prog.contains('/') {
+        return prog.to_string();
+    }
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {prog}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes every container whose name contains the prefix when the test ends.
+struct RemoveContainers(String);
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        let f = format!("name={}", self.0);
+        let out = util::docker(&["ps", "-aq", "--filter", &f], &[]);
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = util::docker(&["rm", "-f", id], &[]);
+        }
+    }
+}
