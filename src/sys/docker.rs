@@ -418,6 +418,165 @@ impl<'a> Docker<'a> {
     }
 }
 
+/// Which compose CLI this host has: `docker compose` (v2 plugin) is preferred, Debian's
+/// `docker-compose` (v1, Python) is the fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComposeCli {
+    Plugin,
+    Standalone,
+}
+
+impl ComposeCli {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ComposeCli::Plugin => "docker compose (v2)",
+            ComposeCli::Standalone => "docker-compose (v1)",
+        }
+    }
+}
+
+/// One compose project: what every compose call of it repeats (`-p`, `-f`s,
+/// `--project-directory`) and the DOCKER_CONFIG holding the owner's registry logins.
+#[derive(Clone, Debug)]
+pub struct Project {
+    pub cli: ComposeCli,
+    pub name: String,
+    pub files: Vec<PathBuf>,
+    pub dir: PathBuf,
+    pub docker_config: Option<PathBuf>,
+}
+
+/// The compose label every container, network and volume of a project carries.
+const PROJECT_LABEL: &str = "com.docker.compose.project";
+const COMPOSE_UP_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+impl Docker<'_> {
+    /// Probes the compose CLIs once per deploy; None when neither answers.
+    pub fn compose_cli(&self) -> Option<ComposeCli> {
+        let ok = |c: Cmd| {
+            self.runner
+                .output(&c.timeout(PROBE_TIMEOUT, "docker probe timeout"))
+                .is_ok()
+        };
+        if ok(self.cmd(&["compose", "version"])) {
+            Some(ComposeCli::Plugin)
+        } else if ok(Cmd::new("docker-compose").arg("version")) {
+            Some(ComposeCli::Standalone)
+        } else {
+            None
+        }
+    }
+
+    fn compose_cmd(&self, p: &Project, sub: &[&str]) -> Cmd {
+        let mut c = match p.cli {
+            ComposeCli::Plugin => self
+                .cmd(&["compose"])
+                .label(format!("docker compose {}", sub[0])),
+            ComposeCli::Standalone => {
+                Cmd::new("docker-compose").label(format!("docker-compose {}", sub[0]))
+            }
+        };
+        c = c.args(["-p", &p.name]);
+        for f in &p.files {
+            c = c.arg("-f").arg(f);
+        }
+        c = c.arg("--project-directory").arg(&p.dir).args(sub);
+        if let Some(cfg) = &p.docker_config {
+            c = c.env("DOCKER_CONFIG", cfg.to_string_lossy());
+        }
+        c
+    }
+
+    /// `compose config`: the merged, normalised project (its YAML, for validation).
+    pub fn compose_config(&self, p: &Project) -> Result<String, DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["config"])
+            .timeout(SHORT, "docker call timeout");
+        self.runner
+            .output(&cmd)
+            .map(|o| o.stdout)
+            .map_err(DockerError::from_exec)
+    }
+
+    pub fn compose_pull(
+        &self,
+        p: &Project,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["pull"])
+            .timeout(PULL_TIMEOUT, "image pull limit 30m");
+        self.stream(&cmd, on_line)
+    }
+
+    pub fn compose_up(
+        &self,
+        p: &Project,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["up", "-d", "--remove-orphans"])
+            .timeout(COMPOSE_UP_TIMEOUT, "compose up limit 10m");
+        self.stream(&cmd, on_line)
+    }
+
+    /// The id of `service`'s (first) container.
+    pub fn compose_container(&self, p: &Project, service: &str) -> Result<String, DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["ps", "-q", service])
+            .timeout(SHORT, "docker call timeout");
+        let out = self.runner.output(&cmd).map_err(DockerError::from_exec)?;
+        let id = out.stdout.split_whitespace().next().unwrap_or("");
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DockerError::Unreadable {
+                what: format!("the container of service {service} from `compose ps`"),
+                got: out.stdout,
+            });
+        }
+        Ok(id.to_string())
+    }
+
+    /// `compose down -v --remove-orphans`.
+    pub fn compose_down(&self, p: &Project) -> Result<(), DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["down", "-v", "--remove-orphans"])
+            .timeout(COMPOSE_UP_TIMEOUT, "compose down limit 10m");
+        self.runner
+            .output(&cmd)
+            .map(drop)
+            .map_err(DockerError::from_exec)
+    }
+
+    /// Removes every container, network and volume labelled as part of compose project
+    /// `name`: works without the project's files, with either compose CLI.
+    pub fn remove_project(&self, name: &str) -> Result<(), DockerError> {
+        let filter = format!("label={PROJECT_LABEL}={name}");
+        let list = |args: &[&str]| -> Result<Vec<String>, DockerError> {
+            let out = self.out(args)?;
+            Ok(out.split_whitespace().map(String::from).collect())
+        };
+        let ids = list(&["ps", "-aq", "--filter", &filter])?;
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(ids.iter().map(String::as_str));
+            self.out(&args)?;
+        }
+        let nets = list(&["network", "ls", "-q", "--filter", &filter])?;
+        if !nets.is_empty() {
+            let mut args = vec!["network", "rm"];
+            args.extend(nets.iter().map(String::as_str));
+            self.out(&args)?;
+        }
+        let vols = list(&["volume", "ls", "-q", "--filter", &filter])?;
+        if !vols.is_empty() {
+            let mut args = vec!["volume", "rm", "-f"];
+            args.extend(vols.iter().map(String::as_str));
+            self.out(&args)?;
+        }
+        Ok(())
+    }
+}
+
 /// The `docker ps` columns [`parse_ps_row`] reads.
 const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
 

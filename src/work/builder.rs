@@ -39,17 +39,25 @@ const PROXY_VARS: &[&str] = &[
     "ftp_proxy",
 ];
 
-/// A validated build payload.
+/// Where to clone from and with which credentials: the payload fields `git_url`,
+/// `git_branch`, `git_username`/`git_token` and `git_ssh_key`, shared by builds and compose
+/// deploys so both clone the same safe way.
 #[derive(Debug)]
-struct Job {
+pub struct GitSource {
     /// What git clones (hosted paths already prefixed with CONTROL_PLANE_URL).
-    url: String,
-    branch: String,
-    dockerfile: PathBuf,
-    project: String,
+    pub url: String,
+    pub branch: String,
     /// `Authorization: Basic ...` for HTTP(S) clones.
     auth_header: Option<String>,
     ssh_key: Option<String>,
+}
+
+/// A validated build payload.
+#[derive(Debug)]
+struct Job {
+    git: GitSource,
+    dockerfile: PathBuf,
+    project: String,
     secrets: Vec<(String, String)>,
 }
 
@@ -61,16 +69,51 @@ fn parse_job(
     secrets: &Scope,
 ) -> Result<Job, TaskError> {
     let p = Payload::of(payload)?;
-    let user = p.str("git_username")?;
-    let token = p.str("git_token")?;
-    let ssh_key = p.str("git_ssh_key")?;
     let scope = secrets;
-    scope.add(token);
-    scope.add(ssh_key);
     let secrets = p.string_map("build_secrets")?;
     for (_, v) in &secrets {
         scope.add(v);
     }
+    let git = git_source(&p, control_plane_url, scope)?;
+    let dockerfile = relative_path(p.str("dockerfile_path")?, "dockerfile_path", "Dockerfile")?;
+    p.required("deployment_id")?;
+    let project = p.required("project_id")?;
+    if !is_uuid(project) {
+        return Err(TaskError::Invalid(format!(
+            "payload field `project_id`: {project:?} is not a UUID"
+        )));
+    }
+    for (id, _) in &secrets {
+        let ok = !id.is_empty()
+            && id.len() <= 255
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !ok {
+            return Err(TaskError::Invalid(format!(
+                "payload field `build_secrets`: secret id {id:?} may only use A-Z a-z 0-9 _ - ."
+            )));
+        }
+    }
+    Ok(Job {
+        git,
+        dockerfile,
+        project: project.to_ascii_lowercase(),
+        secrets,
+    })
+}
+
+/// Reads and validates the git fields; the token and key are registered for redaction first.
+pub fn git_source(
+    p: &Payload,
+    control_plane_url: &str,
+    scope: &Scope,
+) -> Result<GitSource, TaskError> {
+    let user = p.str("git_username")?;
+    let token = p.str("git_token")?;
+    let ssh_key = p.str("git_ssh_key")?;
+    scope.add(token);
+    scope.add(ssh_key);
     // Credentials written into an http(s) URL move to the header as well: never in argv.
     let (url, url_creds) = split_userinfo(&clone_url(p.required("git_url")?, control_plane_url)?);
     let creds = match (user.is_empty(), token.is_empty()) {
@@ -94,34 +137,11 @@ fn parse_job(
             "payload field `git_branch`: {branch:?} is not a valid branch name"
         )));
     }
-    let dockerfile = relative_dockerfile(p.str("dockerfile_path")?)?;
-    p.required("deployment_id")?;
-    let project = p.required("project_id")?;
-    if !is_uuid(project) {
-        return Err(TaskError::Invalid(format!(
-            "payload field `project_id`: {project:?} is not a UUID"
-        )));
-    }
-    for (id, _) in &secrets {
-        let ok = !id.is_empty()
-            && id.len() <= 255
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-        if !ok {
-            return Err(TaskError::Invalid(format!(
-                "payload field `build_secrets`: secret id {id:?} may only use A-Z a-z 0-9 _ - ."
-            )));
-        }
-    }
-    Ok(Job {
+    Ok(GitSource {
         url,
         branch: branch.to_string(),
-        dockerfile,
-        project: project.to_ascii_lowercase(),
         auth_header,
         ssh_key: (!ssh_key.trim().is_empty()).then(|| ssh_key.to_string()),
-        secrets,
     })
 }
 
@@ -245,10 +265,11 @@ fn valid_ref_name(b: &str) -> bool {
             .all(|c| !c.starts_with('.') && !c.ends_with(".lock"))
 }
 
-/// `dockerfile_path` must be relative with no `..`; empty means `Dockerfile`.
-fn relative_dockerfile(s: &str) -> Result<PathBuf, Invalid> {
+/// A path inside the repository (`dockerfile_path`, `compose_file_path`): relative with no
+/// `..`; empty means `default`.
+pub fn relative_path(s: &str, field: &str, default: &str) -> Result<PathBuf, Invalid> {
     if s.is_empty() {
-        return Ok(PathBuf::from("Dockerfile"));
+        return Ok(PathBuf::from(default));
     }
     let p = Path::new(s);
     let ok = !s.chars().any(char::is_control)
@@ -257,7 +278,7 @@ fn relative_dockerfile(s: &str) -> Result<PathBuf, Invalid> {
         && p.components().any(|c| matches!(c, Component::Normal(_)));
     if !ok {
         return Err(Invalid(format!(
-            "payload field `dockerfile_path`: {s:?} must be a relative path inside the repository (no `..`)"
+            "payload field `{field}`: {s:?} must be a relative path inside the repository (no `..`)"
         )));
     }
     Ok(p.to_path_buf())
@@ -265,9 +286,13 @@ fn relative_dockerfile(s: &str) -> Result<PathBuf, Invalid> {
 
 /// After the clone: the Dockerfile must be a file inside it, also after following symlinks.
 fn dockerfile_in(src: &Path, rel: &Path) -> Result<PathBuf, TaskError> {
+    file_in(src, rel, "dockerfile_path")
+}
+
+/// `rel` (payload field `field`) must be a file inside `src`, also after following symlinks.
+pub fn file_in(src: &Path, rel: &Path, field: &str) -> Result<PathBuf, TaskError> {
     let shown = rel.display();
-    let bad =
-        |why: &str| TaskError::Invalid(format!("payload field `dockerfile_path`: {shown} {why}"));
+    let bad = |why: &str| TaskError::Invalid(format!("payload field `{field}`: {shown} {why}"));
     let root = std::fs::canonicalize(src).map_err(TaskError::io("clone dir"))?;
     let full = std::fs::canonicalize(src.join(rel))
         .map_err(|_| bad("does not exist in the repository"))?;
@@ -280,7 +305,7 @@ fn dockerfile_in(src: &Path, rel: &Path) -> Result<PathBuf, TaskError> {
     Ok(full)
 }
 
-fn is_uuid(s: &str) -> bool {
+pub fn is_uuid(s: &str) -> bool {
     s.len() == 36
         && s.bytes().enumerate().all(|(i, b)| match i {
             8 | 13 | 18 | 23 => b == b'-',
@@ -328,17 +353,22 @@ impl BuildDir {
 
     /// Writes a 0600 file that did not exist before.
     fn write_private(&self, name: &str, data: &[u8]) -> Result<PathBuf, TaskError> {
-        let path = self.0.join(name);
-        let err = TaskError::io(format!("cannot write {}", path.display()));
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(data))
-            .map_err(err)?;
-        Ok(path)
+        write_private(&self.0, name, data)
     }
+}
+
+/// Writes a 0600 file `dir/name` that did not exist before.
+pub fn write_private(dir: &Path, name: &str, data: &[u8]) -> Result<PathBuf, TaskError> {
+    let path = dir.join(name);
+    let err = TaskError::io(format!("cannot write {}", path.display()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(err)?;
+    Ok(path)
 }
 
 impl Drop for BuildDir {
@@ -506,27 +536,7 @@ fn checkout(
     src: &Path,
     limits: Limits,
 ) -> Result<String, TaskError> {
-    let mut git = Git::new(&*ctx.shared.runner);
-    if let Some(h) = &job.auth_header {
-        git = git.header(h);
-    }
-    if let Some(key) = &job.ssh_key {
-        // ssh rejects a key file without the final newline.
-        let mut k = key.replace("\r\n", "\n");
-        if !k.ends_with('\n') {
-            k.push('\n');
-        }
-        let path = dir.write_private("ssh_key", k.as_bytes())?;
-        let known = ctx.cfg.data_dir.join("known_hosts");
-        git = git.ssh_command(ssh_command(&path, &known));
-    }
-    let shown_branch = if job.branch.is_empty() {
-        "(default branch)"
-    } else {
-        &job.branch
-    };
-    ctx.say(&format!("Cloning {}@{shown_branch}...", job.url));
-    git.clone_shallow(&job.url, &job.branch, src, limits, &mut |l| (ctx.out)(l))?;
+    let git = clone_source(ctx, &job.git, &dir.0, src, limits)?;
     let sha = git.head(src, limits)?;
     let sha12 = sha
         .get(..12)
@@ -536,6 +546,41 @@ fn checkout(
         })?;
     ctx.say(&format!("Commit: {sha12}"));
     Ok(sha12.to_string())
+}
+
+/// Clones `source` shallowly into `dest`; an SSH key goes to a 0600 file in the private
+/// `key_dir` (the caller removes it). Returns the configured git for later calls.
+pub fn clone_source<'a>(
+    ctx: &'a Ctx,
+    source: &GitSource,
+    key_dir: &Path,
+    dest: &Path,
+    limits: Limits,
+) -> Result<Git<'a>, TaskError> {
+    let mut git = Git::new(&*ctx.shared.runner);
+    if let Some(h) = &source.auth_header {
+        git = git.header(h);
+    }
+    if let Some(key) = &source.ssh_key {
+        // ssh rejects a key file without the final newline.
+        let mut k = key.replace("\r\n", "\n");
+        if !k.ends_with('\n') {
+            k.push('\n');
+        }
+        let path = write_private(key_dir, "ssh_key", k.as_bytes())?;
+        let known = ctx.cfg.data_dir.join("known_hosts");
+        git = git.ssh_command(ssh_command(&path, &known));
+    }
+    let shown_branch = if source.branch.is_empty() {
+        "(default branch)"
+    } else {
+        &source.branch
+    };
+    ctx.say(&format!("Cloning {}@{shown_branch}...", source.url));
+    git.clone_shallow(&source.url, &source.branch, dest, limits, &mut |l| {
+        (ctx.out)(l)
+    })?;
+    Ok(git)
 }
 
 /// Builds (and with buildx pushes) the image; otherwise pushes it. Returns the digest.
@@ -833,9 +878,9 @@ mod tests {
             &scope,
         )
         .unwrap();
-        assert_eq!(j.url, "https://git.example/a.git");
+        assert_eq!(j.git.url, "https://git.example/a.git");
         assert_eq!(
-            j.auth_header.unwrap(),
+            j.git.auth_header.unwrap(),
             format!(
                 "Authorization: Basic {}",
                 BASE64.encode(b"bob:tok-url-5e6f")
@@ -860,15 +905,17 @@ mod tests {
     #[test]
     fn dockerfile_paths() {
         assert_eq!(
-            relative_dockerfile("").unwrap(),
+            relative_path("", "dockerfile_path", "Dockerfile").unwrap(),
             PathBuf::from("Dockerfile")
         );
         assert_eq!(
-            relative_dockerfile("./docker/Dockerfile.prod").unwrap(),
+            relative_path("./docker/Dockerfile.prod", "dockerfile_path", "Dockerfile").unwrap(),
             PathBuf::from("./docker/Dockerfile.prod")
         );
         for bad in ["../Dockerfile", "a/../../b", "/etc/passwd", ".", "a/.."] {
-            let e = relative_dockerfile(bad).unwrap_err().to_string();
+            let e = relative_path(bad, "dockerfile_path", "Dockerfile")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("`dockerfile_path`"), "{bad}: {e}");
         }
     }
@@ -910,7 +957,7 @@ mod tests {
         assert_eq!(j.project, "7a7a7a7a-0000-4000-8000-000000000007");
         assert_eq!(j.dockerfile, PathBuf::from("Dockerfile"));
         assert_eq!(
-            j.auth_header.as_deref(),
+            j.git.auth_header.as_deref(),
             Some(
                 format!(
                     "Authorization: Basic {}",

@@ -63,7 +63,7 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
         .with(&lock_key(spec.prefix), || replace(ctx, &spec))
 }
 
-fn lock_key(prefix: &str) -> String {
+pub(crate) fn lock_key(prefix: &str) -> String {
     format!("deploy:{prefix}")
 }
 
@@ -113,7 +113,7 @@ fn invalid(msg: String) -> TaskError {
     TaskError::Invalid(msg)
 }
 
-fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
+pub(crate) fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
     match p.uint(key)? {
         None | Some(0) => Ok(None),
         Some(n) => u16::try_from(n).map(Some).map_err(|_| {
@@ -125,7 +125,7 @@ fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
 }
 
 /// `env_vars`, registered for redaction before anything can log them.
-fn parse_env(p: &Payload, secrets: &Scope) -> Result<Vec<(String, String)>, Invalid> {
+pub(crate) fn parse_env(p: &Payload, secrets: &Scope) -> Result<Vec<(String, String)>, Invalid> {
     let env = p.string_map("env_vars")?;
     for (_, v) in &env {
         secrets.add_weak(v);
@@ -148,7 +148,10 @@ fn parse_env(p: &Payload, secrets: &Scope) -> Result<Vec<(String, String)>, Inva
 }
 
 /// The workspace volume: VOLUME_NFS_BASE_PATH/<project_id> mounted at `volume_mount_path`.
-fn parse_workspace<'a>(p: &Payload<'a>, base: &str) -> Result<Option<(PathBuf, &'a str)>, Invalid> {
+pub(crate) fn parse_workspace<'a>(
+    p: &Payload<'a>,
+    base: &str,
+) -> Result<Option<(PathBuf, &'a str)>, Invalid> {
     let mount_path = p.str("volume_mount_path")?;
     if !mount_path.is_empty() && !container_path(mount_path) {
         return Err(Invalid(format!(
@@ -175,7 +178,7 @@ fn parse_workspace<'a>(p: &Payload<'a>, base: &str) -> Result<Option<(PathBuf, &
 
 /// `[registry[:port]/]path[:tag][@digest]`, loosely: the daemon has the final word, this
 /// only keeps option-like and malformed values away from argv.
-fn image_ref(s: &str) -> bool {
+pub(crate) fn image_ref(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 512
         && !s.starts_with(['-', '/', ':', '@', '.'])
@@ -186,7 +189,7 @@ fn image_ref(s: &str) -> bool {
 }
 
 /// Docker's RAMInBytes syntax: `123`, `1.5g`, `512MB`, `4GiB`.
-fn docker_size(s: &str) -> bool {
+pub(crate) fn docker_size(s: &str) -> bool {
     let digits = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(s.len());
@@ -288,7 +291,7 @@ fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     }
     let name = format!("muvee-{}", s.prefix);
     let (old, leftovers) = set_aside(ctx, s, &name)?;
-    let started = start(ctx, s, &name, volumes).and_then(|()| wait_healthy(ctx, s, &name));
+    let started = start(ctx, s, &name, volumes).and_then(|()| wait_healthy(ctx, &name, s.port));
     match started {
         Ok(port) => {
             ctx.say(&format!(
@@ -454,7 +457,7 @@ fn start(ctx: &Ctx, s: &Spec, name: &str, volumes: Vec<String>) -> Result<(), Ta
 
 /// Healthy = running, never restarted, and something answers HTTP on the host port. A TCP
 /// connect proves nothing: docker-proxy accepts connections even when the app is not up.
-fn wait_healthy(ctx: &Ctx, s: &Spec, name: &str) -> Result<u16, TaskError> {
+pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result<u16, TaskError> {
     let docker = ctx.docker();
     let deadline = Instant::now() + ctx.cfg.deploy_health_timeout;
     let mut port = None;
@@ -468,7 +471,7 @@ fn wait_healthy(ctx: &Ctx, s: &Spec, name: &str) -> Result<u16, TaskError> {
         }
         let (p, v4) = match port {
             Some(p) => p,
-            None => *port.insert(docker.host_port(name, s.port)?),
+            None => *port.insert(docker.host_port(name, container_port)?),
         };
         if http_answers(p, v4) {
             return Ok(p);

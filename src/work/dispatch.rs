@@ -6,7 +6,7 @@ use crate::cp::wire::{Completion, Payload};
 use crate::sys::redact;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
-use crate::work::{builder, datasets, deployer};
+use crate::work::{builder, compose, datasets, deployer};
 
 pub fn execute(ctx: &Ctx) -> Completion {
     match run(ctx) {
@@ -29,7 +29,13 @@ fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
         .and_then(|m| m.as_str())
         .unwrap_or("");
     match ctx.task.kind.as_str() {
-        // Today's compose and image projects: say so rather than fail on a missing field.
+        // Today's compose and image projects.
+        "deploy" if mode == "compose" => compose::deploy(ctx).map(|port| Completion {
+            host_port: Some(port),
+            ..Completion::completed()
+        }),
+        "cleanup" if mode == "compose" => compose::cleanup(ctx).map(|()| Completion::completed()),
+        // A mode we do not know: say so rather than fail on a missing field.
         "deploy" | "cleanup" if !mode.is_empty() => Err(TaskError::Unsupported(format!(
             "payload field `mode`: {mode:?} deployments are not supported by muvee-agent {}",
             env!("CARGO_PKG_VERSION")

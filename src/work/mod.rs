@@ -1,6 +1,7 @@
 //! The work a task does: dispatch by type, the builder and deploy roles, the dataset cache.
 
 pub mod builder;
+pub mod compose;
 pub mod ctx;
 pub mod datasets;
 pub mod deployer;

@@ -1,0 +1,862 @@
+//! Deploy role, compose and image projects (`mode:"compose"`): a compose project named
+//! `muvee-<domain_prefix>` from a cloned repository or the control plane's inline YAML, with
+//! our override (published port, labels, workspace volume, memory limit) on top.
+//!
+//! Unlike the Go agent: the clone goes through the builder's safe clone (credentials in the
+//! environment, never argv or the URL, also for hosted `http://` repos); the files are
+//! validated in a staging dir before the running project's are replaced; `.env` values are
+//! quoted so newlines, quotes and `#` arrive intact, and `.env` and the registry logins are
+//! removed once `up` is done; cleanup works from labels, without the project's files.
+
+use crate::cp::wire::{valid_id, Invalid, Payload};
+use crate::sys::docker::{ComposeCli, Docker, Project};
+use crate::sys::executor::{Deadline, Limits};
+use crate::sys::redact::Scope;
+use crate::work::builder::{self, GitSource};
+use crate::work::ctx::Ctx;
+use crate::work::deployer;
+use crate::work::error::TaskError;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use std::fs::DirBuilder;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Our additions to the project, next to (not inside) the repository.
+const OVERRIDE: &str = "muvee.override.yml";
+/// The default compose file name, as the control plane assumes.
+const DEFAULT_FILE: &str = "docker-compose.yml";
+/// A clone of a compose repository has this long (it is small: compose files).
+const CLONE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Inline YAML larger than this is not a compose file the control plane wrote.
+const MAX_INLINE: usize = 1 << 20;
+
+/// Where the compose file comes from.
+enum Source<'a> {
+    Git(GitSource),
+    Inline(&'a str),
+}
+
+/// A registry login for the project's pulls.
+struct Auth {
+    addr: String,
+    basic: String,
+}
+
+/// A validated compose deploy payload.
+struct Spec<'a> {
+    prefix: &'a str,
+    deployment_id: &'a str,
+    source: Source<'a>,
+    file: PathBuf,
+    service: &'a str,
+    port: u16,
+    fixed_port: Option<u16>,
+    memory: &'a str,
+    workspace: Option<(PathBuf, &'a str)>,
+    env: Vec<(String, String)>,
+    auths: Vec<Auth>,
+}
+
+/// `deploy` with `mode:"compose"`: brings the project up; returns the exposed host port.
+pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
+    let p = Payload::of(&ctx.task.payload)?;
+    let spec = parse(ctx, &p)?;
+    let key = deployer::lock_key(spec.prefix);
+    ctx.shared.locks.with(&key, || up(ctx, &spec))
+}
+
+/// Checks the whole payload before anything runs; every error names its field.
+fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
+    let env = deployer::parse_env(p, ctx.secrets)?;
+    let auths = parse_auths(p, ctx.secrets)?;
+    let prefix = deployer::domain_prefix(p)?;
+    let inline = p.str("inline_compose_yaml")?;
+    let source = if !inline.trim().is_empty() {
+        if inline.len() > MAX_INLINE || inline.contains('\0') {
+            return Err(invalid(
+                "payload field `inline_compose_yaml`: larger than 1 MiB or contains NUL".into(),
+            ));
+        }
+        Source::Inline(inline)
+    } else if p.str("git_url")?.trim().is_empty() {
+        return Err(invalid(
+            "payload field `git_url` or `inline_compose_yaml` is required".into(),
+        ));
+    } else {
+        Source::Git(builder::git_source(
+            p,
+            &ctx.cfg.control_plane_url,
+            ctx.secrets,
+        )?)
+    };
+    let file = builder::relative_path(
+        p.str("compose_file_path")?,
+        "compose_file_path",
+        DEFAULT_FILE,
+    )?;
+    let service = p.required("expose_service")?;
+    if !service_name(service) {
+        return Err(invalid(format!(
+            "payload field `expose_service`: {service:?} is not a service name (A-Z a-z 0-9 . _ -)"
+        )));
+    }
+    let port = deployer::port_field(p, "expose_port")?
+        .ok_or_else(|| invalid("payload field `expose_port` is required".into()))?;
+    let memory = p.str("memory_limit")?.trim();
+    if !memory.is_empty() && !deployer::docker_size(memory) {
+        return Err(invalid(format!(
+            "payload field `memory_limit`: {memory:?} is not a size like 512m or 4g"
+        )));
+    }
+    let deployment_id = match p.str("deployment_id")? {
+        "" => ctx.task.deployment_id.as_str(),
+        d => d,
+    };
+    if !deployment_id.is_empty() && !valid_id(deployment_id) {
+        return Err(invalid(format!(
+            "payload field `deployment_id`: {deployment_id:?} is not a valid id"
+        )));
+    }
+    Ok(Spec {
+        prefix,
+        deployment_id,
+        source,
+        file,
+        service,
+        port,
+        fixed_port: deployer::port_field(p, "fixed_host_port")?,
+        memory,
+        workspace: deployer::parse_workspace(p, &ctx.cp.volume_nfs_base_path)?,
+        env,
+        auths,
+    })
+}
+
+fn invalid(msg: String) -> TaskError {
+    TaskError::Invalid(msg)
+}
+
+/// `registry_auths: [{addr, username, password}]`, registered for redaction first.
+fn parse_auths(p: &Payload, scope: &Scope) -> Result<Vec<Auth>, Invalid> {
+    let items = p.objects("registry_auths")?;
+    for a in &items {
+        scope.add(a.str("password")?);
+    }
+    let mut auths = Vec::new();
+    for a in &items {
+        let addr = a.str("addr")?.trim();
+        if addr.is_empty() {
+            // The control plane drops these too: a login for no registry.
+            continue;
+        }
+        if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Invalid(format!(
+                "payload field `{}`: {addr:?} is not a registry address",
+                a.field("addr")
+            )));
+        }
+        let user = a.required("username")?;
+        let password = a.required("password")?;
+        if user.contains(':') {
+            return Err(Invalid(format!(
+                "payload field `{}` must not contain ':'",
+                a.field("username")
+            )));
+        }
+        let basic = BASE64.encode(format!("{user}:{password}"));
+        scope.add(&basic);
+        auths.push(Auth {
+            addr: addr.to_string(),
+            basic,
+        });
+    }
+    Ok(auths)
+}
+
+/// Compose service names: what compose itself accepts, and nothing YAML would reinterpret.
+fn service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// DATA_DIR/compose/<prefix>: the project's files, private (0700) because `.env` and the
+/// registry logins pass through it.
+fn work_dir(ctx: &Ctx, prefix: &str) -> PathBuf {
+    ctx.cfg.data_dir.join("compose").join(prefix)
+}
+
+fn private_dir(dir: &Path) -> Result<(), TaskError> {
+    let err = TaskError::io(format!("cannot create {}", dir.display()));
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)
+}
+
+fn remove_dir(dir: &Path) -> Result<(), TaskError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(TaskError::Io {
+            what: format!("cannot remove {}", dir.display()),
+            err: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a file or dir when dropped: `.env` and the private DOCKER_CONFIG go however the
+/// deploy ends.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let r = if self.0.is_dir() {
+            std::fs::remove_dir_all(&self.0)
+        } else {
+            std::fs::remove_file(&self.0)
+        };
+        if let Err(e) = r {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+    let docker = ctx.docker();
+    let cli = docker.compose_cli().ok_or_else(|| {
+        TaskError::Unsupported(
+            "compose deployments need `docker compose` (v2) or `docker-compose` (v1) on this node"
+                .into(),
+        )
+    })?;
+    let work = work_dir(ctx, s.prefix);
+    private_dir(&work)?;
+    let src = stage(ctx, s, cli, &work)?;
+    let mut project = project(cli, s.prefix, &src, &s.file, &work);
+    write_override(s, &work)?;
+    let _env = Remove(write_env(&src, &s.env, cli)?);
+    let _cfg = if s.auths.is_empty() {
+        None
+    } else {
+        let dir = docker_config(&work, &s.auths)?;
+        project.docker_config = Some(dir.clone());
+        Some(Remove(dir))
+    };
+    ctx.say(&format!(
+        "Deploying compose project {} with {}",
+        project.name,
+        cli.describe()
+    ));
+    let out = &mut |l: &str| (ctx.out)(l);
+    docker.compose_pull(&project, out)?;
+    // A single-container deployment of this app (before it became a compose project)
+    // would keep serving and be reported next to the project.
+    docker.remove(&project.name)?;
+    docker.compose_up(&project, out)?;
+    drop(_env);
+    drop(_cfg);
+    let id = docker.compose_container(&project, s.service)?;
+    let port = deployer::wait_healthy(ctx, &id, s.port).map_err(|e| {
+        if e.is_canceled() {
+            return TaskError::Canceled;
+        }
+        let mut msg = format!("deploy failed: {e}");
+        let logs = docker.logs_tail(&id, 20);
+        if !logs.is_empty() {
+            msg.push_str(&format!(
+                "\nlast log lines of service {}:\n{logs}",
+                s.service
+            ));
+        }
+        TaskError::Failed(msg)
+    })?;
+    ctx.say(&format!(
+        "Service {} of {} is healthy, listening on host port {port}.",
+        s.service, project.name
+    ));
+    Ok(port)
+}
+
+/// The project as every compose call names it.
+fn project(cli: ComposeCli, prefix: &str, src: &Path, file: &Path, work: &Path) -> Project {
+    Project {
+        cli,
+        name: format!("muvee-{prefix}"),
+        files: vec![src.join(file), work.join(OVERRIDE)],
+        dir: src.to_path_buf(),
+        docker_config: None,
+    }
+}
+
+/// Fetches the compose files into `work/next`, validates them, then replaces `work/src`
+/// (the running project keeps its containers: only its files change). Returns `work/src`.
+fn stage(ctx: &Ctx, s: &Spec, cli: ComposeCli, work: &Path) -> Result<PathBuf, TaskError> {
+    let next = work.join("next");
+    remove_dir(&next)?;
+    let fetched = fetch(ctx, s, work, &next).and_then(|()| validate(ctx, s, cli, &next));
+    if let Err(e) = fetched {
+        let _ = remove_dir(&next);
+        return Err(e);
+    }
+    let src = work.join("src");
+    remove_dir(&src)?;
+    let err = TaskError::io(format!("cannot move {} into place", next.display()));
+    std::fs::rename(&next, &src).map_err(err)?;
+    Ok(src)
+}
+
+fn fetch(ctx: &Ctx, s: &Spec, work: &Path, dest: &Path) -> Result<(), TaskError> {
+    match &s.source {
+        Source::Inline(yaml) => {
+            let path = dest.join(&s.file);
+            let parent = path.parent().unwrap_or(dest);
+            private_dir(parent)?;
+            let err = TaskError::io(format!("cannot write {}", path.display()));
+            std::fs::write(&path, yaml).map_err(err)
+        }
+        Source::Git(git) => {
+            let keys = work.join("keys");
+            remove_dir(&keys)?;
+            private_dir(&keys)?;
+            let _keys = Remove(keys.clone());
+            let limits = Limits {
+                deadline: Some(Deadline {
+                    at: Instant::now() + CLONE_TIMEOUT,
+                    total: CLONE_TIMEOUT,
+                    setting: "the compose clone limit",
+                }),
+                idle: Some(ctx.cfg.build_idle_timeout),
+            };
+            builder::clone_source(ctx, git, &keys, dest, limits).map(drop)
+        }
+    }
+}
+
+/// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
+/// from `compose config` (the CLI's own parse) with an empty `.env`, so no value is printed.
+fn validate(ctx: &Ctx, s: &Spec, cli: ComposeCli, dir: &Path) -> Result<(), TaskError> {
+    builder::file_in(dir, &s.file, "compose_file_path")?;
+    let env = Remove(write_env(dir, &[], cli)?);
+    let p = Project {
+        files: vec![dir.join(&s.file)],
+        ..project(cli, s.prefix, dir, &s.file, dir)
+    };
+    let yaml = ctx.docker().compose_config(&p).map_err(|e| {
+        TaskError::from(e).context(format!("compose file {} is not valid", s.file.display()))
+    })?;
+    drop(env);
+    let services = services(&yaml);
+    let shown = s.file.display();
+    for svc in &services {
+        if svc.build {
+            return Err(invalid(format!(
+                "compose file {shown}: service {} has `build:`; the deploy role only runs images",
+                svc.name
+            )));
+        }
+        if !svc.image {
+            return Err(invalid(format!(
+                "compose file {shown}: service {} has no `image:`",
+                svc.name
+            )));
+        }
+    }
+    if !services.iter().any(|svc| svc.name == s.service) {
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        return Err(invalid(format!(
+            "payload field `expose_service`: {:?} is not a service of {shown} (it has: {})",
+            s.service,
+            names.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// A service as `compose config` prints it.
+#[derive(Debug, PartialEq, Eq)]
+struct Service {
+    name: String,
+    image: bool,
+    build: bool,
+}
+
+/// The services of normalised `compose config` YAML (block style, both CLIs): the keys one
+/// level under top-level `services:`, and which of `image`/`build` each has. Anything
+/// deeper (environment values, multi-line strings) is skipped by its indentation.
+fn services(yaml: &str) -> Vec<Service> {
+    let mut out: Vec<Service> = Vec::new();
+    let (mut inside, mut svc_indent, mut key_indent) = (false, None, None);
+    for line in yaml.lines() {
+        let body = line.trim_start_matches(' ');
+        if body.trim().is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        if indent == 0 {
+            inside = body.trim_end() == "services:";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let key = body.split(':').next().unwrap_or("");
+        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+        let svc = *svc_indent.get_or_insert(indent);
+        if indent == svc {
+            key_indent = None;
+            out.push(Service {
+                name: key.to_string(),
+                image: false,
+                build: false,
+            });
+        } else if indent > svc && *key_indent.get_or_insert(indent) == indent {
+            if let Some(last) = out.last_mut() {
+                last.image |= key == "image";
+                last.build |= key == "build";
+            }
+        }
+    }
+    out
+}
+
+/// A YAML double-quoted scalar.
+fn yaml_quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `muvee.override.yml`: the exposed service's published port (random unless fixed), our
+/// labels, the workspace volume and the memory limit.
+fn write_override(s: &Spec, work: &Path) -> Result<(), TaskError> {
+    let q = yaml_quote;
+    let publish = match s.fixed_port {
+        Some(f) => format!("{f}:{}", s.port),
+        None => s.port.to_string(),
+    };
+    let mut y = format!(
+        "services:\n  {}:\n    ports:\n      - {}\n",
+        q(s.service),
+        q(&publish)
+    );
+    y.push_str("    labels:\n");
+    for (k, v) in [
+        ("muvee.domain_prefix", s.prefix),
+        ("muvee.expose_port", &s.port.to_string()),
+        ("muvee.deployment_id", s.deployment_id),
+        ("muvee.managed", "true"),
+    ] {
+        y.push_str(&format!("      {}: {}\n", q(k), q(v)));
+    }
+    if let Some((dir, path)) = &s.workspace {
+        let what = format!("cannot create workspace {}", dir.display());
+        std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
+        let what = format!("workspace {}", dir.display());
+        let dir = std::fs::canonicalize(dir).map_err(TaskError::io(what))?;
+        let mount = format!("{}:{path}:rw", dir.display());
+        y.push_str(&format!("    volumes:\n      - {}\n", q(&mount)));
+    }
+    if !s.memory.is_empty() {
+        y.push_str(&format!(
+            "    mem_limit: {}\n    memswap_limit: {}\n",
+            q(s.memory),
+            q(s.memory)
+        ));
+    }
+    let path = work.join(OVERRIDE);
+    let err = TaskError::io(format!("cannot write {}", path.display()));
+    std::fs::write(&path, y).map_err(err)
+}
+
+/// Writes `dir/.env` (0600, replacing any the repository has) and returns its path.
+fn write_env(dir: &Path, env: &[(String, String)], cli: ComposeCli) -> Result<PathBuf, TaskError> {
+    let mut text = String::new();
+    for (k, v) in env {
+        text.push_str(&format!("{k}={}\n", env_value(k, v, cli)?));
+    }
+    let path = dir.join(".env");
+    remove_file(&path)?;
+    builder::write_private(dir, ".env", text.as_bytes())
+}
+
+fn remove_file(path: &Path) -> Result<(), TaskError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(TaskError::Io {
+            what: format!("cannot remove {}", path.display()),
+            err: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// One `.env` value quoted so the CLI reads back exactly `v`.
+///
+/// v1 reads `.env` with python-dotenv: single quotes keep newlines and `#`, and only `\\`
+/// and `\'` are escapes; it expands `${...}` even there, and reads the file with universal
+/// newlines (a CR becomes LF), so those two cannot round-trip and are refused.
+/// v2 (compose-go): double quotes with Go escapes (`\n`, `\r`, `\\`, `\"`) and `\$` for a
+/// literal `$`.
+fn env_value(k: &str, v: &str, cli: ComposeCli) -> Result<String, Invalid> {
+    match cli {
+        ComposeCli::Standalone => {
+            let why = if v.contains("${") {
+                "docker-compose (v1) expands `${` in .env values"
+            } else if v.contains('\r') {
+                "docker-compose (v1) reads a carriage return in .env as a newline"
+            } else {
+                return Ok(format!(
+                    "'{}'",
+                    v.replace('\\', "\\\\").replace('\'', "\\'")
+                ));
+            };
+            Err(Invalid(format!(
+                "payload field `env_vars.{k}`: {why}; install docker compose (v2) for such values"
+            )))
+        }
+        ComposeCli::Plugin => {
+            let mut q = String::from("\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => q.push_str("\\\\"),
+                    '"' => q.push_str("\\\""),
+                    '\n' => q.push_str("\\n"),
+                    '\r' => q.push_str("\\r"),
+                    '$' => q.push_str("\\$"),
+                    c => q.push(c),
+                }
+            }
+            q.push('"');
+            Ok(q)
+        }
+    }
+}
+
+/// The agent's own docker config dir: DOCKER_CONFIG, else ~/.docker.
+fn own_docker_config() -> Option<PathBuf> {
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")),
+    }
+}
+
+/// A private DOCKER_CONFIG (`work/dockercfg`, 0700, config.json 0600) with the agent's own
+/// config plus the owner's logins, and the CLI plugins of the agent's config reachable.
+fn docker_config(work: &Path, auths: &[Auth]) -> Result<PathBuf, TaskError> {
+    let dir = work.join("dockercfg");
+    remove_dir(&dir)?;
+    private_dir(&dir)?;
+    let own = own_docker_config();
+    let mut cfg = own
+        .as_ref()
+        .and_then(|d| std::fs::read(d.join("config.json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|v| v.is_object())
+        .unwrap_or_else(|| serde_json::json!({}));
+    // A credential store would answer for every registry instead of our `auths`.
+    if let Some(o) = cfg.as_object_mut() {
+        o.remove("credsStore");
+        if !o.get("auths").is_some_and(|a| a.is_object()) {
+            o.insert("auths".into(), serde_json::json!({}));
+        }
+    }
+    for a in auths {
+        let key = match a.addr.as_str() {
+            "docker.io" | "index.docker.io" | "registry-1.docker.io" => {
+                "https://index.docker.io/v1/"
+            }
+            other => other,
+        };
+        if let Some(h) = cfg.get_mut("credHelpers").and_then(|h| h.as_object_mut()) {
+            h.remove(key);
+        }
+        if let Some(list) = cfg.get_mut("auths").and_then(|l| l.as_object_mut()) {
+            list.insert(key.into(), serde_json::json!({ "auth": a.basic }));
+        }
+    }
+    let text = serde_json::to_vec_pretty(&cfg).unwrap_or_default();
+    builder::write_private(&dir, "config.json", &text)?;
+    if let Some(plugins) = own.map(|d| d.join("cli-plugins")).filter(|p| p.is_dir()) {
+        let link = dir.join("cli-plugins");
+        let err = TaskError::io(format!("cannot link {}", link.display()));
+        std::os::unix::fs::symlink(plugins, &link).map_err(err)?;
+    }
+    Ok(dir)
+}
+
+/// `cleanup` with `mode:"compose"`: `compose down -v --remove-orphans` while the project's
+/// files are there (errors only logged), then every container, network and volume labelled
+/// with the project, then the work dir. Works when the work dir is gone.
+pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
+    let p = Payload::of(&ctx.task.payload)?;
+    let prefix = deployer::domain_prefix(&p)?;
+    let file = builder::relative_path(
+        p.str("compose_file_path")?,
+        "compose_file_path",
+        DEFAULT_FILE,
+    )?;
+    let key = deployer::lock_key(prefix);
+    ctx.shared.locks.with(&key, || {
+        let docker = ctx.docker();
+        let work = work_dir(ctx, prefix);
+        let src = work.join("src");
+        if src.join(&file).is_file() {
+            down(&docker, prefix, &src, &file, &work);
+        }
+        docker.remove_project(&format!("muvee-{prefix}"))?;
+        remove_dir(&work)
+    })
+}
+
+fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {
+    let Some(cli) = docker.compose_cli() else {
+        return;
+    };
+    let mut p = project(cli, prefix, src, file, work);
+    p.files.retain(|f| f.is_file());
+    // The files may name `.env` (image projects do); its values are gone, not needed here.
+    let env = write_env(src, &[], cli).map(Remove);
+    if let Err(e) = docker.compose_down(&p) {
+        log::warn!("compose down of {}: {e}", p.name);
+    }
+    drop(env);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fake::Reply;
+    use crate::work::ctx::testing::Harness;
+    use crate::work::dispatch;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    const INLINE: &str =
+        "services:\n  app:\n    image: r/app:1\n    restart: unless-stopped\n    env_file:\n      - .env\n";
+    const CONFIG: &str = "services:\n  app:\n    environment:\n      A: \"x\n        y: z\"\n    image: r/app:1\n  db:\n    image: postgres\n    volumes:\n    - build:/x\nvolumes:\n  build: {}\n";
+
+    fn node(name: &str) -> Harness {
+        let h = Harness::new(name, &[("NODE_ROLE", "deploy")]);
+        let f = &h.fake;
+        f.on("docker compose version", Reply::Fail(1, "unknown".into()));
+        f.on("docker-compose version", Reply::Ok("1.29.2".into()));
+        f.on("docker-compose -p muvee-app", Reply::Ok(String::new()));
+        f.on(
+            "docker-compose -p muvee-app -f",
+            Reply::With(Arc::new(|cmd| {
+                let args: Vec<String> = cmd
+                    .args
+                    .iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect();
+                Ok(match args.last().map(String::as_str) {
+                    Some("config") => CONFIG.into(),
+                    Some("app") => "0123abcd\n".into(),
+                    _ => String::new(),
+                })
+            })),
+        );
+        f.on(
+            "docker inspect --format",
+            Reply::Ok("running 0 0 false".into()),
+        );
+        h
+    }
+
+    fn payload(extra: serde_json::Value) -> serde_json::Value {
+        let mut p = json!({"mode": "compose", "domain_prefix": "app", "project_id": "p1",
+                           "inline_compose_yaml": INLINE, "expose_service": "app",
+                           "expose_port": 8080, "env_vars": {}});
+        if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+            p.extend(extra.clone());
+        }
+        p
+    }
+
+    fn text(r: &Result<u16, TaskError>) -> String {
+        match r {
+            Ok(p) => format!("ok {p}"),
+            Err(e) => dispatch::report(e).result.unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn normalised_config_yields_services_and_their_keys() {
+        let s = services(CONFIG);
+        assert_eq!(
+            s,
+            vec![
+                Service {
+                    name: "app".into(),
+                    image: true,
+                    build: false
+                },
+                Service {
+                    name: "db".into(),
+                    image: true,
+                    build: false
+                },
+            ]
+        );
+        let s = services(
+            "version: '3'\nservices:\n    'web':\n        build:\n            context: .\n",
+        );
+        assert_eq!(
+            s,
+            vec![Service {
+                name: "web".into(),
+                image: false,
+                build: true
+            }]
+        );
+    }
+
+    #[test]
+    fn env_values_are_quoted_for_each_cli() {
+        let v1 = |v: &str| env_value("K", v, ComposeCli::Standalone);
+        assert_eq!(v1("a b # c").unwrap(), "'a b # c'");
+        assert_eq!(v1("it's \\ \"q\"\nx").unwrap(), "'it\\'s \\\\ \"q\"\nx'");
+        assert!(v1("${HOME}").unwrap_err().0.contains("env_vars.K"));
+        assert!(v1("a\rb").is_err());
+        let v2 = |v: &str| env_value("K", v, ComposeCli::Plugin).unwrap();
+        assert_eq!(v2("a\"b\\c\nd\re$f #g"), "\"a\\\"b\\\\c\\nd\\re\\$f #g\"");
+    }
+
+    #[test]
+    fn a_deploy_validates_writes_the_override_and_removes_env() {
+        let h = node("cmp-ok");
+        let r = h.with(
+            "deploy",
+            payload(json!({"fixed_host_port": 1, "memory_limit": "64m",
+                           "env_vars": {"SECRET": "line1\n#two 'q'"}})),
+            deploy,
+        );
+        // Port 1 answers nothing: the health check fails, after `up`.
+        assert!(text(&r).contains("deploy failed"), "{}", text(&r));
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.contains(p)).unwrap();
+        assert!(pos(" config") < pos(" pull") && pos(" pull") < pos(" up -d --remove-orphans"));
+        assert!(pos("docker rm -f muvee-app") < pos(" up -d"));
+        let work = h.cfg.data_dir.join("compose/app");
+        let o = std::fs::read_to_string(work.join(OVERRIDE)).unwrap();
+        assert!(o.contains("- \"1:8080\""), "{o}");
+        assert!(o.contains("\"muvee.domain_prefix\": \"app\""), "{o}");
+        assert!(o.contains("mem_limit: \"64m\""), "{o}");
+        assert!(!work.join("src/.env").exists());
+        assert!(work.join("src/docker-compose.yml").is_file());
+    }
+
+    #[test]
+    fn refused_payloads_name_the_field_and_run_nothing() {
+        let cases = [
+            (
+                json!({"compose_file_path": "../x.yml"}),
+                "payload field `compose_file_path`",
+            ),
+            (
+                json!({"expose_service": "-x"}),
+                "payload field `expose_service`",
+            ),
+            (json!({"expose_port": 70000}), "payload field `expose_port`"),
+            (
+                json!({"inline_compose_yaml": ""}),
+                "`git_url` or `inline_compose_yaml`",
+            ),
+            (
+                json!({"git_url": "ext::sh", "inline_compose_yaml": null}),
+                "payload field `git_url`",
+            ),
+            (
+                json!({"registry_auths": [{"addr": "r", "username": "", "password": "pw12"}]}),
+                "payload field `registry_auths[0].username`",
+            ),
+            (
+                json!({"domain_prefix": "../x"}),
+                "payload field `domain_prefix`",
+            ),
+        ];
+        for (extra, expect) in cases {
+            let h = node("cmp-bad");
+            let r = h.with("deploy", payload(extra.clone()), deploy);
+            assert!(text(&r).contains(expect), "{extra}: {}", text(&r));
+            assert!(h.fake.calls().is_empty(), "{extra}: {:?}", h.fake.calls());
+        }
+    }
+
+    #[test]
+    fn a_service_without_image_or_the_wrong_expose_service_stops_before_pull() {
+        let h = node("cmp-svc");
+        let r = h.with("deploy", payload(json!({"expose_service": "web"})), deploy);
+        assert!(
+            text(&r).contains("`expose_service`: \"web\" is not a service of docker-compose.yml (it has: app, db)"),
+            "{}",
+            text(&r)
+        );
+        assert!(h
+            .fake
+            .ran("docker-compose")
+            .iter()
+            .all(|c| !c.contains(" pull")));
+        // The staging dir goes; nothing replaced the running project's files.
+        assert!(!h.cfg.data_dir.join("compose/app/next").exists());
+        assert!(!h.cfg.data_dir.join("compose/app/src").exists());
+    }
+
+    #[test]
+    fn registry_logins_live_in_a_private_config_only_during_the_deploy() {
+        let h = node("cmp-auth");
+        let seen = Arc::new(std::sync::Mutex::new(String::new()));
+        let s2 = seen.clone();
+        h.fake.on(
+            "docker-compose -p muvee-app -f",
+            Reply::With(Arc::new(move |cmd| {
+                let last = cmd.args.last().map(|a| a.to_string_lossy().into_owned());
+                if last.as_deref() == Some("pull") {
+                    let dir = &cmd
+                        .env
+                        .iter()
+                        .find(|(k, _)| k == "DOCKER_CONFIG")
+                        .unwrap()
+                        .1;
+                    *s2.lock().unwrap() =
+                        std::fs::read_to_string(Path::new(dir).join("config.json")).unwrap();
+                }
+                Ok(match last.as_deref() {
+                    Some("config") => CONFIG.into(),
+                    Some("app") => "0123abcd".into(),
+                    _ => String::new(),
+                })
+            })),
+        );
+        let auths = json!({"registry_auths": [{"addr": "reg:5000", "username": "u", "password": "pw-9f8e7d"}]});
+        let _ = h.with("deploy", payload(auths), deploy);
+        let cfg = seen.lock().unwrap().clone();
+        assert!(cfg.contains(&BASE64.encode("u:pw-9f8e7d")), "{cfg}");
+        assert!(!h.cfg.data_dir.join("compose/app/dockercfg").exists());
+        assert!(h.fake.calls().iter().all(|c| !c.contains("pw-9f8e7d")));
+    }
+
+    #[test]
+    fn cleanup_works_without_the_work_dir() {
+        let h = node("cmp-clean");
+        let r = h.with(
+            "cleanup",
+            json!({"mode": "compose", "domain_prefix": "app"}),
+            cleanup,
+        );
+        assert!(r.is_ok());
+        assert!(h.fake.ran("docker-compose -p").is_empty());
+        let filter = "--filter label=com.docker.compose.project=muvee-app";
+        for c in [
+            "docker ps -aq",
+            "docker network ls -q",
+            "docker volume ls -q",
+        ] {
+            assert!(!h.fake.ran(&format!("{c} {filter}")).is_empty(), "{c}");
+        }
+    }
+}
