@@ -520,17 +520,17 @@ impl Docker<'_> {
         self.stream(&cmd, on_line)
     }
 
-    /// The id of `service`'s (first) container.
-    pub fn compose_container(&self, p: &Project, service: &str) -> Result<String, DockerError> {
-        let cmd = self
-            .compose_cmd(p, &["ps", "-q", service])
-            .timeout(SHORT, "docker call timeout");
-        let out = self.runner.output(&cmd).map_err(DockerError::from_exec)?;
-        let id = out.stdout.split_whitespace().next().unwrap_or("");
+    /// The id of the running container of `service` in compose project `project`, found by
+    /// compose's labels (no compose call: the project's `.env` is gone by then).
+    pub fn project_container(&self, project: &str, service: &str) -> Result<String, DockerError> {
+        let p = format!("label={PROJECT_LABEL}={project}");
+        let s = format!("label=com.docker.compose.service={service}");
+        let out = self.out(&["ps", "-q", "--filter", &p, "--filter", &s])?;
+        let id = out.split_whitespace().next().unwrap_or("");
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DockerError::Unreadable {
-                what: format!("the container of service {service} from `compose ps`"),
-                got: out.stdout,
+                what: format!("a running container of service {service} from `docker ps`"),
+                got: out,
             });
         }
         Ok(id.to_string())

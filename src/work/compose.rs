@@ -262,7 +262,7 @@ fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     docker.compose_up(&project, out)?;
     drop(_env);
     drop(_cfg);
-    let id = docker.compose_container(&project, s.service)?;
+    let id = docker.project_container(&project.name, s.service)?;
     let port = deployer::wait_healthy(ctx, &id, s.port).map_err(|e| {
         if e.is_canceled() {
             return TaskError::Canceled;
@@ -655,10 +655,13 @@ mod tests {
                     .collect();
                 Ok(match args.last().map(String::as_str) {
                     Some("config") => CONFIG.into(),
-                    Some("app") => "0123abcd\n".into(),
                     _ => String::new(),
                 })
             })),
+        );
+        f.on(
+            "docker ps -q --filter label=com.docker.compose.project=muvee-app",
+            Reply::Ok("0123abcd\n".into()),
         );
         f.on(
             "docker inspect --format",
@@ -827,7 +830,6 @@ mod tests {
                 }
                 Ok(match last.as_deref() {
                     Some("config") => CONFIG.into(),
-                    Some("app") => "0123abcd".into(),
                     _ => String::new(),
                 })
             })),

@@ -2,6 +2,7 @@
 
 mod agent;
 mod builder;
+mod compose;
 mod deployer;
 mod docs;
 mod fake_cp;

@@ -1,0 +1,298 @@
+//! Compose and image deploys (`mode:"compose"`) on a real engine with the host's compose CLI
+//! (Debian's docker-compose v1 on the test bed): images come from the password-protected
+//! test registry, the two-service project from a hosted git repo behind Basic auth.
+
+use crate::deployer::{images, APP, IDLE};
+use crate::git_http::{self, GitHttp};
+use crate::util::{self, require_docker, temp_dir, unique_hex, ArgvSampler};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The fixture images in the test registry, and a DOCKER_CONFIG logged in to it.
+struct Pushed {
+    app: String,
+    idle: String,
+    login: PathBuf,
+}
+
+fn pushed() -> &'static Pushed {
+    static P: OnceLock<Pushed> = OnceLock::new();
+    P.get_or_init(|| {
+        images();
+        let reg = util::registry();
+        let login = temp_dir("compose-login");
+        let env = [("DOCKER_CONFIG", login.to_str().unwrap())];
+        let mut c = Command::new(util::docker_cli());
+        c.envs(env)
+            .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"]);
+        let out = pipe(c, &reg.password);
+        assert!(out.status.success(), "{}", util::describe(&out));
+        let tag = |local: &str| {
+            let remote = format!("{}/muvee-it-compose/{}", reg.addr, local.replace(':', "-"));
+            util::sh(Command::new(util::docker_cli()).args(["tag", local, &remote]));
+            util::sh(
+                Command::new(util::docker_cli())
+                    .envs(env)
+                    .args(["push", "-q", &remote]),
+            );
+            remote
+        };
+        Pushed {
+            app: tag(APP),
+            idle: tag(IDLE),
+            login,
+        }
+    })
+}
+
+fn pipe(mut c: Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn have_compose() -> bool {
+    let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+    ok(Command::new(util::docker_cli()).args(["compose", "version"]))
+        || ok(Command::new("docker-compose").arg("version"))
+}
+
+fn require(test: &str) -> bool {
+    if !require_docker(test) {
+        return false;
+    }
+    if !have_compose() {
+        let msg =
+            "neither `docker compose` nor `docker-compose` (scripts/testbed.sh up installs it)";
+        if std::env::var("MUVEE_REQUIRE_DOCKER").as_deref() == Ok("1") {
+            panic!("{test}: MUVEE_REQUIRE_DOCKER=1 but {msg}");
+        }
+        eprintln!("SKIPPED {test}: {msg}");
+        return false;
+    }
+    true
+}
+
+/// One compose app: its prefix, DATA_DIR, and a guard removing its project's objects.
+struct App {
+    prefix: String,
+    data: PathBuf,
+}
+
+impl App {
+    fn new() -> App {
+        App {
+            prefix: format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]),
+            data: temp_dir("compose-data"),
+        }
+    }
+
+    fn project(&self) -> String {
+        format!("muvee-{}", self.prefix)
+    }
+
+    fn run(&self, kind: &str, payload: &Value, env: &[(&str, &str)]) -> (Value, String) {
+        let mut e = vec![("DATA_DIR", self.data.to_str().unwrap())];
+        e.extend_from_slice(env);
+        let out = util::run_task(&["--type", kind], &payload.to_string(), &e);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|_| panic!("no report: {}", util::describe(&out)));
+        (report, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Objects (containers, networks, volumes) labelled with the project.
+    fn objects(&self) -> Vec<String> {
+        let filter = format!("label=com.docker.compose.project={}", self.project());
+        let mut all = Vec::new();
+        for what in [
+            &["ps", "-aq"][..],
+            &["network", "ls", "-q"],
+            &["volume", "ls", "-q"],
+        ] {
+            let mut args = what.to_vec();
+            args.extend(["--filter", &filter]);
+            let out = util::docker(&args, &[]);
+            all.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(String::from),
+            );
+        }
+        all
+    }
+
+    fn container(&self, service: &str) -> String {
+        let filter = format!("label=com.docker.compose.service={service}");
+        let project = format!("label=com.docker.compose.project={}", self.project());
+        let out = util::docker(
+            &["ps", "-q", "--filter", &project, "--filter", &filter],
+            &[],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn cleanup(&self) -> Value {
+        let p = json!({"mode": "compose", "project_id": "p", "domain_prefix": self.prefix});
+        self.run("cleanup", &p, &[]).0
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let filter = format!("label=com.docker.compose.project={}", self.project());
+        let Ok(out) = Command::new(util::docker_cli())
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = util::docker(&["rm", "-f", "-v", id], &[]);
+        }
+        let _ = util::docker(
+            &["network", "rm", &format!("{}_default", self.project())],
+            &[],
+        );
+    }
+}
+
+fn env_of(container: &str) -> Vec<String> {
+    let out = util::docker(
+        &["inspect", "--format", "{{json .Config.Env}}", container],
+        &[],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn assert_clean(app: &App) {
+    let r = app.cleanup();
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(app.objects().is_empty(), "left: {:?}", app.objects());
+    assert!(!app.data.join(format!("compose/{}", app.prefix)).exists());
+}
+
+fn no_secret_anywhere(argvs: &[String], log: &str, data: &Path, secrets: &[&str]) {
+    for s in secrets {
+        for a in argvs {
+            assert!(!a.contains(s), "argv: {a}");
+        }
+        assert!(!log.contains(s), "log: {log}");
+        assert!(util::files_containing(data, s).is_empty(), "file with {s}");
+    }
+}
+
+#[test]
+fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
+    if !require("image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    restart: unless-stopped\n    env_file:\n      - .env\n",
+        img.app
+    );
+    let body = format!(
+        "multi\nline 'single' \"double\" # not a comment \\ {}",
+        unique_hex()
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c1", "project_id": "p-img",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080, "memory_limit": "64m",
+                   "env_vars": {"BODY": body, "PLAIN": "x"}});
+    let sampler = ArgvSampler::start();
+    // The node's own login (its DOCKER_CONFIG) pulls: image projects carry no registry_auths.
+    let (r, log) = app.run(
+        "deploy",
+        &p,
+        &[("DOCKER_CONFIG", img.login.to_str().unwrap())],
+    );
+    let argvs = sampler.finish();
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let port = r["host_port"].as_u64().unwrap() as u16;
+    let page = util::http_get(port, "/").unwrap();
+    assert!(page.starts_with(&format!("body={body}")), "{page}");
+    let c = app.container("app");
+    let env = env_of(&c);
+    assert!(env.contains(&format!("BODY={body}")), "{env:?}");
+    assert!(env.contains(&"PLAIN=x".to_string()), "{env:?}");
+    let labels = util::docker(
+        &[
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"muvee.domain_prefix\"}} {{.HostConfig.Memory}}",
+            &c,
+        ],
+        &[],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&labels.stdout).trim(),
+        format!("{} {}", app.prefix, 64 << 20)
+    );
+    no_secret_anywhere(&argvs, &log, &app.data, &[&body[..20]]);
+    assert!(argvs
+        .iter()
+        .any(|a| a.contains("docker-compose") || a.contains(" compose ")));
+    assert_clean(&app);
+    // Cleanup again, with nothing left: still success.
+    assert_eq!(app.cleanup()["status"], "completed");
+}
+
+#[test]
+fn two_service_project_from_hosted_git_with_registry_auths() {
+    if !require("two_service_project_from_hosted_git_with_registry_auths") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let project = util::new_uuid();
+    let root = temp_dir("compose-git");
+    let compose = format!(
+        "services:\n  web:\n    image: {}\n    environment:\n      BODY: from-compose-file\n    depends_on:\n      - side\n  side:\n    image: {}\n    volumes:\n      - scratch:/scratch\nvolumes:\n  scratch: {{}}\n",
+        img.app, img.idle
+    );
+    git_http::make_repo(
+        &root.join(format!("git/{project}.git")),
+        "main",
+        &[("deploy/compose.yml", &compose)],
+        &[],
+    );
+    let secret = format!("agent-secret-{}", unique_hex());
+    let server = GitHttp::start(&root, "agent", &secret);
+    let reg = util::registry();
+    let p = json!({"mode": "compose", "deployment_id": "dep-c2", "project_id": project,
+                   "domain_prefix": app.prefix, "git_url": format!("/git/{project}.git"),
+                   "git_branch": "main", "compose_file_path": "deploy/compose.yml",
+                   "expose_service": "web", "expose_port": 8080, "memory_limit": "",
+                   "env_vars": {}, "git_username": "agent", "git_token": secret,
+                   "registry_auths": [{"addr": reg.addr, "username": reg.user, "password": reg.password}]});
+    let sampler = ArgvSampler::start();
+    // A fresh DOCKER_CONFIG (run_task's default): only registry_auths can pull.
+    let (r, log) = app.run("deploy", &p, &[("CONTROL_PLANE_URL", &server.url())]);
+    let argvs = sampler.finish();
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let port = r["host_port"].as_u64().unwrap() as u16;
+    assert!(util::http_get(port, "/")
+        .unwrap()
+        .contains("body=from-compose-file"));
+    assert!(!app.container("side").is_empty());
+    assert!(!server.requests().is_empty());
+    no_secret_anywhere(&argvs, &log, &app.data, &[&secret, &reg.password]);
+    // Objects: 2 containers, the default network, the named volume.
+    assert!(app.objects().len() >= 4, "{:?}", app.objects());
+    // Cleanup must work when the work dir is gone.
+    std::fs::remove_dir_all(app.data.join("compose")).unwrap();
+    assert_clean(&app);
+}
