@@ -669,15 +669,23 @@ fn run_task_round_trip_and_exit_codes() {
         "{body}"
     );
 
+    // A compose deploy is validated before anything runs; an unknown mode is refused.
     let compose = r#"{"mode":"compose","domain_prefix":"shop","project_id":"7a7a7a7a-0000-4000-8000-000000000007"}"#;
     let out = util::run_task(&["--type", "deploy"], compose, &env);
     assert_eq!(out.status.code(), Some(1), "{}", util::describe(&out));
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        body["result"], "payload field `git_url` or `inline_compose_yaml` is required",
+        "{body}"
+    );
+    let swarm = r#"{"mode":"swarm","domain_prefix":"shop"}"#;
+    let out = util::run_task(&["--type", "deploy"], swarm, &env);
     let body: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         body["result"]
             .as_str()
             .unwrap()
-            .starts_with("payload field `mode`: \"compose\" deployments are not supported"),
+            .starts_with("payload field `mode`: \"swarm\" deployments are not supported"),
         "{body}"
     );
 
