@@ -105,10 +105,15 @@ pub fn container_statuses(docker: &Docker) -> Vec<Value> {
     let mut out = Vec::new();
     for c in list {
         let prefix = match c.domain_prefix.as_str() {
+            // Unlabelled services of a compose project are not apps of their own.
+            "" if !c.compose_project.is_empty() => continue,
             "" => c.name.strip_prefix("muvee-").unwrap_or(""),
             label => label,
         };
-        if prefix.is_empty() || c.name != format!("muvee-{prefix}") {
+        // The app's container, or the exposed service of its compose project (the only
+        // one there we label); never a container set aside by a replacement.
+        let main = format!("muvee-{prefix}");
+        if prefix.is_empty() || (c.name != main && c.compose_project != main) {
             continue;
         }
         let (restart_count, oom_killed) = docker
@@ -129,6 +134,30 @@ pub fn container_statuses(docker: &Docker) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_cover_apps_and_exposed_compose_services_but_not_asides() {
+        use crate::sys::fake::{Fake, Reply};
+        let fake = Fake::new();
+        let rows = [
+            "a1\tmuvee-app\trunning\tapp\td1\t8080\t",
+            "b2\tmuvee-app-old-a1\trunning\tapp\td0\t8080\t",
+            "c3\tmuvee-shop_web_1\trunning\tshop\td2\t80\tmuvee-shop",
+            "d4\tmuvee-shop_db_1\trunning\t\t\t\tmuvee-shop",
+        ];
+        fake.on("docker ps --filter name=muvee-", Reply::Ok(rows.join("\n")));
+        fake.on("docker inspect", Reply::Ok("running 2 0 false".into()));
+        fake.on("docker port", Reply::Ok("0.0.0.0:32768".into()));
+        let docker = Docker::new("docker", &*fake);
+        let s = container_statuses(&docker);
+        let prefixes: Vec<&str> = s
+            .iter()
+            .filter_map(|v| v["domain_prefix"].as_str())
+            .collect();
+        assert_eq!(prefixes, ["app", "shop"], "{s:?}");
+        assert_eq!(s[1]["host_port"], 32768);
+        assert!(!fake.ran("docker port muvee-shop_web_1 80").is_empty());
+    }
 
     #[test]
     fn metrics_have_the_go_agent_keys_and_real_values() {

@@ -80,6 +80,8 @@ pub struct PsRow {
     pub domain_prefix: String,
     pub deployment_id: String,
     pub expose_port: String,
+    /// The compose project the container belongs to (`muvee-<prefix>` for ours), or "".
+    pub compose_project: String,
 }
 
 /// State of a container, from `docker inspect`.
@@ -578,12 +580,16 @@ impl Docker<'_> {
 }
 
 /// The `docker ps` columns [`parse_ps_row`] reads.
-const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
+const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"com.docker.compose.project\"}}";
 
 fn parse_ps_row(line: &str) -> Option<PsRow> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [id, name, state, prefix, dep, port] = f[..] else {
-        return None;
+    let (id, name, state, prefix, dep, port, project) = match f[..] {
+        [id, name, state, prefix, dep, port] => (id, name, state, prefix, dep, port, ""),
+        [id, name, state, prefix, dep, port, project] => {
+            (id, name, state, prefix, dep, port, project)
+        }
+        _ => return None,
     };
     Some(PsRow {
         id: id.into(),
@@ -592,6 +598,7 @@ fn parse_ps_row(line: &str) -> Option<PsRow> {
         domain_prefix: prefix.into(),
         deployment_id: dep.into(),
         expose_port: port.into(),
+        compose_project: project.into(),
     })
 }
 
