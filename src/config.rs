@@ -24,7 +24,17 @@ impl Role {
     pub fn serves(self, task_type: &str) -> bool {
         match self {
             Role::Builder => task_type == "build",
-            Role::Deploy => matches!(task_type, "deploy" | "cleanup"),
+            Role::Deploy => matches!(
+                task_type,
+                "deploy"
+                    | "cleanup"
+                    | "runtime_logs"
+                    | "restart"
+                    | "env"
+                    | "describe"
+                    | "pause"
+                    | "unpause"
+            ),
         }
     }
 }

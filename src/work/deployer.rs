@@ -63,7 +63,8 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
         .with(&lock_key(spec.prefix), || replace(ctx, &spec))
 }
 
-fn lock_key(prefix: &str) -> String {
+/// The lock every task that changes an app's containers holds.
+pub fn lock_key(prefix: &str) -> String {
     format!("deploy:{prefix}")
 }
 
@@ -247,7 +248,7 @@ fn aside_name(prefix: &str, id: &str) -> String {
 /// A leftover of our own replacement of `prefix`: labelled with it, or (a container of the
 /// Go agent, which labels nothing, that we set aside) named exactly as we name it. Another
 /// app may well be called `<prefix>-old-v2`.
-fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
+pub fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
     let ours = format!("muvee-{prefix}-old-");
     match c.domain_prefix.as_str() {
         "" => c.name == aside_name(prefix, &c.id),

@@ -6,7 +6,7 @@ use crate::cp::wire::{Completion, Payload};
 use crate::sys::redact;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
-use crate::work::{builder, datasets, deployer};
+use crate::work::{builder, datasets, deployer, lifecycle};
 
 pub fn execute(ctx: &Ctx) -> Completion {
     match run(ctx) {
@@ -43,6 +43,12 @@ fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
             ..Completion::completed()
         }),
         "cleanup" => cleanup(ctx).map(|()| Completion::completed()),
+        "runtime_logs" => lifecycle::runtime_logs(ctx).map(Completion::completed_with),
+        "restart" => lifecycle::restart(ctx).map(Completion::completed_with),
+        "env" => lifecycle::env(ctx).map(Completion::completed_with),
+        "describe" => lifecycle::describe(ctx).map(Completion::completed_with),
+        "pause" => lifecycle::pause(ctx).map(Completion::completed_with),
+        "unpause" => lifecycle::unpause(ctx).map(Completion::completed_with),
         "" => Err(TaskError::Invalid("task has no type".into())),
         other => Err(unknown_type(other)),
     }
@@ -57,7 +63,18 @@ pub fn unknown_type(kind: &str) -> TaskError {
 
 /// Task types muvee-agent runs (on the role that serves them).
 pub fn known_type(kind: &str) -> bool {
-    matches!(kind, "build" | "deploy" | "cleanup")
+    matches!(
+        kind,
+        "build"
+            | "deploy"
+            | "cleanup"
+            | "runtime_logs"
+            | "restart"
+            | "env"
+            | "describe"
+            | "pause"
+            | "unpause"
+    )
 }
 
 /// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the

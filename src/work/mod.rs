@@ -6,3 +6,4 @@ pub mod datasets;
 pub mod deployer;
 pub mod dispatch;
 pub mod error;
+pub mod lifecycle;
