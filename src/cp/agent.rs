@@ -5,6 +5,7 @@ use crate::config::{Config, ConfigError, Role};
 use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::logship::LogShipper;
 use crate::cp::metrics;
+use crate::cp::reports::{self, Reports};
 use crate::cp::state::{valid_id, Journal, Outbox};
 use crate::cp::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
@@ -36,6 +37,7 @@ struct Agent {
     running: Arc<AtomicUsize>,
     wake: Arc<AtomicBool>,
     cpu: metrics::CpuSampler,
+    reports: Reports,
 }
 
 pub fn run(cfg: Config) -> Result<(), ConfigError> {
@@ -113,20 +115,26 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         running: Arc::default(),
         wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
+        reports: Reports::default(),
     };
-    if role == Role::Deploy {
-        spawn_status_reporter(
-            agent.cfg.clone(),
-            agent.client.clone(),
-            agent.shared.clone(),
-        );
-    }
+    agent.start_reports();
     agent.main_loop();
     agent.shut_down();
     Ok(())
 }
 
 impl Agent {
+    /// Statuses, metrics, health report and reaping, on their own thread (`cp::reports`).
+    fn start_reports(&mut self) {
+        self.reports = reports::spawn(reports::Sources {
+            cfg: self.cfg.clone(),
+            role: self.role,
+            client: self.client.clone(),
+            shared: self.shared.clone(),
+            cp: self.cp_config.clone(),
+        });
+    }
+
     fn main_loop(&mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut next_heartbeat = Instant::now();
@@ -219,6 +227,7 @@ impl Agent {
             );
         }
         self.node_id = Some(registered.id.clone());
+        self.reports.node_registered(&registered.id);
         match self.client.config() {
             Ok(c) => {
                 redact::add(&c.registry_password);
@@ -460,23 +469,4 @@ impl Worker {
         self.running.fetch_sub(1, Ordering::SeqCst);
         self.wake.store(true, Ordering::SeqCst);
     }
-}
-
-/// Container statuses every HEARTBEAT_INTERVAL, on a thread of their own: a node with many
-/// apps needs a few docker calls per app, which must not delay polling.
-fn spawn_status_reporter(cfg: Arc<Config>, client: Client, shared: Arc<Shared>) {
-    let _ = std::thread::Builder::new()
-        .name("statuses".into())
-        .spawn(move || loop {
-            signal::sleep_unless(cfg.heartbeat_interval, || false);
-            if signal::shutdown_requested() {
-                return;
-            }
-            let statuses = metrics::container_statuses(&shared.docker(&cfg));
-            if !statuses.is_empty() {
-                if let Err(e) = client.post("/api/agent/container-statuses", &statuses.into()) {
-                    log::debug!("container statuses not accepted: {e}");
-                }
-            }
-        });
 }

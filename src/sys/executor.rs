@@ -287,6 +287,7 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
 }
 
 /// Runs a short command, ignoring its output lines (they are still captured).
+#[cfg(test)]
 pub fn output(cmd: &Cmd) -> Result<Output, ExecError> {
     run(cmd, &mut |_, _| {})
 }
