@@ -29,6 +29,9 @@ pub struct Args {
     /// dataset cache budget, bytes or 100G-style [MAX_STORAGE, default 100G]
     #[argh(option)]
     pub max_storage: Option<String>,
+    /// log a task may keep on disk while the control plane is slow [LOG_SPILL_MAX, default 256M]
+    #[argh(option)]
+    pub log_spill_max: Option<String>,
     /// time between polls [POLL_INTERVAL, default 5s]
     #[argh(option)]
     pub poll_interval: Option<String>,

@@ -3,7 +3,7 @@
 
 use crate::config::{Config, ConfigError, Role};
 use crate::cp::client::{Backoff, Client, CpError};
-use crate::cp::logship::LogShipper;
+use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::metrics;
 use crate::cp::reports::{self, Reports};
 use crate::cp::state::{valid_id, Journal, Outbox};
@@ -93,6 +93,8 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         journal.finish(&e.id).map_err(io_err)?;
     }
     journal.prune(JOURNAL_KEEP);
+    // Log spills of tasks that ended with the previous process: their reports say failed.
+    let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));
 
     let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
     if role == Role::Builder {
@@ -435,8 +437,17 @@ impl Worker {
         let started = Instant::now();
         let ships_logs =
             matches!(task.kind.as_str(), "build" | "deploy") && !task.deployment_id.is_empty();
-        let shipper =
-            ships_logs.then(|| LogShipper::start(self.client.clone(), task.deployment_id.clone()));
+        let shipper = ships_logs.then(|| {
+            let spill = Spill {
+                path: self
+                    .cfg
+                    .data_dir
+                    .join("state/logs")
+                    .join(format!("{}.spill", task.id)),
+                max_bytes: self.cfg.log_spill_max,
+            };
+            LogShipper::start(self.client.clone(), task.deployment_id.clone(), spill)
+        });
         let short = &task.id[..task.id.len().min(8)];
         let out = |line: &str| {
             log::debug!(target: "muvee_agent::task", "[{short}] {line}");

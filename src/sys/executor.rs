@@ -7,7 +7,7 @@ use crate::sys::{redact, signal};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -20,8 +20,12 @@ const TAIL_LINES: usize = 20;
 const STDOUT_CAP: usize = 1 << 20;
 /// A newline-less stream is cut into lines of this size so memory stays bounded.
 const MAX_LINE: usize = 16 * 1024;
-/// Lines in flight between the pipe readers and the consumer.
-const CHANNEL_LINES: usize = 256;
+/// Bytes a pipe reader takes per read(2): lines travel to the consumer in chunks this big.
+const READ_CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the pipe readers and the consumer (bounded memory).
+const CHANNEL_CHUNKS: usize = 16;
+/// How often the consumer checks the child's state and limits while output flows.
+const TICK: Duration = Duration::from_millis(100);
 /// Grace between SIGTERM and SIGKILL for a process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -266,7 +270,8 @@ pub fn fmt_duration(d: Duration) -> String {
 }
 
 enum Event {
-    Line(Stream, Vec<u8>),
+    /// Complete lines, each ending in '\n', as the pipe delivered them.
+    Lines(Stream, Vec<u8>),
     Eof,
 }
 
@@ -365,6 +370,10 @@ struct Running<'a> {
     rx: mpsc::Receiver<Event>,
     out: Output,
     tail: VecDeque<String>,
+    /// Line boundaries of the chunk at hand (kept to reuse its allocation).
+    ranges: Vec<(usize, usize)>,
+    /// When the child's state and the limits were last checked.
+    checked: Instant,
     eofs: usize,
     // The leader is only reaped at the very end: until then its pid stays reserved, so a
     // group kill can never reach an unrelated process that reused the number.
@@ -388,8 +397,8 @@ impl<'a> Running<'a> {
             });
         }
         // Bounded: a child that prints faster than we consume blocks on its pipe instead of
-        // growing our memory (at most CHANNEL_LINES × MAX_LINE in flight).
-        let (tx, rx) = mpsc::sync_channel(CHANNEL_LINES);
+        // growing our memory (at most CHANNEL_CHUNKS chunks in flight).
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_CHUNKS);
         let readers = [
             spawn_reader(child.stdout.take(), Stream::Stdout, tx.clone()),
             spawn_reader(child.stderr.take(), Stream::Stderr, tx),
@@ -403,6 +412,8 @@ impl<'a> Running<'a> {
             rx,
             out: Output::default(),
             tail: VecDeque::new(),
+            ranges: Vec::new(),
+            checked: Instant::now(),
             eofs: 0,
             exited_at: None,
             last_output: Instant::now(),
@@ -410,14 +421,22 @@ impl<'a> Running<'a> {
         })
     }
 
-    /// Hands out lines until the child is done, enforcing the limits on every tick.
+    /// Hands out lines until the child is done. The child's state and the limits are
+    /// checked on a tick and at EOF, not per chunk: a syscall per line would cost more
+    /// than the line.
     fn pump(&mut self, on_line: &mut dyn FnMut(Stream, &str)) {
         loop {
-            match self.rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(Event::Line(stream, bytes)) => self.line(stream, &bytes, on_line),
+            let event = self.rx.recv_timeout(TICK);
+            let busy = matches!(event, Ok(Event::Lines(..)));
+            match event {
+                Ok(Event::Lines(stream, bytes)) => self.lines(stream, &bytes, on_line),
                 Ok(Event::Eof) => self.eofs += 1,
                 Err(_) => {}
             }
+            if busy && self.checked.elapsed() < TICK {
+                continue;
+            }
+            self.checked = Instant::now();
             if self.done() {
                 break;
             }
@@ -425,20 +444,34 @@ impl<'a> Running<'a> {
         }
     }
 
-    /// Scrubs one raw line, passes it on and keeps it in the stdout capture and the tail.
-    fn line(&mut self, stream: Stream, bytes: &[u8], on_line: &mut dyn FnMut(Stream, &str)) {
+    /// Passes on a chunk's lines, scrubbed (only when a secret or URL can occur in the
+    /// chunk), and keeps them in the stdout capture and the tail.
+    fn lines(&mut self, stream: Stream, chunk: &[u8], on_line: &mut dyn FnMut(Stream, &str)) {
         self.last_output = Instant::now();
-        let raw = String::from_utf8_lossy(bytes);
-        let line = redact::scrub(raw.trim_end_matches(['\n', '\r']));
-        on_line(stream, &line);
-        if stream == Stream::Stdout && self.out.stdout.len() < STDOUT_CAP {
-            self.out.stdout.push_str(&line);
-            self.out.stdout.push('\n');
+        let clean = !redact::may_need_scrub(chunk);
+        fn text(piece: &[u8], clean: bool) -> std::borrow::Cow<'_, str> {
+            let raw = String::from_utf8_lossy(piece);
+            if clean {
+                return raw;
+            }
+            std::borrow::Cow::Owned(redact::scrub(&raw).into_owned())
         }
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
+        split_lines(chunk, &mut self.ranges);
+        for &(a, b) in &self.ranges {
+            let line = text(&chunk[a..b], clean);
+            on_line(stream, &line);
+            if stream == Stream::Stdout && self.out.stdout.len() < STDOUT_CAP {
+                self.out.stdout.push_str(&line);
+                self.out.stdout.push('\n');
+            }
         }
-        self.tail.push_back(line.into_owned());
+        let keep = self.ranges.len().min(TAIL_LINES);
+        for &(a, b) in &self.ranges[self.ranges.len() - keep..] {
+            if self.tail.len() == TAIL_LINES {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(text(&chunk[a..b], clean).into_owned());
+        }
     }
 
     /// True once the leader has exited and both pipes are closed, or a grandchild has held
@@ -545,26 +578,64 @@ fn exit_result(name: String, status: ExitStatus, output: Output) -> Result<Outpu
     }
 }
 
+/// The lines of a chunk as byte ranges without their '\n' (and a '\r' before it); a line
+/// longer than MAX_LINE is cut into pieces so memory stays bounded.
+fn split_lines(chunk: &[u8], out: &mut Vec<(usize, usize)>) {
+    out.clear();
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', chunk) {
+        let mut end = nl;
+        if end > start && chunk[end - 1] == b'\r' {
+            end -= 1;
+        }
+        while end - start > MAX_LINE {
+            out.push((start, start + MAX_LINE));
+            start += MAX_LINE;
+        }
+        out.push((start, end));
+        start = nl + 1;
+    }
+}
+
+/// Reads a pipe in large chunks and sends the complete lines of each; invalid UTF-8 is
+/// the consumer's business (decoded lossily), so a child can never block on a full pipe.
 fn spawn_reader(
     pipe: Option<impl Read + Send + 'static>,
     stream: Stream,
     tx: mpsc::SyncSender<Event>,
 ) -> Option<JoinHandle<()>> {
-    let pipe = pipe?;
+    let mut pipe = pipe?;
     Some(std::thread::spawn(move || {
-        let mut r = BufReader::with_capacity(64 * 1024, pipe);
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut pending: Vec<u8> = Vec::new();
+        let send = |chunk: Vec<u8>| tx.send(Event::Lines(stream, chunk)).is_ok();
         loop {
-            let mut buf = Vec::new();
-            // read_until + lossy decoding: `lines()` would stop at the first invalid UTF-8
-            // byte and leave the child blocked on a full pipe.
-            match r.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if tx.send(Event::Line(stream, buf)).is_err() {
-                        break;
-                    }
-                }
+            let n = match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let cut = match memchr::memrchr(b'\n', &pending) {
+                Some(i) => i + 1,
+                // A newline-less stream is cut into lines of MAX_LINE, counted from the
+                // start of the line whatever the read sizes were.
+                None if pending.len() >= MAX_LINE => pending.len() - pending.len() % MAX_LINE,
+                None => continue,
+            };
+            let rest = pending.split_off(cut);
+            let mut chunk = std::mem::replace(&mut pending, rest);
+            if chunk.last() != Some(&b'\n') {
+                chunk.push(b'\n');
             }
+            if !send(chunk) {
+                return;
+            }
+        }
+        if !pending.is_empty() {
+            pending.push(b'\n');
+            send(pending);
         }
         let _ = tx.send(Event::Eof);
     }))
@@ -600,6 +671,19 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(err.to_string().starts_with("sh script exited 3: "), "{err}");
+    }
+
+    #[test]
+    fn long_lines_crlf_and_a_missing_final_newline() {
+        let cmd =
+            sh("printf 'a\\r\\nb\\n'; head -c 40000 /dev/zero | tr '\\0' x; echo; printf tail");
+        let mut lines = Vec::new();
+        let out = run(&cmd, &mut |_, l| lines.push(l.to_string())).unwrap();
+        let lens: Vec<usize> = lines.iter().map(String::len).collect();
+        assert_eq!(lens, [1, 1, MAX_LINE, MAX_LINE, 40000 - 2 * MAX_LINE, 4]);
+        assert_eq!((lines[0].as_str(), lines[5].as_str()), ("a", "tail"));
+        assert!(out.stdout.ends_with("\ntail\n"));
+        assert_eq!(out.tail.last().map(String::as_str), Some("tail"));
     }
 
     #[test]

@@ -5,16 +5,69 @@
 //! the task's [`Scope`] and are released when it ends, so no cap ever has to drop a secret
 //! that is still in use, however many values one payload carries.
 
+use memchr::memmem;
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 const MASK: &str = "***";
 
 /// Every registered value, longest first (so a secret that contains another is masked
 /// whole), with how many registrations hold it.
 static SECRETS: RwLock<BTreeMap<(Reverse<usize>, String), usize>> = RwLock::new(BTreeMap::new());
+
+/// What [`may_need_scrub`] searches for, rebuilt after the set changes.
+static PREFILTER: RwLock<Option<Arc<Prefilter>>> = RwLock::new(None);
+
+/// A quick "can a secret occur in these bytes" test over a whole chunk of output, so the
+/// common case (no secret anywhere) costs a few SIMD scans instead of a search per line
+/// and secret.
+enum Prefilter {
+    /// Few secrets: search each.
+    Each(Vec<memmem::Finder<'static>>),
+    /// Many (a payload with thousands of env values): look up every 4-byte window.
+    Windows(HashSet<[u8; 4]>),
+}
+
+/// Above this many secrets one pass over the windows beats a search per secret.
+const EACH_MAX: usize = 32;
+
+fn prefilter() -> Arc<Prefilter> {
+    if let Some(p) = &*PREFILTER.read().unwrap_or_else(|e| e.into_inner()) {
+        return p.clone();
+    }
+    let set = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    let p = if set.len() <= EACH_MAX {
+        Prefilter::Each(
+            set.keys()
+                .map(|(_, s)| memmem::Finder::new(s.as_bytes()).into_owned())
+                .collect(),
+        )
+    } else {
+        let window = |s: &String| s.as_bytes().get(..4).and_then(|w| w.try_into().ok());
+        Prefilter::Windows(set.keys().filter_map(|(_, s)| window(s)).collect())
+    };
+    let p = Arc::new(p);
+    *PREFILTER.write().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+    p
+}
+
+fn changed() {
+    *PREFILTER.write().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// False when no registered secret and no URL userinfo can occur in `bytes`: then every
+/// line in them is already clean. True means "scrub each line".
+pub fn may_need_scrub(bytes: &[u8]) -> bool {
+    if memmem::find(bytes, b"://").is_some() {
+        return true;
+    }
+    match &*prefilter() {
+        Prefilter::Each(finders) => finders.iter().any(|f| f.find(bytes).is_some()),
+        Prefilter::Windows(set) => bytes.windows(4).any(|w| set.contains(w)),
+    }
+}
 
 fn parts(secret: &str, min: usize) -> Vec<String> {
     // Multi-line values (SSH keys) also line by line: output is scrubbed per line.
@@ -36,6 +89,8 @@ fn hold(values: &[String]) {
     for v in values {
         *set.entry((Reverse(v.len()), v.clone())).or_default() += 1;
     }
+    drop(set);
+    changed();
 }
 
 fn release(values: &[String]) {
@@ -49,6 +104,8 @@ fn release(values: &[String]) {
             }
         }
     }
+    drop(set);
+    changed();
 }
 
 /// Registers one of the agent's own credentials for the life of the process (masked from
@@ -59,6 +116,8 @@ pub fn add(secret: &str) {
         // Held for ever: a count no release can bring to zero.
         *set.entry((Reverse(v.len()), v)).or_default() = usize::MAX / 2;
     }
+    drop(set);
+    changed();
 }
 
 /// A task's secrets, masked while the task runs and released when it is dropped.

@@ -874,39 +874,112 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
     );
 }
 
+/// A build task printing `lines` numbered lines (the git stand-in) for deployment `dep`.
+fn chatty_build(cp: &FakeCp, dep: &str) -> String {
+    let payload = json!({
+        "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
+        "deployment_id": dep, "project_id": "7a7a7a7a-0000-4000-8000-000000000008", "domain_prefix": "logs"
+    });
+    cp.add_task_for_role("builder", "build", dep, payload)
+}
+
+/// The numbered stand-in lines of a stored log are exactly 1..=n, in order.
+fn assert_all_lines(log: &str, n: usize) {
+    let nums: Vec<usize> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("remote: progress line "))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(nums.len(), n, "lines delivered");
+    assert!(
+        nums.iter().enumerate().all(|(i, n)| *n == i + 1),
+        "out of order"
+    );
+}
+
+/// The control plane stops taking logs while the build prints 12 MB: the backlog spills to
+/// disk and every line arrives, in order, before the final report; the spill is removed.
+#[test]
+fn a_stalled_log_route_loses_no_line_and_the_spill_is_removed() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(12)), 1);
+    let dep = "c0ffee00-1234-4abc-9def-0000000000fe";
+    let dir = temp_dir("agent-logs-spill");
+    let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
+    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 180)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_all_lines(&log, 450_000);
+    assert!(!log.contains("log lines dropped"));
+    let spills = dir.join("data/state/logs");
+    let left: Vec<_> = std::fs::read_dir(&spills)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    drop(agent);
+}
+
+/// Beyond LOG_SPILL_MAX the agent drops lines, and one marker in the log says how many.
 #[test]
 fn log_overflow_leaves_a_marker_and_does_not_block_the_task() {
     let cp = FakeCp::start(Version::Today, SECRET);
     cp.set_config("registry_addr", "127.0.0.1:5000");
-    // The first log request hangs while the build prints far more than the 4 MiB buffer.
-    // 15 s: long enough for a loaded machine to print 4 MiB, shorter than the client's 20 s timeout.
+    // The first log request hangs while the build prints more than memory + LOG_SPILL_MAX.
+    // 15 s: long enough for a loaded machine to print it, shorter than the client's 20 s timeout.
     cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(15)), 1);
     let dep = "c0ffee00-1234-4abc-9def-0000000000ff";
     let dir = temp_dir("agent-logs-overflow");
-    let agent = Agent::start(
-        &cp,
-        "builder",
-        &dir,
-        &[("FAKE_GIT_LINES", "200000"), ("FAKE_GIT_EXIT", "128")],
-    );
-    let payload = json!({
-        "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
-        "deployment_id": dep, "project_id": "7a7a7a7a-0000-4000-8000-000000000008", "domain_prefix": "overflow"
-    });
-    let task = cp.add_task_for_role("builder", "build", dep, payload);
+    let env = [
+        ("FAKE_GIT_LINES", "450000"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("LOG_SPILL_MAX", "1M"),
+    ];
+    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = chatty_build(&cp, dep);
     assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
     let log = String::from_utf8(cp.logs(dep)).unwrap();
-    assert!(
-        log.contains("log lines dropped: the control plane did not keep up]"),
-        "no marker in {} bytes",
+    let marker =
+        "log lines dropped: more than LOG_SPILL_MAX (1048576 bytes) waited for the control plane]";
+    assert_eq!(
+        log.matches(marker).count(),
+        1,
+        "no single marker in {} bytes",
         log.len()
     );
     assert!(
         log.contains("remote: progress line 1\n"),
         "early lines kept"
     );
-    assert!(log.len() < 6 << 20, "bounded: {} bytes", log.len());
+    assert!(log.len() < 10 << 20, "bounded: {} bytes", log.len());
     assert!(agent.calls().iter().any(|c| c.starts_with("git clone")));
+}
+
+/// The control plane goes away while a build prints and comes back: every line arrives.
+#[test]
+fn logs_printed_during_an_outage_arrive_after_it() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    let dep = "c0ffee00-1234-4abc-9def-0000000000fd";
+    let dir = temp_dir("agent-logs-outage");
+    let env = [
+        ("FAKE_GIT_SLEEP", "2"),
+        ("FAKE_GIT_LINES", "100000"),
+        ("FAKE_GIT_EXIT", "128"),
+    ];
+    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = chatty_build(&cp, dep);
+    cp.wait_for("running", Duration::from_secs(30), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    cp.go_down();
+    std::thread::sleep(Duration::from_secs(6));
+    cp.come_up();
+    assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
+    assert_all_lines(&String::from_utf8(cp.logs(dep)).unwrap(), 100_000);
 }
 
 #[test]
