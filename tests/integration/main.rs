@@ -7,4 +7,5 @@ mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
 mod git_http;
+mod operations;
 mod util;
