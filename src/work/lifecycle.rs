@@ -33,7 +33,7 @@ pub fn runtime_logs(ctx: &Ctx) -> Result<String, TaskError> {
     match docker.logs(&name, tail, since, LOG_CAP) {
         Ok(logs) if logs.truncated => Ok(logs.text + TRUNCATED),
         Ok(logs) => Ok(logs.text),
-        Err(DockerError::NotFound(e)) => Ok(DockerError::NotFound(e).printed() + "\n"),
+        Err(e @ DockerError::NotFound(_)) => Ok(e.printed() + "\n"),
         Err(e) => Err(e.into()),
     }
 }

@@ -23,7 +23,7 @@
 use crate::config::Config;
 use crate::sys::docker::{Docker, PsRow};
 use crate::work::ctx::Shared;
-use crate::work::{cleanups, deployer};
+use crate::work::{cleanups, datasets, deployer};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,7 @@ fn remove_if_unowned(cfg: &Config, shared: &Shared, docker: &Docker, c: &PsRow) 
                     "reaper: removed {} (left over, owned by no deployment)",
                     c.name
                 );
+                remove_mounts(cfg, &rows, c);
                 Some(())
             }
             Err(e) => {
@@ -98,6 +99,21 @@ fn remove_if_unowned(cfg: &Config, shared: &Shared, docker: &Docker, c: &PsRow) 
         }
     });
     removed.flatten().is_some()
+}
+
+/// The dataset mount dir of the removed container's deployment, unless another container
+/// of ours still runs that deployment.
+fn remove_mounts(cfg: &Config, rows: &[PsRow], gone: &PsRow) {
+    let dep = gone.deployment_id.as_str();
+    let shared = rows
+        .iter()
+        .any(|r| r.id != gone.id && r.deployment_id == dep);
+    if dep.is_empty() || shared {
+        return;
+    }
+    if let Err(e) = datasets::remove_mounts(&cfg.data_dir, dep) {
+        log::warn!("reaper: {e}");
+    }
 }
 
 /// The containers among `rows` that nothing owns, by the rules of the module comment.
@@ -217,8 +233,13 @@ mod tests {
             .with(&deployer::lock_key("app"), || r.round(&h.cfg, &h.shared));
         assert!(busy.is_empty());
         assert!(h.fake.ran("docker rm").is_empty());
+        let mounts = h.cfg.data_dir.join("mounts");
+        std::fs::create_dir_all(mounts.join("dep-0")).unwrap();
+        std::fs::create_dir_all(mounts.join("dep-1")).unwrap();
         assert_eq!(r.round(&h.cfg, &h.shared), ["muvee-app-old-a2a2a2a2a2a2"]);
         assert_eq!(h.fake.ran("docker rm"), ["docker rm -f a2"]);
+        // Its deployment's mount dir goes with it; the current one's stays.
+        assert!(!mounts.join("dep-0").exists() && mounts.join("dep-1").exists());
     }
 
     #[test]
