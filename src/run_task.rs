@@ -6,7 +6,7 @@ use crate::cli::RunTaskArgs;
 use crate::config::{process_env, Config};
 use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::executor::System;
-use crate::sys::redact;
+use crate::sys::{redact, signal};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use serde_json::Value;
@@ -96,6 +96,8 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
 
 fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
     let shared = Arc::new(Shared::new(cfg, Arc::new(System)));
+    // A second signal cuts a deploy's drain wait short.
+    signal::watch(shared.bell.clone());
     if !cp.registry_user.is_empty()
         && !cp.registry_password.is_empty()
         && !cp.registry_addr.is_empty()

@@ -13,6 +13,7 @@ use crate::sys::executor::System;
 use crate::sys::{redact, signal};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -49,27 +50,15 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         log::warn!("AGENT_SECRET is empty: today's control plane rejects every request without it");
     }
     redact::add(&cfg.agent_secret);
+    let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
+    signal::watch(shared.bell.clone());
     let io_err =
         |e: std::io::Error| ConfigError(format!("DATA_DIR: {}: {e}", cfg.data_dir.display()));
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
     let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
-    let host_ip = cfg.resolve_host_ip().unwrap_or_else(|| {
-        log::warn!(
-            "could not detect HOST_IP from {}; set HOST_IP so Traefik can reach this node",
-            cfg.control_plane_url
-        );
-        String::new()
-    });
-    log::info!(
-        "muvee-agent {} starting: role {}, node {}, host ip {}, control plane {}, data dir {}",
-        env!("CARGO_PKG_VERSION"),
-        role.as_str(),
-        cfg.node_name,
-        host_ip,
-        cfg.control_plane_url,
-        cfg.data_dir.display()
-    );
+    let host_ip = host_ip(&cfg);
+    log_start(&cfg, role, &host_ip);
 
     // Reports first: whatever an earlier run left in the outbox goes out before new work.
     {
@@ -79,24 +68,11 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
             .spawn(move || ob.run_sender(&c))
             .map_err(io_err)?;
     }
-    for e in journal.interrupted() {
-        if !outbox.has_final(&e.id) {
-            log::warn!(
-                "task {} ({}) was running when the agent stopped; reporting it failed",
-                e.id,
-                e.kind
-            );
-            outbox
-                .push(&e.id, &Completion::failed("agent restarted during task"))
-                .map_err(io_err)?;
-        }
-        journal.finish(&e.id).map_err(io_err)?;
-    }
+    report_interrupted(&journal, &outbox).map_err(io_err)?;
     journal.prune(JOURNAL_KEEP);
     // Log spills of tasks that ended with the previous process: their reports say failed.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));
 
-    let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
         crate::work::builder::build_mode(&shared, &cfg);
@@ -123,6 +99,69 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     agent.main_loop();
     agent.shut_down();
     Ok(())
+}
+
+fn host_ip(cfg: &Config) -> String {
+    cfg.resolve_host_ip().unwrap_or_else(|| {
+        log::warn!(
+            "could not detect HOST_IP from {}; set HOST_IP so Traefik can reach this node",
+            cfg.control_plane_url
+        );
+        String::new()
+    })
+}
+
+fn log_start(cfg: &Config, role: Role, host_ip: &str) {
+    log::info!(
+        "muvee-agent {} starting: role {}, node {}, host ip {}, control plane {}, data dir {}",
+        env!("CARGO_PKG_VERSION"),
+        role.as_str(),
+        cfg.node_name,
+        host_ip,
+        cfg.control_plane_url,
+        cfg.data_dir.display()
+    );
+}
+
+/// Tasks that were running when the agent last stopped are reported failed (once).
+fn report_interrupted(journal: &Journal, outbox: &Outbox) -> std::io::Result<()> {
+    for e in journal.interrupted() {
+        if !outbox.has_final(&e.id) {
+            log::warn!(
+                "task {} ({}) was running when the agent stopped; reporting it failed",
+                e.id,
+                e.kind
+            );
+            outbox.push(&e.id, &Completion::failed("agent restarted during task"))?;
+        }
+        journal.finish(&e.id)?;
+    }
+    Ok(())
+}
+
+/// Why a polled task is refused before it runs.
+enum Rejection {
+    Malformed(serde_json::Error),
+    WrongRole(String, Role),
+    Unknown(String),
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Malformed(e) => write!(f, "malformed task: {e}"),
+            Rejection::WrongRole(kind, role) => write!(
+                f,
+                "task type {kind:?} is not run by a {} node",
+                role.as_str()
+            ),
+            Rejection::Unknown(kind) => write!(
+                f,
+                "unknown task type {kind:?}: muvee-agent {} does not run it",
+                env!("CARGO_PKG_VERSION")
+            ),
+        }
+    }
 }
 
 impl Agent {
@@ -158,8 +197,13 @@ impl Agent {
                     d
                 }
             };
-            let wake = self.wake.clone();
-            signal::sleep_unless(delay, || wake.swap(false, Ordering::SeqCst));
+            // Until the next round, a finished task (a free slot) or a signal.
+            let wake = &self.wake;
+            self.shared
+                .bell
+                .wait_until(Some(Instant::now() + delay), || {
+                    signal::shutdown_requested() || wake.swap(false, Ordering::SeqCst)
+                });
         }
     }
 
@@ -299,12 +343,16 @@ impl Agent {
             log::error!("ignoring a task with an invalid ID {id:?}");
             return;
         }
-        let parsed: Result<Task, String> =
-            serde_json::from_value(raw).map_err(|e| format!("malformed task: {e}"));
-        let task = parsed.clone().unwrap_or(Task {
-            id: id.clone(),
-            ..Task::default()
-        });
+        let (task, malformed) = match serde_json::from_value::<Task>(raw) {
+            Ok(t) => (t, None),
+            Err(e) => {
+                let t = Task {
+                    id: id.clone(),
+                    ..Task::default()
+                };
+                (t, Some(Rejection::Malformed(e)))
+            }
+        };
         match self.journal.claim(&task) {
             Ok(true) => {}
             Ok(false) => {
@@ -316,26 +364,9 @@ impl Agent {
                 return;
             }
         }
-        let rejection = match &parsed {
-            Err(e) => Some(e.clone()),
-            Ok(t) if !self.role.serves(&t.kind) => Some(if dispatch::known_type(&t.kind) {
-                format!(
-                    "task type {:?} is not run by a {} node",
-                    t.kind,
-                    self.role.as_str()
-                )
-            } else {
-                format!(
-                    "unknown task type {:?}: muvee-agent {} does not run it",
-                    t.kind,
-                    env!("CARGO_PKG_VERSION")
-                )
-            }),
-            Ok(_) => None,
-        };
-        if let Some(reason) = rejection {
+        if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind)) {
             log::error!("task {id}: {reason}");
-            self.finish(&id, &Completion::failed(reason));
+            self.finish(&id, &Completion::failed(reason.to_string()));
             return;
         }
         if let Err(e) = self.outbox.push(&id, &Completion::running()) {
@@ -346,6 +377,20 @@ impl Agent {
             task.kind,
             task.deployment_id
         );
+        self.start_worker(&id, task);
+    }
+
+    fn rejection(&self, kind: &str) -> Option<Rejection> {
+        if self.role.serves(kind) {
+            None
+        } else if dispatch::known_type(kind) {
+            Some(Rejection::WrongRole(kind.to_string(), self.role))
+        } else {
+            Some(Rejection::Unknown(kind.to_string()))
+        }
+    }
+
+    fn start_worker(&self, id: &str, task: Task) {
         self.running.fetch_add(1, Ordering::SeqCst);
         let w = Worker {
             cfg: self.cfg.clone(),
@@ -367,7 +412,7 @@ impl Agent {
         if let Err(e) = spawned {
             self.running.fetch_sub(1, Ordering::SeqCst);
             self.finish(
-                &id,
+                id,
                 &Completion::failed(format!("cannot start a worker thread: {e}")),
             );
         }
@@ -387,22 +432,20 @@ impl Agent {
         } else {
             log::info!("shutting down");
         }
+        let bell = &self.shared.bell;
+        let idle = || self.running.load(Ordering::SeqCst) == 0;
         let grace_end = Instant::now() + self.cfg.shutdown_grace;
-        let mut cancel_since: Option<Instant> = None;
-        while self.running.load(Ordering::SeqCst) > 0 {
-            if !signal::cancel_requested() && Instant::now() >= grace_end {
+        bell.wait_until(Some(grace_end), || idle() || signal::cancel_requested());
+        if !idle() {
+            if !signal::cancel_requested() {
                 log::warn!("SHUTDOWN_GRACE expired; canceling running tasks");
                 signal::force_cancel();
             }
-            if signal::cancel_requested() {
-                let since = *cancel_since.get_or_insert_with(Instant::now);
-                // Children get SIGTERM, then SIGKILL after 10 s; give reporting a margin.
-                if since.elapsed() > executor::KILL_GRACE + Duration::from_secs(20) {
-                    log::error!("tasks did not stop after cancel; exiting anyway");
-                    break;
-                }
+            // Children get SIGTERM, then SIGKILL after 10 s; give reporting a margin.
+            let limit = Instant::now() + executor::KILL_GRACE + Duration::from_secs(20);
+            if !bell.wait_until(Some(limit), idle) {
+                log::error!("tasks did not stop after cancel; exiting anyway");
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         self.shared.retiring.wait(None);
         if !self.outbox.wait_empty(Instant::now() + FINAL_FLUSH) {
@@ -479,5 +522,6 @@ impl Worker {
         finish(&self.outbox, &self.journal, &task.id, &completion);
         self.running.fetch_sub(1, Ordering::SeqCst);
         self.wake.store(true, Ordering::SeqCst);
+        self.shared.bell.ring();
     }
 }

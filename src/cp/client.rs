@@ -1,7 +1,9 @@
 //! Control-plane HTTP client (ureq 3, blocking). Every request carries X-Agent-Secret and has
 //! connect and overall timeouts. A 2xx is only success when its body is what the route
 //! returns: an HTML page from a wrong URL is an error naming the URL and content type.
+//! Clones share one connection pool and one name-lookup thread.
 
+use crate::cp::resolver::Lookups;
 use crate::cp::wire::{AgentConfig, Node};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -76,13 +78,17 @@ impl fmt::Display for CpError {
 
 impl Client {
     pub fn new(base: &str, secret: &str) -> Client {
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(20)))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            Lookups::default(),
+        );
         Client {
             agent,
             base: base.trim_end_matches('/').to_string(),

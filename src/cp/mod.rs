@@ -8,5 +8,6 @@ pub mod health;
 pub mod logship;
 pub mod metrics;
 pub mod reports;
+pub mod resolver;
 pub mod state;
 pub mod wire;

@@ -91,8 +91,12 @@ fn run(src: &Sources, reports: &Reports) {
         else {
             return;
         };
-        signal::sleep_unless(next.saturating_duration_since(Instant::now()), || false);
-        if signal::shutdown_requested() {
+        // The bell rings on signals: a shutdown ends the wait at once, nothing polls.
+        if src
+            .shared
+            .bell
+            .wait_until(Some(next), signal::shutdown_requested)
+        {
             return;
         }
         if is_due(due.statuses) {

@@ -5,11 +5,11 @@
 use crate::cp::client::{Backoff, Client};
 use crate::cp::wire::{Completion, Task};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Task, deployment and project IDs become file names: allow only what a UUID (or a test's ID) contains.
@@ -128,70 +128,117 @@ impl Journal {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Report {
     task_id: String,
     body: Completion,
 }
 
+/// One queued report: its file, and its content (None when the file was unreadable at open).
+struct Queued {
+    path: PathBuf,
+    report: Option<Report>,
+}
+
+/// The files are the truth; the queue mirrors them in memory (read once at open) so that an
+/// idle sender sleeps on the condvar instead of listing the directory.
 pub struct Outbox {
     dir: PathBuf,
-    seq: AtomicU64,
-    lock: Mutex<()>,
+    queue: Mutex<Queue>,
     changed: Condvar,
+}
+
+struct Queue {
+    next_seq: u64,
+    items: VecDeque<Queued>,
 }
 
 impl Outbox {
     pub fn open(data_dir: &Path) -> io::Result<Outbox> {
         let dir = data_dir.join("state/outbox");
         fs::create_dir_all(&dir)?;
-        let ob = Outbox {
+        let mut paths: Vec<PathBuf> = fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        paths.sort();
+        let next_seq = paths.last().and_then(|p| seq_of(p)).unwrap_or(0) + 1;
+        let items = paths
+            .into_iter()
+            .map(|path| Queued {
+                report: read_report(&path),
+                path,
+            })
+            .collect();
+        Ok(Outbox {
             dir,
-            seq: AtomicU64::new(0),
-            lock: Mutex::new(()),
+            queue: Mutex::new(Queue { next_seq, items }),
             changed: Condvar::new(),
-        };
-        let last = ob.pending().last().and_then(|p| seq_of(p)).unwrap_or(0);
-        ob.seq.store(last + 1, Ordering::SeqCst);
-        Ok(ob)
+        })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Persists a report; it is sent after every report queued before it.
     pub fn push(&self, task_id: &str, body: &Completion) -> io::Result<()> {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let mut q = self.queue();
+        let seq = q.next_seq;
+        q.next_seq += 1;
         let report = Report {
             task_id: task_id.to_string(),
             body: body.clone(),
         };
         let path = self.dir.join(format!("{seq:020}-{task_id}.json"));
         write_atomic(&path, &serde_json::to_vec(&report).unwrap_or_default())?;
+        q.items.push_back(Queued {
+            path,
+            report: Some(report),
+        });
         self.changed.notify_all();
         Ok(())
     }
 
+    #[cfg(test)]
     fn pending(&self) -> Vec<PathBuf> {
-        let Ok(rd) = fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut v: Vec<PathBuf> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        v.sort();
-        v
+        self.queue().items.iter().map(|q| q.path.clone()).collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pending().is_empty()
+        self.queue().items.is_empty()
     }
 
     /// True when a final (completed/failed) report for this task is queued.
     pub fn has_final(&self, task_id: &str) -> bool {
-        self.pending()
-            .iter()
-            .any(|p| read_report(p).is_some_and(|r| r.task_id == task_id && r.body.is_final()))
+        self.queue().items.iter().any(|q| {
+            q.report
+                .as_ref()
+                .is_some_and(|r| r.task_id == task_id && r.body.is_final())
+        })
+    }
+
+    /// The oldest report, waiting for a push while there is none. Only the sender takes
+    /// reports off, so the front stays the same until `delivered`.
+    fn next(&self) -> (PathBuf, Option<Report>) {
+        let mut q = self.queue();
+        loop {
+            if let Some(f) = q.items.front() {
+                return (f.path.clone(), f.report.clone());
+            }
+            q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Removes the front report, file first: a crash in between re-sends rather than loses.
+    fn delivered(&self, path: &Path) {
+        let _ = fs::remove_file(path);
+        let mut q = self.queue();
+        if q.items.front().is_some_and(|f| f.path == path) {
+            q.items.pop_front();
+        }
+        self.changed.notify_all();
     }
 
     /// Delivers reports in order, for ever. Non-retryable rejections (a 4xx other than 401)
@@ -200,14 +247,10 @@ impl Outbox {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut failures = 0u32;
         loop {
-            let Some(path) = self.pending().into_iter().next() else {
-                let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = self.changed.wait_timeout(g, Duration::from_secs(1));
-                continue;
-            };
-            let Some(report) = read_report(&path) else {
+            let (path, report) = self.next();
+            let Some(report) = report else {
                 log::error!("outbox: dropping unreadable report {}", path.display());
-                let _ = fs::remove_file(&path);
+                self.delivered(&path);
                 continue;
             };
             let body = serde_json::to_vec(&report.body).unwrap_or_default();
@@ -217,7 +260,7 @@ impl Outbox {
                         log::info!("control plane reachable again; delivering queued reports");
                     }
                     log::debug!("reported task {} {}", report.task_id, report.body.status);
-                    let _ = fs::remove_file(&path);
+                    self.delivered(&path);
                     failures = 0;
                     backoff.reset();
                 }
@@ -227,7 +270,7 @@ impl Outbox {
                         report.body.status,
                         report.task_id
                     );
-                    let _ = fs::remove_file(&path);
+                    self.delivered(&path);
                 }
                 Err(e) => {
                     failures += 1;
@@ -247,13 +290,19 @@ impl Outbox {
 
     /// Waits until every queued report is delivered, or the deadline passes.
     pub fn wait_empty(&self, deadline: Instant) -> bool {
-        while Instant::now() < deadline {
-            if self.is_empty() {
-                return true;
+        let mut q = self.queue();
+        while !q.items.is_empty() {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            q = self
+                .changed
+                .wait_timeout(q, deadline - now)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
-        self.is_empty()
+        true
     }
 }
 
@@ -318,6 +367,36 @@ mod tests {
             ]
         );
         assert!(ob.has_final("a") && !ob.has_final("b"));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn outbox_hands_reports_out_in_order_and_wakes_wait_empty() {
+        let d = temp_dir("outbox-wake");
+        let ob = std::sync::Arc::new(Outbox::open(&d).unwrap());
+        assert!(ob.wait_empty(Instant::now()));
+        ob.push("a", &Completion::running()).unwrap();
+        ob.push("a", &Completion::failed("x")).unwrap();
+        let o2 = ob.clone();
+        let waiter = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            (o2.wait_empty(t0 + Duration::from_secs(30)), t0.elapsed())
+        });
+        for status in ["running", "failed"] {
+            let (path, report) = ob.next();
+            assert_eq!(report.unwrap().body.status, status);
+            ob.delivered(&path);
+            assert!(!path.exists());
+        }
+        let (empty, took) = waiter.join().unwrap();
+        assert!(empty && took < Duration::from_secs(10));
+        assert!(
+            ob.is_empty()
+                && fs::read_dir(d.join("state/outbox"))
+                    .unwrap()
+                    .next()
+                    .is_none()
+        );
         let _ = fs::remove_dir_all(&d);
     }
 

@@ -1,5 +1,6 @@
 //! The host: running external programs, signals, secret redaction.
 
+pub mod bell;
 pub mod docker;
 pub mod executor;
 #[cfg(test)]

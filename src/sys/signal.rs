@@ -1,21 +1,54 @@
-//! SIGTERM/SIGINT handling: the handler only bumps a counter (async-signal-safe).
-//! First signal = stop polling and drain; second = cancel running tasks.
-//! This file holds the crate's only `unsafe`, with the executor's process-group kill.
+//! SIGTERM/SIGINT handling: the handler bumps a counter and writes a byte to a self-pipe
+//! (both async-signal-safe); a watcher thread blocked on the pipe rings the agent's bell, so
+//! nothing polls for signals. First signal = stop polling and drain; second = cancel running
+//! tasks. This file holds the crate's only `unsafe`, with the executor's process-group kill.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use crate::sys::bell::Bell;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// The self-pipe's ends, -1 until `install`.
+static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
+    poke();
+}
+
+/// Wakes the watcher. Async-signal-safe; a full pipe already holds a wake-up.
+fn poke() {
+    let fd = PIPE_WRITE.load(Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: write(2) on our own non-blocking fd from a one-byte buffer; errno is restored
+    // because the handler may interrupt code that is about to read it.
+    unsafe {
+        let errno = libc::__errno_location();
+        let saved = *errno;
+        libc::write(fd, [1u8].as_ptr().cast(), 1);
+        *errno = saved;
+    }
 }
 
 /// Installs the handlers. A real handler (not SIG_IGN) is reset to default in children on
 /// exec, and it gives PID 1 in a container a working SIGTERM.
 pub fn install() {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into our array; fcntl only changes their flags.
+    // O_CLOEXEC keeps them out of children, O_NONBLOCK keeps the handler from blocking.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) == 0 {
+            let fl = libc::fcntl(fds[1], libc::F_GETFL);
+            libc::fcntl(fds[1], libc::F_SETFL, fl | libc::O_NONBLOCK);
+            PIPE_READ.store(fds[0], Ordering::SeqCst);
+            PIPE_WRITE.store(fds[1], Ordering::SeqCst);
+        }
+    }
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only touches an atomic.
+        // SAFETY: the handler only touches atomics and write(2).
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
@@ -23,6 +56,37 @@ pub fn install() {
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
+    }
+}
+
+/// Starts the thread that rings `bell` after every signal (and `force_cancel`). Once per
+/// process; without `install` there is nothing to watch.
+pub fn watch(bell: Arc<Bell>) {
+    let fd = PIPE_READ.swap(-1, Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                // SAFETY: read(2) into a buffer we own, at most its length.
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    bell.ring();
+                    continue;
+                }
+                let err = std::io::Error::last_os_error();
+                if n < 0 && err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("signal watcher stopped: {err}");
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the signal watcher thread: {e}");
     }
 }
 
@@ -35,9 +99,11 @@ pub fn cancel_requested() -> bool {
     SIGNALS.load(Ordering::SeqCst) >= 2
 }
 
-/// Escalates a graceful shutdown to a cancel (used when SHUTDOWN_GRACE expires).
+/// Escalates a graceful shutdown to a cancel (used when SHUTDOWN_GRACE expires); waiters are
+/// woken as by a second signal.
 pub fn force_cancel() {
     SIGNALS.fetch_max(2, Ordering::SeqCst);
+    poke();
 }
 
 /// Sends `sig` to a whole process group.
@@ -60,18 +126,5 @@ pub fn exited_unreaped(pid: u32) -> bool {
         let mut info: libc::siginfo_t = std::mem::zeroed();
         let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
         libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
-    }
-}
-
-/// Sleeps up to `total`, waking early on a shutdown signal or when `wake` returns true.
-/// `thread::sleep` resumes after signals, so sleep in short slices.
-pub fn sleep_unless(total: Duration, wake: impl Fn() -> bool) {
-    let end = Instant::now() + total;
-    while !shutdown_requested() && !wake() {
-        let now = Instant::now();
-        if now >= end {
-            break;
-        }
-        std::thread::sleep((end - now).min(Duration::from_millis(100)));
     }
 }

@@ -1,55 +1,49 @@
 //! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset), background jobs that can be waited for by key, and file
-//! locks that tell a live process's files from a dead one's.
+//! per key (an app, a dataset),
+//! background jobs that can be waited for by key, and file locks that tell a live process's
+//! files from a dead one's.
 
+use crate::sys::bell::Bell;
 use crate::sys::signal;
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// A counting semaphore (BUILDER_MAX_CONCURRENT).
+/// A counting semaphore (BUILDER_MAX_CONCURRENT). Waiters sleep on the shared bell, so a
+/// cancel signal wakes them as well as a freed slot.
 pub struct Semaphore {
     free: Mutex<usize>,
-    cv: Condvar,
-}
-
-impl Default for Semaphore {
-    fn default() -> Semaphore {
-        Semaphore::new(1)
-    }
+    bell: Arc<Bell>,
 }
 
 pub struct Permit<'a>(&'a Semaphore);
 
 impl Semaphore {
-    pub fn new(n: usize) -> Semaphore {
+    pub fn new(n: usize, bell: Arc<Bell>) -> Semaphore {
         Semaphore {
             free: Mutex::new(n.max(1)),
-            cv: Condvar::new(),
+            bell,
         }
     }
     /// Waits for a slot; None when the agent is canceling tasks.
     pub fn acquire(&self) -> Option<Permit<'_>> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free == 0 {
-            if signal::cancel_requested() {
-                return None;
+        let mut got = false;
+        self.bell.wait_until(None, || {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if *free > 0 {
+                *free -= 1;
+                got = true;
             }
-            free = self
-                .cv
-                .wait_timeout(free, std::time::Duration::from_millis(200))
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-        *free -= 1;
-        Some(Permit(self))
+            got || signal::cancel_requested()
+        });
+        got.then_some(Permit(self))
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.0.cv.notify_one();
+        self.0.bell.ring();
     }
 }
 
@@ -194,4 +188,21 @@ pub fn random_u64() -> u64 {
             .as_nanos(),
     );
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn semaphore_hands_a_freed_slot_to_a_waiter() {
+        let sem = Arc::new(Semaphore::new(1, Arc::default()));
+        let held = sem.acquire().unwrap();
+        let s2 = sem.clone();
+        let waiter = std::thread::spawn(move || s2.acquire().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        drop(held);
+        assert!(waiter.join().unwrap());
+    }
 }

@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::cp::wire::{AgentConfig, Task};
+use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub struct Shared {
     /// Every external command goes through this.
     pub runner: Arc<dyn Runner>,
+    /// Rung when a task finishes, a slot frees or a signal arrives: every wait sleeps on it.
+    pub bell: Arc<Bell>,
     pub build_slots: Semaphore,
     pub locks: KeyedLocks,
     /// Old containers draining after a replacement, by domain prefix.
@@ -31,9 +34,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: &Config, runner: Arc<dyn Runner>) -> Shared {
+        let bell = Arc::new(Bell::default());
         Shared {
             runner,
-            build_slots: Semaphore::new(cfg.builder_max_concurrent),
+            build_slots: Semaphore::new(cfg.builder_max_concurrent, bell.clone()),
+            bell,
             locks: KeyedLocks::default(),
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),

@@ -521,9 +521,7 @@ fn retire(cfg: &Config, shared: &Arc<Shared>, s: &Spec, victims: Vec<PsRow>, dra
     deps.dedup();
     let work = move || {
         let end = Instant::now() + drain;
-        while Instant::now() < end && !signal::cancel_requested() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        shared.bell.wait_until(Some(end), signal::cancel_requested);
         let docker = shared.docker(&cfg);
         for v in &victims {
             match docker.remove(&v.name) {

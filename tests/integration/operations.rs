@@ -292,7 +292,9 @@ fn describe_matches_docker_inspect(app: &Ops, port: u16) {
     assert!(d["env_keys"].as_array().unwrap().contains(&json!("BODY")));
     let bindings = d["ports"]["8080/tcp"].as_array().unwrap();
     assert!(
-        bindings.iter().any(|b| b["HostPort"] == port.to_string()),
+        bindings
+            .iter()
+            .any(|b| b["HostPort"].as_str() == Some(&*port.to_string())),
         "{text}"
     );
     // Go's MarshalIndent layout: 2 spaces, top-level keys in this order.

@@ -1,0 +1,132 @@
+//! Name resolution for the control-plane client without a thread per request. ureq's default
+//! resolver runs every lookup on a new thread once a timeout is set, and it resolves before
+//! looking for a pooled connection, so every call paid for a thread. Here an IP literal needs
+//! no lookup at all, and names go to one long-lived lookup thread (a one-off thread only while
+//! that one is busy, e.g. stuck on a slow DNS server). The request's timeout still bounds the wait.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use ureq::config::Config;
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::NextTimeout;
+
+type Answer = io::Result<Vec<SocketAddr>>;
+type Job = (String, SyncSender<Answer>);
+
+#[derive(Debug, Default)]
+pub struct Lookups {
+    worker: Mutex<Option<Sender<Job>>>,
+    busy: Arc<AtomicBool>,
+}
+
+impl Resolver for Lookups {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let addr = uri
+            .scheme()
+            .zip(uri.authority())
+            .and_then(|(s, a)| DefaultResolver::host_and_port(s, a))
+            .ok_or_else(|| ureq::Error::BadUri(uri.to_string()))?;
+        let found = match addr.parse::<SocketAddr>() {
+            Ok(a) => vec![a],
+            Err(_) if timeout.after.is_not_happening() => addr.to_socket_addrs()?.collect(),
+            Err(_) => self.lookup(addr, timeout)?,
+        };
+        let mut out = self.empty();
+        for a in config.ip_family().keep_wanted(found.into_iter()).take(16) {
+            out.push(a);
+        }
+        if out.is_empty() {
+            return Err(ureq::Error::HostNotFound);
+        }
+        Ok(out)
+    }
+}
+
+impl Lookups {
+    fn lookup(&self, addr: String, timeout: NextTimeout) -> Result<Vec<SocketAddr>, ureq::Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job = (addr, tx);
+        if self.busy.swap(true, Ordering::SeqCst) {
+            std::thread::spawn(move || answer(job));
+        } else if let Err(e) = self.hand_to_worker(job) {
+            self.busy.store(false, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        match rx.recv_timeout(*timeout.after) {
+            Ok(found) => Ok(found?),
+            Err(RecvTimeoutError::Timeout) => Err(ureq::Error::Timeout(timeout.reason)),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(io::Error::other("the name lookup thread stopped").into())
+            }
+        }
+    }
+
+    /// Sends the job to the lookup thread, starting it first if there is none (or it is gone).
+    fn hand_to_worker(&self, job: Job) -> io::Result<()> {
+        let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match worker.as_ref() {
+            Some(w) => match w.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = mpsc::channel::<Job>();
+        let busy = self.busy.clone();
+        std::thread::Builder::new()
+            .name("lookup".into())
+            .spawn(move || {
+                for job in rx {
+                    answer(job);
+                    busy.store(false, Ordering::SeqCst);
+                }
+            })?;
+        let _ = tx.send(job);
+        *worker = Some(tx);
+        Ok(())
+    }
+}
+
+fn answer((addr, reply): Job) {
+    let _ = reply.send(addr.to_socket_addrs().map(|a| a.collect()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn resolve(l: &Lookups, url: &str) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let uri: Uri = url.parse().unwrap();
+        let t = NextTimeout {
+            after: Duration::from_secs(5).into(),
+            reason: ureq::Timeout::Global,
+            per_read: None,
+            per_write: None,
+        };
+        l.resolve(&uri, &Config::default(), t)
+    }
+
+    #[test]
+    fn literals_need_no_thread_and_names_reuse_one() {
+        let l = Lookups::default();
+        let a = resolve(&l, "http://127.0.0.1:8080/api").unwrap();
+        assert_eq!(a[0], "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(resolve(&l, "http://[::1]/").unwrap()[0].port(), 80);
+        assert!(l.worker.lock().unwrap().is_none());
+        for _ in 0..3 {
+            let a = resolve(&l, "http://localhost:9/").unwrap();
+            assert!(a.iter().all(|a| a.port() == 9 && a.ip().is_loopback()));
+        }
+        assert!(l.worker.lock().unwrap().is_some());
+    }
+}
