@@ -224,10 +224,15 @@ pub fn registry(cp: &AgentConfig) -> Check {
         return Check::problem(name, label, Status::Warning, "no registry configured", fix);
     }
     let timeout = Duration::from_secs(5);
+    let (https, http) = (format!("https://{addr}/v2/"), format!("http://{addr}/v2/"));
     let urls = if addr.starts_with("http://") || addr.starts_with("https://") {
         vec![format!("{addr}/v2/")]
+    } else if loopback(addr) {
+        // Docker talks plain HTTP to a local registry when HTTPS fails; asking that first
+        // spares a TLS handshake (and TLS setup in an agent that has no other use for it).
+        vec![http, https]
     } else {
-        vec![format!("https://{addr}/v2/"), format!("http://{addr}/v2/")]
+        vec![https, http]
     };
     let mut first_err = None;
     for url in &urls {
@@ -262,6 +267,18 @@ pub fn registry(cp: &AgentConfig) -> Check {
         &format!("cannot reach the registry: {why}"),
         fix,
     )
+}
+
+/// `127.0.0.1:5000`, `localhost:5000`, `[::1]:5000`: a registry on this host.
+fn loopback(addr: &str) -> bool {
+    let host = match addr.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `check` only: the control plane accepts the secret; its config for the checks after it.
@@ -444,6 +461,8 @@ mod tests {
             (c.status, c.message.as_str()),
             (Status::Ok, "registry reachable over plain HTTP (HTTP 401)")
         );
+        assert!(loopback("127.0.0.1:5000") && loopback("localhost:5000") && loopback("[::1]:5000"));
+        assert!(!loopback("registry.example.com") && !loopback("10.0.0.1:5000"));
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
