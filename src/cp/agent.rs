@@ -3,11 +3,12 @@
 
 use crate::config::{Config, ConfigError, Role};
 use crate::cp::client::{Backoff, Client, CpError};
+use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::metrics;
+use crate::cp::outbox::Outbox;
 use crate::cp::reports::{self, Reports};
-use crate::cp::state::{valid_id, Journal, Outbox};
-use crate::cp::wire::{AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
+use crate::cp::wire::{valid_id, AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
 use crate::sys::{redact, signal};
@@ -60,16 +61,19 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
 
-    // Reports first: whatever an earlier run left in the outbox goes out before new work.
+    // Recovery before any report goes out: a final report queued by the previous run must
+    // not race the scan that reports its task interrupted.
+    report_interrupted(&journal, &outbox);
+    outbox.forget_sent(&|id| journal.is_saved_done(id));
+    journal.prune(JOURNAL_KEEP);
+    // Then reports: whatever an earlier run left in the outbox goes out before new work.
     {
-        let (ob, c) = (outbox.clone(), client.clone());
+        let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
         std::thread::Builder::new()
             .name("outbox".into())
-            .spawn(move || ob.run_sender(&c))
+            .spawn(move || ob.run_sender(&c, &|id| j.is_saved_done(id)))
             .map_err(io_err)?;
     }
-    report_interrupted(&journal, &outbox).map_err(io_err)?;
-    journal.prune(JOURNAL_KEEP);
     // Log spills of tasks that ended with the previous process: their reports say failed.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));
 
@@ -123,8 +127,9 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
     );
 }
 
-/// Tasks that were running when the agent last stopped are reported failed (once).
-fn report_interrupted(journal: &Journal, outbox: &Outbox) -> std::io::Result<()> {
+/// Tasks that were running when the agent last stopped are reported failed, unless a final
+/// report of theirs was ever queued: a task is never reported twice with different outcomes.
+fn report_interrupted(journal: &Journal, outbox: &Outbox) {
     for e in journal.interrupted() {
         if !outbox.has_final(&e.id) {
             log::warn!(
@@ -132,11 +137,15 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) -> std::io::Result<()>
                 e.id,
                 e.kind
             );
-            outbox.push(&e.id, &Completion::failed("agent restarted during task"))?;
+            outbox.push(&e.id, &Completion::failed("agent restarted during task"));
         }
-        journal.finish(&e.id)?;
+        if let Err(err) = journal.finish(&e.id) {
+            log::error!(
+                "cannot mark task {} finished in the journal (retried): {err}",
+                e.id
+            );
+        }
     }
-    Ok(())
 }
 
 /// Why a polled task is refused before it runs.
@@ -217,9 +226,12 @@ impl Agent {
             self.heartbeat(config_loaded)?;
             *next_heartbeat = Instant::now() + self.cfg.heartbeat_interval;
         }
-        // Reports queued before this start go out before any new task is taken.
+        // The control plane answers: waiting reports go now, unsaved journal entries too.
+        self.outbox.reachable();
+        self.journal.retry_unsaved();
+        // Reports queued before this start are tried before any new task is taken.
         if !self.outbox_flushed {
-            if !self.outbox.is_empty() {
+            if !self.outbox.settled() {
                 return Ok(());
             }
             self.outbox_flushed = true;
@@ -369,9 +381,7 @@ impl Agent {
             self.finish(&id, &Completion::failed(reason.to_string()));
             return;
         }
-        if let Err(e) = self.outbox.push(&id, &Completion::running()) {
-            log::error!("cannot queue the running report of task {id}: {e}");
-        }
+        self.outbox.push(&id, &Completion::running());
         log::info!(
             "task {id}: starting {} (deployment {})",
             task.kind,
@@ -455,12 +465,12 @@ impl Agent {
     }
 }
 
+/// The final report first, then the journal: a crash in between re-reports the same
+/// outcome (the queued report wins over "interrupted" at the next start).
 fn finish(outbox: &Outbox, journal: &Journal, id: &str, c: &Completion) {
-    if let Err(e) = outbox.push(id, c) {
-        log::error!("cannot queue the {} report of task {id}: {e}", c.status);
-    }
+    outbox.push(id, c);
     if let Err(e) = journal.finish(id) {
-        log::error!("cannot mark task {id} finished in the journal: {e}");
+        log::error!("cannot mark task {id} finished in the journal (retried at each poll): {e}");
     }
 }
 
@@ -512,7 +522,7 @@ impl Worker {
         if let Some(s) = shipper {
             s.close();
         }
-        let took = executor::fmt_duration(Duration::from_secs(started.elapsed().as_secs()));
+        let took = executor::fmt_duration(started.elapsed());
         match &completion.result {
             Some(reason) if completion.status == "failed" => {
                 log::error!("task {}: failed after {took}: {reason}", task.id)

@@ -371,8 +371,7 @@ mod tests {
     use super::*;
 
     fn buf(name: &str, max: u64) -> Buf {
-        let path =
-            std::env::temp_dir().join(format!("muvee-unit-spill-{name}-{}", std::process::id()));
+        let path = crate::sys::fake::temp_dir(name).join("spill");
         let conf = Spill {
             path,
             max_bytes: max,

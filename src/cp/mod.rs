@@ -5,9 +5,10 @@
 pub mod agent;
 pub mod client;
 pub mod health;
+pub mod journal;
 pub mod logship;
 pub mod metrics;
+pub mod outbox;
 pub mod reports;
 pub mod resolver;
-pub mod state;
 pub mod wire;

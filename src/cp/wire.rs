@@ -8,6 +8,15 @@ use serde_json::{Map, Value};
 pub const ZERO_UUID: &str = "00000000-0000-0000-0000-000000000000";
 pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
+/// Task, deployment and project IDs become file names: allow only what a UUID (or a test's ID) contains.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// One task from `GET /api/agent/tasks`. `PayloadJSON` (a second copy of every secret) is
 /// deliberately not deserialized.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -384,6 +393,13 @@ mod tests {
             serde_json::to_string(&c).unwrap(),
             "{\"result\":\"exit 1: \u{fffd}\u{fffd}\",\"status\":\"failed\"}"
         );
+    }
+
+    #[test]
+    fn task_ids_are_checked_before_becoming_paths() {
+        assert!(valid_id("9b2e7c40-1d7a-4f0e-8c55-6a0f3e2d9b10"));
+        assert!(!valid_id("../../etc/passwd"));
+        assert!(!valid_id(""));
     }
 
     #[test]

@@ -120,3 +120,11 @@ impl Runner for Fake {
         })
     }
 }
+
+/// A fresh directory for one unit test (removed by the test, or by the next run).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("muvee-agent-unit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -875,8 +875,7 @@ mod tests {
 
     #[test]
     fn dockerfile_symlink_escape_is_refused() {
-        let d = std::env::temp_dir().join(format!("muvee-bld-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = crate::sys::fake::temp_dir("bld-symlink");
         std::fs::create_dir_all(d.join("sub")).unwrap();
         std::fs::write(d.join("Dockerfile"), "FROM x\n").unwrap();
         std::os::unix::fs::symlink("/etc/hostname", d.join("out")).unwrap();

@@ -40,9 +40,7 @@ mod tests {
 
     #[test]
     fn marks_come_and_go() {
-        let d =
-            std::env::temp_dir().join(format!("muvee-agent-unit-cleanups-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = crate::sys::fake::temp_dir("cleanups").join("data");
         assert!(unfinished(&d).is_empty());
         begin(&d, "app").unwrap();
         begin(&d, "api").unwrap();

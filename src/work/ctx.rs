@@ -104,10 +104,7 @@ pub mod testing {
     impl Harness {
         /// `env` adds to NODE_ROLE/DATA_DIR defaults (DEPLOY_DRAIN=0s unless given).
         pub fn new(name: &str, env: &[(&str, &str)]) -> Harness {
-            let dir = std::env::temp_dir()
-                .join(format!("muvee-agent-unit-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = crate::sys::fake::temp_dir(name);
             let data = dir.join("data").to_string_lossy().into_owned();
             let mut vars: Vec<(String, String)> = vec![
                 ("DATA_DIR".into(), data),

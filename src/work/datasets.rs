@@ -8,7 +8,7 @@
 //! mtime is the LRU clock.
 
 use crate::config::Config;
-use crate::cp::state::valid_id;
+use crate::cp::wire::valid_id;
 use crate::cp::wire::{AgentConfig, Invalid, Payload};
 use crate::sys::rsync;
 use crate::work::ctx::{CacheBook, Ctx, Shared};

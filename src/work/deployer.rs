@@ -7,7 +7,7 @@
 //! plane only switches Traefik to the new port once it has our report.
 
 use crate::config::Config;
-use crate::cp::state::valid_id;
+use crate::cp::wire::valid_id;
 use crate::cp::wire::{Invalid, Payload};
 use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
