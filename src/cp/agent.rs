@@ -63,7 +63,7 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
 
     // Recovery before any report goes out: a final report queued by the previous run must
     // not race the scan that reports its task interrupted.
-    report_interrupted(&journal, &outbox);
+    let interrupted = report_interrupted(&journal, &outbox);
     outbox.forget_sent(&|id| journal.is_saved_done(id));
     journal.prune(JOURNAL_KEEP);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
@@ -99,6 +99,9 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         cpu: metrics::CpuSampler::default(),
         reports: Reports::default(),
     };
+    if role == Role::Deploy {
+        crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
+    }
     agent.start_reports();
     agent.main_loop();
     agent.shut_down();
@@ -129,7 +132,9 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
 
 /// Tasks that were running when the agent last stopped are reported failed, unless a final
 /// report of theirs was ever queued: a task is never reported twice with different outcomes.
-fn report_interrupted(journal: &Journal, outbox: &Outbox) {
+/// Returns the deployment ids of the interrupted deploys.
+fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
+    let mut deploys = Vec::new();
     for e in journal.interrupted() {
         if !outbox.has_final(&e.id) {
             log::warn!(
@@ -138,6 +143,9 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) {
                 e.kind
             );
             outbox.push(&e.id, &Completion::failed("agent restarted during task"));
+            if e.kind == "deploy" {
+                deploys.push(e.deployment_id.clone());
+            }
         }
         if let Err(err) = journal.finish(&e.id) {
             log::error!(
@@ -146,6 +154,7 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) {
             );
         }
     }
+    deploys
 }
 
 /// Why a polled task is refused before it runs.

@@ -151,16 +151,21 @@ impl Outbox {
     pub fn reachable(&self) {
         let mut q = self.queue();
         let now = Instant::now();
-        if q.failures == 0 && q.pause_until <= now {
-            return;
-        }
+        let mut woke = q.failures > 0 || q.pause_until > now;
         q.failures = 0;
         q.backoff.reset();
         q.pause_until = now;
-        for i in q.items.iter_mut().filter(|i| !i.parked) {
+        for i in q
+            .items
+            .iter_mut()
+            .filter(|i| !i.parked && i.not_before > now)
+        {
             i.not_before = now;
+            woke = true;
         }
-        self.changed.notify_all();
+        if woke {
+            self.changed.notify_all();
+        }
     }
 
     /// Forgets tombstones of tasks the journal now shows as done.

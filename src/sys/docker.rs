@@ -241,13 +241,17 @@ impl<'a> Docker<'a> {
 
     /// Containers matching one `docker ps --filter` (`label=k=v`, `name=^x$`).
     pub fn ps_filter(&self, all: bool, filter: &str) -> Result<Vec<PsRow>, DockerError> {
-        let format = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}";
-        let mut args = vec!["ps", "--filter", filter, "--format", format];
+        let mut args = vec!["ps", "--filter", filter, "--format", PS_FORMAT];
         if all {
             args.insert(1, "-a");
         }
         let out = self.out(&args)?;
         Ok(out.lines().filter_map(parse_ps_row).collect())
+    }
+
+    /// All containers (any state) carrying `label=value`.
+    pub fn ps_labelled(&self, label: &str, value: &str) -> Result<Vec<PsRow>, DockerError> {
+        self.ps_filter(true, &format!("label={label}={value}"))
     }
 
     pub fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
@@ -596,6 +600,9 @@ impl<'a> Docker<'a> {
         Ok(paths)
     }
 }
+
+/// The `docker ps` columns [`parse_ps_row`] reads.
+const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}";
 
 fn parse_ps_row(line: &str) -> Option<PsRow> {
     let f: Vec<&str> = line.split('\t').collect();

@@ -549,6 +549,45 @@ fn retire(cfg: &Config, shared: &Arc<Shared>, s: &Spec, victims: Vec<PsRow>, dra
     }
 }
 
+/// At start, before any status report: a deploy the previous agent process died in (it is
+/// reported failed) may have left its new container running next to the old one set aside;
+/// a status report would then route the app to the failed version. Its container goes and
+/// the old one gets its name back. `deployments` are the interrupted deploys' ids.
+pub fn reconcile(shared: &Shared, cfg: &Config, deployments: &[String]) {
+    let docker = shared.docker(cfg);
+    for dep in deployments.iter().filter(|d| valid_id(d)) {
+        let Ok(rows) = docker.ps_labelled("muvee.deployment_id", dep) else {
+            continue;
+        };
+        for c in rows {
+            let main = format!("muvee-{}", c.domain_prefix);
+            if c.domain_prefix.is_empty() || c.name != main {
+                continue;
+            }
+            log::warn!("removing {main} of the interrupted deployment {dep}");
+            if let Err(e) = docker.remove(&main) {
+                log::error!("cannot remove {main} of the interrupted deployment {dep}: {e}");
+                continue;
+            }
+            restore_aside(&docker, &c.domain_prefix);
+        }
+    }
+}
+
+/// Gives an app's old container, set aside by an interrupted replacement, its name back.
+fn restore_aside(docker: &Docker, prefix: &str) {
+    let Ok((None, leftovers)) = app_containers(docker, prefix) else {
+        return;
+    };
+    if let Some(old) = leftovers.iter().find(|c| c.running) {
+        let main = format!("muvee-{prefix}");
+        match docker.rename(&old.name, &main) {
+            Ok(()) => log::info!("{} is back as {main}", old.name),
+            Err(e) => log::error!("cannot rename {} back to {main}: {e}", old.name),
+        }
+    }
+}
+
 /// Removes `muvee-<prefix>`, the leftovers of interrupted replacements and the mount dirs
 /// of the deployments they ran; containers that do not exist are success.
 pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {

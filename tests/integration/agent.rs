@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-const SECRET: &str = "agent-secret-5b1e9d";
+pub const SECRET: &str = "agent-secret-5b1e9d";
 
 pub fn shims() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bin")
@@ -145,14 +145,14 @@ fn unique(p: PathBuf) -> PathBuf {
     }
 }
 
-fn statuses(cp: &FakeCp, task: &str) -> Vec<String> {
+pub fn statuses(cp: &FakeCp, task: &str) -> Vec<String> {
     cp.completions(task)
         .iter()
         .map(|c| c["status"].as_str().unwrap_or("").to_string())
         .collect()
 }
 
-fn wait_final(cp: &FakeCp, task: &str, secs: u64) -> Value {
+pub fn wait_final(cp: &FakeCp, task: &str, secs: u64) -> Value {
     cp.wait_for(
         &format!("final report of {task}"),
         Duration::from_secs(secs),
@@ -879,7 +879,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
 }
 
 /// A build task printing `lines` numbered lines (the git stand-in) for deployment `dep`.
-fn chatty_build(cp: &FakeCp, dep: &str) -> String {
+pub fn chatty_build(cp: &FakeCp, dep: &str) -> String {
     let payload = json!({
         "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
         "deployment_id": dep, "project_id": "7a7a7a7a-0000-4000-8000-000000000008", "domain_prefix": "logs"

@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-const APP: &str = "muvee-it-deploy/app:1";
+pub const APP: &str = "muvee-it-deploy/app:1";
 const CRASH: &str = "muvee-it-deploy/crash:1";
-const IDLE: &str = "muvee-it-deploy/idle:1";
+pub const IDLE: &str = "muvee-it-deploy/idle:1";
 
 /// Builds the three fixture images once per test run.
-fn images() {
+pub fn images() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         // Containers of an earlier run that was killed (no Drop ran) restart with the engine.

@@ -6,6 +6,7 @@ mod deployer;
 mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
+mod faults;
 mod git_http;
 mod operations;
 mod util;
