@@ -42,7 +42,36 @@ struct Agent {
     reports: Reports,
 }
 
-pub fn run(cfg: Config) -> Result<(), ConfigError> {
+/// Why the agent could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    /// DATA_DIR's state (journal, outbox) cannot be opened.
+    DataDir {
+        path: std::path::PathBuf,
+        err: std::io::Error,
+    },
+    /// No thread for the outbox sender.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::DataDir { path, err } => write!(f, "DATA_DIR: {}: {err}", path.display()),
+            StartError::Thread(e) => write!(f, "cannot start the outbox sender: {e}"),
+        }
+    }
+}
+
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> StartError {
+        StartError::Config(e)
+    }
+}
+
+pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
         .ok_or_else(|| ConfigError("NODE_ROLE is required (builder or deploy)".into()))?;
@@ -53,8 +82,10 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
     redact::add(&cfg.agent_secret);
     let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
     signal::watch(shared.bell.clone());
-    let io_err =
-        |e: std::io::Error| ConfigError(format!("DATA_DIR: {}: {e}", cfg.data_dir.display()));
+    let io_err = |err: std::io::Error| StartError::DataDir {
+        path: cfg.data_dir.clone(),
+        err,
+    };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
     let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
@@ -72,7 +103,7 @@ pub fn run(cfg: Config) -> Result<(), ConfigError> {
         std::thread::Builder::new()
             .name("outbox".into())
             .spawn(move || ob.run_sender(&c, &|id| j.is_saved_done(id)))
-            .map_err(io_err)?;
+            .map_err(StartError::Thread)?;
     }
     // Log spills of tasks that ended with the previous process: their reports say failed.
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));

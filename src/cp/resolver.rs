@@ -1,18 +1,24 @@
 //! Name resolution for the control-plane client without a thread per request. ureq's default
 //! resolver runs every lookup on a new thread once a timeout is set, and it resolves before
-//! looking for a pooled connection, so every call paid for a thread. Here an IP literal needs
-//! no lookup at all, and names go to one long-lived lookup thread (a one-off thread only while
-//! that one is busy, e.g. stuck on a slow DNS server). The request's timeout still bounds the wait.
+//! looking for a pooled connection, so every call paid for a thread and a lookup. Here an IP
+//! literal needs no lookup; a name is looked up on one long-lived thread (a one-off thread
+//! only while that one is busy, e.g. stuck on a slow DNS server) and the answer is reused for
+//! a short while. The request's timeout still bounds the wait.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::NextTimeout;
+
+/// How long a looked-up answer is reused (Java's default): a control plane that moved is found
+/// again within this long, and an idle agent does not ask DNS at every poll.
+const REMEMBER: Duration = Duration::from_secs(30);
 
 type Answer = io::Result<Vec<SocketAddr>>;
 type Job = (String, SyncSender<Answer>);
@@ -21,6 +27,8 @@ type Job = (String, SyncSender<Answer>);
 pub struct Lookups {
     worker: Mutex<Option<Sender<Job>>>,
     busy: Arc<AtomicBool>,
+    /// The last answer: the client talks to one host.
+    last: Mutex<Option<(String, Instant, Vec<SocketAddr>)>>,
 }
 
 impl Resolver for Lookups {
@@ -38,7 +46,7 @@ impl Resolver for Lookups {
         let found = match addr.parse::<SocketAddr>() {
             Ok(a) => vec![a],
             Err(_) if timeout.after.is_not_happening() => addr.to_socket_addrs()?.collect(),
-            Err(_) => self.lookup(addr, timeout)?,
+            Err(_) => self.remembered(addr, timeout)?,
         };
         let mut out = self.empty();
         for a in config.ip_family().keep_wanted(found.into_iter()).take(16) {
@@ -52,6 +60,22 @@ impl Resolver for Lookups {
 }
 
 impl Lookups {
+    fn remembered(
+        &self,
+        addr: String,
+        timeout: NextTimeout,
+    ) -> Result<Vec<SocketAddr>, ureq::Error> {
+        if let Some((name, at, found)) = &*self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *name == addr && at.elapsed() < REMEMBER {
+                return Ok(found.clone());
+            }
+        }
+        let found = self.lookup(addr.clone(), timeout)?;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((addr, Instant::now(), found.clone()));
+        Ok(found)
+    }
+
     fn lookup(&self, addr: String, timeout: NextTimeout) -> Result<Vec<SocketAddr>, ureq::Error> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job = (addr, tx);
@@ -85,9 +109,11 @@ impl Lookups {
         std::thread::Builder::new()
             .name("lookup".into())
             .spawn(move || {
-                for job in rx {
-                    answer(job);
+                for (addr, reply) in rx {
+                    let found = addr.to_socket_addrs().map(|a| a.collect());
+                    // Free before answering, so the caller's next lookup finds it free.
                     busy.store(false, Ordering::SeqCst);
+                    let _ = reply.send(found);
                 }
             })?;
         let _ = tx.send(job);
@@ -103,7 +129,6 @@ fn answer((addr, reply): Job) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn resolve(l: &Lookups, url: &str) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let uri: Uri = url.parse().unwrap();
@@ -123,10 +148,15 @@ mod tests {
         assert_eq!(a[0], "127.0.0.1:8080".parse().unwrap());
         assert_eq!(resolve(&l, "http://[::1]/").unwrap()[0].port(), 80);
         assert!(l.worker.lock().unwrap().is_none());
-        for _ in 0..3 {
-            let a = resolve(&l, "http://localhost:9/").unwrap();
-            assert!(a.iter().all(|a| a.port() == 9 && a.ip().is_loopback()));
-        }
+        let a = resolve(&l, "http://localhost:9/").unwrap();
+        assert!(a.iter().all(|a| a.port() == 9 && a.ip().is_loopback()));
+        assert!(l.worker.lock().unwrap().is_some());
+        // Answered from memory: the lookup thread is not asked again.
+        *l.worker.lock().unwrap() = None;
+        assert_eq!(resolve(&l, "http://localhost:9/").unwrap(), a);
+        assert!(l.worker.lock().unwrap().is_none());
+        // Another name is looked up, on a new lookup thread.
+        assert_eq!(resolve(&l, "http://localhost:10/").unwrap()[0].port(), 10);
         assert!(l.worker.lock().unwrap().is_some());
     }
 }

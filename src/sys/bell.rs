@@ -19,6 +19,11 @@ impl Bell {
         self.cv.notify_all();
     }
 
+    #[cfg(test)]
+    pub fn rings(&self) -> u64 {
+        *self.rung.lock().unwrap()
+    }
+
     /// Sleeps until `done()` holds (true) or `deadline` passes (false); None waits for ever.
     pub fn wait_until(&self, deadline: Option<Instant>, mut done: impl FnMut() -> bool) -> bool {
         let mut g = self.rung.lock().unwrap_or_else(|e| e.into_inner());

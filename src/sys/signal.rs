@@ -128,3 +128,27 @@ pub fn exited_unreaped(pid: u32) -> bool {
         libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) == 0 && info.si_pid() != 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_signal_rings_the_bell_through_the_watcher() {
+        install();
+        let bell = Arc::new(Bell::default());
+        watch(bell.clone());
+        // SAFETY: one SIGTERM to ourselves; the handler above only bumps the counter (one
+        // signal is a shutdown request, which no other unit test looks at).
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGTERM);
+        }
+        let t0 = Instant::now();
+        while bell.rings() == 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(bell.rings(), 1, "the watcher rang once");
+        assert!(shutdown_requested() && !cancel_requested());
+    }
+}

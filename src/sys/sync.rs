@@ -1,6 +1,5 @@
 //! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset),
-//! background jobs that can be waited for by key, and file locks that tell a live process's
+//! per key (an app, a dataset), background jobs that can be waited for by key, and file locks that tell a live process's
 //! files from a dead one's.
 
 use crate::sys::bell::Bell;

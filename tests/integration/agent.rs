@@ -605,6 +605,17 @@ fn bad_configuration_exits_2_naming_the_value() {
             "/proc/muvee-nope",
             "DATA_DIR: /proc/muvee-nope is not writable",
         ),
+        // Values that once aborted with a panic (exit 134).
+        (
+            "POLL_INTERVAL",
+            "99999999999999999999s",
+            "POLL_INTERVAL: invalid value \"99999999999999999999s\"",
+        ),
+        (
+            "HEARTBEAT_INTERVAL",
+            "18446744073709551615",
+            "HEARTBEAT_INTERVAL: invalid value \"18446744073709551615\"",
+        ),
     ] {
         let out = Command::new(util::bin())
             .env_clear()
