@@ -14,8 +14,8 @@ use crate::sys::executor::{Deadline, Limits};
 use crate::sys::redact::Scope;
 use crate::work::builder::{self, GitSource};
 use crate::work::ctx::Ctx;
-use crate::work::deployer;
 use crate::work::error::TaskError;
+use crate::work::{deployer, workspace};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use std::fs::DirBuilder;
@@ -238,9 +238,8 @@ fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     })?;
     let work = work_dir(ctx, s.prefix);
     private_dir(&work)?;
-    let src = stage(ctx, s, cli, &work)?;
+    let (src, image) = stage(ctx, s, cli, &work)?;
     let mut project = project(cli, s.prefix, &src, &s.file, &work);
-    write_override(s, &work)?;
     let _env = Remove(write_env(&src, &s.env, cli)?);
     let _cfg = if s.auths.is_empty() {
         None
@@ -255,7 +254,19 @@ fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
         cli.describe()
     ));
     let out = &mut |l: &str| (ctx.out)(l);
+    // Pulled without our override: its workspace needs the pulled image's user (§4.5).
+    let files = std::mem::take(&mut project.files);
+    project.files = files[..1].to_vec();
     docker.compose_pull(&project, out)?;
+    project.files = files;
+    let mount = match &s.workspace {
+        Some((dir, path)) => {
+            let dir = workspace::prepare(ctx, dir, &image)?;
+            Some(format!("{}:{path}:rw", dir.display()))
+        }
+        None => None,
+    };
+    write_override(s, &work, mount.as_deref())?;
     // A single-container deployment of this app (before it became a compose project)
     // would keep serving and be reported next to the project.
     docker.remove(&project.name)?;
@@ -297,19 +308,28 @@ fn project(cli: ComposeCli, prefix: &str, src: &Path, file: &Path, work: &Path) 
 
 /// Fetches the compose files into `work/next`, validates them, then replaces `work/src`
 /// (the running project keeps its containers: only its files change). Returns `work/src`.
-fn stage(ctx: &Ctx, s: &Spec, cli: ComposeCli, work: &Path) -> Result<PathBuf, TaskError> {
+/// Also returns the exposed service's image.
+fn stage(
+    ctx: &Ctx,
+    s: &Spec,
+    cli: ComposeCli,
+    work: &Path,
+) -> Result<(PathBuf, String), TaskError> {
     let next = work.join("next");
     remove_dir(&next)?;
     let fetched = fetch(ctx, s, work, &next).and_then(|()| validate(ctx, s, cli, &next));
-    if let Err(e) = fetched {
-        let _ = remove_dir(&next);
-        return Err(e);
-    }
+    let image = match fetched {
+        Ok(image) => image,
+        Err(e) => {
+            let _ = remove_dir(&next);
+            return Err(e);
+        }
+    };
     let src = work.join("src");
     remove_dir(&src)?;
     let err = TaskError::io(format!("cannot move {} into place", next.display()));
     std::fs::rename(&next, &src).map_err(err)?;
-    Ok(src)
+    Ok((src, image))
 }
 
 fn fetch(ctx: &Ctx, s: &Spec, work: &Path, dest: &Path) -> Result<(), TaskError> {
@@ -341,7 +361,8 @@ fn fetch(ctx: &Ctx, s: &Spec, work: &Path, dest: &Path) -> Result<(), TaskError>
 
 /// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
 /// from `compose config` (the CLI's own parse) with an empty `.env`, so no value is printed.
-fn validate(ctx: &Ctx, s: &Spec, cli: ComposeCli, dir: &Path) -> Result<(), TaskError> {
+/// Returns the exposed service's image.
+fn validate(ctx: &Ctx, s: &Spec, cli: ComposeCli, dir: &Path) -> Result<String, TaskError> {
     builder::file_in(dir, &s.file, "compose_file_path")?;
     let env = Remove(write_env(dir, &[], cli)?);
     let p = Project {
@@ -361,29 +382,29 @@ fn validate(ctx: &Ctx, s: &Spec, cli: ComposeCli, dir: &Path) -> Result<(), Task
                 svc.name
             )));
         }
-        if !svc.image {
+        if svc.image.is_none() {
             return Err(invalid(format!(
                 "compose file {shown}: service {} has no `image:`",
                 svc.name
             )));
         }
     }
-    if !services.iter().any(|svc| svc.name == s.service) {
+    let Some(exposed) = services.iter().find(|svc| svc.name == s.service) else {
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
         return Err(invalid(format!(
             "payload field `expose_service`: {:?} is not a service of {shown} (it has: {})",
             s.service,
             names.join(", ")
         )));
-    }
-    Ok(())
+    };
+    Ok(exposed.image.clone().unwrap_or_default())
 }
 
 /// A service as `compose config` prints it.
 #[derive(Debug, PartialEq, Eq)]
 struct Service {
     name: String,
-    image: bool,
+    image: Option<String>,
     build: bool,
 }
 
@@ -413,12 +434,15 @@ fn services(yaml: &str) -> Vec<Service> {
             key_indent = None;
             out.push(Service {
                 name: key.to_string(),
-                image: false,
+                image: None,
                 build: false,
             });
         } else if indent > svc && *key_indent.get_or_insert(indent) == indent {
             if let Some(last) = out.last_mut() {
-                last.image |= key == "image";
+                if key == "image" {
+                    let v = body.split_once(':').map_or("", |(_, v)| v).trim();
+                    last.image = Some(v.trim_matches(|c| c == '"' || c == '\'').to_string());
+                }
                 last.build |= key == "build";
             }
         }
@@ -433,7 +457,7 @@ fn yaml_quote(s: &str) -> String {
 
 /// `muvee.override.yml`: the exposed service's published port (random unless fixed), our
 /// labels, the workspace volume and the memory limit.
-fn write_override(s: &Spec, work: &Path) -> Result<(), TaskError> {
+fn write_override(s: &Spec, work: &Path, mount: Option<&str>) -> Result<(), TaskError> {
     let q = yaml_quote;
     let publish = match s.fixed_port {
         Some(f) => format!("{f}:{}", s.port),
@@ -453,13 +477,8 @@ fn write_override(s: &Spec, work: &Path) -> Result<(), TaskError> {
     ] {
         y.push_str(&format!("      {}: {}\n", q(k), q(v)));
     }
-    if let Some((dir, path)) = &s.workspace {
-        let what = format!("cannot create workspace {}", dir.display());
-        std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
-        let what = format!("workspace {}", dir.display());
-        let dir = std::fs::canonicalize(dir).map_err(TaskError::io(what))?;
-        let mount = format!("{}:{path}:rw", dir.display());
-        y.push_str(&format!("    volumes:\n      - {}\n", q(&mount)));
+    if let Some(mount) = mount {
+        y.push_str(&format!("    volumes:\n      - {}\n", q(mount)));
     }
     if !s.memory.is_empty() {
         y.push_str(&format!(
@@ -695,12 +714,12 @@ mod tests {
             vec![
                 Service {
                     name: "app".into(),
-                    image: true,
+                    image: Some("r/app:1".into()),
                     build: false
                 },
                 Service {
                     name: "db".into(),
-                    image: true,
+                    image: Some("postgres".into()),
                     build: false
                 },
             ]
@@ -712,7 +731,7 @@ mod tests {
             s,
             vec![Service {
                 name: "web".into(),
-                image: false,
+                image: None,
                 build: true
             }]
         );

@@ -88,6 +88,7 @@ fn require(test: &str) -> bool {
 struct App {
     prefix: String,
     data: PathBuf,
+    volumes: PathBuf,
 }
 
 impl App {
@@ -95,6 +96,7 @@ impl App {
         App {
             prefix: format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]),
             data: temp_dir("compose-data"),
+            volumes: temp_dir("compose-vol"),
         }
     }
 
@@ -105,7 +107,9 @@ impl App {
     fn run(&self, kind: &str, payload: &Value, env: &[(&str, &str)]) -> (Value, String) {
         let mut e = vec![("DATA_DIR", self.data.to_str().unwrap())];
         e.extend_from_slice(env);
-        let out = util::run_task(&["--type", kind], &payload.to_string(), &e);
+        let vols = self.volumes.to_str().unwrap();
+        let args = ["--type", kind, "--volume-nfs-base-path", vols];
+        let out = util::run_task(&args, &payload.to_string(), &e);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let report: Value = serde_json::from_str(stdout.trim())
             .unwrap_or_else(|_| panic!("no report: {}", util::describe(&out)));
@@ -211,6 +215,7 @@ fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
     let p = json!({"mode": "compose", "deployment_id": "dep-c1", "project_id": "p-img",
                    "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
                    "expose_service": "app", "expose_port": 8080, "memory_limit": "64m",
+                   "volume_mount_path": "/workspace",
                    "env_vars": {"BODY": body, "PLAIN": "x"}});
     let sampler = ArgvSampler::start();
     // The node's own login (its DOCKER_CONFIG) pulls: image projects carry no registry_auths.
@@ -241,6 +246,15 @@ fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
         String::from_utf8_lossy(&labels.stdout).trim(),
         format!("{} {}", app.prefix, 64 << 20)
     );
+    // The workspace volume: the project's dir under VOLUME_NFS_BASE_PATH.
+    util::sh(Command::new(util::docker_cli()).args([
+        "exec",
+        &c,
+        "sh",
+        "-c",
+        "echo ws > /workspace/w.txt",
+    ]));
+    assert!(app.volumes.join("p-img/w.txt").is_file());
     no_secret_anywhere(&argvs, &log, &app.data, &[&body[..20]]);
     assert!(argvs
         .iter()

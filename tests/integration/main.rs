@@ -9,4 +9,5 @@ mod fake_cp;
 mod fake_cp_selftest;
 mod faults;
 mod git_http;
+mod operations;
 mod util;
