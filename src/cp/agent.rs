@@ -134,6 +134,13 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
     }
     agent.start_reports();
+    if role == Role::Deploy {
+        crate::cp::control::spawn(
+            agent.cfg.clone(),
+            agent.shared.clone(),
+            agent.reports.clone(),
+        );
+    }
     agent.main_loop();
     agent.shut_down();
     Ok(())

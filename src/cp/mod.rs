@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod control;
 pub mod health;
 pub mod journal;
 pub mod logship;

@@ -34,7 +34,8 @@ impl Reports {
         *self.node_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
     }
 
-    fn node_id(&self) -> Option<String> {
+    /// The node id of the last registration (None before the first).
+    pub fn node_id(&self) -> Option<String> {
         self.node_id
             .lock()
             .unwrap_or_else(|e| e.into_inner())

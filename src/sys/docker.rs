@@ -631,6 +631,29 @@ pub struct Project {
     pub docker_config: Option<PathBuf>,
 }
 
+impl Docker<'_> {
+    /// `docker exec -ti CONTAINER CMD...` for a control channel session, which runs it under
+    /// a PTY of its own (not through the executor: it is interactive).
+    pub fn exec_tty(&self, container: &str, cmd: &[String]) -> std::process::Command {
+        let mut c = std::process::Command::new(self.cli);
+        c.args(["exec", "-ti", container]).args(cmd);
+        c
+    }
+
+    /// `docker cp - CONTAINER:PATH` (up: a tar on stdin) or `docker cp CONTAINER:PATH -`
+    /// (down: a tar on stdout), for a control channel session.
+    pub fn cp_tar(&self, container: &str, path: &str, up: bool) -> std::process::Command {
+        let mut c = std::process::Command::new(self.cli);
+        let target = format!("{container}:{path}");
+        if up {
+            c.args(["cp", "-", &target]);
+        } else {
+            c.args(["cp", &target, "-"]);
+        }
+        c
+    }
+}
+
 /// The compose label every container, network and volume of a project carries.
 const PROJECT_LABEL: &str = "com.docker.compose.project";
 const COMPOSE_UP_TIMEOUT: Duration = Duration::from_secs(10 * 60);

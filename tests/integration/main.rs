@@ -3,6 +3,7 @@
 mod agent;
 mod builder;
 mod compose;
+mod control;
 mod deployer;
 mod docs;
 mod fake_cp;
