@@ -13,6 +13,7 @@ use crate::cp::reports::Reports;
 use crate::sys::docker::Docker;
 use crate::sys::signal;
 use crate::work::ctx::Shared;
+use crate::work::error::TaskError;
 use crate::work::lifecycle;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -130,6 +131,27 @@ impl std::fmt::Display for ChannelError {
             ChannelError::Url(m) => f.write_str(m),
             ChannelError::Io(e) => e.fmt(f),
             ChannelError::Ws(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Why a session could not start; its text goes to the CLI as an `error` frame.
+#[derive(Debug)]
+enum SessionError {
+    /// Missing or unusable fields, worded as the Go agent words them.
+    Refused(&'static str),
+    /// The container of a domain prefix could not be looked up.
+    Resolve(TaskError),
+    /// A PTY, pipe or thread could not be made, or docker could not be started.
+    Setup(&'static str, std::io::Error),
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Refused(m) => f.write_str(m),
+            SessionError::Resolve(e) => e.fmt(f),
+            SessionError::Setup(what, e) => write!(f, "{what}: {e}"),
         }
     }
 }
@@ -312,8 +334,8 @@ fn handle(
                 Ok(inbox) => {
                     sessions.insert(session, inbox);
                 }
-                Err(msg) => {
-                    let _ = out.try_send(Frame::error(&session, &msg));
+                Err(e) => {
+                    let _ = out.try_send(Frame::error(&session, &e.to_string()));
                 }
             }
         }
@@ -344,23 +366,29 @@ fn open(
     cfg: &Config,
     shared: &Arc<Shared>,
     out: &SyncSender<Frame>,
-) -> Result<SyncSender<Frame>, String> {
+) -> Result<SyncSender<Frame>, SessionError> {
     let exec = f.kind == "open_exec";
     let docker = shared.docker(cfg);
     let container = if !f.domain_prefix.is_empty() {
-        lifecycle::resolve(&docker, &f.domain_prefix).map_err(|e| e.to_string())?
+        lifecycle::resolve(&docker, &f.domain_prefix).map_err(SessionError::Resolve)?
     } else {
         f.container.clone()
     };
     let named = !f.session.is_empty() && valid_container(&container);
     if exec && (!named || f.cmd.is_empty()) {
-        return Err("open_exec requires session/container/cmd".into());
+        return Err(SessionError::Refused(
+            "open_exec requires session/container/cmd",
+        ));
     }
     if !exec && (!named || f.path.is_empty()) {
-        return Err("open_cp requires session/container/path".into());
+        return Err(SessionError::Refused(
+            "open_cp requires session/container/path",
+        ));
     }
     if !exec && f.direction != "up" && f.direction != "down" {
-        return Err("open_cp direction must be 'up' or 'down'".into());
+        return Err(SessionError::Refused(
+            "open_cp direction must be 'up' or 'down'",
+        ));
     }
     let (tx, rx) = mpsc::sync_channel(INBOX);
     let out = out.clone();
@@ -375,14 +403,14 @@ fn open(
         let mut exit = Frame::new("exit", &f.session);
         match code {
             Ok(code) => exit.code = code,
-            Err(msg) => exit = Frame::error(&f.session, &msg),
+            Err(e) => exit = Frame::error(&f.session, &e.to_string()),
         }
         let _ = out.send(exit);
     };
     std::thread::Builder::new()
         .name("session".into())
         .spawn(work)
-        .map_err(|e| format!("cannot start a session thread: {e}"))?;
+        .map_err(|e| SessionError::Setup("cannot start a session thread", e))?;
     Ok(tx)
 }
 
@@ -430,8 +458,9 @@ fn exec_session(
     f: &Frame,
     inbox: Receiver<Frame>,
     out: &SyncSender<Frame>,
-) -> Result<i64, String> {
-    let (master, slave) = openpty(winsize(f.cols, f.rows)).map_err(|e| format!("openpty: {e}"))?;
+) -> Result<i64, SessionError> {
+    let (master, slave) =
+        openpty(winsize(f.cols, f.rows)).map_err(|e| SessionError::Setup("openpty", e))?;
     let mut cmd = docker.exec_tty(container, &f.cmd);
     let io = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
     let (i, o, e) = (io(&slave), io(&slave), io(&slave));
@@ -446,7 +475,9 @@ fn exec_session(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("docker exec: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| SessionError::Setup("docker exec", e))?;
     // The master reads EIO (the end) only once no slave fd is left open here.
     drop(cmd);
     drop(slave);
@@ -487,8 +518,8 @@ fn exec_session(
     Ok(exit_code(status, killed))
 }
 
-fn ioe(e: std::io::Error) -> String {
-    format!("session setup: {e}")
+fn ioe(e: std::io::Error) -> SessionError {
+    SessionError::Setup("session setup", e)
 }
 
 /// Feeds inbox frames to `each` until the child exits; `close` or a dropped inbox kills it.
@@ -532,14 +563,16 @@ fn cp_session(
     f: &Frame,
     inbox: Receiver<Frame>,
     out: &SyncSender<Frame>,
-) -> Result<i64, String> {
+) -> Result<i64, SessionError> {
     let up = f.direction == "up";
     let mut cmd = docker.cp_tar(container, &f.path, up);
     cmd.stdin(if up { Stdio::piped() } else { Stdio::null() })
         .stdout(if up { Stdio::null() } else { Stdio::piped() })
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut child = cmd.spawn().map_err(|e| format!("docker cp: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| SessionError::Setup("docker cp", e))?;
     let mut stderr = child.stderr.take();
     let errs = std::thread::spawn(move || {
         let mut s = Vec::new();

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,13 +15,15 @@ use tungstenite::{Message, WebSocket};
 
 const SECRET: &str = "control-secret-5d1e";
 /// `docker exec -ti` sizes the container's TTY just after the process starts: wait for it.
-const WAIT_SIZE: &str = "for i in 1 2 3 4 5 6 7 8 9 10; do s=$(stty size 2>/dev/null) && break; sleep 0.2; done; echo \"size=$s\"; exit 3";
+const WAIT_SIZE: &str = "i=0; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo \"size=$s\"; exit 3";
 
 /// The test control plane: HTTP for the agent loop, and WebSocket upgrades handed to the
 /// test as (request path and query, socket).
 struct Server {
     port: u16,
     node: Arc<Mutex<String>>,
+    /// Set: polls answer 500 `node … not found` (a deleted node) until it registers again.
+    forgot: Arc<AtomicBool>,
     conns: Receiver<(String, WebSocket<TcpStream>)>,
 }
 
@@ -29,15 +32,21 @@ impl Server {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let node = Arc::new(Mutex::new(util::new_uuid()));
+        let forgot = Arc::new(AtomicBool::new(false));
         let (tx, conns) = mpsc::channel();
-        let n = node.clone();
+        let (n, f) = (node.clone(), forgot.clone());
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
-                let (tx, n) = (tx.clone(), n.clone());
-                std::thread::spawn(move || serve(s, &n, &tx));
+                let (tx, n, f) = (tx.clone(), n.clone(), f.clone());
+                std::thread::spawn(move || serve(s, &n, &f, &tx));
             }
         });
-        Server { port, node, conns }
+        Server {
+            port,
+            node,
+            forgot,
+            conns,
+        }
     }
 
     fn url(&self) -> String {
@@ -63,6 +72,7 @@ impl Server {
 fn serve(
     mut s: TcpStream,
     node: &Mutex<String>,
+    forgot: &AtomicBool,
     tx: &mpsc::Sender<(String, WebSocket<TcpStream>)>,
 ) {
     let mut head = [0u8; 4096];
@@ -105,7 +115,20 @@ fn serve(
         }
     }
     let id = node.lock().unwrap().clone();
-    let body = match path.split('?').next().unwrap_or("") {
+    let route = path.split('?').next().unwrap_or("");
+    if route == "/api/agent/tasks" && forgot.load(Ordering::SeqCst) {
+        let body = "node not found\n";
+        let resp = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(resp.as_bytes());
+        return;
+    }
+    if route == "/api/agent/register" {
+        forgot.store(false, Ordering::SeqCst);
+    }
+    let body = match route {
         "/api/agent/register" => {
             json!({"id": id, "hostname": "h", "role": "deploy", "host_ip": "127.0.0.1",
             "max_storage_bytes": 0, "used_storage_bytes": 0, "last_seen_at": "2026-01-01T00:00:00Z",
@@ -213,7 +236,7 @@ impl Agent {
             .env("AGENT_SECRET", SECRET)
             .env("DATA_DIR", temp_dir("control-data"))
             .env("DOCKER_CLI", util::docker_cli())
-            .env("RUST_LOG", "debug")
+            .env("POLL_INTERVAL", "1s")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -300,6 +323,13 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
         ws.next("s5", 10)["msg"],
         "open_cp direction must be 'up' or 'down'"
     );
+
+    // The node was deleted: the agent registers again and dials with the new id.
+    let new = util::new_uuid();
+    *server.node.lock().unwrap() = new.clone();
+    server.forgot.store(true, Ordering::SeqCst);
+    let (uri, _ws) = server.accept(15);
+    assert_eq!(uri, format!("/api/agent/control?node_id={new}"));
 }
 
 #[test]
