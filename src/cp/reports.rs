@@ -12,9 +12,11 @@ use crate::config::{Config, Role};
 use crate::cp::client::{Client, CpError};
 use crate::cp::wire::AgentConfig;
 use crate::cp::{health, metrics};
+use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
 use crate::sys::signal;
 use crate::work::ctx::Shared;
 use crate::work::reaper::{self, Reaper};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -83,6 +85,7 @@ fn run(src: &Sources, reports: &Reports) {
         reap: deploy.then(|| start + reap_every),
     };
     let mut reaper = Reaper::default();
+    let probes = Mutex::default();
     let is_due = |at: Option<Instant>| at.is_some_and(|t| Instant::now() >= t);
     loop {
         let Some(next) = [due.statuses, due.health, due.reap]
@@ -105,7 +108,7 @@ fn run(src: &Sources, reports: &Reports) {
             due.statuses = Some(Instant::now() + src.cfg.heartbeat_interval);
         }
         if is_due(due.health) {
-            due.health = health_report(src, reports).map(|d| Instant::now() + d);
+            due.health = health_report(src, reports, &probes).map(|d| Instant::now() + d);
         }
         if is_due(due.reap) {
             reaper.round(&src.cfg, &src.shared);
@@ -147,12 +150,51 @@ fn post<T: serde::Serialize>(src: &Sources, path: &str, body: &T) {
 }
 
 /// Sends the checks; returns when to send them again (None: never).
-fn health_report(src: &Sources, reports: &Reports) -> Option<Duration> {
+/// Tool versions change rarely: the health report runs those probes again every 30 minutes
+/// (a failed one every time) and the daemon check (`docker info`) every time, so an idle
+/// agent does not start half a dozen commands every 2 minutes.
+struct CachedProbes<'a> {
+    runner: &'a dyn Runner,
+    seen: &'a Mutex<HashMap<String, (Instant, Output)>>,
+}
+
+const TOOL_REPROBE: Duration = Duration::from_secs(30 * 60);
+
+impl Runner for CachedProbes<'_> {
+    fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
+        let key = cmd.display();
+        let live = cmd.args.iter().any(|a| a == "info");
+        if !live {
+            let map = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, out)) = map.get(&key) {
+                if at.elapsed() < TOOL_REPROBE {
+                    return Ok(out.clone());
+                }
+            }
+        }
+        let out = self.runner.run(cmd, on_line)?;
+        if !live {
+            let mut map = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(key, (Instant::now(), out.clone()));
+        }
+        Ok(out)
+    }
+}
+
+fn health_report(
+    src: &Sources,
+    reports: &Reports,
+    probes: &Mutex<HashMap<String, (Instant, Output)>>,
+) -> Option<Duration> {
     let Some(node) = reports.node_id() else {
         return Some(NO_NODE_YET);
     };
     let cp = src.cp.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let checks = health::report(&src.cfg, &*src.shared.runner, &cp);
+    let runner = CachedProbes {
+        runner: &*src.shared.runner,
+        seen: probes,
+    };
+    let checks = health::report(&src.cfg, &runner, &cp);
     let body = serde_json::to_value(&checks).unwrap_or_default();
     let sent = src
         .client
@@ -194,5 +236,35 @@ mod tests {
             err: "connection refused".into(),
         };
         assert_eq!(after_health(&Err(down)), Some(HEALTH_EVERY));
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use crate::sys::fake::{Fake, Reply};
+
+    #[test]
+    fn tool_versions_are_probed_again_only_after_a_while_the_daemon_every_time() {
+        let fake = Fake::new();
+        fake.on("rsync --version", Reply::Fail(127, "not found".into()));
+        let seen = Mutex::default();
+        let probes = CachedProbes {
+            runner: &*fake,
+            seen: &seen,
+        };
+        for _ in 0..3 {
+            for args in [&["--version"][..], &["info"][..]] {
+                let _ = probes.output(&Cmd::new("git").args(args.iter().copied()));
+            }
+            let _ = probes.output(&Cmd::new("rsync").arg("--version"));
+        }
+        assert_eq!(fake.ran("git --version").len(), 1);
+        assert_eq!(fake.ran("git info").len(), 3);
+        assert_eq!(
+            fake.ran("rsync --version").len(),
+            3,
+            "a failed probe is not kept"
+        );
     }
 }

@@ -175,7 +175,7 @@ impl Runner for System {
 }
 
 /// What a finished command left behind.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Output {
     /// Stdout, capped at 1 MiB, already scrubbed.
     pub stdout: String,
