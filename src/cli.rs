@@ -65,7 +65,7 @@ pub struct Args {
     /// time the old container keeps serving after a deploy [DEPLOY_DRAIN, default 10s]
     #[argh(option)]
     pub deploy_drain: Option<String>,
-    /// debug logging (same as MUVEE_LOG=debug)
+    /// debug logging (same as RUST_LOG=debug)
     #[argh(switch, short = 'v')]
     pub verbose: bool,
     /// print the version and exit
