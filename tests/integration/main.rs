@@ -8,4 +8,5 @@ mod fake_cp;
 mod fake_cp_selftest;
 mod faults;
 mod git_http;
+mod packaging;
 mod util;
