@@ -3,6 +3,7 @@
 mod agent;
 mod builder;
 mod deployer;
+mod dev_cp;
 mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
