@@ -77,8 +77,13 @@ ci: lint man-check test
 bench:
 	bash scripts/bench.sh
 
+# The agent's loop on this machine: dev control plane + builder and deploy agents in the
+# background, the sample app through build → deploy.  demo-down stops them (test bed stays).
 demo:
-	bash scripts/demo.sh
+	bash scripts/demo.sh up
+
+demo-down:
+	bash scripts/demo.sh down
 
 install: static install-data
 	install -D -m 0755 $(STATIC_BIN) $(DESTDIR)$(PREFIX)/bin/muvee-agent

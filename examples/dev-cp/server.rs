@@ -1351,6 +1351,7 @@ fn deployment_row(d: &Deployment) -> Value {
 /// The dev surface (no secret; the dev control plane listens on loopback):
 /// `POST /dev/build` `{"git_url",…}`, `POST /dev/deploy` `{"image_tag",…}` (both take
 /// `domain_prefix`, `container_port`, `memory_limit`, `datasets`, `env_vars`, …),
+/// `POST /dev/tasks` `{"type","payload","deployment_id"}` (a raw task, no deployment row),
 /// `GET /dev/tasks`, `/dev/tasks/<id>`, `/dev/deployments`, `/dev/nodes`, `/dev/stats`, and
 /// `/dev/logs/<deployment>` (text).
 fn dev_route(st: &mut State, method: &str, path: &str, body: &[u8]) -> HRes {
@@ -1368,6 +1369,18 @@ fn dev_route(st: &mut State, method: &str, path: &str, body: &[u8]) -> HRes {
                 v.as_object_mut().unwrap().remove("git_url");
             }
             enqueue(st, &v)?
+        }
+        ("POST", ["tasks"]) => {
+            // A raw task: {"type", "payload", "deployment_id"?}, for the newest node of the
+            // role that runs the type (what the benchmark enqueues).
+            let v = decode_struct(body, "devTask")?;
+            let kind = f_str(&v, "type", "type")?;
+            let role = if kind == "build" { "builder" } else { "deploy" };
+            let node = newest_node(st, role).ok_or((409, format!("no {role} node registered yet")))?;
+            let dep = f_str(&v, "deployment_id", "deployment_id")?;
+            let payload = v.get("payload").cloned().unwrap_or(json!({}));
+            let id = push_task(st, &node, &kind, &dep, payload);
+            json!({"task_id": id})
         }
         ("GET", ["tasks"]) => Value::Array(st.tasks.iter().map(|t| task_row(st, t)).collect()),
         ("GET", ["tasks", id]) => {
