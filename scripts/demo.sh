@@ -34,13 +34,18 @@ took() { # prints the time since the step began
   printf '    ok (%d.%01ds)%s\n' $((ns / 1000000000)) $((ns / 100000000 % 10)) "${1:+ $1}"
 }
 
-# alive PID EXE: the process exists, is not a zombie, and runs EXE (a recycled PID does not).
-alive() {
+# ours PID EXE: the process exists, is not a zombie, and runs EXE, or a previous build of it
+# that cargo has since replaced (a recycled PID runs something else).
+ours() {
   [ -n "$1" ] && [ "$1" -gt 0 ] 2>/dev/null || return 1
   [ -r "/proc/$1/stat" ] || return 1
   [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ] || return 1
-  [ "$(readlink "/proc/$1/exe" 2>/dev/null)" = "$2" ]
+  local exe
+  exe=$(readlink "/proc/$1/exe" 2>/dev/null) || return 1
+  [ "$exe" = "$2" ] || [ "$exe" = "$2 (deleted)" ]
 }
+# alive PID EXE: ours, and running the current build (so it can be reused).
+alive() { ours "$1" "$2" && [ "$(readlink "/proc/$1/exe")" = "$2" ]; }
 pid_of() { cat "$pids/$1.pid" 2>/dev/null || true; }
 
 # start NAME EXE ARGS...: run in the background in its own session, output in logs/NAME.log.
@@ -56,13 +61,13 @@ start() {
 stop() {
   local name=$1 exe=$2 pid
   pid=$(pid_of "$name")
-  if alive "$pid" "$exe"; then
+  if ours "$pid" "$exe"; then
     builtin kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 150); do alive "$pid" "$exe" || break; sleep 0.1; done
-    if alive "$pid" "$exe"; then
-      echo "    $name ($pid) ignored SIGTERM for 15 s: SIGKILL"
+    for _ in $(seq 300); do ours "$pid" "$exe" || break; sleep 0.1; done
+    if ours "$pid" "$exe"; then
+      echo "    $name ($pid) ignored SIGTERM for 30 s: SIGKILL"
       builtin kill -KILL "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do alive "$pid" "$exe" || break; sleep 0.1; done
+      for _ in $(seq 50); do ours "$pid" "$exe" || break; sleep 0.1; done
     fi
     echo "    stopped $name (pid $pid)"
   fi
@@ -111,6 +116,7 @@ up() {
   mkdir -p "$work/nfs/datasets/words"
   printf 'hello from the words dataset\n' >"$work/nfs/datasets/words/hello.txt"
   local note=reused
+  alive "$(pid_of dev-cp)" "$dev_cp" || stop dev-cp "$dev_cp" # a previous build's
   if ! alive "$(pid_of dev-cp)" "$dev_cp"; then
     rm -f "$work/cp.port"
     start dev-cp "$dev_cp" serve --listen 127.0.0.1:0 --port-file "$work/cp.port" \
@@ -128,10 +134,12 @@ up() {
   step "agents: builder and deploy, long-lived, polling the dev control plane"
   local role notes=()
   for role in builder deploy; do
-    if alive "$(pid_of "agent-$role")" "$agent"; then
+    if alive "$(pid_of "agent-$role")" "$agent" && [ "$note" = reused ]; then
       notes+=("$role reused (pid $(pid_of "agent-$role"))")
       continue
     fi
+    # A previous build's agent, or one registered with a dev control plane that is gone.
+    stop "agent-$role" "$agent"
     mkdir -p "$work/$role"
     start "agent-$role" env NODE_ROLE=$role CONTROL_PLANE_URL="$cp_url" AGENT_SECRET=$secret \
       NODE_NAME=demo-$role HOST_IP=127.0.0.1 DATA_DIR="$work/$role" POLL_INTERVAL=1s \
