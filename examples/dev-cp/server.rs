@@ -1376,7 +1376,8 @@ fn dev_route(st: &mut State, method: &str, path: &str, body: &[u8]) -> HRes {
             let v = decode_struct(body, "devTask")?;
             let kind = f_str(&v, "type", "type")?;
             let role = if kind == "build" { "builder" } else { "deploy" };
-            let node = newest_node(st, role).ok_or((409, format!("no {role} node registered yet")))?;
+            let node =
+                newest_node(st, role).ok_or((409, format!("no {role} node registered yet")))?;
             let dep = f_str(&v, "deployment_id", "deployment_id")?;
             let payload = v.get("payload").cloned().unwrap_or(json!({}));
             let id = push_task(st, &node, &kind, &dep, payload);
