@@ -222,6 +222,11 @@ Build/deploy log as the control plane stored it:
 Tasks on the dev control plane ($cp_url):
 EOF
   cp_call tasks | sed 's/^/  /'
+  local role
+  for role in builder deploy; do
+    echo "Last lines of agent-$role.log:"
+    tail -n 3 "$logs/agent-$role.log" | sed 's/^/  /'
+  done
   cat <<EOF
 
 Again:      make demo        (reuses what runs; builds and redeploys a new commit)
