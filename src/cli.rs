@@ -65,6 +65,10 @@ pub struct Args {
     /// time the old container keeps serving after a deploy [DEPLOY_DRAIN, default 10s]
     #[argh(option)]
     pub deploy_drain: Option<String>,
+    /// deploy role: how long a leftover container of ours stays before it is removed
+    /// [REAP_GRACE, default 10m]
+    #[argh(option)]
+    pub reap_grace: Option<String>,
     /// debug logging (same as RUST_LOG=debug)
     #[argh(switch, short = 'v')]
     pub verbose: bool,
@@ -96,7 +100,8 @@ pub struct RunTaskArgs {
     /// task JSON as the control plane sends it, or a bare payload with --type ("-" = stdin)
     #[argh(option, default = "String::from(\"-\")")]
     pub file: String,
-    /// task type when the input is a bare payload (build, deploy, cleanup)
+    /// task type when the input is a bare payload (build, deploy, cleanup, runtime_logs,
+    /// restart, env, describe, pause, unpause)
     #[argh(option, long = "type")]
     pub kind: Option<String>,
     /// JSON file shaped like GET /api/agent/config (registry and NFS settings)

@@ -24,7 +24,17 @@ impl Role {
     pub fn serves(self, task_type: &str) -> bool {
         match self {
             Role::Builder => task_type == "build",
-            Role::Deploy => matches!(task_type, "deploy" | "cleanup"),
+            Role::Deploy => matches!(
+                task_type,
+                "deploy"
+                    | "cleanup"
+                    | "runtime_logs"
+                    | "restart"
+                    | "env"
+                    | "describe"
+                    | "pause"
+                    | "unpause"
+            ),
         }
     }
 }
@@ -50,6 +60,7 @@ pub struct Config {
     pub builder_proxy_passthrough: bool,
     pub deploy_health_timeout: Duration,
     pub deploy_drain: Duration,
+    pub reap_grace: Duration,
 }
 
 /// A configuration error; the message names the variable and the value.
@@ -182,6 +193,7 @@ impl Config {
             )?,
             deploy_health_timeout: d(&a.deploy_health_timeout, "DEPLOY_HEALTH_TIMEOUT", 60, "60s")?,
             deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", 10, "10s")?,
+            reap_grace: d(&a.reap_grace, "REAP_GRACE", 600, "10m")?,
         })
     }
 
@@ -496,6 +508,7 @@ mod tests {
         assert!(c.builder_proxy_passthrough);
         assert_eq!(c.deploy_health_timeout, secs(60));
         assert_eq!(c.deploy_drain, secs(10));
+        assert_eq!(c.reap_grace, secs(600));
         let cases = [
             ("NODE_ROLE", " web ", "builder or deploy"),
             ("MAX_STORAGE", "lots", "bytes or a size like 100G"),
@@ -509,6 +522,7 @@ mod tests {
             ("BUILDER_PROXY_PASSTHROUGH", "maybe", "true or false"),
             ("DEPLOY_HEALTH_TIMEOUT", "soon", "a duration like 60s"),
             ("DEPLOY_DRAIN", "soon", "a duration like 10s"),
+            ("REAP_GRACE", "soon", "a duration like 10m"),
         ];
         for (name, value, expect) in cases {
             assert_eq!(

@@ -918,16 +918,33 @@ fn dispatch(st: &mut State, version: Version, route: Route, query: &str, body: &
             append_log(st, &id, &line);
             Ok(ok_resp())
         }
-        Route::Statuses | Route::CMetrics => match decode(body)? {
-            Value::Array(_) | Value::Null => Ok(ok_resp()),
-            v => Err((
-                400,
-                format!(
-                    "json: cannot unmarshal {} into Go value of type []api.item",
-                    kind(&v)
-                ),
-            )),
-        },
+        Route::Statuses => {
+            items(body, "containerStatus", |m| {
+                f_str(m, "domain_prefix", "containerStatus.domain_prefix")?;
+                f_int(m, "restart_count", "containerStatus.restart_count")?;
+                f_bool(m, "oom_killed", "containerStatus.oom_killed")?;
+                f_int(m, "host_port", "containerStatus.host_port").map(drop)
+            })?;
+            Ok(ok_resp())
+        }
+        Route::CMetrics => {
+            items(body, "containerMetric", |m| {
+                f_str(m, "domain_prefix", "containerMetric.domain_prefix")?;
+                f_float(m, "cpu_percent", "containerMetric.cpu_percent")?;
+                for k in [
+                    "mem_usage_bytes",
+                    "mem_limit_bytes",
+                    "net_rx_bytes",
+                    "net_tx_bytes",
+                    "block_read_bytes",
+                    "block_write_bytes",
+                ] {
+                    f_int(m, k, &format!("containerMetric.{k}"))?;
+                }
+                Ok(())
+            })?;
+            Ok(ok_resp())
+        }
         Route::NMetrics => {
             let m = decode_struct(body, "api.nodeMetricsReq")?;
             parse_uuid(&f_str(&m, "node_id", "nodeMetricsReq.node_id")?)
@@ -1520,6 +1537,68 @@ fn f_int(m: &Value, k: &str, name: &str) -> Result<i64, (u16, String)> {
             ),
         )),
     }
+}
+
+fn f_float(m: &Value, k: &str, name: &str) -> Result<f64, (u16, String)> {
+    match field(m, k) {
+        None => Ok(0.0),
+        Some(Value::Number(n)) => Ok(n.as_f64().unwrap_or(0.0)),
+        Some(v) => Err((
+            400,
+            format!(
+                "json: cannot unmarshal {} into Go struct field {name} of type float64",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+fn f_bool(m: &Value, k: &str, name: &str) -> Result<bool, (u16, String)> {
+    match field(m, k) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err((
+            400,
+            format!(
+                "json: cannot unmarshal {} into Go struct field {name} of type bool",
+                kind(v)
+            ),
+        )),
+    }
+}
+
+/// A body decoded into a Go `[]api.<ty>` (today's and the March server's handlers): an
+/// array (or null) of objects (or nulls), each field of its Go type.
+fn items(
+    body: &[u8],
+    ty: &str,
+    check: impl Fn(&Value) -> Result<(), (u16, String)>,
+) -> Result<(), (u16, String)> {
+    let list = match decode(body)? {
+        Value::Null => return Ok(()),
+        Value::Array(list) => list,
+        v => {
+            let msg = format!(
+                "json: cannot unmarshal {} into Go value of type []api.{ty}",
+                kind(&v)
+            );
+            return Err((400, msg));
+        }
+    };
+    for v in &list {
+        match v {
+            Value::Null => {}
+            Value::Object(_) => check(v)?,
+            v => {
+                let msg = format!(
+                    "json: cannot unmarshal {} into Go value of type api.{ty}",
+                    kind(v)
+                );
+                return Err((400, msg));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn query_get(query: &str, key: &str) -> String {

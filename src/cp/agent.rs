@@ -7,6 +7,7 @@ use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::metrics;
 use crate::cp::outbox::Outbox;
+use crate::cp::reports::{self, Reports};
 use crate::cp::wire::{valid_id, AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
@@ -38,6 +39,7 @@ struct Agent {
     running: Arc<AtomicUsize>,
     wake: Arc<AtomicBool>,
     cpu: metrics::CpuSampler,
+    reports: Reports,
 }
 
 /// Why the agent could not start.
@@ -126,15 +128,12 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         running: Arc::default(),
         wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
+        reports: Reports::default(),
     };
     if role == Role::Deploy {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
-        spawn_status_reporter(
-            agent.cfg.clone(),
-            agent.client.clone(),
-            agent.shared.clone(),
-        );
     }
+    agent.start_reports();
     agent.main_loop();
     agent.shut_down();
     Ok(())
@@ -215,6 +214,17 @@ impl fmt::Display for Rejection {
 }
 
 impl Agent {
+    /// Statuses, metrics, health report and reaping, on their own thread (`cp::reports`).
+    fn start_reports(&mut self) {
+        self.reports = reports::spawn(reports::Sources {
+            cfg: self.cfg.clone(),
+            role: self.role,
+            client: self.client.clone(),
+            shared: self.shared.clone(),
+            cp: self.cp_config.clone(),
+        });
+    }
+
     fn main_loop(&mut self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut next_heartbeat = Instant::now();
@@ -315,6 +325,7 @@ impl Agent {
             );
         }
         self.node_id = Some(registered.id.clone());
+        self.reports.node_registered(&registered.id);
         match self.client.config() {
             Ok(c) => {
                 redact::add(&c.registry_password);
@@ -563,26 +574,4 @@ impl Worker {
         self.wake.store(true, Ordering::SeqCst);
         self.shared.bell.ring();
     }
-}
-
-/// Container statuses every HEARTBEAT_INTERVAL, on a thread of their own: a node with many
-/// apps needs a few docker calls per app, which must not delay polling.
-fn spawn_status_reporter(cfg: Arc<Config>, client: Client, shared: Arc<Shared>) {
-    let _ = std::thread::Builder::new()
-        .name("statuses".into())
-        .spawn(move || loop {
-            let next = Instant::now() + cfg.heartbeat_interval;
-            if shared
-                .bell
-                .wait_until(Some(next), signal::shutdown_requested)
-            {
-                return;
-            }
-            let statuses = metrics::container_statuses(&shared.docker(&cfg));
-            if !statuses.is_empty() {
-                if let Err(e) = client.post("/api/agent/container-statuses", &statuses.into()) {
-                    log::debug!("container statuses not accepted: {e}");
-                }
-            }
-        });
 }

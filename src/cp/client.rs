@@ -215,6 +215,22 @@ impl Client {
     }
 }
 
+/// The status a plain `GET url` gets (any status), for probing a registry. A client of its
+/// own: the agent secret must never reach another server.
+pub fn http_status(url: &str, timeout: Duration) -> Result<u16, CpError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    let resp = agent.get(url).call().map_err(|e| CpError::Transport {
+        url: url.to_string(),
+        err: e.to_string(),
+    })?;
+    Ok(resp.status().as_u16())
+}
+
 /// Capped exponential backoff with full jitter: uniform in [0, min(cap, base·2^n)], at least
 /// 100 ms so a tight failure loop is impossible.
 pub struct Backoff {

@@ -1,7 +1,9 @@
 //! Node metrics for `POST /api/agent/node-metrics` (both server versions accept it), read
 //! from /proc and statvfs: CPU since the last sample, memory, DATA_DIR disk, load averages.
+//! Deploy role: the apps' container statuses and container metrics (`docker stats`).
 
-use crate::sys::docker::Docker;
+use crate::sys::docker::{Docker, PsRow, StatsRow};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -94,11 +96,10 @@ pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Val
     })
 }
 
-/// `POST /api/agent/container-statuses` for the deploy role, as the Go agent sends it every
-/// 30 s: restart count, OOM flag and (today's server) the current host port, which re-routes
-/// Traefik after a Docker restart gave an app a new ephemeral port. Containers set aside
-/// during a replacement are skipped; containers of the Go agent (no labels) count by name.
-pub fn container_statuses(docker: &Docker) -> Vec<Value> {
+/// The apps' current containers: running, named exactly `muvee-<prefix>` (by our label, or
+/// by name for containers of the Go agent, which labels nothing). Containers set aside
+/// during a replacement are not apps. Each with its domain prefix.
+pub fn current_apps(docker: &Docker) -> Vec<(String, PsRow)> {
     let Ok(list) = docker.ps(false, "muvee-") else {
         return Vec::new();
     };
@@ -108,22 +109,122 @@ pub fn container_statuses(docker: &Docker) -> Vec<Value> {
             "" => c.name.strip_prefix("muvee-").unwrap_or(""),
             label => label,
         };
-        if prefix.is_empty() || c.name != format!("muvee-{prefix}") {
-            continue;
+        if !prefix.is_empty() && c.name == format!("muvee-{prefix}") {
+            out.push((prefix.to_string(), c));
         }
+    }
+    out
+}
+
+/// An element of `POST /api/agent/container-statuses`, keys in the Go agent's order;
+/// `host_port` (today's server) is left out when unknown.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ContainerStatus {
+    pub domain_prefix: String,
+    pub restart_count: u64,
+    pub oom_killed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+/// The deploy role's report every HEARTBEAT_INTERVAL: restart count, OOM flag and the current
+/// host port, which re-routes Traefik after a Docker restart gave an app a new ephemeral port.
+pub fn container_statuses(docker: &Docker, apps: &[(String, PsRow)]) -> Vec<ContainerStatus> {
+    let mut out = Vec::new();
+    for (prefix, c) in apps {
         let (restart_count, oom_killed) = docker
             .state(&c.name)
             .map(|st| (st.restarts, st.oom_killed))
             .unwrap_or((0, false));
-        let mut status = json!({"domain_prefix": prefix, "restart_count": restart_count, "oom_killed": oom_killed});
         let spec = (!c.expose_port.is_empty()).then_some(c.expose_port.as_str());
         let ports = docker.ports(&c.name, spec).unwrap_or_default();
-        if let Some((host_port, _)) = ports.iter().find(|p| p.1).or(ports.first()) {
-            status["host_port"] = json!(host_port);
-        }
-        out.push(status);
+        let host_port = ports.iter().find(|p| p.1).or(ports.first()).map(|p| p.0);
+        out.push(ContainerStatus {
+            domain_prefix: prefix.clone(),
+            restart_count,
+            oom_killed,
+            host_port,
+        });
     }
     out
+}
+
+/// An element of `POST /api/agent/container-metrics` (§1.7), keys in the Go agent's order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ContainerMetrics {
+    pub domain_prefix: String,
+    pub cpu_percent: f64,
+    pub mem_usage_bytes: u64,
+    pub mem_limit_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+}
+
+/// The metrics body from one `docker stats` sample of the apps; apps docker did not sample
+/// (stopped in between) are left out.
+pub fn container_metrics(apps: &[(String, PsRow)], rows: &[StatsRow]) -> Vec<ContainerMetrics> {
+    let mut out = Vec::new();
+    for (prefix, c) in apps {
+        let Some(r) = rows.iter().find(|r| r.name == c.name) else {
+            continue;
+        };
+        let (mem_usage_bytes, mem_limit_bytes) = parse_pair(&r.mem);
+        let (net_rx_bytes, net_tx_bytes) = parse_pair(&r.net);
+        let (block_read_bytes, block_write_bytes) = parse_pair(&r.block);
+        out.push(ContainerMetrics {
+            domain_prefix: prefix.clone(),
+            cpu_percent: parse_percent(&r.cpu),
+            mem_usage_bytes,
+            mem_limit_bytes,
+            net_rx_bytes,
+            net_tx_bytes,
+            block_read_bytes,
+            block_write_bytes,
+        });
+    }
+    out
+}
+
+/// `1.37%` → 1.37; docker's `--` (no sample) or anything unreadable → 0.
+pub fn parse_percent(s: &str) -> f64 {
+    let v: f64 = s.trim().trim_end_matches('%').parse().unwrap_or(0.0);
+    if v.is_finite() && v >= 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
+/// `464KiB / 64MiB` → (475136, 67108864); an unreadable side is 0.
+pub fn parse_pair(s: &str) -> (u64, u64) {
+    let (a, b) = s.split_once('/').unwrap_or((s, ""));
+    (parse_bytes(a).unwrap_or(0), parse_bytes(b).unwrap_or(0))
+}
+
+/// A size as docker prints it: decimal units for I/O (`736B`, `1.2kB`, `12.3MB`, `4.1GB`,
+/// `1TB`), binary ones for memory (`464KiB`, `50MiB`, `1.952GiB`, `2TiB`), and PB/PiB.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let at = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let n: f64 = s[..at].parse().ok()?;
+    let mult: f64 = match s[at..].trim() {
+        "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "PB" => 1e15,
+        "KiB" => 1024.0,
+        "MiB" => 1024f64.powi(2),
+        "GiB" => 1024f64.powi(3),
+        "TiB" => 1024f64.powi(4),
+        "PiB" => 1024f64.powi(5),
+        _ => return None,
+    };
+    let v = (n * mult).round();
+    (v.is_finite() && v < u64::MAX as f64).then_some(v as u64)
 }
 
 #[cfg(test)]
@@ -148,5 +249,76 @@ mod tests {
         }
         assert!(m["mem_total_bytes"].as_u64().unwrap() > 0);
         assert!(m["disk_total_bytes"].as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn every_unit_docker_prints_is_read() {
+        let cases = [
+            ("0B", 0),
+            ("736B", 736),
+            ("1.2kB", 1200),
+            ("12.3MB", 12_300_000),
+            ("4.1GB", 4_100_000_000),
+            ("1TB", 1_000_000_000_000),
+            ("2PB", 2_000_000_000_000_000),
+            ("464KiB", 475_136),
+            ("50MiB", 52_428_800),
+            ("1.952GiB", 2_095_944_040),
+            ("2TiB", 2_199_023_255_552),
+            ("1PiB", 1_125_899_906_842_624),
+            (" 1.395MiB ", 1_462_764),
+        ];
+        for (text, bytes) in cases {
+            assert_eq!(parse_bytes(text), Some(bytes), "{text}");
+        }
+        for bad in ["", "--", "12", "1.2XB", "MiB", "-1B"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+        assert_eq!(parse_pair("464KiB / 64MiB"), (475_136, 67_108_864));
+        assert_eq!(parse_pair("-- / --"), (0, 0));
+        assert_eq!(parse_percent("89.76%"), 89.76);
+        assert_eq!(parse_percent("--"), 0.0);
+    }
+
+    /// Lines as `docker stats --no-stream --format '{{json .}}'` printed them (CLI 28.2.2,
+    /// engine 20.10.24; the third from an engine with block I/O accounting).
+    #[test]
+    fn metrics_bodies_from_real_docker_stats_lines() {
+        let lines = [
+            r#"{"BlockIO":"0B / 0B","CPUPerc":"0.00%","Container":"muvee-probe-ops1","ID":"2be2bad5dba7","MemPerc":"0.71%","MemUsage":"464KiB / 64MiB","Name":"muvee-probe-ops1","NetIO":"736B / 0B","PIDs":"1"}"#,
+            r#"{"BlockIO":"0B / 0B","CPUPerc":"89.76%","Container":"ops-st1","ID":"a3334efcd03f","MemPerc":"0.01%","MemUsage":"1.395MiB / 23.54GiB","Name":"muvee-busy","NetIO":"736B / 0B","PIDs":"1"}"#,
+            r#"{"BlockIO":"12.3MB / 4.1kB","CPUPerc":"1.37%","Container":"c","ID":"c","MemPerc":"1.22%","MemUsage":"50MiB / 4GiB","Name":"muvee-myapp","NetIO":"1.2MB / 345kB","PIDs":"12"}"#,
+        ];
+        let rows: Vec<StatsRow> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let app = |prefix: &str| {
+            let row = PsRow {
+                name: format!("muvee-{prefix}"),
+                ..PsRow::default()
+            };
+            (prefix.to_string(), row)
+        };
+        let apps = [app("probe-ops1"), app("myapp"), app("gone")];
+        let body = serde_json::to_string(&container_metrics(&apps, &rows)).unwrap();
+        assert_eq!(
+            body,
+            r#"[{"domain_prefix":"probe-ops1","cpu_percent":0.0,"mem_usage_bytes":475136,"mem_limit_bytes":67108864,"net_rx_bytes":736,"net_tx_bytes":0,"block_read_bytes":0,"block_write_bytes":0},{"domain_prefix":"myapp","cpu_percent":1.37,"mem_usage_bytes":52428800,"mem_limit_bytes":4294967296,"net_rx_bytes":1200000,"net_tx_bytes":345000,"block_read_bytes":12300000,"block_write_bytes":4100}]"#
+        );
+    }
+
+    #[test]
+    fn statuses_have_the_go_key_order_and_omit_an_unknown_port() {
+        let s = |port| ContainerStatus {
+            domain_prefix: "myapp".into(),
+            restart_count: 2,
+            oom_killed: false,
+            host_port: port,
+        };
+        assert_eq!(
+            serde_json::to_string(&[s(Some(32768)), s(None)]).unwrap(),
+            r#"[{"domain_prefix":"myapp","restart_count":2,"oom_killed":false,"host_port":32768},{"domain_prefix":"myapp","restart_count":2,"oom_killed":false}]"#
+        );
     }
 }

@@ -103,6 +103,15 @@ impl Completion {
             ..Completion::default()
         }
     }
+    /// A completed report carrying text (an inspection task's output), sanitised like a
+    /// failure reason.
+    pub fn completed_with(text: impl AsRef<str>) -> Completion {
+        Completion {
+            status: "completed".into(),
+            result: Some(clean_text(text.as_ref()).into_owned()),
+            ..Completion::default()
+        }
+    }
     pub fn failed(reason: impl AsRef<str>) -> Completion {
         Completion {
             status: "failed".into(),
@@ -128,6 +137,24 @@ pub fn clean_text(s: &str) -> std::borrow::Cow<'_, str> {
             .map(|c| if bad(c) { '\u{fffd}' } else { c })
             .collect(),
     )
+}
+
+/// Go's `encoding/json` escapes `<`, `>`, `&`, U+2028 and U+2029 inside strings; serde_json
+/// does not. JSON text (outside strings) never holds these characters, so replacing them
+/// everywhere in serde_json's output gives the bytes Go would produce.
+pub fn go_escape(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A payload value that cannot be used; the message names the field and what was wrong.
@@ -335,6 +362,19 @@ mod tests {
         assert_eq!(
             s(&Completion::failed("x")),
             r#"{"result":"x","status":"failed"}"#
+        );
+        assert_eq!(
+            s(&Completion::completed_with("{\"PORT\":\"8080\"}\u{0}")),
+            "{\"result\":\"{\\\"PORT\\\":\\\"8080\\\"}\u{fffd}\",\"status\":\"completed\"}"
+        );
+    }
+
+    #[test]
+    fn go_escape_matches_encoding_json() {
+        let v = serde_json::json!({"a": "<b>&c\u{2028}"});
+        assert_eq!(
+            go_escape(&v.to_string()),
+            r#"{"a":"\u003cb\u003e\u0026c\u2028"}"#
         );
     }
 

@@ -14,6 +14,8 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// `docker run -d` copies the image's layers on some storage drivers (vfs).
 const RUN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Reading a long container log.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug)]
 pub enum DockerError {
@@ -35,6 +37,19 @@ impl DockerError {
             DockerError::NotFound(e)
         } else {
             DockerError::Failed(e)
+        }
+    }
+}
+
+impl DockerError {
+    /// What docker itself printed (its last lines), e.g. `Error response from daemon: No such
+    /// container: muvee-app`; empty when it printed nothing.
+    pub fn printed(&self) -> String {
+        match self {
+            DockerError::NotFound(e) | DockerError::Failed(e) => {
+                e.output().map(|o| o.tail.join("\n")).unwrap_or_default()
+            }
+            DockerError::Unreadable { got, .. } => got.clone(),
         }
     }
 }
@@ -80,6 +95,32 @@ pub struct PsRow {
     pub domain_prefix: String,
     pub deployment_id: String,
     pub expose_port: String,
+    /// `muvee.node`: the NODE_NAME of the agent that started it (empty before that label).
+    pub node: String,
+}
+
+/// One row of `docker stats --no-stream --format '{{json .}}'`, as docker prints it
+/// (`"CPUPerc":"1.37%"`, `"MemUsage":"50MiB / 4GiB"`); `cp::metrics` reads the numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct StatsRow {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "CPUPerc")]
+    pub cpu: String,
+    #[serde(rename = "MemUsage")]
+    pub mem: String,
+    #[serde(rename = "NetIO")]
+    pub net: String,
+    #[serde(rename = "BlockIO")]
+    pub block: String,
+}
+
+/// What `docker logs` printed, stdout and stderr in arrival order, cut at a byte cap.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Logs {
+    pub text: String,
+    pub truncated: bool,
 }
 
 /// State of a container, from `docker inspect`.
@@ -195,8 +236,12 @@ impl<'a> Docker<'a> {
 
     /// Containers (running and stopped with `all`) whose name contains `name`.
     pub fn ps(&self, all: bool, name: &str) -> Result<Vec<PsRow>, DockerError> {
-        let filter = format!("name={name}");
-        let mut args = vec!["ps", "--filter", &filter, "--format", PS_FORMAT];
+        self.ps_filter(all, &format!("name={name}"))
+    }
+
+    /// Containers matching one `docker ps --filter` (`label=k=v`, `name=^x$`).
+    pub fn ps_filter(&self, all: bool, filter: &str) -> Result<Vec<PsRow>, DockerError> {
+        let mut args = vec!["ps", "--filter", filter, "--format", PS_FORMAT];
         if all {
             args.insert(1, "-a");
         }
@@ -206,9 +251,7 @@ impl<'a> Docker<'a> {
 
     /// All containers (any state) carrying `label=value`.
     pub fn ps_labelled(&self, label: &str, value: &str) -> Result<Vec<PsRow>, DockerError> {
-        let filter = format!("label={label}={value}");
-        let out = self.out(&["ps", "-a", "--filter", &filter, "--format", PS_FORMAT])?;
-        Ok(out.lines().filter_map(parse_ps_row).collect())
+        self.ps_filter(true, &format!("label={label}={value}"))
     }
 
     pub fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
@@ -384,6 +427,146 @@ impl<'a> Docker<'a> {
         s.rsplit_once('@').map(|(_, d)| d.to_string())
     }
 
+    /// `docker logs [--tail=N] [--since=S] NAME`: stdout and stderr as they arrive, kept up to
+    /// `cap` bytes (the rest is read and dropped, so the container's log cannot block us).
+    pub fn logs(
+        &self,
+        name: &str,
+        tail: Option<u64>,
+        since: Option<&str>,
+        cap: usize,
+    ) -> Result<Logs, DockerError> {
+        let mut cmd = self.cmd(&["logs"]);
+        if let Some(n) = tail {
+            cmd = cmd.arg(format!("--tail={n}"));
+        }
+        if let Some(s) = since {
+            cmd = cmd.arg(format!("--since={s}"));
+        }
+        let cmd = cmd.arg(name).timeout(LOGS_TIMEOUT, "docker logs limit 5m");
+        let mut logs = Logs::default();
+        self.stream(&cmd, &mut |line| {
+            if logs.truncated {
+                return;
+            }
+            let room = cap - logs.text.len();
+            if line.len() < room {
+                logs.text.push_str(line);
+                logs.text.push('\n');
+            } else {
+                let cut = (0..=room).rev().find(|i| line.is_char_boundary(*i));
+                logs.text.push_str(&line[..cut.unwrap_or(0)]);
+                logs.truncated = true;
+            }
+        })?;
+        Ok(logs)
+    }
+
+    /// `docker restart NAME`; returns what it printed.
+    pub fn restart(&self, name: &str) -> Result<String, DockerError> {
+        self.out(&["restart", name])
+    }
+
+    /// `docker stop ID...`; returns what it printed (the ids).
+    pub fn stop_all(&self, ids: &[String]) -> Result<String, DockerError> {
+        let mut args = vec!["stop"];
+        args.extend(ids.iter().map(String::as_str));
+        let cmd = self.cmd(&args).timeout(RUN_TIMEOUT, "docker stop limit 5m");
+        self.runner
+            .output(&cmd)
+            .map(|o| o.stdout)
+            .map_err(DockerError::from_exec)
+    }
+
+    /// `docker start ID...`; returns what it printed (the ids).
+    pub fn start_all(&self, ids: &[String]) -> Result<String, DockerError> {
+        let mut args = vec!["start"];
+        args.extend(ids.iter().map(String::as_str));
+        self.out(&args)
+    }
+
+    /// `docker inspect --format '{{json .}}' NAME`: the whole container document.
+    pub fn inspect(&self, name: &str) -> Result<serde_json::Value, DockerError> {
+        let out = self.out(&[
+            "inspect",
+            "--type",
+            "container",
+            "--format",
+            "{{json .}}",
+            name,
+        ])?;
+        json_of("the container's `docker inspect` document", &out)
+    }
+
+    /// The container's environment as docker keeps it (`NAME=value` entries).
+    pub fn container_env(&self, name: &str) -> Result<Vec<String>, DockerError> {
+        let format = "{{json .Config.Env}}";
+        let out = self.out(&["inspect", "--type", "container", "--format", format, name])?;
+        let env: Option<Vec<String>> = json_of("the container's environment", &out)?;
+        Ok(env.unwrap_or_default())
+    }
+
+    /// One sample of `docker stats` for the running containers `names`. A container that went
+    /// away since it was listed makes docker print nothing for all of them: then every running
+    /// container is sampled and the rest are left out.
+    pub fn stats(&self, names: &[String]) -> Result<Vec<StatsRow>, DockerError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["stats", "--no-stream", "--format", "{{json .}}"];
+        args.extend(names.iter().map(String::as_str));
+        let out = match self.out(&args) {
+            Err(DockerError::NotFound(_)) => {
+                self.out(&["stats", "--no-stream", "--format", "{{json .}}"])?
+            }
+            other => other?,
+        };
+        let rows = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<StatsRow>(l).ok());
+        Ok(rows.filter(|r| names.contains(&r.name)).collect())
+    }
+
+    /// The image's `Config.User` (`""`, `1000`, `1000:1000`, `app`, `app:staff`).
+    pub fn image_user(&self, image: &str) -> Result<String, DockerError> {
+        let out = self.out(&["image", "inspect", "--format", "{{.Config.User}}", image])?;
+        Ok(out.trim().to_string())
+    }
+
+    /// The numeric uid and gid the image's user has, asked from the image itself (its
+    /// /etc/passwd and /etc/group): `docker run --rm --entrypoint "" IMAGE sh -c 'id -u; id -g'`.
+    pub fn image_ids(&self, image: &str) -> Result<(u32, u32), DockerError> {
+        let args = [
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "",
+            image,
+            "sh",
+            "-c",
+            "id -u; id -g",
+        ];
+        let out = self.out(&args)?;
+        let ids: Vec<u32> = out
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        match ids[..] {
+            [uid, gid] => Ok((uid, gid)),
+            _ => Err(DockerError::Unreadable {
+                what: "the image user's uid and gid from `id -u; id -g`".into(),
+                got: out,
+            }),
+        }
+    }
+
+    /// Containers labelled `muvee.managed=true` (started by muvee-agent), in any state.
+    pub fn managed(&self) -> Result<Vec<PsRow>, DockerError> {
+        self.ps_filter(true, "label=muvee.managed=true")
+    }
+
     /// Host paths (symlinks resolved) that containers labelled `muvee.managed=true` mount.
     pub fn managed_mounts(&self) -> Result<Vec<PathBuf>, DockerError> {
         let ids = self.out(&["ps", "-aq", "--filter", "label=muvee.managed=true"])?;
@@ -419,11 +602,11 @@ impl<'a> Docker<'a> {
 }
 
 /// The `docker ps` columns [`parse_ps_row`] reads.
-const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}";
+const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}";
 
 fn parse_ps_row(line: &str) -> Option<PsRow> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [id, name, state, prefix, dep, port] = f[..] else {
+    let (&[id, name, state, prefix, dep, port], node) = (f.get(..6)?, f.get(6)) else {
         return None;
     };
     Some(PsRow {
@@ -433,6 +616,17 @@ fn parse_ps_row(line: &str) -> Option<PsRow> {
         domain_prefix: prefix.into(),
         deployment_id: dep.into(),
         expose_port: port.into(),
+        node: node.map_or(String::new(), |n| n.to_string()),
+    })
+}
+
+/// Docker prints `{{json .}}` on one line, but the executor cuts lines longer than 16 KiB:
+/// JSON holds no raw newline (Go escapes them in strings), so dropping every `\n` rejoins it.
+fn json_of<T: serde::de::DeserializeOwned>(what: &str, out: &str) -> Result<T, DockerError> {
+    let joined: String = out.chars().filter(|c| *c != '\n').collect();
+    serde_json::from_str(&joined).map_err(|_| DockerError::Unreadable {
+        what: what.into(),
+        got: out.chars().take(200).collect(),
     })
 }
 

@@ -26,6 +26,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const CHANNEL_CHUNKS: usize = 16;
 /// How often the consumer checks the child's state and limits while output flows.
 const TICK: Duration = Duration::from_millis(100);
+/// The longest a silent child goes unchecked (cancel, a leader that exited while a
+/// grandchild holds the pipes): bounded latency without waking ten times a second.
+const IDLE_TICK: Duration = Duration::from_millis(500);
 /// Grace between SIGTERM and SIGKILL for a process group.
 pub const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -172,7 +175,7 @@ impl Runner for System {
 }
 
 /// What a finished command left behind.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Output {
     /// Stdout, capped at 1 MiB, already scrubbed.
     pub stdout: String,
@@ -292,6 +295,7 @@ pub fn run(cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, E
 }
 
 /// Runs a short command, ignoring its output lines (they are still captured).
+#[cfg(test)]
 pub fn output(cmd: &Cmd) -> Result<Output, ExecError> {
     run(cmd, &mut |_, _| {})
 }
@@ -424,8 +428,17 @@ impl<'a> Running<'a> {
     /// checked on a tick and at EOF, not per chunk: a syscall per line would cost more
     /// than the line.
     fn pump(&mut self, on_line: &mut dyn FnMut(Stream, &str)) {
+        let mut exit_wait = Duration::from_millis(1);
         loop {
-            let event = self.rx.recv_timeout(TICK);
+            let event = if self.eofs == 2 {
+                // Both pipes are closed: the exit follows at once, so look again soon (the
+                // channel is disconnected and would not wait at all).
+                std::thread::sleep(exit_wait);
+                exit_wait = (exit_wait * 2).min(TICK);
+                Err(mpsc::RecvTimeoutError::Timeout)
+            } else {
+                self.rx.recv_timeout(self.next_check())
+            };
             let busy = matches!(event, Ok(Event::Lines(..)));
             match event {
                 Ok(Event::Lines(stream, bytes)) => self.lines(stream, &bytes, on_line),
@@ -441,6 +454,23 @@ impl<'a> Running<'a> {
             }
             self.enforce_limits();
         }
+    }
+
+    /// How long the consumer may wait for output: a tick, or less when a limit falls due
+    /// sooner (an idle agent's short docker calls then wake it once, not every 100 ms).
+    fn next_check(&self) -> Duration {
+        let now = Instant::now();
+        let mut wait = IDLE_TICK;
+        if let Some(d) = self.cmd.deadline {
+            wait = wait.min(d.at.saturating_duration_since(now));
+        }
+        if let Some(idle) = self.cmd.idle_timeout {
+            wait = wait.min((self.last_output + idle).saturating_duration_since(now));
+        }
+        if self.killing.is_some() {
+            wait = wait.min(TICK);
+        }
+        wait.max(Duration::from_millis(1))
     }
 
     /// Passes on a chunk's lines, scrubbed (only when a secret or URL can occur in the

@@ -64,6 +64,23 @@ impl KeyedLocks {
         let _g = m.lock().unwrap_or_else(|e| e.into_inner());
         f()
     }
+
+    /// Runs `f` under the key's lock if nobody holds it; None (without waiting) otherwise.
+    pub fn try_with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
+        let m = self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let _g = match m.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(f())
+    }
 }
 
 /// Threads doing work after a task reported (draining an old container), by key.
@@ -85,6 +102,12 @@ impl Jobs {
         let h = std::thread::Builder::new().name(name).spawn(work)?;
         list.push((key.to_string(), h));
         Ok(())
+    }
+
+    /// True while a job of `key` is still running.
+    pub fn busy(&self, key: &str) -> bool {
+        let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        list.iter().any(|(k, h)| k == key && !h.is_finished())
     }
 
     /// Waits for the jobs of one key, or all of them.

@@ -16,6 +16,7 @@ use crate::sys::signal;
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::datasets::{self, Dataset};
 use crate::work::error::TaskError;
+use crate::work::{cleanups, workspace};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -63,7 +64,8 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
         .with(&lock_key(spec.prefix), || replace(ctx, &spec))
 }
 
-fn lock_key(prefix: &str) -> String {
+/// The lock every task that changes an app's containers holds.
+pub fn lock_key(prefix: &str) -> String {
     format!("deploy:{prefix}")
 }
 
@@ -247,7 +249,7 @@ fn aside_name(prefix: &str, id: &str) -> String {
 /// A leftover of our own replacement of `prefix`: labelled with it, or (a container of the
 /// Go agent, which labels nothing, that we set aside) named exactly as we name it. Another
 /// app may well be called `<prefix>-old-v2`.
-fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
+pub fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
     let ours = format!("muvee-{prefix}-old-");
     match c.domain_prefix.as_str() {
         "" => c.name == aside_name(prefix, &c.id),
@@ -276,14 +278,13 @@ struct Old {
 fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     // A previous deploy of this app may still be draining its old container.
     ctx.shared.retiring.wait(Some(s.prefix));
+    // The app is wanted here again: a cleanup that never finished must not reap it.
+    cleanups::end(&ctx.cfg.data_dir, s.prefix).map_err(TaskError::io("DATA_DIR/state/cleanups"))?;
     ensure_image(ctx, s.image)?;
     let mounts = datasets::setup(ctx, s.deployment_id, &s.datasets)?;
     let mut volumes = mounts.volumes.clone();
     if let Some((dir, path)) = &s.workspace {
-        let what = format!("cannot create workspace {}", dir.display());
-        std::fs::create_dir_all(dir).map_err(TaskError::io(what))?;
-        let what = format!("workspace {}", dir.display());
-        let dir = std::fs::canonicalize(dir).map_err(TaskError::io(what))?;
+        let dir = workspace::prepare(ctx, dir, s.image)?;
         volumes.push(format!("{}:{path}:rw", dir.display()));
     }
     let name = format!("muvee-{}", s.prefix);
@@ -436,6 +437,8 @@ fn start(ctx: &Ctx, s: &Spec, name: &str, volumes: Vec<String>) -> Result<(), Ta
         format!("muvee.expose_port={}", s.port),
         format!("muvee.deployment_id={}", s.deployment_id),
         "muvee.managed=true".to_string(),
+        // The reaper only ever removes containers of its own node.
+        format!("muvee.node={}", ctx.cfg.node_name),
     ];
     let spec = RunSpec {
         name,

@@ -6,7 +6,7 @@ use crate::cp::wire::{Completion, Payload};
 use crate::sys::redact;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
-use crate::work::{builder, datasets, deployer};
+use crate::work::{builder, cleanups, datasets, deployer, lifecycle};
 
 pub fn execute(ctx: &Ctx) -> Completion {
     match run(ctx) {
@@ -43,6 +43,12 @@ fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
             ..Completion::completed()
         }),
         "cleanup" => cleanup(ctx).map(|()| Completion::completed()),
+        "runtime_logs" => lifecycle::runtime_logs(ctx).map(Completion::completed_with),
+        "restart" => lifecycle::restart(ctx).map(Completion::completed_with),
+        "env" => lifecycle::env(ctx).map(Completion::completed_with),
+        "describe" => lifecycle::describe(ctx).map(Completion::completed_with),
+        "pause" => lifecycle::pause(ctx).map(Completion::completed_with),
+        "unpause" => lifecycle::unpause(ctx).map(Completion::completed_with),
         "" => Err(TaskError::Invalid("task has no type".into())),
         other => Err(unknown_type(other)),
     }
@@ -57,17 +63,32 @@ pub fn unknown_type(kind: &str) -> TaskError {
 
 /// Task types muvee-agent runs (on the role that serves them).
 pub fn known_type(kind: &str) -> bool {
-    matches!(kind, "build" | "deploy" | "cleanup")
+    matches!(
+        kind,
+        "build"
+            | "deploy"
+            | "cleanup"
+            | "runtime_logs"
+            | "restart"
+            | "env"
+            | "describe"
+            | "pause"
+            | "unpause"
+    )
 }
 
 /// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the
-/// leftovers of an interrupted replacement, and the deployment's dataset mount dir.
+/// leftovers of an interrupted replacement, and the deployment's dataset mount dir. Marked
+/// while it runs, so the reaper finishes a cleanup the agent could not.
 fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
     let prefix = deployer::domain_prefix(&p)?;
+    let data = &ctx.cfg.data_dir;
+    let mark = "DATA_DIR/state/cleanups";
+    cleanups::begin(data, prefix).map_err(TaskError::io(mark))?;
     deployer::remove_app(ctx, prefix)?;
     if !ctx.task.deployment_id.is_empty() {
-        datasets::remove_mounts(&ctx.cfg.data_dir, &ctx.task.deployment_id)?;
+        datasets::remove_mounts(data, &ctx.task.deployment_id)?;
     }
-    Ok(())
+    cleanups::end(data, prefix).map_err(TaskError::io(mark))
 }

@@ -1,8 +1,13 @@
-//! The work a task does: dispatch by type, the builder and deploy roles, the dataset cache.
+//! The work a task does: dispatch by type, the builder and deploy roles (deploys, lifecycle
+//! tasks, workspaces, reaping), the dataset cache.
 
 pub mod builder;
+pub mod cleanups;
 pub mod ctx;
 pub mod datasets;
 pub mod deployer;
 pub mod dispatch;
 pub mod error;
+pub mod lifecycle;
+pub mod reaper;
+pub mod workspace;

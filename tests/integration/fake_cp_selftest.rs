@@ -536,6 +536,48 @@ fn fake_cp_logs_health_metrics() {
             "{\"status\":\"ok\"}\n",
         );
         assert_eq!(post(cp, "/api/agent/container-metrics", "{}").status, 400);
+        // Element fields are decoded into Go types, as both servers do.
+        let m = r#"[{"domain_prefix":"myapp","cpu_percent":1.37,"mem_usage_bytes":52428800,"mem_limit_bytes":4294967296,"net_rx_bytes":1200000,"net_tx_bytes":345000,"block_read_bytes":0,"block_write_bytes":4096},null]"#;
+        assert_json(
+            &post(cp, "/api/agent/container-metrics", m),
+            200,
+            "{\"status\":\"ok\"}\n",
+        );
+        assert_eq!(
+            cp.posted("/api/agent/container-metrics").last().unwrap()[0]["cpu_percent"],
+            1.37
+        );
+        for (path, bad, err) in [
+            (
+                "container-metrics",
+                r#"[{"mem_usage_bytes":1.5}]"#,
+                "containerMetric.mem_usage_bytes of type int64",
+            ),
+            (
+                "container-metrics",
+                r#"[{"cpu_percent":"1%"}]"#,
+                "containerMetric.cpu_percent of type float64",
+            ),
+            (
+                "container-metrics",
+                r#"["x"]"#,
+                "Go value of type api.containerMetric",
+            ),
+            (
+                "container-statuses",
+                r#"[{"oom_killed":"no"}]"#,
+                "containerStatus.oom_killed of type bool",
+            ),
+            (
+                "container-statuses",
+                r#"[{"host_port":"80"}]"#,
+                "containerStatus.host_port of type int64",
+            ),
+        ] {
+            let r = post(cp, &format!("/api/agent/{path}"), bad);
+            assert_eq!(r.status, 400, "{bad}");
+            assert!(r.body.contains(err), "{bad}: {}", r.body);
+        }
         assert_eq!(cp.posted("/api/agent/node-metrics")[0]["cpu_percent"], 12.5);
         assert_eq!(
             cp.posted("/api/agent/container-statuses")[0][0]["domain_prefix"],

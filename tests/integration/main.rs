@@ -9,5 +9,6 @@ mod fake_cp;
 mod fake_cp_selftest;
 mod faults;
 mod git_http;
+mod operations;
 mod packaging;
 mod util;

@@ -1,0 +1,269 @@
+//! The agent's periodic reports besides the heartbeat, on one thread of their own (a node
+//! with many apps needs a few docker calls per app, which must not delay polling):
+//!
+//! * deploy role, every HEARTBEAT_INTERVAL: container statuses, then container metrics
+//!   (§1.6, §1.7); nothing to report, no request;
+//! * both roles: the health report (§1.9), the checks of `muvee-agent check`, first 10 s after
+//!   start (sooner with a shorter HEARTBEAT_INTERVAL), then every 2 minutes. The March 2026
+//!   server has no such route: its 404 ends the reports, quietly;
+//! * deploy role, every few minutes: reaping (`work::reaper`).
+
+use crate::config::{Config, Role};
+use crate::cp::client::{Client, CpError};
+use crate::cp::wire::AgentConfig;
+use crate::cp::{health, metrics};
+use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
+use crate::sys::signal;
+use crate::work::ctx::Shared;
+use crate::work::reaper::{self, Reaper};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+const HEALTH_FIRST: Duration = Duration::from_secs(10);
+const HEALTH_EVERY: Duration = Duration::from_secs(120);
+/// How soon to look again for a node id before the first registration.
+const NO_NODE_YET: Duration = Duration::from_secs(1);
+
+/// The agent loop's side of the reports: it tells them the node id once registered.
+#[derive(Clone, Default)]
+pub struct Reports {
+    node_id: Arc<Mutex<Option<String>>>,
+}
+
+impl Reports {
+    pub fn node_registered(&self, id: &str) {
+        *self.node_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+    }
+
+    fn node_id(&self) -> Option<String> {
+        self.node_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What the reports thread works with.
+pub struct Sources {
+    pub cfg: Arc<Config>,
+    pub role: Role,
+    pub client: Client,
+    pub shared: Arc<Shared>,
+    /// The control plane's agent config, as the heartbeat last read it.
+    pub cp: Arc<RwLock<AgentConfig>>,
+}
+
+/// Starts the reports thread; the returned handle takes the node id.
+pub fn spawn(src: Sources) -> Reports {
+    let reports = Reports::default();
+    let handle = reports.clone();
+    let spawned = std::thread::Builder::new()
+        .name("reports".into())
+        .spawn(move || run(&src, &handle));
+    if let Err(e) = spawned {
+        log::error!("cannot start the reports thread (statuses, metrics, health, reaping): {e}");
+    }
+    reports
+}
+
+/// When each report is due next; None: never again.
+struct Due {
+    statuses: Option<Instant>,
+    health: Option<Instant>,
+    reap: Option<Instant>,
+}
+
+fn run(src: &Sources, reports: &Reports) {
+    let start = Instant::now();
+    let deploy = src.role == Role::Deploy;
+    let reap_every = reaper::interval(src.cfg.reap_grace);
+    let mut due = Due {
+        statuses: deploy.then(|| start + src.cfg.heartbeat_interval),
+        health: Some(start + HEALTH_FIRST.min(src.cfg.heartbeat_interval)),
+        reap: deploy.then(|| start + reap_every),
+    };
+    let mut reaper = Reaper::default();
+    let probes = Mutex::default();
+    let is_due = |at: Option<Instant>| at.is_some_and(|t| Instant::now() >= t);
+    loop {
+        let Some(next) = [due.statuses, due.health, due.reap]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            return;
+        };
+        // The bell rings on signals: a shutdown ends the wait at once, nothing polls.
+        if src
+            .shared
+            .bell
+            .wait_until(Some(next), signal::shutdown_requested)
+        {
+            return;
+        }
+        if is_due(due.statuses) {
+            statuses_and_metrics(src);
+            due.statuses = Some(Instant::now() + src.cfg.heartbeat_interval);
+        }
+        if is_due(due.health) {
+            due.health = health_report(src, reports, &probes).map(|d| Instant::now() + d);
+        }
+        if is_due(due.reap) {
+            reaper.round(&src.cfg, &src.shared);
+            due.reap = Some(Instant::now() + reap_every);
+        }
+    }
+}
+
+/// Statuses, then metrics of the same containers.
+fn statuses_and_metrics(src: &Sources) {
+    let docker = src.shared.docker(&src.cfg);
+    let apps = metrics::current_apps(&docker);
+    if apps.is_empty() {
+        return;
+    }
+    let statuses = metrics::container_statuses(&docker, &apps);
+    post(src, "/api/agent/container-statuses", &statuses);
+    let names: Vec<String> = apps.iter().map(|(_, c)| c.name.clone()).collect();
+    let rows = match docker.stats(&names) {
+        Ok(rows) => rows,
+        Err(e) => {
+            log::debug!("no container metrics: {e}");
+            return;
+        }
+    };
+    let body = metrics::container_metrics(&apps, &rows);
+    if !body.is_empty() {
+        post(src, "/api/agent/container-metrics", &body);
+    }
+}
+
+fn post<T: serde::Serialize>(src: &Sources, path: &str, body: &T) {
+    let Ok(v) = serde_json::to_value(body) else {
+        return;
+    };
+    if let Err(e) = src.client.post(path, &v) {
+        log::debug!("{path} not accepted: {e}");
+    }
+}
+
+/// Sends the checks; returns when to send them again (None: never).
+/// Tool versions change rarely: the health report runs those probes again every 30 minutes
+/// (a failed one every time) and the daemon check (`docker info`) every time, so an idle
+/// agent does not start half a dozen commands every 2 minutes.
+struct CachedProbes<'a> {
+    runner: &'a dyn Runner,
+    seen: &'a Mutex<HashMap<String, (Instant, Output)>>,
+}
+
+const TOOL_REPROBE: Duration = Duration::from_secs(30 * 60);
+
+impl Runner for CachedProbes<'_> {
+    fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
+        let key = cmd.display();
+        let live = cmd.args.iter().any(|a| a == "info");
+        if !live {
+            let map = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, out)) = map.get(&key) {
+                if at.elapsed() < TOOL_REPROBE {
+                    return Ok(out.clone());
+                }
+            }
+        }
+        let out = self.runner.run(cmd, on_line)?;
+        if !live {
+            let mut map = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(key, (Instant::now(), out.clone()));
+        }
+        Ok(out)
+    }
+}
+
+fn health_report(
+    src: &Sources,
+    reports: &Reports,
+    probes: &Mutex<HashMap<String, (Instant, Output)>>,
+) -> Option<Duration> {
+    let Some(node) = reports.node_id() else {
+        return Some(NO_NODE_YET);
+    };
+    let cp = src.cp.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let runner = CachedProbes {
+        runner: &*src.shared.runner,
+        seen: probes,
+    };
+    let checks = health::report(&src.cfg, &runner, &cp);
+    let body = serde_json::to_value(&checks).unwrap_or_default();
+    let sent = src
+        .client
+        .post(&format!("/api/agent/health-report?node_id={node}"), &body);
+    after_health(&sent)
+}
+
+/// A 404 is the March 2026 server, which has no health reports: stop, with one debug line.
+fn after_health(sent: &Result<(), CpError>) -> Option<Duration> {
+    match sent {
+        Ok(()) => Some(HEALTH_EVERY),
+        Err(e) if e.status() == Some(404) => {
+            log::debug!("the control plane has no health-report route (March 2026 server); not sending health reports");
+            None
+        }
+        Err(e) => {
+            log::debug!("health report not accepted: {e}");
+            Some(HEALTH_EVERY)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_404_ends_the_health_reports_other_failures_do_not() {
+        let status = |code: u16| CpError::Status {
+            url: "u".into(),
+            code,
+            body: "404 page not found".into(),
+        };
+        assert_eq!(after_health(&Ok(())), Some(HEALTH_EVERY));
+        assert_eq!(after_health(&Err(status(404))), None);
+        assert_eq!(after_health(&Err(status(500))), Some(HEALTH_EVERY));
+        let down = CpError::Transport {
+            url: "u".into(),
+            err: "connection refused".into(),
+        };
+        assert_eq!(after_health(&Err(down)), Some(HEALTH_EVERY));
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use crate::sys::fake::{Fake, Reply};
+
+    #[test]
+    fn tool_versions_are_probed_again_only_after_a_while_the_daemon_every_time() {
+        let fake = Fake::new();
+        fake.on("rsync --version", Reply::Fail(127, "not found".into()));
+        let seen = Mutex::default();
+        let probes = CachedProbes {
+            runner: &*fake,
+            seen: &seen,
+        };
+        for _ in 0..3 {
+            for args in [&["--version"][..], &["info"][..]] {
+                let _ = probes.output(&Cmd::new("git").args(args.iter().copied()));
+            }
+            let _ = probes.output(&Cmd::new("rsync").arg("--version"));
+        }
+        assert_eq!(fake.ran("git --version").len(), 1);
+        assert_eq!(fake.ran("git info").len(), 3);
+        assert_eq!(
+            fake.ran("rsync --version").len(),
+            3,
+            "a failed probe is not kept"
+        );
+    }
+}
