@@ -3,10 +3,12 @@
 mod agent;
 mod builder;
 mod deployer;
+mod dev_cp;
 mod docs;
 mod fake_cp;
 mod fake_cp_selftest;
 mod faults;
 mod git_http;
 mod operations;
+mod packaging;
 mod util;
