@@ -9,7 +9,7 @@ MAN_PAGE := man/muvee-agent.1
 
 # cargo serialises on its own lock anyway; keep `make ci` steps in order under -j.
 .NOTPARALLEL:
-.PHONY: all help build static test lint man-check ci bench demo install clean
+.PHONY: all help build static test lint man-check ci bench demo demo-down install install-data clean
 
 # $(call need,COMMAND,DEBIAN_PACKAGE): install the package when COMMAND is
 # missing, but only as root with apt-get; otherwise fail with a clear message.
@@ -22,7 +22,7 @@ need = command -v $(1) >/dev/null || \
 all: build
 
 help:
-	@echo "targets: build static test lint man-check ci bench demo install clean"
+	@echo "targets: build static test lint man-check ci bench demo demo-down install install-data clean"
 	@echo "  test: brings up scripts/testbed.sh (Docker + registry) first; MUVEE_REQUIRE_DOCKER=1 makes a missing test bed fatal"
 	@echo "  install: PREFIX=$(PREFIX) DESTDIR=$(DESTDIR)"
 
@@ -77,12 +77,28 @@ ci: lint man-check test
 bench:
 	bash scripts/bench.sh
 
+# The agent's loop on this machine: dev control plane + builder and deploy agents in the
+# background, the sample app through build → deploy.  demo-down stops them (test bed stays).
 demo:
-	bash scripts/demo.sh
+	bash scripts/demo.sh up
 
-install: static
+demo-down:
+	bash scripts/demo.sh down
+
+install: static install-data
 	install -D -m 0755 $(STATIC_BIN) $(DESTDIR)$(PREFIX)/bin/muvee-agent
+
+# Everything but the binary: man page, systemd unit (ExecStart under PREFIX), env file example
+# and the compose recipe.  /etc/muvee/agent.env itself is the operator's: never overwritten.
+install-data:
 	install -D -m 0644 $(MAN_PAGE) $(DESTDIR)$(PREFIX)/share/man/man1/muvee-agent.1
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed 's#^ExecStart=.*#ExecStart=$(PREFIX)/bin/muvee-agent#' packaging/muvee-agent.service \
+	  > $(DESTDIR)$(PREFIX)/lib/systemd/system/muvee-agent.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/muvee-agent.service
+	install -D -m 0644 packaging/agent.env.example $(DESTDIR)$(PREFIX)/share/muvee-agent/agent.env.example
+	install -D -m 0644 packaging/docker-compose.agent.yml $(DESTDIR)$(PREFIX)/share/muvee-agent/docker-compose.agent.yml
+	install -D -m 0644 packaging/Dockerfile.agent $(DESTDIR)$(PREFIX)/share/muvee-agent/Dockerfile.agent
 
 clean:
 	$(CARGO) clean

@@ -32,8 +32,15 @@ echo "== 1. size and idle cost"
 size_bin=$agent
 if make -s static >/dev/null 2>&1; then size_bin=target/x86_64-unknown-linux-musl/release/muvee-agent; fi
 echo "binary: $size_bin $(stat -c %s "$size_bin") bytes ($(file -b "$size_bin" | cut -d, -f1-2))"
+# The control plane is the repository's dev control plane (examples/dev-cp): today's server's
+# shapes, one write per response with TCP_NODELAY (headers and body in two writes would meet
+# Nagle and the client's delayed ACK: a 40 ms stall and an extra wake-up per call that no real
+# control plane causes), counters for log requests, bytes and lines.
+cargo build --release --locked --quiet --example dev-cp
+dev_cp=$PWD/target/release/examples/dev-cp
 port_file=$work/cp.port
-python3 scripts/bench_cp.py >"$port_file" &
+rm -f "$port_file"
+"$dev_cp" serve --listen 127.0.0.1:0 --secret bench --port-file "$port_file" 2>/dev/null &
 cp_pid=$!
 for _ in $(seq 50); do [ -s "$port_file" ] && break; sleep 0.1; done
 NODE_ROLE=deploy CONTROL_PLANE_URL=http://127.0.0.1:$(cat "$port_file") AGENT_SECRET=bench \
@@ -125,7 +132,9 @@ RUN seq 1 1000000
 DOCKERFILE
 loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes log_lines peak_rss_kib status
   local pf=$work/loop-cp.port cpid apid url dep=ab000000-0000-4000-8000-0000000000$2
-  BENCH_CP_LOG_DELAY_MS=$1 BENCH_CP_REGISTRY=$MUVEE_TEST_REGISTRY python3 scripts/bench_cp.py >"$pf" &
+  rm -f "$pf"
+  "$dev_cp" serve --listen 127.0.0.1:0 --secret bench --port-file "$pf" --log-delay-ms "$1" \
+    --registry "$MUVEE_TEST_REGISTRY" 2>/dev/null &
   cpid=$!
   for _ in $(seq 50); do [ -s "$pf" ] && break; sleep 0.1; done
   url=http://127.0.0.1:$(cat "$pf")
@@ -134,19 +143,23 @@ loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes
   apid=$!
   sleep 1
   local s; s=$(now)
-  curl -fs -X POST "$url/bench/enqueue" -d "{\"type\":\"build\",\"deployment_id\":\"$dep\",\"payload\":$(payload Dockerfile.million)}" >/dev/null
-  python3 - "$url" "$s" "$apid" <<'PY'
+  local task=
+  until task=$(curl -fs -X POST "$url/dev/tasks" -d "{\"type\":\"build\",\"deployment_id\":\"$dep\",\"payload\":$(payload Dockerfile.million)}"); do
+    sleep 0.05 # until the agent has registered
+  done
+  task=$(echo "$task" | sed -n 's/.*"task_id":"\([^"]*\)".*/\1/p')
+  python3 - "$url" "$s" "$apid" "$task" <<'PY'
 import json, sys, time, urllib.request
-url, start, pid = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+url, start, pid, task = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 while True:
-    st = json.load(urllib.request.urlopen(url + "/bench/stats"))
-    final = [s for r in st["reports"].values() for s in r if s in ("completed", "failed")]
-    if final:
+    status = json.load(urllib.request.urlopen(f"{url}/dev/tasks/{task}"))["status"]
+    if status in ("completed", "failed"):
         break
     time.sleep(0.02)
 took = time.time() - start
+st = json.load(urllib.request.urlopen(url + "/dev/stats"))
 hwm = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")][0]
-print(f"{took:.2f} {st['log_requests']} {st['log_bytes']} {st['log_lines']} {hwm} {final[0]}")
+print(f"{took:.2f} {st['log_requests']} {st['log_bytes']} {st['log_lines']} {hwm} {status}")
 PY
   kill -TERM "$apid"; wait "$apid" || true
   kill "$cpid"; wait "$cpid" 2>/dev/null || true

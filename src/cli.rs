@@ -69,7 +69,7 @@ pub struct Args {
     /// [REAP_GRACE, default 10m]
     #[argh(option)]
     pub reap_grace: Option<String>,
-    /// debug logging (same as MUVEE_LOG=debug)
+    /// debug logging (same as RUST_LOG=debug)
     #[argh(switch, short = 'v')]
     pub verbose: bool,
     /// print the version and exit

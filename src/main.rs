@@ -43,8 +43,17 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The log filter: `MUVEE_LOG` if set (the agent's own name, so a `RUST_LOG` exported for other
+/// tools in the same shell does not change it), else `RUST_LOG`, as Rust tools read it.
+fn log_filter_spec(muvee_log: Option<String>, rust_log: Option<String>) -> Option<String> {
+    muvee_log
+        .filter(|s| !s.trim().is_empty())
+        .or(rust_log.filter(|s| !s.trim().is_empty()))
+}
+
 /// Logs go to stderr (stdout is run-task's result), every message scrubbed of secrets.
-/// MUVEE_LOG takes env_logger filters; ureq is held at info because its traces show headers.
+/// MUVEE_LOG or RUST_LOG take env_logger filters; ureq and rustls are held at info whatever the
+/// filter says, because their traces show headers (the agent secret among them).
 fn init_logging(verbose: bool) {
     let mut b = env_logger::Builder::new();
     b.filter_level(if verbose {
@@ -52,7 +61,11 @@ fn init_logging(verbose: bool) {
     } else {
         log::LevelFilter::Info
     });
-    if let Ok(spec) = std::env::var("MUVEE_LOG") {
+    let spec = log_filter_spec(
+        std::env::var("MUVEE_LOG").ok(),
+        std::env::var("RUST_LOG").ok(),
+    );
+    if let Some(spec) = spec {
         b.parse_filters(&spec);
     }
     for m in ["ureq", "ureq_proto", "rustls"] {
@@ -68,4 +81,23 @@ fn init_logging(verbose: bool) {
         }
     });
     b.init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter_spec;
+
+    fn spec(muvee: Option<&str>, rust: Option<&str>) -> Option<String> {
+        log_filter_spec(muvee.map(String::from), rust.map(String::from))
+    }
+
+    #[test]
+    fn rust_log_works_and_muvee_log_is_an_alias_that_wins() {
+        assert_eq!(spec(None, None), None);
+        assert_eq!(spec(None, Some("debug")).as_deref(), Some("debug"));
+        assert_eq!(spec(Some("warn"), None).as_deref(), Some("warn"));
+        assert_eq!(spec(Some("warn"), Some("debug")).as_deref(), Some("warn"));
+        // An empty MUVEE_LOG does not hide RUST_LOG.
+        assert_eq!(spec(Some(""), Some("debug")).as_deref(), Some("debug"));
+    }
 }

@@ -99,10 +99,8 @@ pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Val
 /// The apps' current containers: running, named exactly `muvee-<prefix>` (by our label, or
 /// by name for containers of the Go agent, which labels nothing). Containers set aside
 /// during a replacement are not apps. Each with its domain prefix.
-pub fn current_apps(docker: &Docker) -> Vec<(String, PsRow)> {
-    let Ok(list) = docker.ps(false, "muvee-") else {
-        return Vec::new();
-    };
+pub fn current_apps(docker: &Docker) -> Option<Vec<(String, PsRow)>> {
+    let list = docker.ps(false, "muvee-").ok()?;
     let mut out = Vec::new();
     for c in list {
         let prefix = match c.domain_prefix.as_str() {
@@ -118,7 +116,7 @@ pub fn current_apps(docker: &Docker) -> Vec<(String, PsRow)> {
             out.push((prefix.to_string(), c));
         }
     }
-    out
+    Some(out)
 }
 
 /// An element of `POST /api/agent/container-statuses`, keys in the Go agent's order;

@@ -86,6 +86,7 @@ fn run(src: &Sources, reports: &Reports) {
     };
     let mut reaper = Reaper::default();
     let probes = Mutex::default();
+    let mut empty_at = None;
     let is_due = |at: Option<Instant>| at.is_some_and(|t| Instant::now() >= t);
     loop {
         let Some(next) = [due.statuses, due.health, due.reap]
@@ -104,7 +105,7 @@ fn run(src: &Sources, reports: &Reports) {
             return;
         }
         if is_due(due.statuses) {
-            statuses_and_metrics(src);
+            statuses_and_metrics(src, &mut empty_at);
             due.statuses = Some(Instant::now() + src.cfg.heartbeat_interval);
         }
         if is_due(due.health) {
@@ -117,10 +118,21 @@ fn run(src: &Sources, reports: &Reports) {
     }
 }
 
-/// Statuses, then metrics of the same containers.
-fn statuses_and_metrics(src: &Sources) {
+/// Statuses, then metrics of the same containers. A node found without apps is not
+/// listed again until a task ran (only tasks start apps): an idle empty node stays asleep.
+fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
+    let tasks = src
+        .shared
+        .tasks_started
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if *empty_at == Some(tasks) {
+        return;
+    }
     let docker = src.shared.docker(&src.cfg);
-    let apps = metrics::current_apps(&docker);
+    let Some(apps) = metrics::current_apps(&docker) else {
+        return;
+    };
+    *empty_at = apps.is_empty().then_some(tasks);
     if apps.is_empty() {
         return;
     }

@@ -118,6 +118,23 @@ pub fn kill_group(pgid: u32, sig: libc::c_int) {
     }
 }
 
+/// Waits up to `wait` for any of `fds` to become readable (or closed); which ones are.
+/// An interrupted wait reports none.
+pub fn poll_readable(fds: &[i32], wait: std::time::Duration) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = wait.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: poll writes only the revents of the pollfds we own.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    pfds.iter().map(|p| n > 0 && p.revents != 0).collect()
+}
+
 /// True once child `pid` has exited, without reaping it (WNOWAIT): the zombie keeps the pid
 /// and its process-group number reserved until `Child::wait`.
 pub fn exited_unreaped(pid: u32) -> bool {

@@ -27,6 +27,9 @@ pub struct Shared {
     pub build_mode: OnceLock<BuildMode>,
     /// Numbers this process's build dirs.
     pub build_seq: AtomicUsize,
+    /// Tasks started so far: only a task changes which apps run (reports use it to skip
+    /// listing containers on a node that has none).
+    pub tasks_started: AtomicUsize,
     /// This process's id under DATA_DIR/builds and the lock that proves it is alive.
     pub build_owner: Mutex<Option<(String, FileLock)>>,
     pub cache: CacheBook,
@@ -43,6 +46,7 @@ impl Shared {
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),
             build_seq: AtomicUsize::new(0),
+            tasks_started: AtomicUsize::new(0),
             build_owner: Mutex::new(None),
             cache: CacheBook::default(),
         }

@@ -9,6 +9,9 @@ use crate::work::error::TaskError;
 use crate::work::{builder, cleanups, compose, datasets, deployer, lifecycle};
 
 pub fn execute(ctx: &Ctx) -> Completion {
+    ctx.shared
+        .tasks_started
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     match run(ctx) {
         Ok(c) => c,
         Err(e) => report(&e),

@@ -55,3 +55,28 @@ fn version_flag_prints_the_version() {
         format!("muvee-agent {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// `RUST_LOG` works as Rust tools read it; `MUVEE_LOG` is an alias that wins when both are set.
+#[test]
+fn rust_log_sets_the_filter_and_muvee_log_wins() {
+    let dir = util::temp_dir("log-filter");
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(util::bin());
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("NODE_ROLE", "builder")
+            .env("DATA_DIR", dir.join("data"))
+            .env("CONTROL_PLANE_URL", "http://127.0.0.1:1")
+            .env("DOCKER_CLI", "/bin/false")
+            .args(["check"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stderr).into_owned()
+    };
+    assert!(run(&[("RUST_LOG", "debug")]).contains("DEBUG running: git"));
+    assert!(run(&[("MUVEE_LOG", "debug")]).contains("DEBUG running: git"));
+    let both = run(&[("MUVEE_LOG", "info"), ("RUST_LOG", "debug")]);
+    assert!(!both.contains("DEBUG"), "{both}");
+    assert!(!run(&[]).contains("DEBUG"));
+}
