@@ -1,8 +1,8 @@
 //! Deploy role: the control channel of today's server (protocol §1.10), a WebSocket to
 //! `/api/agent/control?node_id=…` that carries `muveectl exec` and `cp` sessions.
 //!
-//! One thread owns the socket: it reads frames (short read timeouts, so it also writes),
-//! pings every 30 s and re-dials with a capped backoff that, unlike the Go agent's, resets
+//! One thread owns the socket: it sleeps in poll(2) on the socket and a doorbell that
+//! sessions ring when they queue a frame (no polling in short slices), pings every 30 s and re-dials with a capped backoff that, unlike the Go agent's, resets
 //! once a connection said `hello`, and at once when the node id changed. Each session is a
 //! thread of its own with a bounded inbox: a session that cannot keep up is ended with an
 //! `error`, never allowed to stall the socket or another session. Outgoing frames share one
@@ -35,14 +35,45 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 const READ_DEADLINE: Duration = Duration::from_secs(120);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(32);
-/// How long one read waits, so the socket thread also gets to write.
-const TICK: Duration = Duration::from_millis(50);
+/// While a session runs, how often its thread looks whether the child exited.
+const SESSION_TICK: Duration = Duration::from_millis(50);
 /// Frames waiting for one session (32 KiB of tar each at most: 8 MiB).
 const INBOX: usize = 256;
 /// Frames waiting for the socket, from all sessions.
 const OUTBOX: usize = 256;
 const PTY_CHUNK: usize = 4096;
 const CP_CHUNK: usize = 32 * 1024;
+
+/// Where sessions queue frames for the socket: a bounded queue, and the doorbell that
+/// wakes the socket thread.
+#[derive(Clone)]
+struct Out {
+    tx: SyncSender<Frame>,
+    bell: Arc<signal::Doorbell>,
+}
+
+impl Out {
+    /// Waits for room in the queue; Err when the connection is gone.
+    fn send(&self, f: Frame) -> Result<(), Gone> {
+        let r = self.tx.send(f).map_err(|_| Gone);
+        self.bell.ring();
+        r
+    }
+
+    /// Queues unless the queue is full.
+    fn try_send(&self, f: Frame) -> Result<(), TrySendError<Box<Frame>>> {
+        let r = self.tx.try_send(f).map_err(|e| match e {
+            TrySendError::Full(f) => TrySendError::Full(Box::new(f)),
+            TrySendError::Disconnected(f) => TrySendError::Disconnected(Box::new(f)),
+        });
+        self.bell.ring();
+        r
+    }
+}
+
+/// The connection a frame was for has ended.
+#[derive(Debug)]
+struct Gone;
 
 /// One text frame (§1.10): every field but `type` is left out when empty, as Go's
 /// `omitempty` does, so `code:0` never appears.
@@ -247,11 +278,9 @@ fn dial(cfg: &Config, node: &str) -> Result<WebSocket<TcpStream>, ChannelError> 
             ChannelError::Url("the control channel handshake timed out".into())
         }
     })?;
+    // From here the thread sleeps in poll(2): reads and writes never block it.
     ws.get_ref()
-        .set_read_timeout(Some(TICK))
-        .map_err(ChannelError::Io)?;
-    ws.get_ref()
-        .set_write_timeout(Some(Duration::from_secs(30)))
+        .set_nonblocking(true)
         .map_err(ChannelError::Io)?;
     Ok(ws)
 }
@@ -265,57 +294,143 @@ fn serve(
     reports: &Reports,
     node: &str,
 ) -> bool {
-    let (out_tx, out_rx) = mpsc::sync_channel::<Frame>(OUTBOX);
+    let Ok(bell) = signal::Doorbell::new() else {
+        return false;
+    };
+    let (tx, out_rx) = mpsc::sync_channel::<Frame>(OUTBOX);
+    let out = Out {
+        tx,
+        bell: Arc::new(bell),
+    };
+    reports.watch_node(out.bell.clone());
     let mut sessions: HashMap<String, SyncSender<Frame>> = HashMap::new();
-    let (mut hello, mut last_read, mut next_ping) =
-        (false, Instant::now(), Instant::now() + PING_EVERY);
+    let mut conn = Conn {
+        hello: false,
+        last_read: Instant::now(),
+        next_ping: Instant::now() + PING_EVERY,
+        unsent: false,
+    };
     loop {
         if signal::shutdown_requested() || reports.node_id().as_deref() != Some(node) {
             let _ = ws.close(None);
             let _ = ws.flush();
-            return hello;
+            return conn.hello;
         }
-        let mut ping = Vec::new();
-        if Instant::now() >= next_ping {
-            next_ping = Instant::now() + PING_EVERY;
-            ping.push(Frame::new("ping", ""));
+        if !conn.write(&mut ws, &out_rx) || !conn.read(&mut ws, cfg, shared, &mut sessions, &out) {
+            return conn.hello;
         }
-        for f in ping.into_iter().chain(out_rx.try_iter()) {
-            let text = serde_json::to_string(&f).unwrap_or_default();
-            if let Err(e) = ws.send(Message::text(text)) {
-                log::info!("control channel closed: {e}");
-                return hello;
-            }
-        }
-        match ws.read() {
-            Ok(Message::Text(t)) => {
-                last_read = Instant::now();
-                let Ok(f) = serde_json::from_str::<Frame>(t.as_str()) else {
-                    log::debug!("control channel: a frame that is not ours: {}", t.as_str());
-                    continue;
-                };
-                hello |= f.kind == "hello";
-                handle(f, cfg, shared, &mut sessions, &out_tx);
-            }
-            Ok(Message::Close(_)) => return hello,
-            Ok(_) => last_read = Instant::now(),
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => {
-                log::info!("control channel closed: {e}");
-                return hello;
-            }
-        }
-        if last_read.elapsed() > READ_DEADLINE {
+        if conn.last_read.elapsed() > READ_DEADLINE {
             log::info!(
                 "control channel silent for {}s; re-dialling",
                 READ_DEADLINE.as_secs()
             );
-            return hello;
+            return conn.hello;
         }
+        conn.sleep(&ws, &out.bell);
+    }
+}
+
+/// The state of one connection between wake-ups.
+struct Conn {
+    hello: bool,
+    last_read: Instant,
+    next_ping: Instant,
+    /// A frame waits in the socket's buffer (the peer reads slowly).
+    unsent: bool,
+}
+
+impl Conn {
+    /// Sends the ping when due and every queued frame; false when the connection broke.
+    /// A frame the socket has no room for yet stays in tungstenite's buffer (`unsent`).
+    fn write(&mut self, ws: &mut WebSocket<TcpStream>, queued: &Receiver<Frame>) -> bool {
+        if self.unsent && !self.flush(ws) {
+            return false;
+        }
+        if self.unsent {
+            return true;
+        }
+        let mut frames = Vec::new();
+        if Instant::now() >= self.next_ping {
+            self.next_ping = Instant::now() + PING_EVERY;
+            frames.push(Frame::new("ping", ""));
+        }
+        frames.extend(queued.try_iter());
+        if frames.is_empty() {
+            return true;
+        }
+        for f in frames {
+            let text = serde_json::to_string(&f).unwrap_or_default();
+            if let Err(e) = ws.write(Message::text(text)) {
+                log::info!("control channel closed: {e}");
+                return false;
+            }
+        }
+        self.flush(ws)
+    }
+
+    fn flush(&mut self, ws: &mut WebSocket<TcpStream>) -> bool {
+        match ws.flush() {
+            Ok(()) => self.unsent = false,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.unsent = true
+            }
+            Err(e) => {
+                log::info!("control channel closed: {e}");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Handles every frame that has arrived; false when the connection ended.
+    fn read(
+        &mut self,
+        ws: &mut WebSocket<TcpStream>,
+        cfg: &Config,
+        shared: &Arc<Shared>,
+        sessions: &mut HashMap<String, SyncSender<Frame>>,
+        out: &Out,
+    ) -> bool {
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    self.last_read = Instant::now();
+                    let Ok(f) = serde_json::from_str::<Frame>(t.as_str()) else {
+                        log::debug!("control channel: a frame that is not ours: {}", t.as_str());
+                        continue;
+                    };
+                    self.hello |= f.kind == "hello";
+                    handle(f, cfg, shared, sessions, out);
+                }
+                Ok(Message::Close(_)) => return false,
+                Ok(_) => self.last_read = Instant::now(),
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return true
+                }
+                Err(e) => {
+                    log::info!("control channel closed: {e}");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Sleeps until the socket has something (or room, for a frame waiting), a session
+    /// queued a frame, or the next ping is due.
+    fn sleep(&self, ws: &WebSocket<TcpStream>, bell: &signal::Doorbell) {
+        use std::os::fd::AsRawFd;
+        let mut events = libc::POLLIN;
+        if self.unsent {
+            events |= libc::POLLOUT;
+        }
+        let deadline = self.next_ping.min(self.last_read + READ_DEADLINE);
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let fds = [
+            (ws.get_ref().as_raw_fd(), events),
+            (bell.fd(), libc::POLLIN),
+        ];
+        signal::poll_fds(&fds, wait);
+        bell.drain();
     }
 }
 
@@ -324,7 +439,7 @@ fn handle(
     cfg: &Config,
     shared: &Arc<Shared>,
     sessions: &mut HashMap<String, SyncSender<Frame>>,
-    out: &SyncSender<Frame>,
+    out: &Out,
 ) {
     match f.kind.as_str() {
         "hello" | "pong" | "signal" => {}
@@ -365,7 +480,7 @@ fn open(
     f: Frame,
     cfg: &Config,
     shared: &Arc<Shared>,
-    out: &SyncSender<Frame>,
+    out: &Out,
 ) -> Result<SyncSender<Frame>, SessionError> {
     let exec = f.kind == "open_exec";
     let docker = shared.docker(cfg);
@@ -457,7 +572,7 @@ fn exec_session(
     container: &str,
     f: &Frame,
     inbox: Receiver<Frame>,
-    out: &SyncSender<Frame>,
+    out: &Out,
 ) -> Result<i64, SessionError> {
     let (master, slave) =
         openpty(winsize(f.cols, f.rows)).map_err(|e| SessionError::Setup("openpty", e))?;
@@ -529,7 +644,7 @@ fn serve_inbox(child: &mut Child, inbox: &Receiver<Frame>, mut each: impl FnMut(
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        match inbox.recv_timeout(TICK) {
+        match inbox.recv_timeout(SESSION_TICK) {
             Ok(fr) if fr.kind == "close" => {
                 kill(child);
                 return true;
@@ -562,7 +677,7 @@ fn cp_session(
     container: &str,
     f: &Frame,
     inbox: Receiver<Frame>,
-    out: &SyncSender<Frame>,
+    out: &Out,
 ) -> Result<i64, SessionError> {
     let up = f.direction == "up";
     let mut cmd = docker.cp_tar(container, &f.path, up);

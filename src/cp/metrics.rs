@@ -248,7 +248,7 @@ mod tests {
         fake.on("docker inspect", Reply::Ok("running 2 0 false".into()));
         fake.on("docker port", Reply::Ok("0.0.0.0:32768".into()));
         let docker = Docker::new("docker", &*fake);
-        let apps = current_apps(&docker);
+        let apps = current_apps(&docker).unwrap();
         let s = container_statuses(&docker, &apps);
         let prefixes: Vec<&str> = s.iter().map(|v| v.domain_prefix.as_str()).collect();
         assert_eq!(prefixes, ["app", "shop"], "{s:?}");

@@ -29,11 +29,27 @@ const NO_NODE_YET: Duration = Duration::from_secs(1);
 #[derive(Clone, Default)]
 pub struct Reports {
     node_id: Arc<Mutex<Option<String>>>,
+    /// Rung when the node id changes (the control channel re-dials at once).
+    watchers: Arc<Mutex<Vec<Arc<crate::sys::signal::Doorbell>>>>,
 }
 
 impl Reports {
     pub fn node_registered(&self, id: &str) {
-        *self.node_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+        let mut node = self.node_id.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = node.as_deref() != Some(id);
+        *node = Some(id.to_string());
+        drop(node);
+        if changed {
+            let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+            watchers.iter().for_each(|b| b.ring());
+        }
+    }
+
+    /// `bell` is rung whenever the node id changes.
+    pub fn watch_node(&self, bell: Arc<crate::sys::signal::Doorbell>) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|b| Arc::strong_count(b) > 1);
+        watchers.push(bell);
     }
 
     /// The node id of the last registration (None before the first).
