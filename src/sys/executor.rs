@@ -10,6 +10,8 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Lines kept for error messages.
@@ -20,6 +22,8 @@ const STDOUT_CAP: usize = 1 << 20;
 const MAX_LINE: usize = 16 * 1024;
 /// Bytes a pipe reader takes per read(2): lines travel to the consumer in chunks this big.
 const READ_CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the pipe readers and the consumer (bounded memory).
+const CHANNEL_CHUNKS: usize = 16;
 /// How often the consumer checks the child's state and limits while output flows.
 const TICK: Duration = Duration::from_millis(100);
 /// The longest a silent child goes unchecked (cancel, a leader that exited while a
@@ -268,54 +272,10 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// One output pipe of the child, read by the consumer when poll(2) says it is readable:
-/// no reader threads, and a child printing faster than we consume blocks on its pipe.
-struct Pipe {
-    file: std::fs::File,
-    stream: Stream,
-    /// The start of a line whose end has not arrived yet.
-    pending: Vec<u8>,
-}
-
-impl Pipe {
-    fn new(fd: Option<impl Into<std::os::fd::OwnedFd>>, stream: Stream) -> Option<Pipe> {
-        Some(Pipe {
-            file: std::fs::File::from(fd?.into()),
-            stream,
-            pending: Vec::new(),
-        })
-    }
-
-    /// Reads what is there: Some(complete lines, each ending in '\n') or None at EOF (then
-    /// with what was pending as the last line).
-    fn read(&mut self, buf: &mut [u8]) -> Result<Vec<u8>, Vec<u8>> {
-        let n = loop {
-            match self.file.read(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Ok(0) | Err(_) => {
-                    let mut last = std::mem::take(&mut self.pending);
-                    if !last.is_empty() {
-                        last.push(b'\n');
-                    }
-                    return Err(last);
-                }
-                Ok(n) => break n,
-            }
-        };
-        self.pending.extend_from_slice(&buf[..n]);
-        let cut = match memchr::memrchr(b'\n', &self.pending) {
-            Some(i) => i + 1,
-            // A newline-less stream is cut into lines of MAX_LINE, counted from the start
-            // of the line whatever the read sizes were.
-            None => self.pending.len() - self.pending.len() % MAX_LINE,
-        };
-        let rest = self.pending.split_off(cut);
-        let mut chunk = std::mem::replace(&mut self.pending, rest);
-        if !chunk.is_empty() && chunk.last() != Some(&b'\n') {
-            chunk.push(b'\n');
-        }
-        Ok(chunk)
-    }
+enum Event {
+    /// Complete lines, each ending in '\n', as the pipe delivered them.
+    Lines(Stream, Vec<u8>),
+    Eof,
 }
 
 /// How long pumping goes on after the leader exited while a grandchild keeps the pipes open.
@@ -409,13 +369,15 @@ struct Running<'a> {
     name: String,
     child: Child,
     pgid: u32,
-    pipes: [Option<Pipe>; 2],
+    readers: [Option<JoinHandle<()>>; 2],
+    rx: mpsc::Receiver<Event>,
     out: Output,
     tail: VecDeque<String>,
     /// Line boundaries of the chunk at hand (kept to reuse its allocation).
     ranges: Vec<(usize, usize)>,
     /// When the child's state and the limits were last checked.
     checked: Instant,
+    eofs: usize,
     // The leader is only reaped at the very end: until then its pid stays reserved, so a
     // group kill can never reach an unrelated process that reused the number.
     exited_at: Option<Instant>,
@@ -437,20 +399,25 @@ impl<'a> Running<'a> {
                 let _ = pipe.write_all(&data);
             });
         }
-        let pipes = [
-            Pipe::new(child.stdout.take(), Stream::Stdout),
-            Pipe::new(child.stderr.take(), Stream::Stderr),
+        // Bounded: a child that prints faster than we consume blocks on its pipe instead of
+        // growing our memory (at most CHANNEL_CHUNKS chunks in flight).
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_CHUNKS);
+        let readers = [
+            spawn_reader(child.stdout.take(), Stream::Stdout, tx.clone()),
+            spawn_reader(child.stderr.take(), Stream::Stderr, tx),
         ];
         Ok(Running {
             cmd,
             name,
             pgid: child.id(),
             child,
-            pipes,
+            readers,
+            rx,
             out: Output::default(),
             tail: VecDeque::new(),
             ranges: Vec::new(),
             checked: Instant::now(),
+            eofs: 0,
             exited_at: None,
             last_output: Instant::now(),
             killing: None,
@@ -458,20 +425,26 @@ impl<'a> Running<'a> {
     }
 
     /// Hands out lines until the child is done. The child's state and the limits are
-    /// checked on a tick and when the pipes close, not per chunk: a syscall per line would
-    /// cost more than the line.
+    /// checked on a tick and at EOF, not per chunk: a syscall per line would cost more
+    /// than the line.
     fn pump(&mut self, on_line: &mut dyn FnMut(Stream, &str)) {
         let mut exit_wait = Duration::from_millis(1);
-        let mut buf = vec![0u8; READ_CHUNK];
         loop {
-            let busy = if self.pipes.iter().all(Option::is_none) {
-                // Both pipes are closed: the exit follows at once, so look again soon.
+            let event = if self.eofs == 2 {
+                // Both pipes are closed: the exit follows at once, so look again soon (the
+                // channel is disconnected and would not wait at all).
                 std::thread::sleep(exit_wait);
                 exit_wait = (exit_wait * 2).min(TICK);
-                false
+                Err(mpsc::RecvTimeoutError::Timeout)
             } else {
-                self.read_pipes(&mut buf, on_line)
+                self.rx.recv_timeout(self.next_check())
             };
+            let busy = matches!(event, Ok(Event::Lines(..)));
+            match event {
+                Ok(Event::Lines(stream, bytes)) => self.lines(stream, &bytes, on_line),
+                Ok(Event::Eof) => self.eofs += 1,
+                Err(_) => {}
+            }
             if busy && self.checked.elapsed() < TICK {
                 continue;
             }
@@ -481,37 +454,6 @@ impl<'a> Running<'a> {
             }
             self.enforce_limits();
         }
-    }
-
-    /// Waits for output (at most until the next check) and passes on what arrived; true
-    /// when lines came.
-    fn read_pipes(&mut self, buf: &mut [u8], on_line: &mut dyn FnMut(Stream, &str)) -> bool {
-        use std::os::fd::AsRawFd;
-        let open: Vec<usize> = (0..2).filter(|&i| self.pipes[i].is_some()).collect();
-        let fds: Vec<i32> = open
-            .iter()
-            .filter_map(|&i| self.pipes[i].as_ref().map(|p| p.file.as_raw_fd()))
-            .collect();
-        let ready = signal::poll_readable(&fds, self.next_check());
-        let mut busy = false;
-        for (&i, _) in open.iter().zip(ready).filter(|(_, r)| *r) {
-            let Some(pipe) = self.pipes[i].as_mut() else {
-                continue;
-            };
-            let stream = pipe.stream;
-            let chunk = match pipe.read(buf) {
-                Ok(chunk) => chunk,
-                Err(last) => {
-                    self.pipes[i] = None;
-                    last
-                }
-            };
-            if !chunk.is_empty() {
-                busy = true;
-                self.lines(stream, &chunk, on_line);
-            }
-        }
-        busy
     }
 
     /// How long the consumer may wait for output: a tick, or less when a limit falls due
@@ -570,7 +512,7 @@ impl<'a> Running<'a> {
         let Some(exited_at) = self.exited_at else {
             return false;
         };
-        if self.pipes.iter().all(Option::is_none) {
+        if self.eofs == 2 {
             return true;
         }
         if exited_at.elapsed() > PIPE_GRACE {
@@ -617,6 +559,11 @@ impl<'a> Running<'a> {
             name: self.name.clone(),
             err,
         })?;
+        if self.eofs == 2 {
+            for r in self.readers.into_iter().flatten() {
+                let _ = r.join();
+            }
+        }
         let mut out = self.out;
         out.tail = self.tail.into();
         match self.killing {
@@ -677,6 +624,50 @@ fn split_lines(chunk: &[u8], out: &mut Vec<(usize, usize)>) {
         out.push((start, end));
         start = nl + 1;
     }
+}
+
+/// Reads a pipe in large chunks and sends the complete lines of each; invalid UTF-8 is
+/// the consumer's business (decoded lossily), so a child can never block on a full pipe.
+fn spawn_reader(
+    pipe: Option<impl Read + Send + 'static>,
+    stream: Stream,
+    tx: mpsc::SyncSender<Event>,
+) -> Option<JoinHandle<()>> {
+    let mut pipe = pipe?;
+    Some(std::thread::spawn(move || {
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut pending: Vec<u8> = Vec::new();
+        let send = |chunk: Vec<u8>| tx.send(Event::Lines(stream, chunk)).is_ok();
+        loop {
+            let n = match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let cut = match memchr::memrchr(b'\n', &pending) {
+                Some(i) => i + 1,
+                // A newline-less stream is cut into lines of MAX_LINE, counted from the
+                // start of the line whatever the read sizes were.
+                None if pending.len() >= MAX_LINE => pending.len() - pending.len() % MAX_LINE,
+                None => continue,
+            };
+            let rest = pending.split_off(cut);
+            let mut chunk = std::mem::replace(&mut pending, rest);
+            if chunk.last() != Some(&b'\n') {
+                chunk.push(b'\n');
+            }
+            if !send(chunk) {
+                return;
+            }
+        }
+        if !pending.is_empty() {
+            pending.push(b'\n');
+            send(pending);
+        }
+        let _ = tx.send(Event::Eof);
+    }))
 }
 
 #[cfg(test)]

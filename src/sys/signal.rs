@@ -118,13 +118,6 @@ pub fn kill_group(pgid: u32, sig: libc::c_int) {
     }
 }
 
-/// Waits up to `wait` for any of `fds` to become readable (or closed); which ones are.
-/// An interrupted wait reports none.
-pub fn poll_readable(fds: &[i32], wait: std::time::Duration) -> Vec<bool> {
-    let want: Vec<(i32, i16)> = fds.iter().map(|&fd| (fd, libc::POLLIN)).collect();
-    poll_fds(&want, wait).into_iter().map(|r| r != 0).collect()
-}
-
 /// poll(2) on `(fd, events)` pairs for up to `wait`: each fd's returned events (0: none).
 pub fn poll_fds(fds: &[(i32, i16)], wait: std::time::Duration) -> Vec<i16> {
     let mut pfds: Vec<libc::pollfd> = fds
