@@ -53,27 +53,20 @@ pub struct KeyedLocks {
 }
 
 impl KeyedLocks {
+    fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.to_string()).or_default().clone()
+    }
+
     pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
-        let m = self
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_string())
-            .or_default()
-            .clone();
+        let m = self.lock_for(key);
         let _g = m.lock().unwrap_or_else(|e| e.into_inner());
         f()
     }
 
     /// Runs `f` under the key's lock if nobody holds it; None (without waiting) otherwise.
     pub fn try_with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
-        let m = self
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_string())
-            .or_default()
-            .clone();
+        let m = self.lock_for(key);
         let _g = match m.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),

@@ -2,6 +2,7 @@
 //! dispatches on the type and turns the outcome into a completion body. Never panics on
 //! input: every problem becomes a `failed` report that says what was wrong.
 
+use crate::config::Role;
 use crate::cp::wire::{Completion, Payload};
 use crate::sys::redact;
 use crate::work::ctx::Ctx;
@@ -72,18 +73,7 @@ pub fn unknown_type(kind: &str) -> TaskError {
 
 /// Task types muvee-agent runs (on the role that serves them).
 pub fn known_type(kind: &str) -> bool {
-    matches!(
-        kind,
-        "build"
-            | "deploy"
-            | "cleanup"
-            | "runtime_logs"
-            | "restart"
-            | "env"
-            | "describe"
-            | "pause"
-            | "unpause"
-    )
+    Role::Builder.serves(kind) || Role::Deploy.serves(kind)
 }
 
 /// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the
