@@ -2,6 +2,7 @@
 //! Bad values are errors that name the variable and the value (exit status 2).
 
 use crate::cli::Args;
+use crate::sys::secret::Secret;
 pub use crate::task::Role;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -12,7 +13,7 @@ use std::time::Duration;
 pub struct Config {
     pub role: Option<Role>,
     pub control_plane_url: String,
-    pub agent_secret: String,
+    pub agent_secret: Secret,
     pub host_ip: Option<String>,
     pub node_name: String,
     pub data_dir: PathBuf,
@@ -213,13 +214,14 @@ fn control_plane_url(raw: &str) -> Result<String, ConfigError> {
 }
 
 /// `--agent-secret-file` (read, trimmed), else AGENT_SECRET, else empty.
-fn agent_secret(a: &Args, env: Env) -> Result<String, ConfigError> {
-    match &a.agent_secret_file {
+fn agent_secret(a: &Args, env: Env) -> Result<Secret, ConfigError> {
+    let value = match &a.agent_secret_file {
         Some(path) => std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
-            .map_err(|e| ConfigError(format!("--agent-secret-file: cannot read {path:?}: {e}"))),
-        None => Ok(env("AGENT_SECRET").unwrap_or_default().trim().to_string()),
-    }
+            .map_err(|e| ConfigError(format!("--agent-secret-file: cannot read {path:?}: {e}")))?,
+        None => env("AGENT_SECRET").unwrap_or_default().trim().to_string(),
+    };
+    Ok(Secret::new(value))
 }
 
 /// What MAX_STORAGE expects, for its error message.

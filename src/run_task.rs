@@ -5,6 +5,7 @@
 use crate::cli::RunTaskArgs;
 use crate::config::{process_env, Config};
 use crate::sys::executor::System;
+use crate::sys::secret::Secret;
 use crate::sys::{redact, signal};
 use crate::task::{AgentConfig, Kind, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
@@ -84,7 +85,9 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
     };
     pick(&args.registry_addr, "REGISTRY_ADDR", &mut cp.registry_addr);
     pick(&args.registry_user, "REGISTRY_USER", &mut cp.registry_user);
-    pick(&None, "REGISTRY_PASSWORD", &mut cp.registry_password);
+    if let Some(v) = process_env("REGISTRY_PASSWORD").filter(|v| !v.is_empty()) {
+        cp.registry_password = Secret::new(v);
+    }
     pick(
         &args.dataset_nfs_base_path,
         "DATASET_NFS_BASE_PATH",
@@ -95,7 +98,7 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
         "VOLUME_NFS_BASE_PATH",
         &mut cp.volume_nfs_base_path,
     );
-    redact::add(&cp.registry_password);
+    redact::add(cp.registry_password.expose());
     cfg.prepare_data_dir().map_err(|e| e.0)?;
     Ok((task, cp))
 }

@@ -268,7 +268,7 @@ fn dial(cfg: &Config, node: &str) -> Result<WebSocket<TcpStream>, ChannelError> 
         .map_err(ChannelError::Io)?;
     let mut req = url.into_client_request().map_err(ChannelError::Ws)?;
     if !cfg.agent_secret.is_empty() {
-        let v = http::HeaderValue::from_str(&cfg.agent_secret)
+        let v = http::HeaderValue::from_str(cfg.agent_secret.expose())
             .map_err(|_| ChannelError::Url("AGENT_SECRET is not a valid header value".into()))?;
         req.headers_mut().insert("X-Agent-Secret", v);
     }

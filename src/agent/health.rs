@@ -314,7 +314,7 @@ pub fn registry_login(cfg: &Config, runner: &dyn Runner, c: &AgentConfig) -> Che
         let msg = format!("no credentials for {addr:?}");
         return Check::problem(name, label, Status::Warning, &msg, fix);
     }
-    redact::add(password);
+    redact::add(password.expose());
     let login = Docker::new(&cfg.docker_cli, runner)
         .login(addr, user, password)
         .map(|()| format!("logged in to {addr} as {user}"));

@@ -11,6 +11,7 @@ use crate::cp::outbox::Outbox;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
+use crate::sys::secret::Secret;
 use crate::sys::{redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
@@ -35,7 +36,7 @@ struct Agent {
     cp_config: Arc<RwLock<AgentConfig>>,
     host_ip: String,
     node_id: Option<String>,
-    logged_in: Option<(String, String, String)>,
+    logged_in: Option<(String, String, Secret)>,
     outbox_flushed: bool,
     running: Arc<AtomicUsize>,
     wake: Arc<AtomicBool>,
@@ -80,7 +81,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     if cfg.agent_secret.is_empty() {
         log::warn!("AGENT_SECRET is empty: today's control plane rejects every request without it");
     }
-    redact::add(&cfg.agent_secret);
+    redact::add(cfg.agent_secret.expose());
     let shared = Arc::new(Shared::new(&cfg, Arc::new(System)));
     signal::watch(shared.bell.clone());
     let io_err = |err: std::io::Error| StartError::DataDir {
@@ -336,7 +337,7 @@ impl Agent {
         self.reports.node_registered(&registered.id);
         match self.client.config() {
             Ok(c) => {
-                redact::add(&c.registry_password);
+                redact::add(c.registry_password.expose());
                 *self.cp_config.write().unwrap_or_else(|e| e.into_inner()) = c;
                 *config_loaded = true;
             }

@@ -5,6 +5,7 @@
 
 use crate::cp::resolver::Lookups;
 use crate::cp::wire::Node;
+use crate::sys::secret::Secret;
 use crate::task::AgentConfig;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -15,7 +16,7 @@ use std::time::Duration;
 pub struct Client {
     agent: ureq::Agent,
     base: String,
-    secret: String,
+    secret: Secret,
 }
 
 #[derive(Debug)]
@@ -78,7 +79,7 @@ impl fmt::Display for CpError {
 }
 
 impl Client {
-    pub fn new(base: &str, secret: &str) -> Client {
+    pub fn new(base: &str, secret: &Secret) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(20)))
@@ -93,7 +94,7 @@ impl Client {
         Client {
             agent,
             base: base.trim_end_matches('/').to_string(),
-            secret: secret.to_string(),
+            secret: secret.clone(),
         }
     }
 
@@ -113,7 +114,7 @@ impl Client {
             None => {
                 let mut req = self.agent.get(&url);
                 if !self.secret.is_empty() {
-                    req = req.header("X-Agent-Secret", &self.secret);
+                    req = req.header("X-Agent-Secret", self.secret.expose());
                 }
                 req.call()
             }
@@ -123,7 +124,7 @@ impl Client {
                     .post(&url)
                     .header("Content-Type", "application/json");
                 if !self.secret.is_empty() {
-                    req = req.header("X-Agent-Secret", &self.secret);
+                    req = req.header("X-Agent-Secret", self.secret.expose());
                 }
                 req.send(bytes)
             }

@@ -3,6 +3,7 @@
 //! so no caller matches on text. Values (registry password, env values) never reach argv.
 
 use crate::sys::executor::{Cmd, ExecError, Limits, Runner};
+use crate::sys::secret::Secret;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -192,10 +193,10 @@ impl<'a> Docker<'a> {
     }
 
     /// `docker login ADDR -u USER --password-stdin`: the password never reaches argv.
-    pub fn login(&self, addr: &str, user: &str, password: &str) -> Result<(), DockerError> {
+    pub fn login(&self, addr: &str, user: &str, password: &Secret) -> Result<(), DockerError> {
         let cmd = self
             .cmd(&["login", addr, "-u", user, "--password-stdin"])
-            .stdin(password.as_bytes().to_vec())
+            .stdin(password.expose().as_bytes().to_vec())
             .timeout(SHORT, "docker login timeout");
         self.runner
             .output(&cmd)

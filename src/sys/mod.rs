@@ -8,5 +8,6 @@ pub mod fake;
 pub mod git;
 pub mod redact;
 pub mod rsync;
+pub mod secret;
 pub mod signal;
 pub mod sync;

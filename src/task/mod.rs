@@ -13,6 +13,7 @@ pub use kind::{Kind, Mode, Role};
 pub use payload::{valid_id, Invalid, Payload};
 pub use text::{clean_text, go_escape};
 
+use crate::sys::secret::Secret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -66,7 +67,7 @@ pub struct AgentConfig {
     #[serde(deserialize_with = "null_default")]
     pub registry_addr: String,
     #[serde(deserialize_with = "null_default")]
-    pub registry_password: String,
+    pub registry_password: Secret,
     #[serde(deserialize_with = "null_default")]
     pub registry_user: String,
     #[serde(deserialize_with = "null_default")]
