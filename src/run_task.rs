@@ -3,7 +3,7 @@
 //! Logs go to stderr, the completion body to stdout. Exit 0 completed, 1 failed, 2 bad input.
 
 use crate::cli::RunTaskArgs;
-use crate::config::{process_env, Config};
+use crate::config::{process_env, Config, ConfigError};
 use crate::sys::executor::System;
 use crate::sys::secret::Secret;
 use crate::sys::{redact, signal};
@@ -11,6 +11,7 @@ use crate::task::{AgentConfig, Kind, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use serde_json::Value;
+use std::fmt;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
@@ -18,34 +19,95 @@ pub fn run(cfg: Config, args: &RunTaskArgs) -> u8 {
     match prepare(&cfg, args) {
         Ok((task, cp)) => execute(&cfg, &task, &cp),
         Err(e) => {
-            eprintln!("muvee-agent run-task: {}", redact::scrub(&e));
+            eprintln!("muvee-agent run-task: {}", redact::scrub(&e.to_string()));
             2
         }
     }
 }
 
-fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), String> {
+/// Why run-task could not start the task (exit status 2).
+#[derive(Debug)]
+pub enum RunTaskError {
+    Stdin(std::io::Error),
+    /// `--file` or `--agent-config` cannot be read.
+    Read {
+        flag: &'static str,
+        path: String,
+        err: std::io::Error,
+    },
+    NotJson(serde_json::Error),
+    MalformedTask(serde_json::Error),
+    AgentConfig {
+        path: String,
+        err: serde_json::Error,
+    },
+    UnknownType(String),
+    TypeWithTask,
+    NotATask,
+    Config(ConfigError),
+}
+
+impl fmt::Display for RunTaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunTaskError::Stdin(e) => write!(f, "cannot read stdin: {e}"),
+            RunTaskError::Read { flag, path, err } => {
+                write!(f, "{flag}: cannot read {path:?}: {err}")
+            }
+            RunTaskError::NotJson(e) => write!(f, "input is not JSON: {e}"),
+            RunTaskError::MalformedTask(e) => write!(f, "malformed task: {e}"),
+            RunTaskError::AgentConfig { path, err } => write!(f, "--agent-config {path:?}: {err}"),
+            RunTaskError::UnknownType(kind) => write!(
+                f,
+                "--type {kind:?} is not a task type muvee-agent runs ({})",
+                Kind::known_names()
+            ),
+            RunTaskError::TypeWithTask => {
+                f.write_str("--type is for a bare payload, but the input is a whole task")
+            }
+            RunTaskError::NotATask => f.write_str(
+                "input is not a task (ID, Type, Payload); pass --type for a bare payload",
+            ),
+            RunTaskError::Config(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RunTaskError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RunTaskError::Stdin(e) | RunTaskError::Read { err: e, .. } => Some(e),
+            RunTaskError::NotJson(e)
+            | RunTaskError::MalformedTask(e)
+            | RunTaskError::AgentConfig { err: e, .. } => Some(e),
+            RunTaskError::Config(e) => Some(e),
+            RunTaskError::UnknownType(_) | RunTaskError::TypeWithTask | RunTaskError::NotATask => {
+                None
+            }
+        }
+    }
+}
+
+fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), RunTaskError> {
     let text = if args.file == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
-            .map_err(|e| format!("cannot read stdin: {e}"))?;
+            .map_err(RunTaskError::Stdin)?;
         s
     } else {
-        std::fs::read_to_string(&args.file)
-            .map_err(|e| format!("--file: cannot read {:?}: {e}", args.file))?
+        std::fs::read_to_string(&args.file).map_err(|err| RunTaskError::Read {
+            flag: "--file",
+            path: args.file.clone(),
+            err,
+        })?
     };
-    let v: Value = serde_json::from_str(&text).map_err(|e| format!("input is not JSON: {e}"))?;
+    let v: Value = serde_json::from_str(&text).map_err(RunTaskError::NotJson)?;
     let is_task = v.get("ID").is_some() || v.get("Type").is_some() || v.get("Payload").is_some();
     let task = match (&args.kind, is_task) {
-        (None, true) => {
-            serde_json::from_value::<Task>(v).map_err(|e| format!("malformed task: {e}"))?
-        }
+        (None, true) => serde_json::from_value::<Task>(v).map_err(RunTaskError::MalformedTask)?,
         (Some(kind), false) if matches!(Kind::parse(kind, ""), Kind::Unknown(_)) => {
-            return Err(format!(
-                "--type {kind:?} is not a task type muvee-agent runs ({})",
-                Kind::known_names()
-            ))
+            return Err(RunTaskError::UnknownType(kind.clone()))
         }
         (Some(kind), false) => Task {
             id: "local".into(),
@@ -57,23 +119,10 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
                 .into(),
             payload: v,
         },
-        (Some(_), true) => {
-            return Err("--type is for a bare payload, but the input is a whole task".into())
-        }
-        (None, false) => {
-            return Err(
-                "input is not a task (ID, Type, Payload); pass --type for a bare payload".into(),
-            )
-        }
+        (Some(_), true) => return Err(RunTaskError::TypeWithTask),
+        (None, false) => return Err(RunTaskError::NotATask),
     };
-    let mut cp: AgentConfig = match &args.agent_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--agent-config: cannot read {path:?}: {e}"))?;
-            serde_json::from_str(&text).map_err(|e| format!("--agent-config {path:?}: {e}"))?
-        }
-        None => AgentConfig::default(),
-    };
+    let mut cp = agent_config(args)?;
     let pick = |flag: &Option<String>, var: &str, cur: &mut String| {
         if let Some(v) = flag
             .clone()
@@ -99,8 +148,24 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
         &mut cp.volume_nfs_base_path,
     );
     redact::add(cp.registry_password.expose());
-    cfg.prepare_data_dir().map_err(|e| e.0)?;
+    cfg.prepare_data_dir().map_err(RunTaskError::Config)?;
     Ok((task, cp))
+}
+
+/// `--agent-config FILE` (the control plane's agent config as JSON), else empty.
+fn agent_config(args: &RunTaskArgs) -> Result<AgentConfig, RunTaskError> {
+    let Some(path) = &args.agent_config else {
+        return Ok(AgentConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| RunTaskError::Read {
+        flag: "--agent-config",
+        path: path.clone(),
+        err,
+    })?;
+    serde_json::from_str(&text).map_err(|err| RunTaskError::AgentConfig {
+        path: path.clone(),
+        err,
+    })
 }
 
 fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
@@ -173,5 +238,33 @@ fn flush_buf(buf: &std::sync::Mutex<Vec<u8>>) {
     let data = std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
     if !data.is_empty() {
         let _ = std::io::stderr().write_all(&data);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn input_errors_keep_their_cause_and_their_text() {
+        let args = RunTaskArgs {
+            file: "/nonexistent/task.json".into(),
+            ..RunTaskArgs::default()
+        };
+        let cfg = Config::load(&crate::cli::Args::default(), &|_| None).unwrap();
+        let e = prepare(&cfg, &args).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--file: cannot read \"/nonexistent/task.json\": "),
+            "{e}"
+        );
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(|e| e.kind()), Some(std::io::ErrorKind::NotFound));
+        let e = RunTaskError::UnknownType("bild".into());
+        assert!(e
+            .to_string()
+            .starts_with("--type \"bild\" is not a task type muvee-agent runs ("));
+        assert!(e.source().is_none());
     }
 }

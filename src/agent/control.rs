@@ -166,6 +166,16 @@ impl std::fmt::Display for ChannelError {
     }
 }
 
+impl std::error::Error for ChannelError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ChannelError::Url(_) => None,
+            ChannelError::Io(e) => Some(e),
+            ChannelError::Ws(e) => Some(e),
+        }
+    }
+}
+
 /// Why a session could not start; its text goes to the CLI as an `error` frame.
 #[derive(Debug)]
 enum SessionError {
@@ -183,6 +193,16 @@ impl std::fmt::Display for SessionError {
             SessionError::Refused(m) => f.write_str(m),
             SessionError::Resolve(e) => e.fmt(f),
             SessionError::Setup(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SessionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SessionError::Refused(_) => None,
+            SessionError::Resolve(e) => Some(e),
+            SessionError::Setup(_, e) => Some(e),
         }
     }
 }

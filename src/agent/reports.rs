@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(after_health(&Err(status(500))), Some(HEALTH_EVERY));
         let down = CpError::Transport {
             url: "u".into(),
-            err: "connection refused".into(),
+            err: ureq::Error::ConnectionFailed,
         };
         assert_eq!(after_health(&Err(down)), Some(HEALTH_EVERY));
     }

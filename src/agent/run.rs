@@ -67,6 +67,15 @@ impl fmt::Display for StartError {
     }
 }
 
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Config(e) => Some(e),
+            StartError::DataDir { err, .. } | StartError::Thread(err) => Some(err),
+        }
+    }
+}
+
 impl From<ConfigError> for StartError {
     fn from(e: ConfigError) -> StartError {
         StartError::Config(e)
@@ -198,6 +207,7 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
 }
 
 /// Why a polled task is refused before it runs.
+#[derive(Debug)]
 enum Rejection {
     Malformed(serde_json::Error),
     WrongRole(String, Role),
@@ -218,6 +228,15 @@ impl fmt::Display for Rejection {
                 "unknown task type {kind:?}: muvee-agent {} does not run it",
                 env!("CARGO_PKG_VERSION")
             ),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Rejection::Malformed(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -321,9 +340,9 @@ impl Agent {
         };
         let registered = self.client.register(&node)?;
         if registered.id.is_empty() || registered.id == ZERO_UUID {
-            return Err(CpError::Transport {
+            return Err(CpError::Protocol {
                 url: format!("{}/api/agent/register", self.client.base()),
-                err: "register answered without a node id".into(),
+                what: "register answered without a node id",
             });
         }
         if self.node_id.as_deref() != Some(registered.id.as_str()) {

@@ -34,9 +34,20 @@ pub enum CpError {
         code: u16,
         content_type: String,
     },
+    /// The request or its answer never got through (refused, timed out, cut off).
     Transport {
         url: String,
-        err: String,
+        err: ureq::Error,
+    },
+    /// A JSON answer that is not the shape the route returns.
+    Shape {
+        url: String,
+        err: serde_json::Error,
+    },
+    /// An answer the protocol does not allow (a registration without a node id).
+    Protocol {
+        url: String,
+        what: &'static str,
     },
 }
 
@@ -56,7 +67,7 @@ impl CpError {
         match self {
             CpError::Status { code, .. } | CpError::NotJson { code, .. } => Some(*code),
             CpError::Unauthorized { .. } => Some(401),
-            CpError::Transport { .. } => None,
+            CpError::Transport { .. } | CpError::Shape { .. } | CpError::Protocol { .. } => None,
         }
     }
 }
@@ -74,6 +85,18 @@ impl fmt::Display for CpError {
                 "{url} answered {code} with content type {content_type:?}, not JSON; is CONTROL_PLANE_URL the control plane's address?"
             ),
             CpError::Transport { url, err } => write!(f, "{url}: {err}"),
+            CpError::Shape { url, err } => write!(f, "{url}: unexpected response shape: {err}"),
+            CpError::Protocol { url, what } => write!(f, "{url}: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for CpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CpError::Transport { err, .. } => Some(err),
+            CpError::Shape { err, .. } => Some(err),
+            _ => None,
         }
     }
 }
@@ -106,9 +129,9 @@ impl Client {
     fn call(&self, path: &str, body: Option<&[u8]>) -> Result<Value, CpError> {
         let url = format!("{}{}", self.base, path);
         let shown = url.split('?').next().unwrap_or(&url).to_string();
-        let transport = |e: ureq::Error| CpError::Transport {
+        let transport = |err: ureq::Error| CpError::Transport {
             url: shown.clone(),
-            err: e.to_string(),
+            err,
         };
         let result = match body {
             None => {
@@ -168,9 +191,9 @@ impl Client {
     }
 
     fn typed<T: DeserializeOwned>(&self, path: &str, v: Value) -> Result<T, CpError> {
-        serde_json::from_value(v).map_err(|e| CpError::Transport {
+        serde_json::from_value(v).map_err(|err| CpError::Shape {
             url: format!("{}{}", self.base, path),
-            err: format!("unexpected response shape: {e}"),
+            err,
         })
     }
 
@@ -226,9 +249,9 @@ pub fn http_status(url: &str, timeout: Duration) -> Result<u16, CpError> {
         .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
         .build()
         .into();
-    let resp = agent.get(url).call().map_err(|e| CpError::Transport {
+    let resp = agent.get(url).call().map_err(|err| CpError::Transport {
         url: url.to_string(),
-        err: e.to_string(),
+        err,
     })?;
     Ok(resp.status().as_u16())
 }
@@ -277,6 +300,38 @@ mod tests {
         assert!(delays[0] <= Duration::from_secs(1));
         // Jitter: not all of the capped delays are equal.
         assert!(delays[10..].windows(2).any(|w| w[0] != w[1]));
+    }
+
+    #[test]
+    fn a_transport_error_keeps_the_ureq_error_as_its_source() {
+        use std::error::Error;
+        // A port nobody listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let base = format!("http://127.0.0.1:{port}");
+        let e = Client::new(&base, &Secret::default()).config().unwrap_err();
+        let CpError::Transport { err, .. } = &e else {
+            panic!("not a transport error: {e:?}");
+        };
+        assert_eq!(e.to_string(), format!("{base}/api/agent/config: {err}"));
+        let source = e.source().and_then(|s| s.downcast_ref::<ureq::Error>());
+        assert!(
+            matches!(
+                source,
+                Some(ureq::Error::Io(_) | ureq::Error::ConnectionFailed)
+            ),
+            "{source:?}"
+        );
+        let shape = serde_json::from_str::<Node>("[]").unwrap_err();
+        let e = CpError::Shape {
+            url: "u".into(),
+            err: shape,
+        };
+        assert!(e.to_string().starts_with("u: unexpected response shape: "));
+        assert!(e.source().unwrap().is::<serde_json::Error>());
     }
 
     #[test]

@@ -484,7 +484,7 @@ mod tests {
         ob.push("a", &Completion::running());
         let e = CpError::Transport {
             url: "u".into(),
-            err: "connection refused".into(),
+            err: ureq::Error::ConnectionFailed,
         };
         for _ in 0..20 {
             let (i, r) = ob.next_due_now().unwrap();

@@ -64,6 +64,15 @@ impl fmt::Display for DockerError {
     }
 }
 
+impl std::error::Error for DockerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DockerError::NotFound(e) | DockerError::Failed(e) => Some(e),
+            DockerError::Unreadable { .. } => None,
+        }
+    }
+}
+
 /// How this host builds images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BuildMode {

@@ -262,6 +262,15 @@ impl fmt::Display for ExecError {
     }
 }
 
+impl std::error::Error for ExecError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ExecError::Spawn { err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
+
 pub fn fmt_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {

@@ -21,6 +21,8 @@ impl std::fmt::Display for Invalid {
     }
 }
 
+impl std::error::Error for Invalid {}
+
 /// Typed access to a free-form payload (no map: a null payload, every field absent).
 /// Items of an array know their place, so errors name `datasets[0].version`.
 pub struct Payload<'a> {

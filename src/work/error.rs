@@ -1,4 +1,6 @@
-//! The one error type of task work, and the one place it becomes report text.
+//! The one error type of task work, and the one place it becomes report text. Its `Display`
+//! is the whole report text (the cause included); `source()` hands the cause itself (the
+//! docker, exec or io error) to whoever needs more than the text.
 
 use crate::sys::docker::DockerError;
 use crate::sys::executor::ExecError;
@@ -17,6 +19,8 @@ pub enum TaskError {
     Io { what: String, err: std::io::Error },
     /// A step failed for a reason of its own (a health check, a rollback summary).
     Failed(String),
+    /// `err` happened while doing `what` (see [`TaskError::context`]).
+    Context { what: String, err: Box<TaskError> },
     /// A task type or deployment mode this agent does not run.
     Unsupported(String),
     /// The agent is shutting down and stopped the work.
@@ -29,12 +33,15 @@ impl TaskError {
         move |err| TaskError::Io { what, err }
     }
 
-    /// Prefixes the message with what was being done; a cancel stays a cancel.
+    /// Wraps the error with what was being done (the message gets a `what: ` prefix, the
+    /// error stays the source); a cancel stays a cancel.
     pub fn context(self, what: impl fmt::Display) -> TaskError {
         match self {
-            TaskError::Canceled => TaskError::Canceled,
             e if e.is_canceled() => TaskError::Canceled,
-            e => TaskError::Failed(format!("{what}: {e}")),
+            e => TaskError::Context {
+                what: what.to_string(),
+                err: Box::new(e),
+            },
         }
     }
 
@@ -57,7 +64,20 @@ impl fmt::Display for TaskError {
             TaskError::Exec(e) => e.fmt(f),
             TaskError::Docker(e) => e.fmt(f),
             TaskError::Io { what, err } => write!(f, "{what}: {err}"),
+            TaskError::Context { what, err } => write!(f, "{what}: {err}"),
             TaskError::Canceled => f.write_str("canceled: agent shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for TaskError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TaskError::Exec(e) => Some(e),
+            TaskError::Docker(e) => Some(e),
+            TaskError::Io { err, .. } => Some(err),
+            TaskError::Context { err, .. } => Some(&**err),
+            _ => None,
         }
     }
 }
@@ -83,5 +103,61 @@ impl From<DockerError> for TaskError {
             DockerError::Failed(ExecError::Canceled) => TaskError::Canceled,
             e => TaskError::Docker(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+    use std::io;
+
+    /// Every error in the chain below `e`, outermost first.
+    fn chain(e: &dyn Error) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            out.push(c.to_string());
+            cur = c.source();
+        }
+        out
+    }
+
+    #[test]
+    fn context_wraps_the_cause_and_keeps_the_text() {
+        let spawn = ExecError::Spawn {
+            name: "docker run".into(),
+            err: io::Error::from(io::ErrorKind::NotFound),
+        };
+        let e = TaskError::from(DockerError::Failed(spawn)).context("cannot stop the container");
+        assert_eq!(
+            e.to_string(),
+            "cannot stop the container: docker run: `docker` not found on PATH"
+        );
+        // Context -> TaskError::Docker -> DockerError -> ExecError -> io::Error.
+        let mut bottom: &dyn Error = &e;
+        while let Some(s) = bottom.source() {
+            bottom = s;
+        }
+        let io = bottom.downcast_ref::<io::Error>().expect("an io error");
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
+        assert_eq!(chain(&e).len(), 4, "{:?}", chain(&e));
+        let e = TaskError::Io {
+            what: "write x".into(),
+            err: io::Error::other("disk full"),
+        }
+        .context("dataset `d`");
+        assert_eq!(e.to_string(), "dataset `d`: write x: disk full");
+        assert_eq!(chain(&e), ["write x: disk full", "disk full"]);
+    }
+
+    #[test]
+    fn a_cancel_stays_a_cancel_under_context() {
+        assert!(matches!(
+            TaskError::from(ExecError::Canceled).context("x"),
+            TaskError::Canceled
+        ));
+        let d = TaskError::Docker(DockerError::Failed(ExecError::Canceled));
+        assert!(matches!(d.context("y"), TaskError::Canceled));
     }
 }
