@@ -2,6 +2,7 @@
 //! Bad values are errors that name the variable and the value (exit status 2).
 
 use crate::cli::Args;
+use crate::cp::url::CpUrl;
 use crate::sys::secret::Secret;
 pub use crate::task::Role;
 use std::fmt;
@@ -12,7 +13,7 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub role: Option<Role>,
-    pub control_plane_url: String,
+    pub control_plane_url: CpUrl,
     pub agent_secret: Secret,
     pub host_ip: Option<String>,
     pub node_name: String,
@@ -188,8 +189,8 @@ impl Config {
         if let Some(ip) = &self.host_ip {
             return Some(ip.clone());
         }
-        let (_, host, port) = parse_url(&self.control_plane_url)?;
-        let target: SocketAddr = (host.as_str(), port).to_socket_addrs().ok()?.next()?;
+        let url = &self.control_plane_url;
+        let target: SocketAddr = (url.host(), url.port()).to_socket_addrs().ok()?.next()?;
         let bind = if target.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -203,16 +204,14 @@ impl Config {
 }
 
 /// CONTROL_PLANE_URL without surrounding blanks or trailing slashes; must parse.
-fn control_plane_url(raw: &str) -> Result<String, ConfigError> {
-    let url = raw.trim().trim_end_matches('/').to_string();
-    match parse_url(&url) {
-        Some(_) => Ok(url),
-        None => Err(invalid(
+fn control_plane_url(raw: &str) -> Result<CpUrl, ConfigError> {
+    raw.parse().map_err(|_| {
+        invalid(
             "CONTROL_PLANE_URL",
-            &url,
+            raw.trim().trim_end_matches('/'),
             "http://host[:port] or https://host[:port]",
-        )),
-    }
+        )
+    })
 }
 
 /// `--agent-secret-file` (read, trimmed), else AGENT_SECRET, else empty.
@@ -252,34 +251,6 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// `http[s]://host[:port][/path]` → (scheme, host without brackets, port).
-pub fn parse_url(url: &str) -> Option<(String, String, u16)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let default_port = match scheme {
-        "http" => 80,
-        "https" => 443,
-        _ => return None,
-    };
-    let authority = rest.split(['/', '?', '#']).next()?;
-    if authority.is_empty() || authority.contains('@') {
-        return None;
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']')?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => default_port,
-    };
-    (!host.is_empty()).then(|| (scheme.to_string(), host.to_string(), port))
 }
 
 /// The longest duration a setting accepts (100 years): anything beyond is a typo, and a
@@ -421,15 +392,6 @@ mod tests {
         assert_eq!(parse_size("512"), Some(512));
         assert_eq!(parse_size("1.5k"), Some(1536));
         assert_eq!(parse_size("5X"), None);
-        assert_eq!(
-            parse_url("http://[fd00::1]:8080/x"),
-            Some(("http".into(), "fd00::1".into(), 8080))
-        );
-        assert_eq!(
-            parse_url("https://cp.example"),
-            Some(("https".into(), "cp.example".into(), 443))
-        );
-        assert_eq!(parse_url("http://u:p@cp"), None);
     }
 
     #[test]
@@ -527,7 +489,7 @@ mod tests {
     fn detects_host_ip_for_ipv4_and_ipv6_loopback() {
         let mut c = load(&[("CONTROL_PLANE_URL", "http://127.0.0.1:9")]).unwrap();
         assert_eq!(c.resolve_host_ip().as_deref(), Some("127.0.0.1"));
-        c.control_plane_url = "http://[::1]:9".into();
+        c.control_plane_url = "http://[::1]:9".parse().unwrap();
         // IPv6 may be disabled on a host; when it works the answer is ::1.
         if let Some(ip) = c.resolve_host_ip() {
             assert_eq!(ip, "::1");

@@ -10,6 +10,7 @@
 
 use crate::agent::reports::Reports;
 use crate::config::Config;
+use crate::cp::url::CpUrl;
 use crate::sys::docker::Docker;
 use crate::sys::signal;
 use crate::work::ctx::Shared;
@@ -250,28 +251,16 @@ fn run(cfg: &Config, shared: &Arc<Shared>, reports: &Reports) {
 }
 
 /// `http://h:p/base` → (`h:p`, `ws://h:p/base/api/agent/control?node_id=…`).
-fn control_url(base: &str, node: &str) -> Result<(String, String), ChannelError> {
-    let uri: http::Uri = base
-        .parse()
-        .map_err(|_| ChannelError::Url(format!("CONTROL_PLANE_URL {base:?} is not a URL")))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => "ws",
-        _ => {
-            return Err(ChannelError::Url(format!(
-                "the control channel needs an http:// CONTROL_PLANE_URL (wss is not built in), got {base:?}"
-            )))
-        }
-    };
-    let auth = uri
-        .authority()
-        .ok_or_else(|| ChannelError::Url(format!("CONTROL_PLANE_URL {base:?} has no host")))?;
-    let host = match auth.port_u16() {
-        Some(_) => auth.as_str().to_string(),
-        None => format!("{}:80", auth.host()),
-    };
-    let path = uri.path().trim_end_matches('/');
-    let url = format!("{scheme}://{auth}{path}/api/agent/control?node_id={node}");
-    Ok((host, url))
+fn control_url(base: &CpUrl, node: &str) -> Result<(String, String), ChannelError> {
+    if base.is_https() {
+        return Err(ChannelError::Url(format!(
+            "the control channel needs an http:// CONTROL_PLANE_URL (wss is not built in), got {:?}",
+            base.as_str()
+        )));
+    }
+    let (auth, path) = (base.authority(), base.path());
+    let url = format!("ws://{auth}{path}/api/agent/control?node_id={node}");
+    Ok((base.host_port(), url))
 }
 
 fn dial(cfg: &Config, node: &str) -> Result<WebSocket<TcpStream>, ChannelError> {
@@ -782,12 +771,13 @@ mod tests {
 
     #[test]
     fn control_urls() {
-        let (h, u) = control_url("http://cp.example:8080/base/", "n1").unwrap();
+        let url = |s: &str| s.parse::<CpUrl>().unwrap();
+        let (h, u) = control_url(&url("http://cp.example:8080/base/"), "n1").unwrap();
         assert_eq!(h, "cp.example:8080");
         assert_eq!(u, "ws://cp.example:8080/base/api/agent/control?node_id=n1");
-        let (h, _) = control_url("http://cp", "n1").unwrap();
+        let (h, _) = control_url(&url("http://cp"), "n1").unwrap();
         assert_eq!(h, "cp:80");
-        assert!(control_url("https://cp", "n").is_err());
+        assert!(control_url(&url("https://cp"), "n").is_err());
         assert!(valid_container("muvee-app") && !valid_container("-v") && !valid_container("a/b"));
     }
 }

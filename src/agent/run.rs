@@ -341,7 +341,7 @@ impl Agent {
         let registered = self.client.register(&node)?;
         if registered.id.is_empty() || registered.id == ZERO_UUID {
             return Err(CpError::Protocol {
-                url: format!("{}/api/agent/register", self.client.base()),
+                url: self.client.base().join("/api/agent/register"),
                 what: "register answered without a node id",
             });
         }

@@ -4,6 +4,7 @@
 //! Clones share one connection pool and one name-lookup thread.
 
 use crate::cp::resolver::Lookups;
+use crate::cp::url::CpUrl;
 use crate::cp::wire::Node;
 use crate::sys::secret::Secret;
 use crate::task::AgentConfig;
@@ -15,7 +16,7 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
-    base: String,
+    base: CpUrl,
     secret: Secret,
 }
 
@@ -102,7 +103,7 @@ impl std::error::Error for CpError {
 }
 
 impl Client {
-    pub fn new(base: &str, secret: &Secret) -> Client {
+    pub fn new(base: &CpUrl, secret: &Secret) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(Duration::from_secs(20)))
@@ -116,18 +117,18 @@ impl Client {
         );
         Client {
             agent,
-            base: base.trim_end_matches('/').to_string(),
+            base: base.clone(),
             secret: secret.clone(),
         }
     }
 
-    pub fn base(&self) -> &str {
+    pub fn base(&self) -> &CpUrl {
         &self.base
     }
 
     /// GET without a body, POST with one (JSON bytes). Returns the parsed JSON body, or Null for 204.
     fn call(&self, path: &str, body: Option<&[u8]>) -> Result<Value, CpError> {
-        let url = format!("{}{}", self.base, path);
+        let url = self.base.join(path);
         let shown = url.split('?').next().unwrap_or(&url).to_string();
         let transport = |err: ureq::Error| CpError::Transport {
             url: shown.clone(),
@@ -192,7 +193,7 @@ impl Client {
 
     fn typed<T: DeserializeOwned>(&self, path: &str, v: Value) -> Result<T, CpError> {
         serde_json::from_value(v).map_err(|err| CpError::Shape {
-            url: format!("{}{}", self.base, path),
+            url: self.base.join(path),
             err,
         })
     }
@@ -312,7 +313,9 @@ mod tests {
             .unwrap()
             .port();
         let base = format!("http://127.0.0.1:{port}");
-        let e = Client::new(&base, &Secret::default()).config().unwrap_err();
+        let e = Client::new(&base.parse().unwrap(), &Secret::default())
+            .config()
+            .unwrap_err();
         let CpError::Transport { err, .. } = &e else {
             panic!("not a transport error: {e:?}");
         };

@@ -8,4 +8,5 @@ pub mod journal;
 pub mod logship;
 pub mod outbox;
 pub mod resolver;
+pub mod url;
 pub mod wire;

@@ -465,7 +465,11 @@ pub fn build_mode(ctx_shared: &Shared, cfg: &Config) -> BuildMode {
 
 /// `build`: clone, build and push; returns the pushed tag.
 pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
-    let job = parse_job(&ctx.task.payload, &ctx.cfg.control_plane_url, ctx.secrets)?;
+    let job = parse_job(
+        &ctx.task.payload,
+        ctx.cfg.control_plane_url.as_str(),
+        ctx.secrets,
+    )?;
     let registry = registry_host(&ctx.cp.registry_addr);
     if registry.is_empty() {
         return Err(TaskError::Invalid(

@@ -87,7 +87,7 @@ fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
     } else {
         Source::Git(builder::git_source(
             p,
-            &ctx.cfg.control_plane_url,
+            ctx.cfg.control_plane_url.as_str(),
             ctx.secrets,
         )?)
     };
