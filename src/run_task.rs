@@ -6,6 +6,7 @@ use crate::cli::RunTaskArgs;
 use crate::config::{process_env, Config, ConfigError};
 use crate::sys::executor::System;
 use crate::sys::secret::Secret;
+use crate::sys::wait::{self, Bell, Stop};
 use crate::sys::{redact, signal};
 use crate::task::{AgentConfig, Kind, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
@@ -13,7 +14,8 @@ use crate::work::dispatch;
 use serde_json::Value;
 use std::fmt;
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub fn run(cfg: Config, args: &RunTaskArgs) -> u8 {
     match prepare(&cfg, args) {
@@ -205,28 +207,39 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
     }
 }
 
-/// Task output on stderr, buffered and flushed every 100 ms: one write per line would make a
-/// build that prints 200k lines measurably slower than the same build run by hand.
+/// Task output on stderr, buffered and flushed 100 ms after the first unflushed line: one
+/// write per line would make a build that prints 200k lines measurably slower than the same
+/// build run by hand. The flusher sleeps while there is nothing to write.
 struct StderrLines {
-    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    buf: Arc<Mutex<Vec<u8>>>,
+    bell: Arc<Bell>,
 }
 
 impl StderrLines {
     fn start() -> StderrLines {
-        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (buf, bell) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Bell::default()));
+        let (b, r) = (buf.clone(), bell.clone());
+        let pending = move || !b.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
         let b = buf.clone();
         std::thread::spawn(move || loop {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            wait::until(&r, None, Stop::Never, &pending);
+            wait::pause(&r, Instant::now() + Duration::from_millis(100), Stop::Never);
             flush_buf(&b);
         });
-        StderrLines { buf }
+        StderrLines { buf, bell }
     }
     fn line(&self, line: &str) {
         let mut b = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let first = b.is_empty();
         b.extend_from_slice(line.as_bytes());
         b.push(b'\n');
         if b.len() >= 1 << 16 {
             let _ = std::io::stderr().write_all(&std::mem::take(&mut *b));
+        }
+        drop(b);
+        // After the unlock: the flusher checks the buffer under the bell's lock.
+        if first {
+            self.bell.ring();
         }
     }
     fn flush(&self) {
@@ -234,7 +247,7 @@ impl StderrLines {
     }
 }
 
-fn flush_buf(buf: &std::sync::Mutex<Vec<u8>>) {
+fn flush_buf(buf: &Mutex<Vec<u8>>) {
     let data = std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
     if !data.is_empty() {
         let _ = std::io::stderr().write_all(&data);

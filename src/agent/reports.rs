@@ -12,7 +12,7 @@ use crate::agent::{health, metrics};
 use crate::config::Config;
 use crate::cp::client::{Client, CpError};
 use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
-use crate::sys::signal;
+use crate::sys::wait::{self, Stop};
 use crate::task::AgentConfig;
 use crate::task::Role;
 use crate::work::ctx::Shared;
@@ -113,12 +113,7 @@ fn run(src: &Sources, reports: &Reports) {
         else {
             return;
         };
-        // The bell rings on signals: a shutdown ends the wait at once, nothing polls.
-        if src
-            .shared
-            .bell
-            .wait_until(Some(next), signal::shutdown_requested)
-        {
+        if wait::pause(&src.shared.bell, next, Stop::Shutdown) {
             return;
         }
         if is_due(due.statuses) {

@@ -12,6 +12,7 @@ use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
 use crate::sys::secret::Secret;
+use crate::sys::wait::{self, Stop, Woke};
 use crate::sys::{redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
@@ -276,11 +277,10 @@ impl Agent {
             };
             // Until the next round, a finished task (a free slot) or a signal.
             let wake = &self.wake;
-            self.shared
-                .bell
-                .wait_until(Some(Instant::now() + delay), || {
-                    signal::shutdown_requested() || wake.swap(false, Ordering::SeqCst)
-                });
+            let next = Some(Instant::now() + delay);
+            wait::until(&self.shared.bell, next, Stop::Shutdown, || {
+                wake.swap(false, Ordering::SeqCst)
+            });
         }
     }
 
@@ -513,7 +513,7 @@ impl Agent {
         let bell = &self.shared.bell;
         let idle = || self.running.load(Ordering::SeqCst) == 0;
         let grace_end = Instant::now() + self.cfg.shutdown_grace;
-        bell.wait_until(Some(grace_end), || idle() || signal::cancel_requested());
+        wait::until(bell, Some(grace_end), Stop::Cancel, idle);
         if !idle() {
             if !signal::cancel_requested() {
                 log::warn!("SHUTDOWN_GRACE expired; canceling running tasks");
@@ -521,7 +521,7 @@ impl Agent {
             }
             // Children get SIGTERM, then SIGKILL after 10 s; give reporting a margin.
             let limit = Instant::now() + executor::KILL_GRACE + Duration::from_secs(20);
-            if !bell.wait_until(Some(limit), idle) {
+            if wait::until(bell, Some(limit), Stop::Never, idle) != Woke::Ready {
                 log::error!("tasks did not stop after cancel; exiting anyway");
             }
         }

@@ -5,10 +5,10 @@
 //! only while that one is busy, e.g. stuck on a slow DNS server) and the answer is reused for
 //! a short while. The request's timeout still bounds the wait.
 
+use crate::sys::wait::Mailbox;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use ureq::config::Config;
@@ -21,11 +21,27 @@ use ureq::unversioned::transport::NextTimeout;
 const REMEMBER: Duration = Duration::from_secs(30);
 
 type Answer = io::Result<Vec<SocketAddr>>;
-type Job = (String, SyncSender<Answer>);
+/// A name to look up, and where its answer goes.
+type Job = (String, Arc<Mailbox<Answer>>);
+
+/// The lookup thread's jobs; dropping it (with the client) ends the thread.
+struct Worker(Arc<Mailbox<Job>>);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Worker")
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Lookups {
-    worker: Mutex<Option<Sender<Job>>>,
+    worker: Mutex<Option<Worker>>,
     busy: Arc<AtomicBool>,
     /// The last answer: the client talks to one host.
     last: Mutex<Option<(String, Instant, Vec<SocketAddr>)>>,
@@ -77,47 +93,44 @@ impl Lookups {
     }
 
     fn lookup(&self, addr: String, timeout: NextTimeout) -> Result<Vec<SocketAddr>, ureq::Error> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let job = (addr, tx);
+        let reply = Arc::new(Mailbox::default());
+        let job = (addr, reply.clone());
         if self.busy.swap(true, Ordering::SeqCst) {
             std::thread::spawn(move || answer(job));
         } else if let Err(e) = self.hand_to_worker(job) {
             self.busy.store(false, Ordering::SeqCst);
             return Err(e.into());
         }
-        match rx.recv_timeout(*timeout.after) {
-            Ok(found) => Ok(found?),
-            Err(RecvTimeoutError::Timeout) => Err(ureq::Error::Timeout(timeout.reason)),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(io::Error::other("the name lookup thread stopped").into())
-            }
+        match reply.recv(Instant::now().checked_add(*timeout.after)) {
+            Some(found) => Ok(found?),
+            None => Err(ureq::Error::Timeout(timeout.reason)),
         }
     }
 
-    /// Sends the job to the lookup thread, starting it first if there is none (or it is gone).
+    /// Sends the job to the lookup thread, starting it first if there is none.
     fn hand_to_worker(&self, job: Job) -> io::Result<()> {
         let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
-        let job = match worker.as_ref() {
-            Some(w) => match w.send(job) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::SendError(job)) => job,
-            },
-            None => job,
-        };
-        let (tx, rx) = mpsc::channel::<Job>();
-        let busy = self.busy.clone();
+        if let Some(w) = worker.as_ref() {
+            // Only a closed mailbox refuses, and only dropping the worker closes it.
+            return w
+                .0
+                .send(job)
+                .map_err(|_| io::Error::other("the lookup thread is gone"));
+        }
+        let jobs = Arc::new(Mailbox::<Job>::default());
+        let (rx, busy) = (jobs.clone(), self.busy.clone());
         std::thread::Builder::new()
             .name("lookup".into())
             .spawn(move || {
-                for (addr, reply) in rx {
+                while let Some((addr, reply)) = rx.recv(None) {
                     let found = addr.to_socket_addrs().map(|a| a.collect());
                     // Free before answering, so the caller's next lookup finds it free.
                     busy.store(false, Ordering::SeqCst);
                     let _ = reply.send(found);
                 }
             })?;
-        let _ = tx.send(job);
-        *worker = Some(tx);
+        let _ = jobs.send(job);
+        *worker = Some(Worker(jobs));
         Ok(())
     }
 }

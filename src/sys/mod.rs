@@ -11,3 +11,4 @@ pub mod rsync;
 pub mod secret;
 pub mod signal;
 pub mod sync;
+pub mod wait;

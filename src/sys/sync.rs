@@ -1,15 +1,15 @@
 //! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset), background jobs that can be waited for by key, and file locks that tell a live process's
-//! files from a dead one's.
+//! per key (an app, a dataset), background jobs that can be waited for by key, and file locks
+//! that tell a live process's files from a dead one's. The semaphore and the locks are waited
+//! for inside tasks: on the agent's bell, ending on the tasks' cancel (`sys::wait`).
 
 use crate::sys::bell::Bell;
-use crate::sys::signal;
-use std::collections::HashMap;
+use crate::sys::wait::{self, Canceled, Stop, Woke};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// A counting semaphore (BUILDER_MAX_CONCURRENT). Waiters sleep on the shared bell, so a
-/// cancel signal wakes them as well as a freed slot.
+/// A counting semaphore (BUILDER_MAX_CONCURRENT).
 pub struct Semaphore {
     free: Mutex<usize>,
     bell: Arc<Bell>,
@@ -24,18 +24,18 @@ impl Semaphore {
             bell,
         }
     }
-    /// Waits for a slot; None when the agent is canceling tasks.
-    pub fn acquire(&self) -> Option<Permit<'_>> {
-        let mut got = false;
-        self.bell.wait_until(None, || {
+    /// Waits for a slot, or until the tasks are canceled.
+    pub fn acquire(&self) -> Result<Permit<'_>, Canceled> {
+        let take = || {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if *free > 0 {
-                *free -= 1;
-                got = true;
-            }
-            got || signal::cancel_requested()
-        });
-        got.then_some(Permit(self))
+            let got = *free > 0;
+            *free -= usize::from(got);
+            got
+        };
+        match wait::until(&self.bell, None, Stop::Cancel, take) {
+            Woke::Ready => Ok(Permit(self)),
+            Woke::Stopped | Woke::TimedOut => Err(Canceled),
+        }
     }
 }
 
@@ -46,32 +46,58 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// One mutex per key (a domain prefix, a dataset): serializes work on the same thing.
-#[derive(Default)]
+/// One lock per key (a domain prefix, a dataset): serializes work on the same thing.
 pub struct KeyedLocks {
-    map: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    held: Mutex<HashSet<String>>,
+    bell: Arc<Bell>,
+}
+
+/// Holds a key until dropped (also when the work under it panics).
+struct Held<'a> {
+    locks: &'a KeyedLocks,
+    key: &'a str,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(self.key);
+        drop(held);
+        self.locks.bell.ring();
+    }
 }
 
 impl KeyedLocks {
-    fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key.to_string()).or_default().clone()
+    pub fn new(bell: Arc<Bell>) -> KeyedLocks {
+        KeyedLocks {
+            held: Mutex::default(),
+            bell,
+        }
     }
 
-    pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
-        let m = self.lock_for(key);
-        let _g = m.lock().unwrap_or_else(|e| e.into_inner());
-        f()
+    /// True when the key was free and is now ours.
+    fn take(&self, key: &str) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(key.to_string())
+    }
+
+    /// Runs `f` under the key's lock, waiting for it unless the tasks are canceled first.
+    pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Result<T, Canceled> {
+        match wait::until(&self.bell, None, Stop::Cancel, || self.take(key)) {
+            Woke::Ready => {
+                let _held = Held { locks: self, key };
+                Ok(f())
+            }
+            Woke::Stopped | Woke::TimedOut => Err(Canceled),
+        }
     }
 
     /// Runs `f` under the key's lock if nobody holds it; None (without waiting) otherwise.
     pub fn try_with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
-        let m = self.lock_for(key);
-        let _g = match m.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
+        if !self.take(key) {
+            return None;
+        }
+        let _held = Held { locks: self, key };
         Some(f())
     }
 }
@@ -192,9 +218,26 @@ mod tests {
         let sem = Arc::new(Semaphore::new(1, Arc::default()));
         let held = sem.acquire().unwrap();
         let s2 = sem.clone();
-        let waiter = std::thread::spawn(move || s2.acquire().is_some());
+        let waiter = std::thread::spawn(move || s2.acquire().is_ok());
         std::thread::sleep(Duration::from_millis(50));
         drop(held);
         assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn a_freed_key_goes_to_its_waiter_other_keys_never_wait() {
+        let locks = Arc::new(KeyedLocks::new(Arc::default()));
+        let (l, started) = (locks.clone(), std::time::Instant::now());
+        let got = locks.with("app", || {
+            let waiter = std::thread::spawn(move || l.with("app", || started.elapsed()));
+            assert_eq!(locks.try_with("app", || ()), None, "held");
+            assert_eq!(locks.with("other", || 1), Ok(1));
+            std::thread::sleep(Duration::from_millis(100));
+            waiter
+        });
+        let waited = got.unwrap().join().unwrap().unwrap();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(locks.try_with("app", || 2), Some(2), "released");
     }
 }

@@ -476,11 +476,7 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
             "no registry_addr in the control plane's agent config: cannot tag the image".into(),
         ));
     }
-    let _slot = ctx
-        .shared
-        .build_slots
-        .acquire()
-        .ok_or(TaskError::Canceled)?;
+    let _slot = ctx.shared.build_slots.acquire()?;
     // BUILD_TIMEOUT covers clone, build and push together, from the moment we hold a slot.
     let limits = Limits {
         deadline: Some(Deadline {

@@ -64,7 +64,7 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
     let spec = parse(ctx, &p)?;
     let key = deployer::lock_key(spec.prefix);
-    ctx.shared.locks.with(&key, || up(ctx, &spec))
+    ctx.shared.locks.with(&key, || up(ctx, &spec))?
 }
 
 /// Checks the whole payload before anything runs; every error names its field.
@@ -628,7 +628,7 @@ pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
         }
         docker.remove_project(&format!("muvee-{prefix}"))?;
         remove_dir(&work)
-    })
+    })?
 }
 
 fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {

@@ -41,8 +41,8 @@ impl Shared {
         Shared {
             runner,
             build_slots: Semaphore::new(cfg.builder_max_concurrent, bell.clone()),
+            locks: KeyedLocks::new(bell.clone()),
             bell,
-            locks: KeyedLocks::default(),
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),
             build_seq: AtomicUsize::new(0),

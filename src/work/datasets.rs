@@ -372,7 +372,7 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
             dir_bytes(target)
         ));
         Ok(true)
-    })
+    })?
 }
 
 /// Temp dirs start with '.', so they are never taken for a version. One whose process is

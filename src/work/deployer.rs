@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
 use crate::sys::redact::Scope;
-use crate::sys::signal;
+use crate::sys::wait::{self, Stop};
 use crate::task::valid_id;
 use crate::task::{Invalid, Payload};
 use crate::work::ctx::{Ctx, Shared};
@@ -61,7 +61,7 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let spec = parse(ctx, &p)?;
     ctx.shared
         .locks
-        .with(&lock_key(spec.prefix), || replace(ctx, &spec))
+        .with(&lock_key(spec.prefix), || replace(ctx, &spec))?
 }
 
 /// The lock every task that changes an app's containers holds.
@@ -417,8 +417,11 @@ fn restore(ctx: &Ctx, s: &Spec, name: &str, o: &Old) -> Result<(), TaskError> {
         docker.start(name)?;
         let until = Instant::now() + ctx.cfg.deploy_health_timeout;
         let port = s.fixed_port.unwrap_or_default();
+        // A cancel cuts the wait short: the app is restarted, only its first answer is not awaited.
         while !http_answers(port, true) && Instant::now() < until {
-            std::thread::sleep(PROBE_EVERY);
+            if wait::pause(&ctx.shared.bell, Instant::now() + PROBE_EVERY, Stop::Cancel) {
+                break;
+            }
         }
     }
     Ok(())
@@ -485,10 +488,9 @@ pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result
                 fmt_duration(ctx.cfg.deploy_health_timeout)
             )));
         }
-        if signal::cancel_requested() {
+        if wait::pause(&ctx.shared.bell, Instant::now() + PROBE_EVERY, Stop::Cancel) {
             return Err(TaskError::Canceled);
         }
-        std::thread::sleep(PROBE_EVERY);
     }
 }
 
@@ -524,7 +526,7 @@ fn retire(cfg: &Config, shared: &Arc<Shared>, s: &Spec, victims: Vec<PsRow>, dra
     deps.dedup();
     let work = move || {
         let end = Instant::now() + drain;
-        shared.bell.wait_until(Some(end), signal::cancel_requested);
+        wait::pause(&shared.bell, end, Stop::Cancel);
         let docker = shared.docker(&cfg);
         for v in &victims {
             match docker.remove(&v.name) {
@@ -608,7 +610,7 @@ pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
             }
         }
         Ok(())
-    })
+    })?
 }
 
 #[cfg(test)]

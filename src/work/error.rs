@@ -4,6 +4,7 @@
 
 use crate::sys::docker::DockerError;
 use crate::sys::executor::ExecError;
+use crate::sys::wait::Canceled;
 use crate::task::Invalid;
 use std::fmt;
 
@@ -85,6 +86,12 @@ impl std::error::Error for TaskError {
 impl From<Invalid> for TaskError {
     fn from(e: Invalid) -> TaskError {
         TaskError::Invalid(e.0)
+    }
+}
+
+impl From<Canceled> for TaskError {
+    fn from(_: Canceled) -> TaskError {
+        TaskError::Canceled
     }
 }
 

@@ -68,7 +68,7 @@ pub fn restart(ctx: &Ctx) -> Result<String, TaskError> {
             Err(e @ DockerError::NotFound(_)) => Ok(e.printed().trim().to_string()),
             Err(e) => Err(e.into()),
         }
-    })
+    })?
 }
 
 /// `env` {domain_prefix}: the container's environment as a JSON object with sorted keys,
@@ -115,7 +115,7 @@ pub fn pause(ctx: &Ctx) -> Result<String, TaskError> {
         Ok(or_else(&out, || {
             format!("stopped {n} container(s) for {prefix}")
         }))
-    })
+    })?
 }
 
 /// `unpause` {domain_prefix}: starts the app's containers again, except the ones a
@@ -136,7 +136,7 @@ pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
         Ok(or_else(&out, || {
             format!("started {n} container(s) for {prefix}")
         }))
-    })
+    })?
 }
 
 fn prefix<'a>(ctx: &'a Ctx) -> Result<&'a str, TaskError> {

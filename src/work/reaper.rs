@@ -230,7 +230,8 @@ mod tests {
         let busy = h
             .shared
             .locks
-            .with(&deployer::lock_key("app"), || r.round(&h.cfg, &h.shared));
+            .with(&deployer::lock_key("app"), || r.round(&h.cfg, &h.shared))
+            .unwrap();
         assert!(busy.is_empty());
         assert!(h.fake.ran("docker rm").is_empty());
         let mounts = h.cfg.data_dir.join("mounts");
