@@ -237,7 +237,6 @@ impl StderrLines {
             let _ = std::io::stderr().write_all(&std::mem::take(&mut *b));
         }
         drop(b);
-        // After the unlock: the flusher checks the buffer under the bell's lock.
         if first {
             self.bell.ring();
         }

@@ -1,11 +1,10 @@
 //! How a thread of this agent waits. There are three ways, all here, and nothing else
 //! blocks a thread (no sleeping in short slices, no bare condvars or channels):
 //!
-//! * [`until`] / [`pause`]: state shared between threads (a build slot, an app's lock, the
-//!   running tasks, a queue of reports or log lines). The thread sleeps on the [`Bell`] of
-//!   that state; whoever changes the state rings that bell after the change, and after
-//!   releasing the state's lock (the check takes that lock under the bell's). The check runs
-//!   under the bell's lock, so a ring between check and sleep is never lost.
+//! * [`until`] / [`pause`] / [`next`]: state shared between threads (a build slot, an app's
+//!   lock, the running tasks, a queue of reports or log lines). The thread sleeps on the
+//!   [`Bell`] of that state; whoever changes the state rings that bell after the change. A
+//!   ring between the check and the sleep is never lost (the bell counts its rings).
 //! * [`Mailbox`]: values handed to one thread (a name lookup and its answer). A send or a
 //!   close wakes the receiver.
 //! * [`Doorbell`] in `poll(2)`: a thread that also waits for a file descriptor (the control
@@ -78,6 +77,28 @@ impl std::fmt::Display for Canceled {
 
 impl std::error::Error for Canceled {}
 
+/// What a [`next`] check found.
+pub enum Check<T> {
+    /// Done, with this.
+    Ready(T),
+    /// Not yet: sleep until a ring, or at most until this instant (None: no limit).
+    Sleep(Option<Instant>),
+}
+
+/// The general wait: asks `check` after every ring (and when its own deadline passes) until
+/// it is `Ready`; None when `stop` happened first. `check` may hold the state's lock, and it
+/// decides each time how long to sleep (a queue's next retry).
+pub fn next<T>(bell: &Bell, stop: Stop, mut check: impl FnMut() -> Check<T>) -> Option<T> {
+    loop {
+        let seen = bell.count();
+        match check() {
+            Check::Ready(v) => return Some(v),
+            Check::Sleep(_) if stop.requested() => return None,
+            Check::Sleep(deadline) => bell.sleep_after(seen, deadline),
+        }
+    }
+}
+
 /// Sleeps on `bell` until `ready()` holds, `stop` happens or `deadline` (None: none) passes.
 /// `ready` is asked first, so one that takes something (a slot) reports `Ready` when it did.
 pub fn until(
@@ -86,18 +107,12 @@ pub fn until(
     stop: Stop,
     mut ready: impl FnMut() -> bool,
 ) -> Woke {
-    let mut woke = Woke::TimedOut;
-    bell.wait_until(deadline, || {
-        if ready() {
-            woke = Woke::Ready;
-        } else if stop.requested() {
-            woke = Woke::Stopped;
-        } else {
-            return false;
-        }
-        true
-    });
-    woke
+    let check = || match deadline {
+        _ if ready() => Check::Ready(Woke::Ready),
+        Some(d) if Instant::now() >= d => Check::Ready(Woke::TimedOut),
+        _ => Check::Sleep(deadline),
+    };
+    next(bell, stop, check).unwrap_or(Woke::Stopped)
 }
 
 /// Sleeps until `deadline` unless `stop` happens first; true when it did.
