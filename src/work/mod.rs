@@ -11,4 +11,5 @@ pub mod dispatch;
 pub mod error;
 pub mod lifecycle;
 pub mod reaper;
+pub mod spec;
 pub mod workspace;
