@@ -621,13 +621,16 @@ impl ComposeCli {
 }
 
 /// One compose project: what every compose call of it repeats (`-p`, `-f`s,
-/// `--project-directory`) and the DOCKER_CONFIG holding the owner's registry logins.
+/// `--project-directory`, `--env-file`) and the DOCKER_CONFIG holding the owner's registry
+/// logins.
 #[derive(Clone, Debug)]
 pub struct Project {
     pub cli: ComposeCli,
     pub name: String,
     pub files: Vec<PathBuf>,
     pub dir: PathBuf,
+    /// The CLI's own settings and `${...}` values, read instead of `dir/.env`.
+    pub env_file: PathBuf,
     pub docker_config: Option<PathBuf>,
 }
 
@@ -688,7 +691,8 @@ impl Docker<'_> {
         for f in &p.files {
             c = c.arg("-f").arg(f);
         }
-        c = c.arg("--project-directory").arg(&p.dir).args(sub);
+        c = c.arg("--project-directory").arg(&p.dir);
+        c = c.arg("--env-file").arg(&p.env_file).args(sub);
         if let Some(cfg) = &p.docker_config {
             c = c.env("DOCKER_CONFIG", cfg.to_string_lossy());
         }

@@ -6,7 +6,8 @@
 //! environment, never argv or the URL, also for hosted `http://` repos); the files are
 //! validated in a staging dir before the running project's are replaced; `.env` values are
 //! quoted so newlines, quotes and `#` arrive intact, and `.env` and the registry logins are
-//! removed once `up` is done; cleanup works from labels, without the project's files.
+//! removed once `up` is done; `.env` is only the services' env file, never the compose CLI's
+//! settings; cleanup works from labels, without the project's files.
 
 use crate::sys::docker::{ComposeCli, Docker, Project};
 use crate::sys::executor::{Deadline, Limits};
@@ -23,6 +24,10 @@ use std::time::{Duration, Instant};
 
 /// Our additions to the project, next to (not inside) the repository.
 const OVERRIDE: &str = "muvee.override.yml";
+/// The compose CLI's own env file (`--env-file`), always empty: the CLI takes settings from
+/// the project's env file (DOCKER_HOST, COMPOSE_*, and with some v2 releases any name, set
+/// in its own environment), so the app's values in `.env` must never be that file.
+const CLI_ENV: &str = "cli.env";
 /// A clone of a compose repository has this long (it is small: compose files).
 const CLONE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
@@ -93,6 +98,7 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
     })?;
     let work = work_dir(ctx, s.prefix);
     private_dir(&work)?;
+    write_file(&work, CLI_ENV, "")?;
     let (src, image) = stage(ctx, s, c, cli, &work)?;
     let mut project = project(cli, s.prefix, &src, &c.file, &work);
     let _env = Remove(write_env(&src, &s.env, cli)?);
@@ -157,6 +163,7 @@ fn project(cli: ComposeCli, prefix: &str, src: &Path, file: &Path, work: &Path) 
         name: format!("muvee-{prefix}"),
         files: vec![src.join(file), work.join(OVERRIDE)],
         dir: src.to_path_buf(),
+        env_file: work.join(CLI_ENV),
         docker_config: None,
     }
 }
@@ -173,7 +180,11 @@ fn stage(
 ) -> Result<(PathBuf, String), TaskError> {
     let next = work.join("next");
     remove_dir(&next)?;
-    let fetched = fetch(ctx, c, work, &next).and_then(|()| validate(ctx, s, c, cli, &next));
+    let p = Project {
+        files: vec![next.join(&c.file)],
+        ..project(cli, s.prefix, &next, &c.file, work)
+    };
+    let fetched = fetch(ctx, c, work, &next).and_then(|()| validate(ctx, c, &p));
     let image = match fetched {
         Ok(image) => image,
         Err(e) => {
@@ -216,22 +227,12 @@ fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), Tas
 }
 
 /// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
-/// from `compose config` (the CLI's own parse) with an empty `.env`, so no value is printed.
-/// Returns the exposed service's image.
-fn validate(
-    ctx: &Ctx,
-    s: &DeploySpec,
-    c: &ComposeSpec,
-    cli: ComposeCli,
-    dir: &Path,
-) -> Result<String, TaskError> {
-    builder::file_in(dir, &c.file, "compose_file_path")?;
-    let env = Remove(write_env(dir, &[], cli)?);
-    let p = Project {
-        files: vec![dir.join(&c.file)],
-        ..project(cli, s.prefix, dir, &c.file, dir)
-    };
-    let yaml = ctx.docker().compose_config(&p).map_err(|e| {
+/// from `compose config` (the CLI's own parse of the staged file `p` names) with an empty
+/// `.env`, so no value is printed. Returns the exposed service's image.
+fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError> {
+    builder::file_in(&p.dir, &c.file, "compose_file_path")?;
+    let env = Remove(write_env(&p.dir, &[], p.cli)?);
+    let yaml = ctx.docker().compose_config(p).map_err(|e| {
         TaskError::from(e).context(format!("compose file {} is not valid", c.file.display()))
     })?;
     drop(env);
@@ -359,15 +360,20 @@ fn write_override(
     std::fs::write(&path, y).map_err(err)
 }
 
-/// Writes `dir/.env` (0600, replacing any the repository has) and returns its path.
+/// Writes `dir/.env` (0600, replacing any the repository has) and returns its path. Only
+/// services that name it in `env_file:` read it: the CLI reads [`CLI_ENV`] instead.
 fn write_env(dir: &Path, env: &[(String, String)], cli: ComposeCli) -> Result<PathBuf, TaskError> {
     let mut text = String::new();
     for (k, v) in env {
         text.push_str(&format!("{k}={}\n", env_value(k, v, cli)?));
     }
-    let path = dir.join(".env");
-    remove_file(&path)?;
-    builder::write_private(dir, ".env", text.as_bytes())
+    write_file(dir, ".env", &text)
+}
+
+/// Writes `dir/name` (0600), replacing what is there.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, TaskError> {
+    remove_file(&dir.join(name))?;
+    builder::write_private(dir, name, text.as_bytes())
 }
 
 fn remove_file(path: &Path) -> Result<(), TaskError> {
@@ -502,6 +508,10 @@ fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {
     p.files.retain(|f| f.is_file());
     // The files may name `.env` (image projects do); its values are gone, not needed here.
     let env = write_env(src, &[], cli).map(Remove);
+    if let Err(e) = write_file(work, CLI_ENV, "") {
+        log::warn!("compose down of {}: {e}", p.name);
+        return;
+    }
     if let Err(e) = docker.compose_down(&p) {
         log::warn!("compose down of {}: {e}", p.name);
     }

@@ -310,3 +310,57 @@ fn two_service_project_from_hosted_git_with_registry_auths() {
     std::fs::remove_dir_all(app.data.join("compose")).unwrap();
     assert_clean(&app);
 }
+
+/// A TCP listener that counts connections and closes each at once.
+fn counting_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn env_values_reach_the_app_but_never_configure_the_compose_cli() {
+    if !require("env_values_reach_the_app_but_never_configure_the_compose_cli") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    // Where the compose CLI would send every API call (the pull's registry login too) if it
+    // read the app's env as its own settings.
+    let (port, hits) = counting_listener();
+    let docker_host = format!("tcp://127.0.0.1:{port}");
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    restart: unless-stopped\n    env_file:\n      - .env\n",
+        img.app
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c3", "project_id": "p-env",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080,
+                   "env_vars": {"DOCKER_HOST": docker_host, "COMPOSE_PROJECT_NAME": "other",
+                                "COMPOSE_IGNORE_ORPHANS": "1"}});
+    let (r, log) = app.run(
+        "deploy",
+        &p,
+        &[("DOCKER_CONFIG", img.login.to_str().unwrap())],
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "{log}");
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let env = env_of(&app.container("app"));
+    assert!(
+        env.contains(&format!("DOCKER_HOST={docker_host}")),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"COMPOSE_PROJECT_NAME=other".to_string()),
+        "{env:?}"
+    );
+    assert_clean(&app);
+}
