@@ -9,6 +9,7 @@
 //! removed once `up` is done; `.env` is only the services' env file, never the compose CLI's
 //! settings; cleanup works from labels, without the project's files.
 
+use crate::config::ComposePolicy;
 use crate::sys::docker::{ComposeCli, Docker, Project};
 use crate::sys::executor::{Deadline, Limits};
 use crate::task::{Invalid, Payload};
@@ -16,7 +17,7 @@ use crate::work::builder;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
 use crate::work::spec::{self, Auth, ComposeSpec, DeploySpec, Source};
-use crate::work::{deployer, workspace};
+use crate::work::{deployer, policy, workspace};
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -120,40 +121,95 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
     project.files = files[..1].to_vec();
     docker.compose_pull(&project, out)?;
     project.files = files;
-    let mount = match &s.workspace {
-        Some((dir, path)) => {
-            let dir = workspace::prepare(ctx, dir, &image)?;
-            Some(format!("{}:{path}:rw", dir.display()))
-        }
+    let ws = match &s.workspace {
+        Some((dir, path)) => Some((workspace::prepare(ctx, dir, &image)?, *path)),
         None => None,
     };
+    let mount = ws
+        .as_ref()
+        .map(|(d, path)| format!("{}:{path}:rw", d.display()));
     write_override(s, c, &work, mount.as_deref())?;
     // A single-container deployment of this app (before it became a compose project)
     // would keep serving and be reported next to the project.
     docker.remove(&project.name)?;
+    if ctx.cfg.compose_policy == ComposePolicy::Baseline {
+        let roots = std::iter::once(src).chain(ws.map(|(d, _)| d)).collect();
+        enforce(ctx, &project, c, roots, out)?;
+    }
     docker.compose_up(&project, out)?;
     drop(_env);
     drop(_cfg);
-    let id = docker.project_container(&project.name, c.service)?;
-    let port = deployer::wait_healthy(ctx, &id, s.port).map_err(|e| {
+    healthy(ctx, &project, c.service, s.port)
+}
+
+/// The exposed service's host port once it is healthy.
+fn healthy(ctx: &Ctx, project: &Project, service: &str, port: u16) -> Result<u16, TaskError> {
+    let docker = ctx.docker();
+    let id = docker.project_container(&project.name, service)?;
+    let port = deployer::wait_healthy(ctx, &id, port).map_err(|e| {
         if e.is_canceled() {
             return TaskError::Canceled;
         }
         let mut msg = format!("deploy failed: {e}");
         let logs = docker.logs_tail(&id, 20);
         if !logs.is_empty() {
-            msg.push_str(&format!(
-                "\nlast log lines of service {}:\n{logs}",
-                c.service
-            ));
+            msg.push_str(&format!("\nlast log lines of service {service}:\n{logs}"));
         }
         TaskError::Failed(msg)
     })?;
     ctx.say(&format!(
-        "Service {} of {} is healthy, listening on host port {port}.",
-        c.service, project.name
+        "Service {service} of {} is healthy, listening on host port {port}.",
+        project.name
     ));
     Ok(port)
+}
+
+/// The compose policy: the project's containers are created (not started) and judged as
+/// the engine will run them; the `up` that follows starts those very containers. When one
+/// breaks the policy, what this deploy created is removed (without its volumes: a service
+/// compose recreated keeps its anonymous volumes there) and nothing starts.
+fn enforce(
+    ctx: &Ctx,
+    p: &Project,
+    c: &ComposeSpec,
+    roots: Vec<PathBuf>,
+    out: &mut dyn FnMut(&str),
+) -> Result<(), TaskError> {
+    let docker = ctx.docker();
+    ctx.say("Checking the project against the compose policy (DEPLOY_COMPOSE_POLICY=baseline)");
+    docker.compose_create(p, out)?;
+    let containers = docker.project_containers(&p.name)?;
+    let mut names: Vec<&str> = containers
+        .iter()
+        .flat_map(|k| k.mounts.iter().flatten())
+        .filter(|m| m.kind == "volume")
+        .filter_map(|m| m.name.as_deref())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let volumes = docker.volumes(&names)?;
+    let rules = policy::Rules {
+        project: &p.name,
+        roots,
+        volumes: &volumes,
+    };
+    let refused: Vec<String> = policy::judge(&containers, &rules)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    for k in containers.iter().filter(|k| k.status == "created") {
+        if let Err(e) = docker.remove(&k.id) {
+            log::warn!("cannot remove refused container {}: {e}", k.name);
+        }
+    }
+    Err(TaskError::Invalid(format!(
+        "compose file {} breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started: {}",
+        c.file.display(),
+        refused.join("; ")
+    )))
 }
 
 /// The project as every compose call names it.
@@ -645,6 +701,32 @@ mod tests {
         assert!(o.contains("mem_limit: \"64m\""), "{o}");
         assert!(!work.join("src/.env").exists());
         assert!(work.join("src/docker-compose.yml").is_file());
+    }
+
+    #[test]
+    fn a_project_breaking_the_policy_is_removed_and_never_started() {
+        let h = node("cmp-policy");
+        h.fake.on(
+            "docker ps -aq --filter label=com.docker.compose.project=muvee-app",
+            Reply::Ok("0123abcd\n".into()),
+        );
+        let created = r#"{"Id":"0123abcd","Name":"/muvee-app_db_1","Status":"created","Service":"db",
+            "HostConfig":{"Privileged":true,"NetworkMode":"host","CapAdd":null},"Mounts":[]}"#;
+        h.fake.on(
+            "docker inspect --type container --format",
+            Reply::Ok(created.replace('\n', "")),
+        );
+        let r = h.with("deploy", payload(json!({})), deploy);
+        assert_eq!(
+            text(&r),
+            "compose file docker-compose.yml breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started: service db: `privileged` is true; service db: `network_mode` is \"host\""
+        );
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.contains(p));
+        assert!(
+            pos(" up --no-start --remove-orphans").unwrap() < pos("docker rm -f 0123abcd").unwrap()
+        );
+        assert_eq!(pos(" up -d"), None, "{calls:#?}");
     }
 
     #[test]

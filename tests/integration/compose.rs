@@ -364,3 +364,71 @@ fn env_values_reach_the_app_but_never_configure_the_compose_cli() {
     );
     assert_clean(&app);
 }
+
+fn containers_of(app: &App) -> Vec<String> {
+    let filter = format!("label=com.docker.compose.project={}", app.project());
+    let out = util::docker(&["ps", "-aq", "--filter", &filter], &[]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_compose_policy_refuses_what_would_own_the_host_unless_turned_off() {
+    if !require("the_compose_policy_refuses_what_would_own_the_host_unless_turned_off") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // Privileged through an anchor: only the engine's view of the container shows it.
+    let yaml = format!(
+        "x-root: &root\n  privileged: true\n  cap_add: [SYS_ADMIN]\nservices:\n  app:\n    image: {app}\n    volumes:\n      - ./conf:/conf:ro\n  side:\n    <<: *root\n    image: {idle}\n    pid: host\n    devices:\n      - /dev/null:/dev/host-null\n    volumes:\n      - /:/host\n      - /var/run/docker.sock:/var/run/docker.sock\n",
+        app = img.app,
+        idle = img.idle
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c4", "project_id": "p-pol",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080, "volume_mount_path": "/ws"});
+    let (r, log) = app.run("deploy", &p, &login);
+    assert_eq!(r["status"], "failed", "{r}\n{log}");
+    let why = r["result"].as_str().unwrap();
+    for part in [
+        "breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started",
+        "service side: `privileged` is true",
+        "service side: `cap_add` adds SYS_ADMIN",
+        "service side: `pid` is \"host\"",
+        "service side: `devices` maps /dev/null",
+        "service side: `volumes` mounts host path /,",
+        "service side: `volumes` mounts host path /var/run/docker.sock,",
+    ] {
+        assert!(why.contains(part), "{part:?} missing: {why}");
+    }
+    // The project's own files and the workspace are the app's to mount.
+    assert!(!why.contains("service app"), "{why}");
+    assert!(containers_of(&app).is_empty(), "{:?}", containers_of(&app));
+
+    // A trusted installation turns the policy off: a host path outside the app's dirs (the
+    // test bed's engine cannot run privileged containers) is mounted as written.
+    let host = temp_dir("compose-host");
+    let marker = unique_hex();
+    std::fs::write(host.join("marker"), &marker).unwrap();
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n  side:\n    image: {}\n    volumes:\n      - {}:/host:ro\n",
+        img.app,
+        img.idle,
+        host.display()
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c5", "project_id": "p-pol",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080});
+    let mut env = login.to_vec();
+    env.push(("DEPLOY_COMPOSE_POLICY", "off"));
+    let (r, log) = app.run("deploy", &p, &env);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let side = app.container("side");
+    let out = util::docker(&["exec", &side, "cat", "/host/marker"], &[]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), marker);
+    assert_clean(&app);
+}
