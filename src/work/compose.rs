@@ -129,13 +129,13 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
         .as_ref()
         .map(|(d, path)| format!("{}:{path}:rw", d.display()));
     write_override(s, c, &work, mount.as_deref())?;
-    // A single-container deployment of this app (before it became a compose project)
-    // would keep serving and be reported next to the project.
-    docker.remove(&project.name)?;
     if ctx.cfg.compose_policy == ComposePolicy::Baseline {
         let roots = std::iter::once(src).chain(ws.map(|(d, _)| d)).collect();
         enforce(ctx, &project, c, roots, out)?;
     }
+    // A single-container deployment of this app (before it became a compose project)
+    // would keep serving and be reported next to the project.
+    docker.remove(&project.name)?;
     docker.compose_up(&project, out)?;
     drop(_env);
     drop(_cfg);
