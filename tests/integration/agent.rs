@@ -826,6 +826,7 @@ fn check_reports_each_problem_with_a_fix() {
         "ok    control plane:",
         "warn  registry: no registry configured",
         "warn  workspace share: path not configured",
+        "ok    compose policy: baseline:",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
