@@ -5,15 +5,15 @@
 //!
 //! The tests take connections with [`Hub::accept`] and drive them frame by frame; they can
 //! drop a connection, refuse upgrades with a status, or say `hello` and close
-//! ([`Upgrade`]). The dev control plane serves the same channel to its agents
-//! (`POST /dev/exec` runs a command through it).
+//! ([`Upgrade`]). The dev control plane serves the same channel to its agents, and
+//! `POST /dev/exec` (`dev-cp exec`) runs a command through it.
 //!
 //! A connection's own thread blocks reading frames (no read timeout, so no polling); frames
 //! are written from the caller's thread under a lock. tungstenite's reader never writes to
 //! the socket here (see [`ReadHalf`]), so two writers never interleave bytes on it.
 #![allow(dead_code)]
 
-use super::{parse_uuid, query_get, text_resp, Req, Resp};
+use super::{err_resp, json_resp, new_uuid, parse_uuid, query_get, text_resp, Req, Resp};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -43,6 +43,8 @@ const FRESH_MAX: usize = 64;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// muveectl's tar chunk size (`cp_up_tar`).
 const CP_CHUNK: usize = 32 * 1024;
+/// How long `/dev/exec` waits for the next frame of its session.
+const DEV_EXEC_WAIT: Duration = Duration::from_secs(60);
 
 /// Every control connection of one server.
 pub struct Hub {
@@ -119,6 +121,44 @@ impl Hub {
         let st = self.lock();
         let open = st.live.values().filter(|c| !c.is_closed());
         open.max_by_key(|c| c.since).cloned()
+    }
+
+    /// `POST /dev/exec` `{"container", "cmd": [...], "node_id"?}`: runs `cmd` as `muveectl
+    /// exec` does, through the control connection of `node_id` (default: the newest), and
+    /// answers `{"output", "code"}` once it exits. One at a time per connection: frames of
+    /// other sessions are dropped while it waits.
+    pub(super) fn dev_exec(&self, body: &[u8]) -> Resp {
+        let req: Value = serde_json::from_slice(body).unwrap_or_default();
+        let (Some(container), Some(cmd)) = (req["container"].as_str(), req["cmd"].as_array())
+        else {
+            return err_resp(
+                400,
+                "expected {\"container\", \"cmd\": [...], \"node_id\"?}",
+            );
+        };
+        let conn = match req["node_id"].as_str() {
+            Some(node) => self.conn(node),
+            None => self.any_conn(),
+        };
+        let Some(conn) = conn else {
+            return err_resp(409, "no agent has its control channel open");
+        };
+        let session = new_uuid();
+        let cmd: Vec<&str> = cmd.iter().filter_map(Value::as_str).collect();
+        if let Err(e) = conn.open_exec(&session, container, &cmd) {
+            return err_resp(502, &format!("control connection: {e}"));
+        }
+        match conn.outcome(&session, DEV_EXEC_WAIT) {
+            None => err_resp(504, "the session did not end"),
+            Some(o) if o.end["type"] == "error" => {
+                err_resp(502, o.end["msg"].as_str().unwrap_or("error"))
+            }
+            Some(o) => {
+                let output = String::from_utf8_lossy(&o.output);
+                let code = o.end["code"].as_i64().unwrap_or(0);
+                json_resp(200, json!({"output": output, "code": code}).to_string())
+            }
+        }
     }
 
     /// The request passed the route and the secret check (§1.10: a bad node id is a 400

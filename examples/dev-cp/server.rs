@@ -872,6 +872,10 @@ enum Route<'a> {
 fn handle(sh: &Shared, req: &Req, authorized: bool) -> Resp {
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     if sh.opts.dev_routes && path.starts_with("/dev/") {
+        if (req.method.as_str(), path) == ("POST", "/dev/exec") {
+            // Not under the state lock: it waits for the agent.
+            return sh.control.dev_exec(&req.body);
+        }
         let mut st = sh.lock();
         return dev_route(&mut st, &req.method, path, &req.body)
             .unwrap_or_else(|(code, msg)| err_resp(code, &msg));
@@ -1391,6 +1395,7 @@ fn deployment_row(d: &Deployment) -> Value {
 /// `POST /dev/build` `{"git_url",…}`, `POST /dev/deploy` `{"image_tag",…}` (both take
 /// `domain_prefix`, `container_port`, `memory_limit`, `datasets`, `env_vars`, …),
 /// `POST /dev/tasks` `{"type","payload","deployment_id"}` (a raw task, no deployment row),
+/// `POST /dev/exec` (a command through the control channel, see [`control::Hub::dev_exec`]),
 /// `GET /dev/tasks`, `/dev/tasks/<id>`, `/dev/deployments`, `/dev/nodes`, `/dev/stats`, and
 /// `/dev/logs/<deployment>` (text).
 fn dev_route(st: &mut State, method: &str, path: &str, body: &[u8]) -> HRes {

@@ -3,6 +3,7 @@
 //! container, and the channel coming back after the node or the connection is lost.
 
 use crate::deployer::{images, IDLE};
+use crate::dev_cp::DevCp;
 use crate::fake_cp::{frame_data, ControlConn, FakeCp, Version};
 use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, require_docker, temp_dir, test_name, RemoveContainers};
@@ -24,24 +25,31 @@ struct Bed {
     _cleanup: RemoveContainers,
 }
 
+/// A running container of ours (prefix: its name without `muvee-`), removed when the guard
+/// is dropped.
+fn idle_container() -> (String, RemoveContainers) {
+    images();
+    let container = format!(
+        "muvee-itx-{}-{}",
+        std::process::id(),
+        &util::unique_hex()[..6]
+    );
+    let cleanup = RemoveContainers::named(&container);
+    util::sh(Command::new(util::docker_cli()).args([
+        "run",
+        "-d",
+        "--name",
+        &container,
+        "--label",
+        &format!("muvee.domain_prefix={}", &container[6..]),
+        IDLE,
+    ]));
+    (container, cleanup)
+}
+
 impl Bed {
     fn start() -> Bed {
-        images();
-        let container = format!(
-            "muvee-itx-{}-{}",
-            std::process::id(),
-            &util::unique_hex()[..6]
-        );
-        let cleanup = RemoveContainers::named(&container);
-        util::sh(Command::new(util::docker_cli()).args([
-            "run",
-            "-d",
-            "--name",
-            &container,
-            "--label",
-            &format!("muvee.domain_prefix={}", &container[6..]),
-            IDLE,
-        ]));
+        let (container, cleanup) = idle_container();
         let cp = FakeCp::start(Version::Today, SECRET);
         let agent = TestAgent::builder("deploy")
             .cp(&cp)
@@ -242,4 +250,32 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
         ws.outcome("r1", FRAME_WAIT).expect("r1 ended").end,
         json!({"type": "exit", "session": "r1"})
     );
+}
+
+/// The dev-cp binary serves the same channel: `dev-cp exec` runs a command in the container
+/// through the deploy agent, with its output and exit code.
+#[test]
+fn the_dev_cp_binary_execs_through_the_agents_control_channel() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let (container, _cleanup) = idle_container();
+    let server = DevCp::serve(SECRET, &[]);
+    let _agent = TestAgent::builder("deploy")
+        .url(&server.url)
+        .real_docker()
+        .start();
+    let c = container.as_str();
+    let mut last = (false, String::new());
+    let dialled = util::poll(20, || {
+        last = server.cli(&["exec", c, "--", "sh", "-c", "echo out-$((6*7)); exit 5"]);
+        !last.1.contains("no agent has its control channel open")
+    });
+    assert!(dialled, "{last:?}");
+    assert!(!last.0 && last.1.contains("out-42"), "{last:?}");
+    assert!(last.1.contains("the command exited with 5"), "{last:?}");
+    let (ok, text) = server.cli(&["exec", c, "--", "echo", "hi"]);
+    assert!(ok && text.contains("hi"), "{text}");
+    let (ok, text) = server.cli(&["exec", c, "echo", "hi"]);
+    assert!(!ok && text.contains("exec: give <container>"), "{text}");
 }
