@@ -2,8 +2,8 @@
 //! `ok`, `warn` or `error`, with a fix for anything not ok. Exit 1 on any error. The checks
 //! themselves are `cp::health`'s, the same ones the agent sends as its health report.
 
+use crate::agent::health::{self, Check, Status};
 use crate::config::Config;
-use crate::cp::health::{self, Check, Status};
 use crate::sys::executor::System;
 
 pub fn run(cfg: &Config) -> u8 {

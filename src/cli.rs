@@ -100,8 +100,8 @@ pub struct RunTaskArgs {
     /// task JSON as the control plane sends it, or a bare payload with --type ("-" = stdin)
     #[argh(option, default = "String::from(\"-\")")]
     pub file: String,
-    /// task type when the input is a bare payload (build, deploy, cleanup, runtime_logs,
-    /// restart, env, describe, pause, unpause)
+    /// task type when the input is a bare payload (a type the agent does not run is refused
+    /// with the list of those it runs)
     #[argh(option, long = "type")]
     pub kind: Option<String>,
     /// JSON file shaped like GET /api/agent/config (registry and NFS settings)

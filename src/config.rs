@@ -2,42 +2,11 @@
 //! Bad values are errors that name the variable and the value (exit status 2).
 
 use crate::cli::Args;
+pub use crate::task::Role;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Builder,
-    Deploy,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Builder => "builder",
-            Role::Deploy => "deploy",
-        }
-    }
-    /// Task types this role serves.
-    pub fn serves(self, task_type: &str) -> bool {
-        match self {
-            Role::Builder => task_type == "build",
-            Role::Deploy => matches!(
-                task_type,
-                "deploy"
-                    | "cleanup"
-                    | "runtime_logs"
-                    | "restart"
-                    | "env"
-                    | "describe"
-                    | "pause"
-                    | "unpause"
-            ),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -1,14 +1,19 @@
 //! muvee-agent: the build and deploy agent of the muvee PaaS.
-//! Layout, top down: cli/config/check/run_task (entry) → cp (control plane: the agent loop,
-//! client, wire, journal/outbox, log shipping) → work (dispatch, roles, datasets) → sys
-//! (executor, docker/git/rsync, signals, redaction). Modules only use modules below them.
+//! Layers, top down; each uses only the layers below it:
+//! entry (main, cli, config, check, run_task) → agent (the loop, workers, shutdown, periodic
+//! reports, control channel: the one place that joins the client and the work) → work (what a
+//! task does: roles, datasets, compose, lifecycle) and cp (the protocol client: HTTP, journal,
+//! outbox, log shipping) side by side → task (the neutral task model) → sys (the host:
+//! executor, docker/git/rsync, signals, redaction, waiting).
 
+mod agent;
 mod check;
 mod cli;
 mod config;
 mod cp;
 mod run_task;
 mod sys;
+mod task;
 mod work;
 
 use std::io::Write;
@@ -30,7 +35,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match &args.cmd {
-        None | Some(cli::Sub::Run(_)) => match cp::agent::run(cfg) {
+        None | Some(cli::Sub::Run(_)) => match agent::run::run(cfg) {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("{e}");

@@ -4,9 +4,9 @@
 
 use crate::cli::RunTaskArgs;
 use crate::config::{process_env, Config};
-use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::executor::System;
 use crate::sys::{redact, signal};
+use crate::task::{AgentConfig, Kind, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use serde_json::Value;
@@ -40,9 +40,15 @@ fn prepare(cfg: &Config, args: &RunTaskArgs) -> Result<(Task, AgentConfig), Stri
         (None, true) => {
             serde_json::from_value::<Task>(v).map_err(|e| format!("malformed task: {e}"))?
         }
+        (Some(kind), false) if matches!(Kind::parse(kind, ""), Kind::Unknown(_)) => {
+            return Err(format!(
+                "--type {kind:?} is not a task type muvee-agent runs ({})",
+                Kind::known_names()
+            ))
+        }
         (Some(kind), false) => Task {
             id: "local".into(),
-            kind: kind.clone(),
+            type_name: kind.clone(),
             deployment_id: v
                 .get("deployment_id")
                 .and_then(Value::as_str)
@@ -124,7 +130,7 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
     let _ = writeln!(std::io::stdout(), "{body}");
     // A deploy's previous container is drained and removed after the report.
     shared.retiring.wait(None);
-    if completion.status == "completed" {
+    if completion.status == Status::Completed {
         0
     } else {
         1

@@ -4,7 +4,8 @@
 //! Clones share one connection pool and one name-lookup thread.
 
 use crate::cp::resolver::Lookups;
-use crate::cp::wire::{AgentConfig, Node};
+use crate::cp::wire::Node;
+use crate::task::AgentConfig;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::fmt;
@@ -194,7 +195,7 @@ impl Client {
         }
     }
 
-    /// `body` is a serialized [`crate::cp::wire::Completion`], stored verbatim in the outbox.
+    /// `body` is a serialized [`crate::task::Completion`], stored verbatim in the outbox.
     pub fn complete(&self, task_id: &str, body: &[u8]) -> Result<(), CpError> {
         self.call(&format!("/api/agent/tasks/{task_id}/complete"), Some(body))
             .map(drop)

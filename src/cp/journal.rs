@@ -3,7 +3,7 @@
 //! never left as an empty entry that would make a task look taken; a finish that cannot be
 //! written is kept in memory and retried until it lands.
 
-use crate::cp::wire::Task;
+use crate::task::Task;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
@@ -96,7 +96,7 @@ impl Journal {
         }
         let entry = JournalEntry {
             id: task.id.clone(),
-            kind: task.kind.clone(),
+            kind: task.type_name.clone(),
             deployment_id: task.deployment_id.clone(),
             state: "running".into(),
             at: now_secs(),
@@ -215,7 +215,7 @@ mod tests {
     fn task(id: &str) -> Task {
         Task {
             id: id.into(),
-            kind: "build".into(),
+            type_name: "build".into(),
             ..Task::default()
         }
     }

@@ -9,7 +9,7 @@
 //! spill. The March 2026 server has no such route (404): shipping stops for that task.
 
 use crate::cp::client::{Backoff, Client, CpError};
-use crate::cp::wire::clean_text;
+use crate::task::clean_text;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;

@@ -1,15 +1,11 @@
-//! Talking to the control plane: the HTTP client and wire types, the agent loop, the
-//! durable journal and outbox, log shipping, node/container metrics, the host checks behind
-//! `check` and the health report, and the deploy role's periodic reports.
+//! The protocol client: the HTTP client and its resolver, the control plane's wire records,
+//! the durable journal and outbox of reports, and log shipping. It speaks the protocol and
+//! keeps its promises (nothing lost, order per task) without knowing what a build is: tasks
+//! and completions come from the task model (`crate::task`).
 
-pub mod agent;
 pub mod client;
-pub mod control;
-pub mod health;
 pub mod journal;
 pub mod logship;
-pub mod metrics;
 pub mod outbox;
-pub mod reports;
 pub mod resolver;
 pub mod wire;

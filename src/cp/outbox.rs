@@ -12,7 +12,7 @@
 
 use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::journal::{remove_temps, write_atomic};
-use crate::cp::wire::Completion;
+use crate::task::Completion;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs;
@@ -391,7 +391,7 @@ mod tests {
         let q = ob.queue();
         q.items
             .iter()
-            .map(|i| (i.report.task_id.clone(), i.report.body.status.clone()))
+            .map(|i| (i.report.task_id.clone(), i.report.body.status.to_string()))
             .collect()
     }
 

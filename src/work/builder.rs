@@ -7,12 +7,12 @@
 //! however the build ends.
 
 use crate::config::Config;
-use crate::cp::wire::{Invalid, Payload};
 use crate::sys::docker::{BuildMode, BuildSpec};
 use crate::sys::executor::{Deadline, Limits};
 use crate::sys::git::Git;
 use crate::sys::redact::Scope;
 use crate::sys::sync::{random_u64, FileLock};
+use crate::task::{Invalid, Payload};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::error::TaskError;
 use base64::engine::general_purpose::STANDARD as BASE64;

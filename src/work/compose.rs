@@ -8,10 +8,10 @@
 //! quoted so newlines, quotes and `#` arrive intact, and `.env` and the registry logins are
 //! removed once `up` is done; cleanup works from labels, without the project's files.
 
-use crate::cp::wire::{valid_id, Invalid, Payload};
 use crate::sys::docker::{ComposeCli, Docker, Project};
 use crate::sys::executor::{Deadline, Limits};
 use crate::sys::redact::Scope;
+use crate::task::{valid_id, Invalid, Payload};
 use crate::work::builder::{self, GitSource};
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;

@@ -3,12 +3,12 @@
 //! they depend on it, never on each other through it.
 
 use crate::config::Config;
-use crate::cp::wire::{AgentConfig, Task};
 use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
 use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
+use crate::task::{AgentConfig, Task};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -145,7 +145,7 @@ pub mod testing {
         ) -> T {
             let task = Task {
                 id: "t1".into(),
-                kind: kind.into(),
+                type_name: kind.into(),
                 deployment_id: "dep-1".into(),
                 payload,
             };

@@ -8,9 +8,9 @@
 //! mtime is the LRU clock.
 
 use crate::config::Config;
-use crate::cp::wire::valid_id;
-use crate::cp::wire::{AgentConfig, Invalid, Payload};
 use crate::sys::rsync;
+use crate::task::valid_id;
+use crate::task::{AgentConfig, Invalid, Payload};
 use crate::work::ctx::{CacheBook, Ctx, Shared};
 use crate::work::error::TaskError;
 use std::path::{Path, PathBuf};

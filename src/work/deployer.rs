@@ -7,12 +7,12 @@
 //! plane only switches Traefik to the new port once it has our report.
 
 use crate::config::Config;
-use crate::cp::wire::valid_id;
-use crate::cp::wire::{Invalid, Payload};
 use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
 use crate::sys::redact::Scope;
 use crate::sys::signal;
+use crate::task::valid_id;
+use crate::task::{Invalid, Payload};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::datasets::{self, Dataset};
 use crate::work::error::TaskError;

@@ -2,9 +2,8 @@
 //! dispatches on the type and turns the outcome into a completion body. Never panics on
 //! input: every problem becomes a `failed` report that says what was wrong.
 
-use crate::config::Role;
-use crate::cp::wire::{Completion, Payload};
 use crate::sys::redact;
+use crate::task::{Completion, Kind, Mode, Payload};
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
 use crate::work::{builder, cleanups, compose, datasets, deployer, lifecycle};
@@ -26,41 +25,37 @@ pub fn report(e: &TaskError) -> Completion {
 }
 
 fn run(ctx: &Ctx) -> Result<Completion, TaskError> {
-    let mode = ctx
-        .task
-        .payload
-        .get("mode")
-        .and_then(|m| m.as_str())
-        .unwrap_or("");
-    match ctx.task.kind.as_str() {
+    let with_port = |port| Completion {
+        host_port: Some(port),
+        ..Completion::completed()
+    };
+    match ctx.task.kind() {
         // Today's compose and image projects.
-        "deploy" if mode == "compose" => compose::deploy(ctx).map(|port| Completion {
-            host_port: Some(port),
-            ..Completion::completed()
-        }),
-        "cleanup" if mode == "compose" => compose::cleanup(ctx).map(|()| Completion::completed()),
+        Kind::Deploy(Mode::Compose) => compose::deploy(ctx).map(with_port),
+        Kind::Cleanup(Mode::Compose) => compose::cleanup(ctx).map(|()| Completion::completed()),
         // A mode we do not know: say so rather than fail on a missing field.
-        "deploy" | "cleanup" if !mode.is_empty() => Err(TaskError::Unsupported(format!(
-            "payload field `mode`: {mode:?} deployments are not supported by muvee-agent {}",
-            env!("CARGO_PKG_VERSION")
-        ))),
-        "build" => builder::build(ctx).map(|tag| Completion {
+        Kind::Deploy(Mode::Other(mode)) | Kind::Cleanup(Mode::Other(mode)) => {
+            Err(TaskError::Unsupported(format!(
+                "payload field `mode`: {mode:?} deployments are not supported by muvee-agent {}",
+                env!("CARGO_PKG_VERSION")
+            )))
+        }
+        Kind::Build => builder::build(ctx).map(|tag| Completion {
             image_tag: Some(tag),
             ..Completion::completed()
         }),
-        "deploy" => deployer::deploy(ctx).map(|port| Completion {
-            host_port: Some(port),
-            ..Completion::completed()
-        }),
-        "cleanup" => cleanup(ctx).map(|()| Completion::completed()),
-        "runtime_logs" => lifecycle::runtime_logs(ctx).map(Completion::completed_with),
-        "restart" => lifecycle::restart(ctx).map(Completion::completed_with),
-        "env" => lifecycle::env(ctx).map(Completion::completed_with),
-        "describe" => lifecycle::describe(ctx).map(Completion::completed_with),
-        "pause" => lifecycle::pause(ctx).map(Completion::completed_with),
-        "unpause" => lifecycle::unpause(ctx).map(Completion::completed_with),
-        "" => Err(TaskError::Invalid("task has no type".into())),
-        other => Err(unknown_type(other)),
+        Kind::Deploy(Mode::Container) => deployer::deploy(ctx).map(with_port),
+        Kind::Cleanup(Mode::Container) => cleanup(ctx).map(|()| Completion::completed()),
+        Kind::RuntimeLogs => lifecycle::runtime_logs(ctx).map(Completion::completed_with),
+        Kind::Restart => lifecycle::restart(ctx).map(Completion::completed_with),
+        Kind::Env => lifecycle::env(ctx).map(Completion::completed_with),
+        Kind::Describe => lifecycle::describe(ctx).map(Completion::completed_with),
+        Kind::Pause => lifecycle::pause(ctx).map(Completion::completed_with),
+        Kind::Unpause => lifecycle::unpause(ctx).map(Completion::completed_with),
+        Kind::Unknown(name) if name.is_empty() => {
+            Err(TaskError::Invalid("task has no type".into()))
+        }
+        Kind::Unknown(name) => Err(unknown_type(&name)),
     }
 }
 
@@ -69,11 +64,6 @@ pub fn unknown_type(kind: &str) -> TaskError {
         "unknown task type {kind:?}: muvee-agent {} does not run it",
         env!("CARGO_PKG_VERSION")
     ))
-}
-
-/// Task types muvee-agent runs (on the role that serves them).
-pub fn known_type(kind: &str) -> bool {
-    Role::Builder.serves(kind) || Role::Deploy.serves(kind)
 }
 
 /// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the

@@ -1,8 +1,8 @@
 //! The one error type of task work, and the one place it becomes report text.
 
-use crate::cp::wire::Invalid;
 use crate::sys::docker::DockerError;
 use crate::sys::executor::ExecError;
+use crate::task::Invalid;
 use std::fmt;
 
 #[derive(Debug)]

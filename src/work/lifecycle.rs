@@ -7,8 +7,8 @@
 //! agent uses, `muvee-<prefix>`. Tasks that change the container (restart, pause, unpause)
 //! take the app's deploy lock, so they never interleave with a replacement or a cleanup.
 
-use crate::cp::wire::{go_escape, Payload};
 use crate::sys::docker::{Docker, DockerError, PsRow};
+use crate::task::{go_escape, Payload};
 use crate::work::ctx::Ctx;
 use crate::work::deployer::{self, is_aside_of};
 use crate::work::error::TaskError;
@@ -490,7 +490,7 @@ mod tests {
         ];
         for (kind, p, expect) in cases {
             let c = h.with(kind, p.clone(), dispatch::execute);
-            assert_eq!(c.status, "failed", "{kind} {p}");
+            assert_eq!(c.status, crate::task::Status::Failed, "{kind} {p}");
             let why = c.result.unwrap_or_default();
             assert!(why.contains(expect), "{kind} {p}: {why}");
         }

@@ -1,17 +1,18 @@
 //! The foreground agent: register, heartbeat, poll, run tasks on bounded worker threads,
 //! report through the outbox, and shut down in two stages on SIGTERM/SIGINT.
 
-use crate::config::{Config, ConfigError, Role};
+use crate::agent::metrics;
+use crate::agent::reports::{self, Reports};
+use crate::config::{Config, ConfigError};
 use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
-use crate::cp::metrics;
 use crate::cp::outbox::Outbox;
-use crate::cp::reports::{self, Reports};
-use crate::cp::wire::{valid_id, AgentConfig, Completion, Node, Task, ZERO_TIME, ZERO_UUID};
+use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
 use crate::sys::{redact, signal};
+use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use std::fmt;
@@ -135,7 +136,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     }
     agent.start_reports();
     if role == Role::Deploy {
-        crate::cp::control::spawn(
+        crate::agent::control::spawn(
             agent.cfg.clone(),
             agent.shared.clone(),
             agent.reports.clone(),
@@ -181,7 +182,7 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
                 e.kind
             );
             outbox.push(&e.id, &Completion::failed("agent restarted during task"));
-            if e.kind == "deploy" {
+            if matches!(Kind::parse(&e.kind, ""), Kind::Deploy(_)) {
                 deploys.push(e.deployment_id.clone());
             }
         }
@@ -423,7 +424,7 @@ impl Agent {
                 return;
             }
         }
-        if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind)) {
+        if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind())) {
             log::error!("task {id}: {reason}");
             self.finish(&id, &Completion::failed(reason.to_string()));
             return;
@@ -431,19 +432,19 @@ impl Agent {
         self.outbox.push(&id, &Completion::running());
         log::info!(
             "task {id}: starting {} (deployment {})",
-            task.kind,
+            task.type_name,
             task.deployment_id
         );
         self.start_worker(&id, task);
     }
 
-    fn rejection(&self, kind: &str) -> Option<Rejection> {
+    fn rejection(&self, kind: &Kind) -> Option<Rejection> {
         if self.role.serves(kind) {
             None
-        } else if dispatch::known_type(kind) {
-            Some(Rejection::WrongRole(kind.to_string(), self.role))
+        } else if kind.role().is_some() {
+            Some(Rejection::WrongRole(kind.name().to_string(), self.role))
         } else {
-            Some(Rejection::Unknown(kind.to_string()))
+            Some(Rejection::Unknown(kind.name().to_string()))
         }
     }
 
@@ -535,8 +536,7 @@ struct Worker {
 impl Worker {
     fn run(self, task: Task) {
         let started = Instant::now();
-        let ships_logs =
-            matches!(task.kind.as_str(), "build" | "deploy") && !task.deployment_id.is_empty();
+        let ships_logs = task.kind().ships_logs() && !task.deployment_id.is_empty();
         let shipper = ships_logs.then(|| {
             let spill = Spill {
                 path: self
@@ -571,7 +571,7 @@ impl Worker {
         }
         let took = executor::fmt_duration(started.elapsed());
         match &completion.result {
-            Some(reason) if completion.status == "failed" => {
+            Some(reason) if completion.status == Status::Failed => {
                 log::error!("task {}: failed after {took}: {reason}", task.id)
             }
             _ => log::info!("task {}: completed in {took}", task.id),

@@ -8,8 +8,8 @@
 //! `error`, never allowed to stall the socket or another session. Outgoing frames share one
 //! bounded queue: a session producing faster than the socket drains waits, alone.
 
+use crate::agent::reports::Reports;
 use crate::config::Config;
-use crate::cp::reports::Reports;
 use crate::sys::docker::Docker;
 use crate::sys::signal;
 use crate::work::ctx::Shared;

@@ -8,12 +8,13 @@
 //!   server has no such route: its 404 ends the reports, quietly;
 //! * deploy role, every few minutes: reaping (`work::reaper`).
 
-use crate::config::{Config, Role};
+use crate::agent::{health, metrics};
+use crate::config::Config;
 use crate::cp::client::{Client, CpError};
-use crate::cp::wire::AgentConfig;
-use crate::cp::{health, metrics};
 use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
 use crate::sys::signal;
+use crate::task::AgentConfig;
+use crate::task::Role;
 use crate::work::ctx::Shared;
 use crate::work::reaper::{self, Reaper};
 use std::collections::HashMap;

@@ -7,12 +7,13 @@
 //! control plane itself and a real registry login, which the running agent already does on
 //! every heartbeat.
 
-use crate::config::{Config, Role};
+use crate::config::Config;
 use crate::cp::client::{self, Client};
-use crate::cp::wire::{clean_text, AgentConfig};
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::{Cmd, Runner};
 use crate::sys::redact;
+use crate::task::Role;
+use crate::task::{clean_text, AgentConfig};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Duration;
