@@ -4,7 +4,9 @@
 
 use crate::deployer::{images, APP, IDLE};
 use crate::git_http::{self, GitHttp};
-use crate::util::{self, require_docker, temp_dir, unique_hex, ArgvSampler};
+use crate::util::{
+    self, require_docker, temp_dir, test_name, unique_hex, ArgvSampler, RemoveContainers,
+};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,12 +91,16 @@ struct App {
     prefix: String,
     data: PathBuf,
     volumes: PathBuf,
+    _cleanup: RemoveContainers,
 }
 
 impl App {
     fn new() -> App {
+        let prefix = format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]);
+        let project = format!("com.docker.compose.project=muvee-{prefix}");
         App {
-            prefix: format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]),
+            _cleanup: RemoveContainers::labelled(&project),
+            prefix,
             data: temp_dir("compose-data"),
             volumes: temp_dir("compose-vol"),
         }
@@ -153,25 +159,6 @@ impl App {
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        let filter = format!("label=com.docker.compose.project={}", self.project());
-        let Ok(out) = Command::new(util::docker_cli())
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", "-v", id], &[]);
-        }
-        let _ = util::docker(
-            &["network", "rm", &format!("{}_default", self.project())],
-            &[],
-        );
-    }
-}
-
 fn env_of(container: &str) -> Vec<String> {
     let out = util::docker(
         &["inspect", "--format", "{{json .Config.Env}}", container],
@@ -199,7 +186,7 @@ fn no_secret_anywhere(argvs: &[String], log: &str, data: &Path, secrets: &[&str]
 
 #[test]
 fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
-    if !require("image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up") {
+    if !require(test_name!()) {
         return;
     }
     let img = pushed();
@@ -266,7 +253,7 @@ fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
 
 #[test]
 fn two_service_project_from_hosted_git_with_registry_auths() {
-    if !require("two_service_project_from_hosted_git_with_registry_auths") {
+    if !require(test_name!()) {
         return;
     }
     let img = pushed();
