@@ -850,7 +850,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
     cp.set_config("registry_user", "ci-bot");
     cp.set_config("registry_password", "first-password-1");
     let dir = temp_dir("agent-login");
-    let agent = Agent::start(&cp, "builder", &dir, &[("HEARTBEAT_INTERVAL", "500ms")]);
+    let agent = Agent::start(&cp, "builder", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
     let logins = |a: &Agent| {
         a.calls()
             .iter()
@@ -880,7 +880,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
         &cp,
         "builder",
         &dir,
-        &[("HEARTBEAT_INTERVAL", "500ms"), ("FAKE_DOCKER_EXIT", "1")],
+        &[("HEARTBEAT_INTERVAL", "1s"), ("FAKE_DOCKER_EXIT", "1")],
     );
     util::poll(20, || logins(&agent) >= 3);
     assert!(logins(&agent) >= 3, "login retried");
@@ -1129,4 +1129,39 @@ fn deploy_node_reports_container_statuses_with_host_port() {
         statuses.iter().all(|s| s["host_port"] == port),
         "the aside container is not reported: {statuses:?}"
     );
+}
+
+/// Issue 16.11: a duration below its minimum (POLL_INTERVAL=0 made thousands of requests a
+/// second) stops the agent at start with status 2 and a message naming the variable; no
+/// request reaches the control plane.
+#[test]
+fn absurd_intervals_exit_2_naming_the_variable() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let cases = [
+        ("POLL_INTERVAL", "0", "100ms"),
+        ("HEARTBEAT_INTERVAL", "0", "1s"),
+        ("DEPLOY_HEALTH_TIMEOUT", "0", "2s"),
+        ("BUILD_TIMEOUT", "1s", "10s"),
+        ("BUILD_IDLE_TIMEOUT", "0", "5s"),
+        ("REAP_GRACE", "0", "1s"),
+    ];
+    let mut agents: Vec<(&str, &str, &str, Agent)> = cases
+        .iter()
+        .map(|&(var, value, min)| {
+            let dir = temp_dir("agent-absurd");
+            (
+                var,
+                value,
+                min,
+                Agent::start(&cp, "deploy", &dir, &[(var, value)]),
+            )
+        })
+        .collect();
+    for (var, value, min, agent) in &mut agents {
+        let status = agent.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{var}={value}");
+        let want = format!("{var}: invalid value \"{value}\" (expected at least {min})");
+        assert!(agent.log().contains(&want), "{}", agent.log());
+    }
+    assert_eq!(cp.requests().len(), 0, "{}", cp.dump(10));
 }
