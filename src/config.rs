@@ -196,7 +196,7 @@ impl Config {
                 &a.deploy_health_timeout,
                 "DEPLOY_HEALTH_TIMEOUT",
                 (60, "60s"),
-                secs(2),
+                secs(1),
             )?,
             deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", (10, "10s"), Duration::ZERO)?,
             reap_grace: d(&a.reap_grace, "REAP_GRACE", (600, "10m"), secs(1))?,
@@ -586,7 +586,7 @@ mod tests {
             ("HEARTBEAT_INTERVAL", "0", "1s", "1s"),
             ("BUILD_TIMEOUT", "9s", "10s", "10s"),
             ("BUILD_IDLE_TIMEOUT", "0", "5s", "5s"),
-            ("DEPLOY_HEALTH_TIMEOUT", "0", "2s", "2s"),
+            ("DEPLOY_HEALTH_TIMEOUT", "0", "1s", "1s"),
             ("REAP_GRACE", "0", "1s", "1s"),
         ];
         for (name, low, min, ok) in cases {

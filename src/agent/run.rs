@@ -113,10 +113,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
 
     // Recovery before any report goes out: a final report queued by the previous run must
     // not race the scan that reports its task interrupted.
-    let interrupted = report_interrupted(&journal, &outbox);
-    outbox.release_reserves();
-    outbox.forget_sent(&|id| journal.is_saved_done(id));
-    journal.prune(JOURNAL_KEEP, &|id| outbox.holds(id));
+    let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     {
         let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
@@ -220,6 +217,16 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
         cfg.control_plane_url,
         cfg.data_dir.display()
     );
+}
+
+/// What the previous run left: interrupted tasks reported (their deploys returned), space
+/// reserves freed, tombstones and old journal entries forgotten.
+fn recover(journal: &Journal, outbox: &Outbox) -> Vec<String> {
+    let interrupted = report_interrupted(journal, outbox);
+    outbox.release_reserves();
+    outbox.forget_sent(&|id| journal.is_saved_done(id));
+    journal.prune(JOURNAL_KEEP, &|id| outbox.holds(id));
+    interrupted
 }
 
 /// Tasks that were running when the agent last stopped are reported failed, unless a final

@@ -1140,7 +1140,7 @@ fn absurd_intervals_exit_2_naming_the_variable() {
     let cases = [
         ("POLL_INTERVAL", "0", "100ms"),
         ("HEARTBEAT_INTERVAL", "0", "1s"),
-        ("DEPLOY_HEALTH_TIMEOUT", "0", "2s"),
+        ("DEPLOY_HEALTH_TIMEOUT", "0", "1s"),
         ("BUILD_TIMEOUT", "1s", "10s"),
         ("BUILD_IDLE_TIMEOUT", "0", "5s"),
         ("REAP_GRACE", "0", "1s"),

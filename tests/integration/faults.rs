@@ -584,11 +584,11 @@ fn data_dir_state_is_private_to_the_agent() {
     let mut seen = 0;
     for sub in ["", "outbox", "tasks", "logs"] {
         let d = state.join(sub);
-        assert_eq!(mode(&d), 0o700, "{}", d.display());
+        assert_eq!(format!("{:o}", mode(&d)), "700", "{}", d.display());
         for (name, _) in files(&d) {
             let p = d.join(&name);
             if p.is_file() {
-                assert_eq!(mode(&p), 0o600, "{}", p.display());
+                assert_eq!(format!("{:o}", mode(&p)), "600", "{}", p.display());
                 seen += 1;
             }
         }

@@ -204,7 +204,10 @@ fn the_compose_recipe_mounts_data_dir_at_the_same_path() {
     assert_eq!(data_dirs.len(), 2, "{data_dirs:?}");
     assert_ne!(data_dirs[0], data_dirs[1], "the services share a DATA_DIR");
     for d in &data_dirs {
-        assert!(mounts.contains(&format!("{d}:{d}").as_str()), "{d} not mounted");
+        assert!(
+            mounts.contains(&format!("{d}:{d}").as_str()),
+            "{d} not mounted"
+        );
     }
     for m in &mounts {
         let mut parts = m.split(':');
