@@ -281,6 +281,7 @@ impl Outbox {
         let task = &report.task_id;
         let mut q = self.queue();
         let item = q.items.remove(i);
+        let mut keep_file = false;
         if report.body.is_final() && !journal_done(task) {
             // The delivered report's own file becomes the tombstone: no new inode needed.
             let tomb = self.dir.join(format!("{task}.sent"));
@@ -290,12 +291,17 @@ impl Outbox {
                     .is_ok();
             if !renamed {
                 if let Err(e) = write_atomic(&tomb, b"") {
+                    // The report's file stays: a restart sends the same outcome again
+                    // rather than report the task interrupted.
+                    keep_file = item.persisted;
                     log::warn!("cannot record that the final report of task {task} was sent: {e}");
                 }
             }
             q.sent.insert(task.clone());
         }
-        let _ = fs::remove_file(&item.path);
+        if !keep_file {
+            let _ = fs::remove_file(&item.path);
+        }
         if q.failures > 0 {
             log::info!("control plane reachable again; delivering queued reports");
         }

@@ -620,21 +620,23 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
     });
     drop(agent);
     let fillers = fs.fill_all();
-    let registered = cp.register_count();
+    let (registered, reported) = (
+        cp.register_count(),
+        cp.posted("/api/agent/health-report").len(),
+    );
     let mut agent = Agent::start(&cp, "builder", &dir, &env);
     cp.wait_for("registered again", Duration::from_secs(20), |cp| {
         cp.register_count() > registered
     });
-    let data_dir_check = |cp: &FakeCp| {
-        let reports = cp.posted("/api/agent/health-report");
-        let last = reports.last().cloned().unwrap_or_default();
-        let checks = last.as_array().cloned().unwrap_or_default();
-        checks.into_iter().find(|c| c["name"] == "data_dir")
-    };
     cp.wait_for("a health report", Duration::from_secs(20), |cp| {
-        data_dir_check(cp).is_some()
+        cp.posted("/api/agent/health-report").len() > reported
     });
-    let check = data_dir_check(&cp).unwrap();
+    let report = cp.posted("/api/agent/health-report")[reported].clone();
+    let checks = report.as_array().cloned().unwrap_or_default();
+    let check = checks
+        .into_iter()
+        .find(|c| c["name"] == "data_dir")
+        .unwrap();
     assert_eq!(check["status"], "error", "{check}");
     let msg = check["message"].as_str().unwrap();
     assert!(
