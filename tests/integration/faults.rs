@@ -2,9 +2,10 @@
 //! NUL 500s) and real files: a poison report never blocks others, a full disk loses no task
 //! and no report, a restart never reports a task twice with different outcomes.
 
-use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
+use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
-use crate::util::{self, temp_dir};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, temp_dir, test_name, RemoveContainers};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +28,11 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     let cp = builder_cp();
     let dir = temp_dir("faults-poison");
     let env = [("FAKE_GIT_NUL", "1"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     // Task A's reports are refused for as long as the fault lasts.
     let a = chatty_build(&cp, DEP_A);
     cp.inject(&format!("/api/agent/tasks/{a}/complete"), Fault::Status(500, "application/json", r#"{"error":"ERROR: invalid byte sequence for encoding \"UTF8\": 0x00 (SQLSTATE 22021)"}"#.into()), 100_000);
@@ -153,7 +158,7 @@ fn files(dir: &Path) -> Vec<(String, u64)> {
 /// a restart after space returned does not report it again as interrupted.
 #[test]
 fn a_full_disk_loses_no_task_and_no_report() {
-    let Some(fs) = tmpfs_or_skip("faults-disk", "a_full_disk_loses_no_task_and_no_report") else {
+    let Some(fs) = tmpfs_or_skip("faults-disk", test_name!()) else {
         return;
     };
     let cp = builder_cp();
@@ -165,7 +170,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
         ("FAKE_GIT_SLEEP", "3"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -217,7 +226,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
     );
     drop(agent);
     let registered = cp.register_count();
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered again", Duration::from_secs(20), |cp| {
         cp.register_count() > registered
     });
@@ -281,13 +294,10 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
     for id in [queued, delivered, interrupted] {
         state.entry(id, "running", 1_900_000_000);
     }
-    state.report(
-        1,
-        queued,
-        json!({"image_tag": "r/p:1", "status": "completed"}),
-    );
+    let report = json!({"image_tag": "r/p:1", "status": "completed"});
+    state.report(1, queued, report);
     std::fs::write(state.outbox.join(format!("{delivered}.sent")), "").unwrap();
-    let _agent = Agent::start(&cp, "builder", &dir, &[]);
+    let _agent = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     assert_eq!(wait_final(&cp, queued, 30)["status"], "completed");
     assert_eq!(
         wait_final(&cp, interrupted, 30),
@@ -309,22 +319,22 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
 /// the old one its name back before its first status report, which carries the old port.
 #[test]
 fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
-    if !util::require_docker("kill_9_during_a_deploys_health_wait_is_reconciled_at_start") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     crate::deployer::images();
-    let docker = which(&util::docker_cli());
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("faults-reconcile");
     let prefix = format!("itf-rec-{}", std::process::id());
     let name = format!("muvee-{prefix}");
-    let _cleanup = RemoveContainers(name.clone());
-    let env = [
-        ("DOCKER_CLI", docker.as_str()),
-        ("DEPLOY_HEALTH_TIMEOUT", "120s"),
-        ("HEARTBEAT_INTERVAL", "1s"),
-    ];
-    let mut agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _cleanup = RemoveContainers::named(&name);
+    let deploy_node = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .real_docker()
+        .env("DEPLOY_HEALTH_TIMEOUT", "120s")
+        .env("HEARTBEAT_INTERVAL", "1s");
+    let mut agent = deploy_node.start();
     let deploy = |dep: &str, image: &str| {
         let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-rec",
                        "domain_prefix": prefix, "container_port": 8080, "env_vars": {"BODY": "old"}});
@@ -354,7 +364,7 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     drop(agent);
 
     let posted_before = cp.posted("/api/agent/container-statuses").len();
-    let _agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _agent = deploy_node.start();
     let r = wait_final(&cp, &second, 30);
     assert_eq!(
         r,
@@ -379,31 +389,6 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     assert!(util::http_get(port, "/").is_some_and(|b| b.contains("body=old")));
 }
 
-fn which(prog: &str) -> String {
-    if prog.contains('/') {
-        return prog.to_string();
-    }
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {prog}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes every container whose name contains the prefix when the test ends.
-struct RemoveContainers(String);
-
-impl Drop for RemoveContainers {
-    fn drop(&mut self) {
-        let f = format!("name={}", self.0);
-        let out = util::docker(&["ps", "-aq", "--filter", &f], &[]);
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", id], &[]);
-        }
-    }
-}
-
 const PLANTED: &str = "7e570000-0000-4000-8000-0000000000a7";
 
 /// Issue 16.1: a task whose reports the server refuses for ever (404): its running report is
@@ -420,7 +405,11 @@ fn a_refused_report_does_not_stop_polling_after_a_restart() {
     let route = format!("/api/agent/tasks/{PLANTED}/complete");
     let not_found = Fault::Status(404, "text/plain", "404 page not found".into());
     cp.inject(&route, not_found, 1_000_000);
-    let _agent = Agent::start(&cp, "builder", &dir, &[("FAKE_GIT_EXIT", "128")]);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&[("FAKE_GIT_EXIT", "128")])
+        .start();
     let b = chatty_build(&cp, DEP_B);
     assert_eq!(wait_final(&cp, &b, 30)["status"], "failed");
     assert!(
@@ -436,7 +425,11 @@ fn a_refused_report_does_not_stop_polling_after_a_restart() {
 fn a_report_refused_by_a_passing_fault_arrives_soon_after_it_ends() {
     let cp = builder_cp();
     let dir = temp_dir("faults-transient");
-    let _agent = Agent::start(&cp, "builder", &dir, &[("FAKE_GIT_EXIT", "128")]);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&[("FAKE_GIT_EXIT", "128")])
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -480,7 +473,11 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
     let dir = temp_dir("faults-clock");
     let env = [("FAKE_GIT_EXIT", "128")];
     // A first run registers the node, so a pending task can be given to it.
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -504,7 +501,11 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
         Fault::Status(500, "application/json", internal),
         1_000_000,
     );
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let polls = || cp.requests_to("/api/agent/tasks?node_id=").len();
     let before = polls();
     assert!(util::poll(20, || polls() > before + 10), "no polls");
@@ -531,11 +532,11 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
 fn a_second_agent_on_the_same_data_dir_exits_2_naming_the_first() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("faults-two");
-    let first = Agent::start(&cp, "deploy", &dir, &[]);
+    let first = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
-    let mut second = Agent::start(&cp, "builder", &dir, &[]);
+    let mut second = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     let status = second.wait_exit(Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", second.log());
     let want = format!(
@@ -566,7 +567,11 @@ fn data_dir_state_is_private_to_the_agent() {
         1_000_000,
     );
     let umask_022 = ["sh", "-c", "umask 022 && exec \"$0\""];
-    let _agent = Agent::start_with(&cp, "deploy", &dir, &[], &umask_022);
+    let _agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .wrapped_in(&umask_022)
+        .start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "myapp"}));
     let state = dir.join("data/state");
     let queued = || {
@@ -603,7 +608,7 @@ fn data_dir_state_is_private_to_the_agent() {
 /// space returns, by itself.
 #[test]
 fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
-    let test = "a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers";
+    let test = test_name!();
     let Some(fs) = tmpfs_or_skip("faults-full-start", test) else {
         return;
     };
@@ -614,7 +619,11 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
         ("FAKE_GIT_EXIT", "128"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -624,7 +633,11 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
         cp.register_count(),
         cp.posted("/api/agent/health-report").len(),
     );
-    let mut agent = Agent::start(&cp, "builder", &dir, &env);
+    let mut agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered again", Duration::from_secs(20), |cp| {
         cp.register_count() > registered
     });
@@ -653,7 +666,7 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
         .env_clear()
         .env(
             "PATH",
-            format!("{}:/usr/bin:/bin", crate::agent::shims().display()),
+            format!("{}:/usr/bin:/bin", crate::test_agent::shims().display()),
         )
         .env("NODE_ROLE", "builder")
         .env("DATA_DIR", &data)
@@ -676,7 +689,7 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
 /// a kill -9 and a restart the agent neither reports it again nor removes its container.
 #[test]
 fn a_full_disk_never_undoes_a_reported_deploy() {
-    let test = "a_full_disk_never_undoes_a_reported_deploy";
+    let test = test_name!();
     if !util::require_docker(test) {
         return;
     }
@@ -688,14 +701,14 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
     let dir = temp_dir("faults-full-deploy-agent");
     let prefix = format!("itf-full-{}", std::process::id());
     let name = format!("muvee-{prefix}");
-    let _cleanup = RemoveContainers(name.clone());
+    let _cleanup = RemoveContainers::named(&name);
     // `docker run` waits while the gate exists: the disk fills up while the task runs.
     let gate = dir.join("gate");
     let docker = dir.join("docker-gated");
     let script = format!(
         "#!/bin/sh\nif [ \"$1\" = run ]; then while [ -e '{}' ]; do sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
         gate.display(),
-        which(&util::docker_cli())
+        crate::test_agent::which(&util::docker_cli())
     );
     std::fs::write(&docker, script).unwrap();
     util::sh(Command::new("chmod").arg("+x").arg(&docker));
@@ -704,8 +717,13 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
         ("DOCKER_CLI", docker.to_str().unwrap()),
         ("DATA_DIR", data.to_str().unwrap()),
         ("DEPLOY_HEALTH_TIMEOUT", "60s"),
+        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ];
-    let agent = Agent::start(&cp, "deploy", &dir, &env);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     std::fs::write(&gate, "").unwrap();
     let dep = "d1000000-0000-4000-8000-0000000000f1";
     let p = json!({"image_tag": crate::deployer::APP, "deployment_id": dep, "project_id": "proj-full",
@@ -725,7 +743,11 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
     drop(agent);
     remove_all(&fillers);
     let registered = cp.register_count();
-    let agent = Agent::start(&cp, "deploy", &dir, &env);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     // Reconcile runs before the first registration.
     cp.wait_for("registered again", Duration::from_secs(30), |cp| {
         cp.register_count() > registered
