@@ -3,7 +3,6 @@
 
 use crate::cli::Args;
 use crate::sys::disk;
-use crate::sys::executor::fmt_duration;
 pub use crate::task::Role;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -97,20 +96,21 @@ impl Settings<'_> {
         }
     }
 
-    /// A duration of at least `min`; `example` completes "expected a duration like ...".
+    /// A duration of at least `min`; `default` and `min` written as a user would (the
+    /// default also completes "expected a duration like ...").
     fn duration(
         &self,
         flag: &Option<String>,
         name: &str,
-        (default_secs, example): (u64, &str),
-        min: Duration,
+        default: &str,
+        min: &str,
     ) -> Result<Duration, ConfigError> {
-        let expect = format!("a duration like {example}");
-        let d = self.parsed(flag, name, secs(default_secs), parse_duration, &expect)?;
-        if d < min {
+        let expect = format!("a duration like {default}");
+        let default_value = parse_duration(default).unwrap_or_default();
+        let d = self.parsed(flag, name, default_value, parse_duration, &expect)?;
+        if d < parse_duration(min).unwrap_or_default() {
             let v = pick(flag, self.env, name).unwrap_or_default();
-            let at_least = format!("at least {}", fmt_duration(min));
-            return Err(invalid(name, &v, &at_least));
+            return Err(invalid(name, &v, &format!("at least {min}")));
         }
         Ok(d)
     }
@@ -140,8 +140,8 @@ fn invalid(name: &str, value: &str, expect: &str) -> ConfigError {
 impl Config {
     pub fn load(a: &Args, env: Env) -> Result<Config, ConfigError> {
         let s = Settings { env };
-        // Durations, one line each: flag, variable, (default in seconds, example for the
-        // error), the least value that makes sense (README lists them).
+        // Durations, one line each: flag, variable, default, the least value that makes
+        // sense (README lists them).
         let d = |flag, name, default, min| s.duration(flag, name, default, min);
         let role = s.parsed(
             &a.node_role,
@@ -169,32 +169,17 @@ impl Config {
                 parse_size,
                 SIZE,
             )?,
-            poll_interval: d(&a.poll_interval, "POLL_INTERVAL", (5, "5s"), ms(100))?,
-            heartbeat_interval: d(
-                &a.heartbeat_interval,
-                "HEARTBEAT_INTERVAL",
-                (30, "30s"),
-                secs(1),
-            )?,
+            poll_interval: d(&a.poll_interval, "POLL_INTERVAL", "5s", "100ms")?,
+            heartbeat_interval: d(&a.heartbeat_interval, "HEARTBEAT_INTERVAL", "30s", "1s")?,
             max_concurrent_tasks: s.count(&a.max_concurrent_tasks, "MAX_CONCURRENT_TASKS", 4)?,
             builder_max_concurrent: s.count(
                 &a.builder_max_concurrent,
                 "BUILDER_MAX_CONCURRENT",
                 1,
             )?,
-            shutdown_grace: d(
-                &a.shutdown_grace,
-                "SHUTDOWN_GRACE",
-                (300, "5m"),
-                Duration::ZERO,
-            )?,
-            build_timeout: d(&a.build_timeout, "BUILD_TIMEOUT", (3600, "60m"), secs(10))?,
-            build_idle_timeout: d(
-                &a.build_idle_timeout,
-                "BUILD_IDLE_TIMEOUT",
-                (900, "15m"),
-                secs(5),
-            )?,
+            shutdown_grace: d(&a.shutdown_grace, "SHUTDOWN_GRACE", "5m", "0s")?,
+            build_timeout: d(&a.build_timeout, "BUILD_TIMEOUT", "60m", "10s")?,
+            build_idle_timeout: d(&a.build_idle_timeout, "BUILD_IDLE_TIMEOUT", "15m", "5s")?,
             docker_cli: s.text(&a.docker_cli, "DOCKER_CLI", "docker"),
             builder_proxy_passthrough: s.parsed(
                 &a.builder_proxy_passthrough,
@@ -206,11 +191,11 @@ impl Config {
             deploy_health_timeout: d(
                 &a.deploy_health_timeout,
                 "DEPLOY_HEALTH_TIMEOUT",
-                (60, "60s"),
-                secs(1),
+                "60s",
+                "1s",
             )?,
-            deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", (10, "10s"), Duration::ZERO)?,
-            reap_grace: d(&a.reap_grace, "REAP_GRACE", (600, "10m"), secs(1))?,
+            deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", "10s", "0s")?,
+            reap_grace: d(&a.reap_grace, "REAP_GRACE", "10m", "1s")?,
             compose_policy: s.parsed(
                 &a.deploy_compose_policy,
                 "DEPLOY_COMPOSE_POLICY",
@@ -320,10 +305,6 @@ fn parse_count(s: &str) -> Option<usize> {
 
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
 }
 
 pub fn hostname() -> String {

@@ -4,7 +4,7 @@
 
 use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
-use crate::test_agent::{TestAgent, SECRET};
+use crate::test_agent::{AgentBuilder, TestAgent, SECRET};
 use crate::util::{self, temp_dir, test_name, RemoveContainers};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -18,6 +18,16 @@ fn builder_cp() -> FakeCp {
     let cp = FakeCp::start(Version::Today, SECRET);
     cp.set_config("registry_addr", "127.0.0.1:5000");
     cp
+}
+
+/// Starts the agent `node` describes and waits until it registered (again).
+fn start_registered(cp: &FakeCp, node: &AgentBuilder) -> TestAgent {
+    let before = cp.register_count();
+    let agent = node.start();
+    cp.wait_for("registered", Duration::from_secs(30), |cp| {
+        cp.register_count() > before
+    });
+    agent
 }
 
 /// Output with a NUL byte and an escape: the report and the log reach today's server (which
@@ -170,14 +180,8 @@ fn a_full_disk_loses_no_task_and_no_report() {
         ("FAKE_GIT_SLEEP", "3"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    cp.wait_for("registered", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 1
-    });
+    let node = TestAgent::builder("builder").cp(&cp).dir(&dir).envs(&env);
+    let agent = start_registered(&cp, &node);
     let filler = fs.fill();
     let a = chatty_build(&cp, DEP_A);
     assert!(
@@ -225,15 +229,7 @@ fn a_full_disk_loses_no_task_and_no_report() {
         "journal entry of B never written"
     );
     drop(agent);
-    let registered = cp.register_count();
-    let _agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    cp.wait_for("registered again", Duration::from_secs(20), |cp| {
-        cp.register_count() > registered
-    });
+    let _agent = start_registered(&cp, &node);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(statuses(&cp, &b), ["running", "failed"], "B reported again");
     assert_eq!(statuses(&cp, &a), ["running", "failed"], "A reported again");
@@ -425,14 +421,11 @@ fn a_refused_report_does_not_stop_polling_after_a_restart() {
 fn a_report_refused_by_a_passing_fault_arrives_soon_after_it_ends() {
     let cp = builder_cp();
     let dir = temp_dir("faults-transient");
-    let _agent = TestAgent::builder("builder")
+    let node = TestAgent::builder("builder")
         .cp(&cp)
         .dir(&dir)
-        .envs(&[("FAKE_GIT_EXIT", "128")])
-        .start();
-    cp.wait_for("registered", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 1
-    });
+        .env("FAKE_GIT_EXIT", "128");
+    let _agent = start_registered(&cp, &node);
     // Every report route (polls are /api/agent/tasks?node_id=…).
     let internal = r#"{"error":"internal server error"}"#.to_string();
     cp.inject(
@@ -473,18 +466,11 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
     let dir = temp_dir("faults-clock");
     let env = [("FAKE_GIT_EXIT", "128")];
     // A first run registers the node, so a pending task can be given to it.
-    let agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    cp.wait_for("registered", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 1
-    });
-    drop(agent);
-    let node = cp.node_id_for_role("builder").unwrap();
+    let node = TestAgent::builder("builder").cp(&cp).dir(&dir).envs(&env);
+    drop(start_registered(&cp, &node));
+    let node_id = cp.node_id_for_role("builder").unwrap();
     let t = cp.add_task(
-        &node,
+        &node_id,
         "build",
         DEP_A,
         json!({"git_url": "https://git.example/a.git"}),
@@ -501,11 +487,7 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
         Fault::Status(500, "application/json", internal),
         1_000_000,
     );
-    let agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
+    let agent = node.start();
     let polls = || cp.requests_to("/api/agent/tasks?node_id=").len();
     let before = polls();
     assert!(util::poll(20, || polls() > before + 10), "no polls");
@@ -532,10 +514,7 @@ fn a_clock_jump_never_prunes_a_task_whose_reports_are_undelivered() {
 fn a_second_agent_on_the_same_data_dir_exits_2_naming_the_first() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("faults-two");
-    let first = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
-    cp.wait_for("registered", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 1
-    });
+    let first = start_registered(&cp, &TestAgent::builder("deploy").cp(&cp).dir(&dir));
     let mut second = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     let status = second.wait_exit(Duration::from_secs(20));
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", second.log());
@@ -619,28 +598,11 @@ fn a_full_data_dir_at_start_keeps_the_node_online_and_it_recovers() {
         ("FAKE_GIT_EXIT", "128"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    cp.wait_for("registered", Duration::from_secs(20), |cp| {
-        cp.register_count() >= 1
-    });
-    drop(agent);
+    let node = TestAgent::builder("builder").cp(&cp).dir(&dir).envs(&env);
+    drop(start_registered(&cp, &node));
     let fillers = fs.fill_all();
-    let (registered, reported) = (
-        cp.register_count(),
-        cp.posted("/api/agent/health-report").len(),
-    );
-    let mut agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    cp.wait_for("registered again", Duration::from_secs(20), |cp| {
-        cp.register_count() > registered
-    });
+    let reported = cp.posted("/api/agent/health-report").len();
+    let mut agent = start_registered(&cp, &node);
     cp.wait_for("a health report", Duration::from_secs(20), |cp| {
         cp.posted("/api/agent/health-report").len() > reported
     });
@@ -719,11 +681,8 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
         ("DEPLOY_HEALTH_TIMEOUT", "60s"),
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ];
-    let agent = TestAgent::builder("deploy")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
+    let node = TestAgent::builder("deploy").cp(&cp).dir(&dir).envs(&env);
+    let agent = node.start();
     std::fs::write(&gate, "").unwrap();
     let dep = "d1000000-0000-4000-8000-0000000000f1";
     let p = json!({"image_tag": crate::deployer::APP, "deployment_id": dep, "project_id": "proj-full",
@@ -742,16 +701,8 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
     remove_all(&fillers);
-    let registered = cp.register_count();
-    let agent = TestAgent::builder("deploy")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
     // Reconcile runs before the first registration.
-    cp.wait_for("registered again", Duration::from_secs(30), |cp| {
-        cp.register_count() > registered
-    });
+    let agent = start_registered(&cp, &node);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         statuses(&cp, &task),
