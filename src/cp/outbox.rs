@@ -17,13 +17,14 @@
 use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::files::{self, remove_temps, sync_dir, write_atomic, write_reserved};
 use crate::sys::disk::no_space;
+use crate::sys::wait::{self, Bell, Check, Stop, Woke};
 use crate::task::Completion;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The longest wait between two tries of a report the server refuses.
@@ -70,7 +71,8 @@ struct Queue {
 pub struct Outbox {
     dir: PathBuf,
     queue: Mutex<Queue>,
-    changed: Condvar,
+    /// Rung when a report is queued or delivered, or the control plane answered.
+    changed: Bell,
 }
 
 impl Outbox {
@@ -111,7 +113,7 @@ impl Outbox {
         Ok(Outbox {
             dir,
             queue: Mutex::new(queue),
-            changed: Condvar::new(),
+            changed: Bell::default(),
         })
     }
 
@@ -170,7 +172,7 @@ impl Outbox {
             parked: false,
             old: false,
         });
-        self.changed.notify_all();
+        self.changed.ring();
     }
 
     #[cfg(test)]
@@ -222,7 +224,7 @@ impl Outbox {
             woke = true;
         }
         if woke {
-            self.changed.notify_all();
+            self.changed.ring();
         }
     }
 
@@ -253,12 +255,12 @@ impl Outbox {
     /// and, for a final report, recorded on disk (its file, or the journal saying done).
     /// Also writes reports that could not be written before.
     fn next_due(&self, journal_done: &dyn Fn(&str) -> bool) -> (usize, Report) {
-        let mut q = self.queue();
-        loop {
+        wait::next_ready(&self.changed, || {
+            let mut q = self.queue();
             retry_persist(&mut q);
             let now = Instant::now();
             let mut wake = match find_due(&q, now, journal_done) {
-                Ok(n) => return (n, q.items[n].report.clone()),
+                Ok(n) => return Check::Ready((n, q.items[n].report.clone())),
                 Err(wake) => wake,
             };
             // Unwritten reports are retried now and then even when nothing else is due.
@@ -266,15 +268,8 @@ impl Outbox {
                 let soon = now + Duration::from_secs(5);
                 wake = Some(wake.map_or(soon, |w| w.min(soon)));
             }
-            q = match wake {
-                None => self.changed.wait(q).unwrap_or_else(|e| e.into_inner()),
-                Some(w) => self
-                    .changed
-                    .wait_timeout(q, w.saturating_duration_since(now))
-                    .map(|r| r.0)
-                    .unwrap_or_else(|e| e.into_inner().0),
-            };
-        }
+            Check::Sleep(wake)
+        })
     }
 
     fn delivered(&self, i: usize, report: &Report, journal_done: &dyn Fn(&str) -> bool) {
@@ -315,7 +310,7 @@ impl Outbox {
             );
         }
         log::debug!("reported task {task} {}", report.body.status);
-        self.changed.notify_all();
+        self.changed.ring();
     }
 
     fn failed(&self, i: usize, report: &Report, e: &CpError) {
@@ -358,20 +353,12 @@ impl Outbox {
     /// Waits until every queued report is delivered, or the deadline passes. Reports that
     /// could not be written are written now, if at all possible, for the next start.
     pub fn wait_empty(&self, deadline: Instant) -> bool {
-        let mut q = self.queue();
-        while !q.items.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                retry_persist(&mut q);
-                return false;
-            }
-            q = self
-                .changed
-                .wait_timeout(q, deadline - now)
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0);
+        let empty = || self.queue().items.is_empty();
+        let woke = wait::until(&self.changed, Some(deadline), Stop::Never, empty);
+        if woke != Woke::Ready {
+            retry_persist(&mut self.queue());
         }
-        true
+        woke == Woke::Ready
     }
 }
 

@@ -85,18 +85,26 @@ pub enum Check<T> {
     Sleep(Option<Instant>),
 }
 
-/// The general wait: asks `check` after every ring (and when its own deadline passes) until
-/// it is `Ready`; None when `stop` happened first. `check` may hold the state's lock, and it
-/// decides each time how long to sleep (a queue's next retry).
-pub fn next<T>(bell: &Bell, stop: Stop, mut check: impl FnMut() -> Check<T>) -> Option<T> {
+/// The general wait, with [`Stop::Never`]: asks `check` after every ring (and when the
+/// deadline it gave passes) until it is `Ready`. `check` may take the state's lock, and it
+/// decides each time how long to sleep at most (a queue's next retry).
+pub fn next_ready<T>(bell: &Bell, mut check: impl FnMut() -> Check<T>) -> T {
     loop {
         let seen = bell.count();
         match check() {
-            Check::Ready(v) => return Some(v),
-            Check::Sleep(_) if stop.requested() => return None,
+            Check::Ready(v) => return v,
             Check::Sleep(deadline) => bell.sleep_after(seen, deadline),
         }
     }
+}
+
+/// [`next_ready`] that also ends, with None, when `stop` happens first.
+pub fn next<T>(bell: &Bell, stop: Stop, mut check: impl FnMut() -> Check<T>) -> Option<T> {
+    next_ready(bell, || match check() {
+        Check::Ready(v) => Check::Ready(Some(v)),
+        Check::Sleep(_) if stop.requested() => Check::Ready(None),
+        Check::Sleep(deadline) => Check::Sleep(deadline),
+    })
 }
 
 /// Sleeps on `bell` until `ready()` holds, `stop` happens or `deadline` (None: none) passes.
