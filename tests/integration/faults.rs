@@ -20,7 +20,7 @@ fn builder_cp() -> FakeCp {
 }
 
 /// Output with a NUL byte and an escape: the report and the log reach today's server (which
-/// refuses NUL) cleaned. A report the server keeps rejecting holds no other task back, and
+/// refuses NUL) with the NUL replaced and the escape as it was. A report the server keeps rejecting holds no other task back, and
 /// goes out soon after the server takes it again, although its backoff had grown.
 #[test]
 fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
@@ -42,7 +42,7 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     assert_eq!(final_b["status"], "failed");
     let why = final_b["result"].as_str().unwrap();
     assert!(
-        why.contains("fatal: bad \u{fffd} byte \u{fffd}[31mred"),
+        why.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"),
         "{why}"
     );
     assert!(statuses(&cp, &a).is_empty(), "A got through while refused");
@@ -57,7 +57,7 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     );
     assert_eq!(statuses(&cp, &a), ["running", "failed"]);
     let log = String::from_utf8(cp.logs(DEP_B)).unwrap();
-    assert!(log.contains("fatal: bad \u{fffd} byte"), "{log}");
+    assert!(log.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"), "{log}");
     for t in [&a, &b] {
         for raw in cp.completion_bodies_raw(t) {
             assert!(
