@@ -57,7 +57,10 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     );
     assert_eq!(statuses(&cp, &a), ["running", "failed"]);
     let log = String::from_utf8(cp.logs(DEP_B)).unwrap();
-    assert!(log.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"), "{log}");
+    assert!(
+        log.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"),
+        "{log}"
+    );
     for t in [&a, &b] {
         for raw in cp.completion_bodies_raw(t) {
             assert!(
