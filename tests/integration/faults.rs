@@ -4,6 +4,7 @@
 
 use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
 use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::logs::{assert_delivered_or_counted, numbers};
 use crate::util::{self, temp_dir};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -202,6 +203,46 @@ fn a_full_disk_loses_no_task_and_no_report() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(statuses(&cp, &b), ["running", "failed"], "B reported again");
     assert_eq!(statuses(&cp, &a), ["running", "failed"], "A reported again");
+}
+
+/// DATA_DIR (a 4 MB tmpfs) fills up under the log spill while the log route fails and a build
+/// prints 16.8 MB: every line is in the log or counted by a marker naming the full disk, the
+/// agent warns once (not once per line) and the shipper lives on to drain the rest.
+#[test]
+fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
+    let test = "a_full_disk_under_the_log_spill_counts_the_lines_it_drops";
+    let Some(fs) = tmpfs_or_skip("faults-spill", test) else {
+        return;
+    };
+    let cp = builder_cp();
+    let page = "<html>502 Bad Gateway</html>".to_string();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Status(502, "text/html", page),
+        1_000_000,
+    );
+    let dir = temp_dir("faults-spill-agent");
+    let data = fs.0.join("data");
+    let env = [
+        ("FAKE_GIT_LINES", "600000"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("DATA_DIR", data.to_str().unwrap()),
+    ];
+    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let task = chatty_build(&cp, DEP_A);
+    let warning = "cannot write the log spill";
+    assert!(
+        util::poll(120, || agent.log().contains(warning)),
+        "{}",
+        agent.log()
+    );
+    cp.clear_faults();
+    assert_eq!(wait_final(&cp, &task, 180)["status"], "failed");
+    let log = String::from_utf8(cp.logs(DEP_A)).unwrap();
+    assert_delivered_or_counted(&log, 600_000, "No space left on device");
+    assert!(numbers(&log).len() > 400_000, "the spill was drained too");
+    assert_eq!(agent.log().matches(warning).count(), 1);
+    assert!(files(&data.join("state/logs")).is_empty());
 }
 
 /// Planted state of a previous run: a running journal entry whose final report was queued
