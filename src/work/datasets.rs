@@ -3,9 +3,9 @@
 //!
 //! A version dir `objects/<id>/v<version>` only ever appears by an atomic rename of a
 //! finished sync, and counts as cached only once its marker `v<version>.complete` exists
-//! (written and fsync'd last; eviction removes it first, then renames the dir out of the
-//! cache before deleting it). A cached version is used without touching its source. Its
-//! mtime is the LRU clock.
+//! (written and fsync'd last, once the copy's data is on disk; eviction removes it first,
+//! then renames the dir out of the cache before deleting it). A cached version is used
+//! without touching its source. Its mtime is the LRU clock.
 
 use crate::config::Config;
 use crate::sys::rsync;
@@ -56,8 +56,10 @@ fn is_cached(version: &Path) -> bool {
     version.is_dir() && marker(version).is_file()
 }
 
-/// Writes the marker durably: data first, then the marker, then the directory entry.
+/// Writes the marker durably: the copy's data first (rsync does not fsync), then the
+/// marker, then its directory entry.
 fn mark_complete(version: &Path) -> std::io::Result<()> {
+    rsync::sync_to_disk(version)?;
     let m = marker(version);
     let f = std::fs::File::create(&m)?;
     f.sync_all()?;

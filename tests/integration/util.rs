@@ -160,8 +160,25 @@ pub fn describe(out: &Output) -> String {
 /// `muvee-agent run-task` with a task (or payload) on stdin. `env` is added to a clean
 /// environment that keeps PATH/HOME; DATA_DIR and DOCKER_CONFIG default to fresh temp dirs.
 pub fn run_task(args: &[&str], input: &str, env: &[(&str, &str)]) -> Output {
+    run_task_under(&[], args, input, env)
+}
+
+/// `run_task` with the agent run under `wrapper` (e.g. strace).
+pub fn run_task_under(
+    wrapper: &[&str],
+    args: &[&str],
+    input: &str,
+    env: &[(&str, &str)],
+) -> Output {
     use std::io::Write;
-    let mut cmd = Command::new(bin());
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
     cmd.arg("run-task").args(args);
     let data = temp_dir("data");
     let dcfg = temp_dir("dockercfg");
