@@ -64,7 +64,7 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
     let spec = parse(ctx, &p)?;
     let key = deployer::lock_key(spec.prefix);
-    ctx.shared.locks.with(&key, || up(ctx, &spec))
+    ctx.exclusive(&key, || up(ctx, &spec))
 }
 
 /// Checks the whole payload before anything runs; every error names its field.
@@ -619,7 +619,7 @@ pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
         DEFAULT_FILE,
     )?;
     let key = deployer::lock_key(prefix);
-    ctx.shared.locks.with(&key, || {
+    ctx.exclusive(&key, || {
         let docker = ctx.docker();
         let work = work_dir(ctx, prefix);
         let src = work.join("src");

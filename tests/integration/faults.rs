@@ -367,6 +367,118 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     assert!(util::http_get(port, "/").is_some_and(|b| b.contains("body=old")));
 }
 
+/// An image only the registry has: a deploy of it pulls.
+fn registry_only(name: &str) -> String {
+    let reg = util::registry();
+    let tag = format!("{}/muvee-it-{name}-{}:1", reg.addr, std::process::id());
+    let login = temp_dir("faults-login");
+    let mut c = Command::new(util::docker_cli());
+    c.env("DOCKER_CONFIG", &login)
+        .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(reg.password.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "docker login");
+    util::sh(Command::new(util::docker_cli()).args(["tag", crate::deployer::APP, &tag]));
+    util::sh(
+        Command::new(util::docker_cli())
+            .env("DOCKER_CONFIG", &login)
+            .args(["push", "-q", &tag]),
+    );
+    util::sh(Command::new(util::docker_cli()).args(["rmi", &tag]));
+    tag
+}
+
+/// Real engine, MAX_CONCURRENT_TASKS=2: app A's deploy waits 25 s for an image that never
+/// answers, holding A's lock, while A's restart and pause queue behind it. Neither holds a
+/// slot while it waits: B's deploy is polled and served meanwhile, and A's next deploy pulls
+/// its image and syncs its dataset before it waits for A's lock.
+#[test]
+fn a_busy_app_holds_back_no_other_apps_work() {
+    if !util::require_docker("a_busy_app_holds_back_no_other_apps_work") {
+        return;
+    }
+    crate::deployer::images();
+    let image = registry_only("busy");
+    let reg = util::registry();
+    let cp = FakeCp::start(Version::Today, SECRET);
+    for (k, v) in [
+        ("registry_addr", reg.addr.as_str()),
+        ("registry_user", reg.user.as_str()),
+        ("registry_password", reg.password.as_str()),
+    ] {
+        cp.set_config(k, v);
+    }
+    let share = temp_dir("faults-busy-share");
+    std::fs::create_dir_all(share.join("s")).unwrap();
+    std::fs::write(share.join("s/file.txt"), "busy-set\n").unwrap();
+    cp.set_config("dataset_nfs_base_path", share.to_str().unwrap());
+    let dir = temp_dir("faults-busy");
+    let (a, b) = (
+        format!("itf-busya-{}", std::process::id()),
+        format!("itf-busyb-{}", std::process::id()),
+    );
+    let _cleanup = (RemoveContainers(a.clone()), RemoveContainers(b.clone()));
+    let docker = which(&util::docker_cli());
+    let env = [
+        ("DOCKER_CLI", docker.as_str()),
+        ("MAX_CONCURRENT_TASKS", "2"),
+        ("DEPLOY_HEALTH_TIMEOUT", "25s"),
+        ("DEPLOY_DRAIN", "0s"),
+    ];
+    let agent = Agent::start(&cp, "deploy", &dir, &env);
+    let deploy = |prefix: &str, dep: &str, image: &str, datasets: serde_json::Value| {
+        let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-busy",
+                       "domain_prefix": prefix, "container_port": 8080, "datasets": datasets});
+        cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let (dep_a1, dep_a2, dep_b) = (
+        "d2000000-0000-4000-8000-000000000001",
+        "d2000000-0000-4000-8000-000000000002",
+        "d2000000-0000-4000-8000-000000000003",
+    );
+    let a1 = deploy(&a, dep_a1, crate::deployer::IDLE, json!(null));
+    let waiting = |dep: &str| {
+        let f = format!("label=muvee.deployment_id={dep}");
+        let out = util::docker(&["ps", "-q", "--filter", &f], &[]);
+        !out.stdout.is_empty()
+    };
+    assert!(util::poll(60, || waiting(dep_a1)), "{}", agent.log());
+    let lifecycle: Vec<String> = ["restart", "pause"]
+        .iter()
+        .map(|t| cp.add_task_for_role("deploy", t, "", json!({"domain_prefix": a})))
+        .collect();
+    let set = json!([{"id": format!("busy-{}", std::process::id()), "name": "set",
+                      "nfs_path": "s", "version": 1, "mount_mode": "dependency"}]);
+    let a2 = deploy(&a, dep_a2, &image, set);
+    let b_task = deploy(&b, dep_b, crate::deployer::APP, json!(null));
+    let final_b = wait_final(&cp, &b_task, 60);
+    assert_eq!(final_b["status"], "completed", "{final_b}");
+    assert_eq!(statuses(&cp, &a1), ["running"], "B waited for A's deploy");
+    let a2_log = || String::from_utf8(cp.logs(dep_a2)).unwrap();
+    let prepared =
+        |l: &str| l.contains(&format!("Pulling {image}")) && l.contains("copying version 1");
+    assert!(util::poll(30, || prepared(&a2_log())), "{}", a2_log());
+    assert_eq!(
+        statuses(&cp, &a1),
+        ["running"],
+        "A's next deploy pulled and synced only after A's lock was free"
+    );
+    assert_eq!(wait_final(&cp, &a1, 60)["status"], "failed");
+    for t in &lifecycle {
+        assert_eq!(wait_final(&cp, t, 60)["status"], "completed");
+    }
+    assert_eq!(wait_final(&cp, &a2, 60)["status"], "completed");
+}
+
 fn which(prog: &str) -> String {
     if prog.contains('/') {
         return prog.to_string();
