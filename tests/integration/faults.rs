@@ -4,7 +4,7 @@
 
 use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
 use crate::fake_cp::{FakeCp, Fault, Version};
-use crate::logs::{assert_delivered_or_counted, numbers};
+use crate::logs::{fail_the_route_until_the_spill_fails, numbers};
 use crate::util::{self, temp_dir};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -215,33 +215,20 @@ fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
         return;
     };
     let cp = builder_cp();
-    let page = "<html>502 Bad Gateway</html>".to_string();
-    cp.inject(
-        "/api/deployments/",
-        Fault::Status(502, "text/html", page),
-        1_000_000,
-    );
     let dir = temp_dir("faults-spill-agent");
     let data = fs.0.join("data");
-    let env = [
-        ("FAKE_GIT_LINES", "600000"),
-        ("FAKE_GIT_EXIT", "128"),
-        ("DATA_DIR", data.to_str().unwrap()),
-    ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
-    let task = chatty_build(&cp, DEP_A);
-    let warning = "cannot write the log spill";
-    assert!(
-        util::poll(120, || agent.log().contains(warning)),
-        "{}",
-        agent.log()
-    );
-    cp.clear_faults();
-    assert_eq!(wait_final(&cp, &task, 180)["status"], "failed");
-    let log = String::from_utf8(cp.logs(DEP_A)).unwrap();
-    assert_delivered_or_counted(&log, 600_000, "No space left on device");
+    let start = || {
+        let env = [
+            ("FAKE_GIT_LINES", "600000"),
+            ("FAKE_GIT_EXIT", "128"),
+            ("DATA_DIR", data.to_str().unwrap()),
+        ];
+        let agent = Agent::start(&cp, "builder", &dir, &env);
+        (agent, chatty_build(&cp, DEP_A))
+    };
+    let full = "No space left on device";
+    let log = fail_the_route_until_the_spill_fails(&cp, start, DEP_A, 600_000, full);
     assert!(numbers(&log).len() > 400_000, "the spill was drained too");
-    assert_eq!(agent.log().matches(warning).count(), 1);
     assert!(files(&data.join("state/logs")).is_empty());
 }
 
@@ -371,22 +358,7 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
 fn registry_only(name: &str) -> String {
     let reg = util::registry();
     let tag = format!("{}/muvee-it-{name}-{}:1", reg.addr, std::process::id());
-    let login = temp_dir("faults-login");
-    let mut c = Command::new(util::docker_cli());
-    c.env("DOCKER_CONFIG", &login)
-        .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(reg.password.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "docker login");
+    let login = util::registry_login();
     util::sh(Command::new(util::docker_cli()).args(["tag", crate::deployer::APP, &tag]));
     util::sh(
         Command::new(util::docker_cli())

@@ -51,6 +51,38 @@ pub fn assert_delivered_or_counted(log: &str, total: u64, why: &str) {
     assert_eq!(nums.len() as u64 + lost.iter().sum::<u64>(), total);
 }
 
+/// The log route answers 502 until the agent warns that its spill failed, then takes logs
+/// again. `start` starts the agent once the fault is in place. Checks that the agent warned
+/// once and every line of the build of `total` lines (task `task`) is in the log or counted
+/// by a marker naming `why`; returns the log.
+pub fn fail_the_route_until_the_spill_fails(
+    cp: &FakeCp,
+    start: impl FnOnce() -> (Agent, String),
+    dep: &str,
+    total: u64,
+    why: &str,
+) -> String {
+    let page = "<html>502 Bad Gateway</html>".to_string();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Status(502, "text/html", page),
+        1_000_000,
+    );
+    let (agent, task) = start();
+    let warning = "cannot write the log spill";
+    assert!(
+        util::poll(120, || agent.log().contains(warning)),
+        "{}",
+        agent.log()
+    );
+    cp.clear_faults();
+    assert_eq!(wait_final(cp, &task, 180)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_delivered_or_counted(&log, total, why);
+    assert_eq!(agent.log().matches(warning).count(), 1);
+    log
+}
+
 /// A build printing two lines a second: each reaches the control plane within 250 ms, not at
 /// a flush tick.
 #[test]
@@ -155,34 +187,21 @@ fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
 #[test]
 fn an_unwritable_spill_dir_drops_lines_with_a_marker_and_warns_once() {
     let cp = builder_cp();
-    cp.inject(
-        "/api/deployments/",
-        Fault::Status(502, "text/html", "bad gateway".into()),
-        1_000_000,
-    );
     let dep = "c0ffee00-1234-4abc-9def-0000000000f3";
     let dir = temp_dir("logs-unwritable");
-    let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
-    cp.wait_for("registration", Duration::from_secs(30), |cp| {
-        cp.node_id_for_role("builder").is_some()
-    });
-    // After start (which clears state/logs): a file where the spill dir goes.
-    let logs = dir.join("data/state/logs");
-    let _ = std::fs::remove_dir_all(&logs);
-    std::fs::write(&logs, "not a directory").unwrap();
-    let task = chatty_build(&cp, dep);
-    let warning = "cannot write the log spill";
-    assert!(
-        util::poll(90, || agent.log().contains(warning)),
-        "{}",
-        agent.log()
-    );
-    cp.clear_faults();
-    assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
-    let log = String::from_utf8(cp.logs(dep)).unwrap();
-    assert_delivered_or_counted(&log, 450_000, "the log spill");
-    assert_eq!(agent.log().matches(warning).count(), 1);
+    let start = || {
+        let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
+        let agent = Agent::start(&cp, "builder", &dir, &env);
+        cp.wait_for("registration", Duration::from_secs(30), |cp| {
+            cp.node_id_for_role("builder").is_some()
+        });
+        // After start (which clears state/logs): a file where the spill dir goes.
+        let logs = dir.join("data/state/logs");
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::write(&logs, "not a directory").unwrap();
+        (agent, chatty_build(&cp, dep))
+    };
+    fail_the_route_until_the_spill_fails(&cp, start, dep, 450_000, "the log spill");
 }
 
 /// A build prints 16,375 spaces and then its git credential, at once and in writes apart:

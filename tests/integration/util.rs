@@ -139,6 +139,26 @@ pub fn registry() -> Registry {
     }
 }
 
+/// A fresh DOCKER_CONFIG dir logged in to the test registry (the password on stdin).
+pub fn registry_login() -> PathBuf {
+    use std::io::Write;
+    let reg = registry();
+    let dir = temp_dir("registry-login");
+    let mut child = Command::new(docker_cli())
+        .env("DOCKER_CONFIG", &dir)
+        .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take();
+    stdin.unwrap().write_all(reg.password.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "docker login: {}", describe(&out));
+    dir
+}
+
 /// Runs a command to completion and panics with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd
