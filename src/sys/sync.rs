@@ -248,14 +248,17 @@ mod tests {
             Arc::new(Slots::new(Arc::default())),
         );
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = std::sync::mpsc::channel::<()>();
         let (l2, s2) = (locks.clone(), slots.clone());
         slots.take();
         let holder = std::thread::spawn(move || {
-            l2.with("app", &s2, || rx.recv().unwrap());
+            l2.with("app", &s2, || {
+                held_tx.send(()).unwrap();
+                rx.recv().unwrap()
+            });
         });
-        while locks.try_with("app", || ()).is_some() {
-            std::thread::yield_now();
-        }
+        held.recv().unwrap();
+        assert!(!slots.take_freed(), "the holder waited for nobody");
         slots.take();
         let (l3, s3) = (locks.clone(), slots.clone());
         let waiter = std::thread::spawn(move || l3.with("app", &s3, || s3.used()));

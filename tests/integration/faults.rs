@@ -2,10 +2,11 @@
 //! NUL 500s) and real files: a poison report never blocks others, a full disk loses no task
 //! and no report, a restart never reports a task twice with different outcomes.
 
-use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
+use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
 use crate::logs::{fail_the_route_until_the_spill_fails, numbers};
-use crate::util::{self, temp_dir};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, temp_dir, test_name, RemoveContainers};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,7 +29,11 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     let cp = builder_cp();
     let dir = temp_dir("faults-poison");
     let env = [("FAKE_GIT_NUL", "1"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     // Task A's reports are refused for as long as the fault lasts.
     let a = chatty_build(&cp, DEP_A);
     cp.inject(&format!("/api/agent/tasks/{a}/complete"), Fault::Status(500, "application/json", r#"{"error":"ERROR: invalid byte sequence for encoding \"UTF8\": 0x00 (SQLSTATE 22021)"}"#.into()), 100_000);
@@ -131,7 +136,7 @@ fn files(dir: &Path) -> Vec<(String, u64)> {
 /// restart after space returned does not report it again as interrupted.
 #[test]
 fn a_full_disk_loses_no_task_and_no_report() {
-    let Some(fs) = tmpfs_or_skip("faults-disk", "a_full_disk_loses_no_task_and_no_report") else {
+    let Some(fs) = tmpfs_or_skip("faults-disk", test_name!()) else {
         return;
     };
     let cp = builder_cp();
@@ -143,7 +148,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
         ("FAKE_GIT_SLEEP", "3"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -196,7 +205,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
     );
     drop(agent);
     let registered = cp.register_count();
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered again", Duration::from_secs(20), |cp| {
         cp.register_count() > registered
     });
@@ -210,8 +223,7 @@ fn a_full_disk_loses_no_task_and_no_report() {
 /// agent warns once (not once per line) and the shipper lives on to drain the rest.
 #[test]
 fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
-    let test = "a_full_disk_under_the_log_spill_counts_the_lines_it_drops";
-    let Some(fs) = tmpfs_or_skip("faults-spill", test) else {
+    let Some(fs) = tmpfs_or_skip("faults-spill", test_name!()) else {
         return;
     };
     let cp = builder_cp();
@@ -223,7 +235,11 @@ fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
             ("FAKE_GIT_EXIT", "128"),
             ("DATA_DIR", data.to_str().unwrap()),
         ];
-        let agent = Agent::start(&cp, "builder", &dir, &env);
+        let agent = TestAgent::builder("builder")
+            .cp(&cp)
+            .dir(&dir)
+            .envs(&env)
+            .start();
         (agent, chatty_build(&cp, DEP_A))
     };
     let full = "No space left on device";
@@ -262,7 +278,7 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
     )
     .unwrap();
     std::fs::write(outbox.join(format!("{delivered}.sent")), "").unwrap();
-    let _agent = Agent::start(&cp, "builder", &dir, &[]);
+    let _agent = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     assert_eq!(wait_final(&cp, queued, 30)["status"], "completed");
     assert_eq!(
         wait_final(&cp, interrupted, 30),
@@ -284,22 +300,22 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
 /// the old one its name back before its first status report, which carries the old port.
 #[test]
 fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
-    if !util::require_docker("kill_9_during_a_deploys_health_wait_is_reconciled_at_start") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     crate::deployer::images();
-    let docker = which(&util::docker_cli());
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("faults-reconcile");
     let prefix = format!("itf-rec-{}", std::process::id());
     let name = format!("muvee-{prefix}");
-    let _cleanup = RemoveContainers(name.clone());
-    let env = [
-        ("DOCKER_CLI", docker.as_str()),
-        ("DEPLOY_HEALTH_TIMEOUT", "120s"),
-        ("HEARTBEAT_INTERVAL", "1s"),
-    ];
-    let mut agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _cleanup = RemoveContainers::named(&name);
+    let deploy_node = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .real_docker()
+        .env("DEPLOY_HEALTH_TIMEOUT", "120s")
+        .env("HEARTBEAT_INTERVAL", "1s");
+    let mut agent = deploy_node.start();
     let deploy = |dep: &str, image: &str| {
         let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-rec",
                        "domain_prefix": prefix, "container_port": 8080, "env_vars": {"BODY": "old"}});
@@ -329,7 +345,7 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     drop(agent);
 
     let posted_before = cp.posted("/api/agent/container-statuses").len();
-    let _agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _agent = deploy_node.start();
     let r = wait_final(&cp, &second, 30);
     assert_eq!(
         r,
@@ -375,7 +391,7 @@ fn registry_only(name: &str) -> String {
 /// its image and syncs its dataset before it waits for A's lock.
 #[test]
 fn a_busy_app_holds_back_no_other_apps_work() {
-    if !util::require_docker("a_busy_app_holds_back_no_other_apps_work") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     crate::deployer::images();
@@ -398,15 +414,18 @@ fn a_busy_app_holds_back_no_other_apps_work() {
         format!("itf-busya-{}", std::process::id()),
         format!("itf-busyb-{}", std::process::id()),
     );
-    let _cleanup = (RemoveContainers(a.clone()), RemoveContainers(b.clone()));
-    let docker = which(&util::docker_cli());
+    let _cleanup = (RemoveContainers::named(&a), RemoveContainers::named(&b));
     let env = [
-        ("DOCKER_CLI", docker.as_str()),
         ("MAX_CONCURRENT_TASKS", "2"),
         ("DEPLOY_HEALTH_TIMEOUT", "25s"),
         ("DEPLOY_DRAIN", "0s"),
     ];
-    let agent = Agent::start(&cp, "deploy", &dir, &env);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .real_docker()
+        .start();
     let deploy = |prefix: &str, dep: &str, image: &str, datasets: serde_json::Value| {
         let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-busy",
                        "domain_prefix": prefix, "container_port": 8080, "datasets": datasets});
@@ -449,29 +468,4 @@ fn a_busy_app_holds_back_no_other_apps_work() {
         assert_eq!(wait_final(&cp, t, 60)["status"], "completed");
     }
     assert_eq!(wait_final(&cp, &a2, 60)["status"], "completed");
-}
-
-fn which(prog: &str) -> String {
-    if prog.contains('/') {
-        return prog.to_string();
-    }
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {prog}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes every container whose name contains the prefix when the test ends.
-struct RemoveContainers(String);
-
-impl Drop for RemoveContainers {
-    fn drop(&mut self) {
-        let f = format!("name={}", self.0);
-        let out = util::docker(&["ps", "-aq", "--filter", &f], &[]);
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", id], &[]);
-        }
-    }
 }

@@ -3,8 +3,9 @@
 //! that must hold neither the final report nor a SIGTERM, a spill that cannot be written, a
 //! secret across the 16 KiB line cut. External commands are the PATH shims.
 
-use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
+use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, temp_dir};
 use serde_json::json;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -57,7 +58,7 @@ pub fn assert_delivered_or_counted(log: &str, total: u64, why: &str) {
 /// by a marker naming `why`; returns the log.
 pub fn fail_the_route_until_the_spill_fails(
     cp: &FakeCp,
-    start: impl FnOnce() -> (Agent, String),
+    start: impl FnOnce() -> (TestAgent, String),
     dep: &str,
     total: u64,
     why: &str,
@@ -91,7 +92,11 @@ fn a_quiet_tasks_lines_reach_the_control_plane_within_250_ms() {
     let dep = "c0ffee00-1234-4abc-9def-0000000000f0";
     let dir = temp_dir("logs-latency");
     let env = [("FAKE_GIT_TICKS", "20"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
     let mut late: Vec<Duration> = Vec::new();
@@ -125,7 +130,11 @@ fn log_bodies_fit_nginxs_1_mib_limit_once_escaped() {
         ("FAKE_GIT_PAD", pad.as_str()),
         ("FAKE_GIT_EXIT", "128"),
     ];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     assert_eq!(wait_final(&cp, &task, 90)["status"], "failed");
     let log = String::from_utf8(cp.logs(dep)).unwrap();
@@ -159,7 +168,11 @@ fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
         ("FAKE_GIT_LINES", "100"),
         ("FAKE_GIT_EXIT", "128"),
     ];
-    let mut agent = Agent::start(&cp, "builder", &dir, &env);
+    let mut agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     cp.wait_for("running", Duration::from_secs(30), |cp| {
         statuses(cp, &task) == ["running"]
@@ -191,7 +204,11 @@ fn an_unwritable_spill_dir_drops_lines_with_a_marker_and_warns_once() {
     let dir = temp_dir("logs-unwritable");
     let start = || {
         let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
-        let agent = Agent::start(&cp, "builder", &dir, &env);
+        let agent = TestAgent::builder("builder")
+            .cp(&cp)
+            .dir(&dir)
+            .envs(&env)
+            .start();
         cp.wait_for("registration", Duration::from_secs(30), |cp| {
             cp.node_id_for_role("builder").is_some()
         });
@@ -213,7 +230,11 @@ fn a_secret_across_the_16_kib_line_cut_is_masked() {
     let dep = "c0ffee00-1234-4abc-9def-0000000000fb";
     let dir = temp_dir("agent-logs-cut");
     let env = [("FAKE_GIT_LEAK", "16375"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let token = "tok-cut-7b1d93e0c4";
     let payload = json!({
         "git_url": "https://git.example/app.git", "git_username": "u", "git_token": token,

@@ -14,4 +14,5 @@ mod git_http;
 mod logs;
 mod operations;
 mod packaging;
+mod test_agent;
 mod util;
