@@ -262,11 +262,12 @@ mod tests {
         slots.take();
         let (l3, s3) = (locks.clone(), slots.clone());
         let waiter = std::thread::spawn(move || l3.with("app", &s3, || s3.used()));
-        // The waiter gives its slot back while the holder keeps the lock.
-        while slots.used() != 1 {
+        // The waiter gives its slot back (the count first, then the flag the loop reads)
+        // while the holder keeps the lock.
+        while !slots.take_freed() {
             std::thread::yield_now();
         }
-        assert!(slots.take_freed());
+        assert_eq!(slots.used(), 1);
         tx.send(()).unwrap();
         holder.join().unwrap();
         assert_eq!(
