@@ -1,11 +1,13 @@
-//! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset), background jobs that can be waited for by key, and file locks
-//! that tell a live process's files from a dead one's. The semaphore and the locks are waited
-//! for inside tasks: on the agent's bell, ending on the tasks' cancel (`sys::wait`).
+//! Concurrency primitives shared by the roles: a counting semaphore (build slots), the task
+//! slots, one lock per key (an app, a dataset), background jobs that can be waited for by
+//! key, and file locks that tell a live process's files from a dead one's. The semaphore and
+//! the locks are waited for inside tasks: on the agent's bell, ending on the tasks' cancel
+//! (`sys::wait`).
 
 use crate::sys::bell::Bell;
 use crate::sys::wait::{self, Canceled, Stop, Woke};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -46,6 +48,48 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// Tasks running at once (MAX_CONCURRENT_TASKS): the loop takes a task only while fewer
+/// run. A task waiting for a keyed lock gives its slot back while it waits, so tasks queued
+/// behind one busy app never keep the loop from polling other apps' work.
+pub struct Slots {
+    used: AtomicUsize,
+    /// A slot was given back since the loop last looked: it polls again at once.
+    freed: AtomicBool,
+    bell: Arc<Bell>,
+}
+
+impl Slots {
+    pub fn new(bell: Arc<Bell>) -> Slots {
+        Slots {
+            used: AtomicUsize::new(0),
+            freed: AtomicBool::new(false),
+            bell,
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    pub fn take(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Frees a slot and wakes the loop (a `run-task` holds none: nothing to give back).
+    pub fn give_back(&self) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.freed.store(true, Ordering::SeqCst);
+        self.bell.ring();
+    }
+
+    /// True once after a slot was given back.
+    pub fn take_freed(&self) -> bool {
+        self.freed.swap(false, Ordering::SeqCst)
+    }
+}
+
 /// One lock per key (a domain prefix, a dataset): serializes work on the same thing.
 pub struct KeyedLocks {
     held: Mutex<HashSet<String>>,
@@ -81,15 +125,20 @@ impl KeyedLocks {
         held.insert(key.to_string())
     }
 
-    /// Runs `f` under the key's lock, waiting for it unless the tasks are canceled first.
-    pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Result<T, Canceled> {
-        match wait::until(&self.bell, None, Stop::Cancel, || self.take(key)) {
-            Woke::Ready => {
-                let _held = Held { locks: self, key };
-                Ok(f())
+    /// Runs `f` under the key's lock, waiting for it unless the tasks are canceled first;
+    /// while another holder makes it wait, the caller's task slot is given back (and taken
+    /// again once the wait ends).
+    pub fn with<T>(&self, key: &str, slots: &Slots, f: impl FnOnce() -> T) -> Result<T, Canceled> {
+        if !self.take(key) {
+            slots.give_back();
+            let woke = wait::until(&self.bell, None, Stop::Cancel, || self.take(key));
+            slots.take();
+            if woke != Woke::Ready {
+                return Err(Canceled);
             }
-            Woke::Stopped | Woke::TimedOut => Err(Canceled),
         }
+        let _held = Held { locks: self, key };
+        Ok(f())
     }
 
     /// Runs `f` under the key's lock if nobody holds it; None (without waiting) otherwise.
@@ -214,6 +263,43 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn a_task_waiting_for_a_keyed_lock_holds_no_slot() {
+        let (locks, slots) = (
+            Arc::new(KeyedLocks::new(Arc::default())),
+            Arc::new(Slots::new(Arc::default())),
+        );
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = std::sync::mpsc::channel::<()>();
+        let (l2, s2) = (locks.clone(), slots.clone());
+        slots.take();
+        let holder = std::thread::spawn(move || {
+            l2.with("app", &s2, || {
+                held_tx.send(()).unwrap();
+                rx.recv().unwrap()
+            })
+            .unwrap();
+        });
+        held.recv().unwrap();
+        assert!(!slots.take_freed(), "the holder waited for nobody");
+        slots.take();
+        let (l3, s3) = (locks.clone(), slots.clone());
+        let waiter = std::thread::spawn(move || l3.with("app", &s3, || s3.used()));
+        // The waiter gives its slot back (the count first, then the flag the loop reads)
+        // while the holder keeps the lock.
+        while !slots.take_freed() {
+            std::thread::yield_now();
+        }
+        assert_eq!(slots.used(), 1);
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(
+            waiter.join().unwrap().unwrap(),
+            2,
+            "the slot is taken again with the lock"
+        );
+    }
+
+    #[test]
     fn semaphore_hands_a_freed_slot_to_a_waiter() {
         let sem = Arc::new(Semaphore::new(1, Arc::default()));
         let held = sem.acquire().unwrap();
@@ -227,11 +313,12 @@ mod tests {
     #[test]
     fn a_freed_key_goes_to_its_waiter_other_keys_never_wait() {
         let locks = Arc::new(KeyedLocks::new(Arc::default()));
-        let (l, started) = (locks.clone(), std::time::Instant::now());
-        let got = locks.with("app", || {
-            let waiter = std::thread::spawn(move || l.with("app", || started.elapsed()));
+        let slots = Arc::new(Slots::new(Arc::default()));
+        let (l, s2, started) = (locks.clone(), slots.clone(), std::time::Instant::now());
+        let got = locks.with("app", &slots, || {
+            let waiter = std::thread::spawn(move || l.with("app", &s2, || started.elapsed()));
             assert_eq!(locks.try_with("app", || ()), None, "held");
-            assert_eq!(locks.with("other", || 1), Ok(1));
+            assert_eq!(locks.with("other", &slots, || 1), Ok(1));
             std::thread::sleep(Duration::from_millis(100));
             waiter
         });

@@ -268,13 +268,18 @@ mod tests {
         let s = slots.clone();
         let slot_waiter = std::thread::spawn(move || s.acquire().map(drop));
         let locks = Arc::new(crate::sys::sync::KeyedLocks::new(bell.clone()));
-        let (l, holding) = (locks.clone(), Arc::new(Mailbox::<()>::default()));
+        let tasks = Arc::new(crate::sys::sync::Slots::new(bell.clone()));
+        let (l, t, holding) = (
+            locks.clone(),
+            tasks.clone(),
+            Arc::new(Mailbox::<()>::default()),
+        );
         let h = holding.clone();
-        std::thread::spawn(move || l.with("app", || h.recv(None)));
+        std::thread::spawn(move || l.with("app", &t, || h.recv(None)));
         while locks.try_with("app", || ()).is_some() {
             std::thread::yield_now();
         }
-        let lock_waiter = std::thread::spawn(move || locks.with("app", || ()));
+        let lock_waiter = std::thread::spawn(move || locks.with("app", &tasks, || ()));
         std::thread::sleep(Duration::from_millis(100));
         let term = || {
             // SAFETY: a SIGTERM to this (child) process, whose handler only counts it.

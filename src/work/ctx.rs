@@ -7,8 +7,9 @@ use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
+use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore, Slots};
 use crate::task::{AgentConfig, Task};
+use crate::work::error::TaskError;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,6 +21,8 @@ pub struct Shared {
     /// Rung when a task finishes, a slot frees or a signal arrives: every wait sleeps on it.
     pub bell: Arc<Bell>,
     pub build_slots: Semaphore,
+    /// Tasks running at once (MAX_CONCURRENT_TASKS); the agent loop counts them.
+    pub slots: Slots,
     pub locks: KeyedLocks,
     /// Old containers draining after a replacement, by domain prefix.
     pub retiring: Jobs,
@@ -42,6 +45,7 @@ impl Shared {
             runner,
             build_slots: Semaphore::new(cfg.builder_max_concurrent, bell.clone()),
             locks: KeyedLocks::new(bell.clone()),
+            slots: Slots::new(bell.clone()),
             bell,
             retiring: Jobs::default(),
             build_mode: OnceLock::new(),
@@ -86,6 +90,16 @@ impl Ctx<'_> {
 
     pub fn docker(&self) -> Docker<'_> {
         self.shared.docker(self.cfg)
+    }
+
+    /// Runs `f` holding `key`'s lock (an app, a dataset); a wait for it holds no task slot
+    /// and ends on the tasks' cancel.
+    pub fn exclusive<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce() -> Result<T, TaskError>,
+    ) -> Result<T, TaskError> {
+        self.shared.locks.with(key, &self.shared.slots, f)?
     }
 }
 

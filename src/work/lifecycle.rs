@@ -62,14 +62,14 @@ fn since<'a>(p: &Payload<'a>) -> Result<Option<&'a str>, TaskError> {
 /// missing container is success with what docker said, as in today's agent.
 pub fn restart(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let name = resolve(&docker, prefix)?;
         match docker.restart(&name) {
             Ok(out) => Ok(or_else(&out, || format!("{name} restarted"))),
             Err(e @ DockerError::NotFound(_)) => Ok(e.printed().trim().to_string()),
             Err(e) => Err(e.into()),
         }
-    })?
+    })
 }
 
 /// `env` {domain_prefix}: the container's environment as a JSON object with sorted keys,
@@ -103,7 +103,7 @@ pub fn describe(ctx: &Ctx) -> Result<String, TaskError> {
 /// project, the exact Go name). Docker's output (the ids), else `stopped N container(s)`.
 pub fn pause(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let ids: Vec<String> = app_set(&docker, false, prefix)?
             .into_iter()
             .map(|c| c.id)
@@ -116,14 +116,14 @@ pub fn pause(ctx: &Ctx) -> Result<String, TaskError> {
         Ok(or_else(&out, || {
             format!("stopped {n} container(s) for {prefix}")
         }))
-    })?
+    })
 }
 
 /// `unpause` {domain_prefix}: starts the app's containers again, except the ones a
 /// replacement set aside (`muvee-<prefix>-old-…`): those are on their way out.
 pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let ids: Vec<String> = app_set(&docker, true, prefix)?
             .into_iter()
             .filter(|c| !is_aside_of(c, prefix))
@@ -137,7 +137,7 @@ pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
         Ok(or_else(&out, || {
             format!("started {n} container(s) for {prefix}")
         }))
-    })?
+    })
 }
 
 fn prefix<'a>(ctx: &'a Ctx) -> Result<&'a str, TaskError> {
