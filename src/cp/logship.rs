@@ -14,11 +14,12 @@
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::sys::signal;
+use crate::sys::wait::{self, Bell, Check, Stop};
 use crate::task::clean_text;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -388,22 +389,11 @@ fn read_spill(s: &mut SpillFile) -> std::io::Result<String> {
     }
 }
 
-type Shared = Arc<(Mutex<Buf>, Condvar)>;
+/// The backlog, and the bell rung by a line for an idle thread, a close and the thread's end.
+type Shared = Arc<(Mutex<Buf>, Bell)>;
 
 fn lock(m: &Mutex<Buf>) -> MutexGuard<'_, Buf> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wait<'a>(cv: &Condvar, b: MutexGuard<'a, Buf>, until: Option<Instant>) -> MutexGuard<'a, Buf> {
-    match until {
-        None => cv.wait(b).unwrap_or_else(|e| e.into_inner()),
-        Some(t) => {
-            let d = t.saturating_duration_since(Instant::now());
-            cv.wait_timeout(b, d)
-                .map(|r| r.0)
-                .unwrap_or_else(|e| e.into_inner().0)
-        }
-    }
 }
 
 pub struct LogShipper {
@@ -413,7 +403,7 @@ pub struct LogShipper {
 
 impl LogShipper {
     pub fn start(client: Client, deployment_id: String, spill: Spill) -> LogShipper {
-        let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Condvar::new()));
+        let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Bell::default()));
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
             .name("logship".into())
@@ -428,7 +418,7 @@ impl LogShipper {
     /// Queues one line (already scrubbed). Never blocks on the network.
     pub fn line(&self, line: &str) {
         let line = clean_text(line);
-        let (m, cv) = &*self.shared;
+        let (m, bell) = &*self.shared;
         let mut b = lock(m);
         if b.gone {
             return;
@@ -450,7 +440,7 @@ impl LogShipper {
         // Wake the thread only when it sleeps without a timeout, or a batch is full.
         if b.idle && (was_empty || b.backlog() >= BATCH_MIN) {
             b.idle = false;
-            cv.notify_all();
+            bell.ring();
         }
     }
 
@@ -463,22 +453,21 @@ impl LogShipper {
         let Some(handle) = self.handle.take() else {
             return;
         };
-        let (m, cv) = &*self.shared;
-        let mut b = lock(m);
-        b.closed_at.get_or_insert_with(Instant::now);
-        cv.notify_all();
+        let (m, bell) = &*self.shared;
+        lock(m).closed_at.get_or_insert_with(Instant::now);
+        bell.ring();
         // The thread gives up by itself once stalled; a request under way ends within the
         // client's timeout. Never wait longer than both, whatever the thread does.
-        loop {
+        let done = wait::next_ready(bell, || {
+            let b = lock(m);
             let limit = b.give_up_at().map(|t| t + REQUEST_TIMEOUT);
-            if b.done || limit.is_some_and(|t| Instant::now() >= t) {
-                break;
+            match limit {
+                _ if b.done => Check::Ready(true),
+                Some(t) if Instant::now() >= t => Check::Ready(false),
+                _ => Check::Sleep(limit),
             }
-            b = wait(cv, b, limit);
-        }
-        let done = b.done;
-        b.discard();
-        drop(b);
+        });
+        lock(m).discard();
         if done {
             let _ = handle.join();
         } else {
@@ -498,9 +487,9 @@ struct Done<'a>(&'a Shared);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        let (m, cv) = &**self.0;
+        let (m, bell) = &**self.0;
         lock(m).done = true;
-        cv.notify_all();
+        bell.ring();
     }
 }
 
@@ -535,8 +524,14 @@ fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
 /// Waits until a batch is due: a full one, the oldest line LINGER old, or close. None once
 /// closed and drained. Sleeps without a timeout while nothing waits.
 fn wait_batch(shared: &Shared) -> Option<Batch> {
-    let (m, cv) = &**shared;
-    let mut b = lock(m);
+    let (m, bell) = &**shared;
+    wait::next_ready(bell, || next_batch(&mut lock(m)))
+}
+
+/// The batch that is due, None once closed and drained, else how long to sleep (marked
+/// idle: the next line rings).
+fn next_batch(b: &mut Buf) -> Check<Option<Batch>> {
+    b.idle = false;
     loop {
         let backlog = b.backlog();
         if backlog == 0 {
@@ -547,7 +542,7 @@ fn wait_batch(shared: &Shared) -> Option<Batch> {
         let due = closed || backlog >= BATCH_MIN || lingered.is_some_and(|t| Instant::now() >= t);
         if due && backlog > 0 {
             match b.next_batch() {
-                Some(batch) => return Some(batch),
+                Some(batch) => return Check::Ready(Some(batch)),
                 None => continue, // the spill failed: its lines are counted
             }
         }
@@ -560,11 +555,10 @@ fn wait_batch(shared: &Shared) -> Option<Batch> {
                 b.append(&marker);
                 continue;
             }
-            return None;
+            return Check::Ready(None);
         }
         b.idle = true;
-        b = wait(cv, b, lingered);
-        b.idle = false;
+        return Check::Sleep(lingered);
     }
 }
 
@@ -577,7 +571,7 @@ enum Sent {
 /// One batch, retried with backoff until it is delivered or closing has given up (read
 /// again on every retry: close may come while the route fails).
 fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Sent {
-    let (m, cv) = &**shared;
+    let (m, bell) = &**shared;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         let e = match client.append_log(deployment_id, text) {
@@ -585,7 +579,7 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
             Err(CpError::Status { code: 404, .. }) => return Sent::Gone,
             Err(e) => e,
         };
-        let mut b = lock(m);
+        let b = lock(m);
         if b.given_up() {
             return Sent::GaveUp(e);
         }
@@ -594,9 +588,9 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
         let retry = Instant::now() + backoff.next_delay();
         let until = b.give_up_at().map_or(retry, |g| g.min(retry));
         let was_closed = b.closed_at.is_some();
-        while Instant::now() < until && b.closed_at.is_some() == was_closed {
-            b = wait(cv, b, Some(until));
-        }
+        drop(b);
+        let closing = || lock(m).closed_at.is_some() != was_closed;
+        wait::until(bell, Some(until), Stop::Never, closing);
     }
 }
 
