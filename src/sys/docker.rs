@@ -691,7 +691,8 @@ impl Docker<'_> {
         for f in &p.files {
             c = c.arg("-f").arg(f);
         }
-        c = c.arg("--project-directory").arg(&p.dir);
+        // What the CLI opens relative to its working dir (v1: seccomp profiles) is the project's.
+        c = c.arg("--project-directory").arg(&p.dir).current_dir(&p.dir);
         c = c.arg("--env-file").arg(&p.env_file).args(sub);
         if let Some(cfg) = &p.docker_config {
             c = c.env("DOCKER_CONFIG", cfg.to_string_lossy());

@@ -255,14 +255,13 @@ fn ours(name: &str, own: &[Created]) -> bool {
 /// The container's networks: docker's own bridge (where every single-container app runs) or
 /// networks this project created; another project's would reach its unpublished services.
 fn networks(c: &Created, rules: &Rules, add: &mut dyn FnMut(&'static str, String)) {
-    let joined = c.networks.iter().flat_map(|n| n.keys());
     let mode = &c.host_config.network_mode;
-    let mode = Some(mode).filter(|m| !c.networks.as_ref().is_some_and(|n| n.contains_key(*m)));
-    for name in joined
-        .map(|n| ("networks", n))
-        .chain(mode.map(|m| ("network_mode", m)))
-    {
-        let (key, net) = name;
+    let joined = c
+        .networks
+        .iter()
+        .flat_map(|n| n.keys())
+        .filter(|n| *n != mode);
+    for net in std::iter::once(mode).chain(joined) {
         let special = ["", "default", "bridge", "none", "host"].contains(&net.as_str())
             || net.starts_with("container:");
         let own = rules
@@ -270,6 +269,12 @@ fn networks(c: &Created, rules: &Rules, add: &mut dyn FnMut(&'static str, String
             .iter()
             .any(|n| n.name == *net && label(&n.labels).is_some_and(|p| p == rules.project));
         if !special && !own {
+            // compose sets the first network as the mode too: name the key the file used.
+            let key = if net == mode {
+                "network_mode"
+            } else {
+                "networks"
+            };
             add(key, format!("joins network {net}, not one of this project"));
         }
     }
@@ -860,7 +865,7 @@ mod tests {
         assert_eq!(
             text,
             [
-                "service d: `networks` joins network muvee-q_default, not one of this project",
+                "service d: `network_mode` joins network muvee-q_default, not one of this project",
                 "service d: `networks` joins network shared, not one of this project",
                 "service e: `network_mode` joins network shared, not one of this project",
             ]

@@ -1,11 +1,12 @@
 //! What the compose CLI reads of the host itself, before the engine sees anything: env files
 //! (into the app's environment), `extends` and `include` files, secret and config files (v1
-//! bind-mounts them), seccomp profiles (inlined as JSON), label files. The CLI runs as the
-//! agent, often root, and the engine never sees those paths, so they are judged here, from
-//! the raw files, before the first compose call (even `compose config` reads them, and its
-//! errors quote them): each must lie inside the project's own dir once symlinks are
-//! resolved, without a variable the CLI would fill from its own environment or a `~`. The
-//! compose files named this way (`extends`, `include`) are judged the same, transitively.
+//! bind-mounts them), label files. The CLI runs as the agent, often root, and the engine
+//! never sees those paths, so they are judged here, from the raw files, before the first
+//! compose call (even `compose config` reads them, and its errors quote them): each must lie
+//! inside the project's own dir once symlinks are resolved, without a variable the CLI would
+//! fill from its own environment or a `~`. The compose files named this way (`extends`,
+//! `include`) are judged the same, transitively. Seccomp profiles (which the CLI inlines as
+//! JSON) are refused unread: only docker's default is allowed.
 
 use crate::work::policy::{resolve, Violation};
 use crate::work::yaml::{self, Yaml};
@@ -120,9 +121,15 @@ impl Walk {
             "label_file" => ("label_file", yaml::strings(v, "")),
             "extends" => ("extends", file(v)),
             "credential_spec" => ("credential_spec", file(v)),
+            // Any profile but docker's default is refused: not even read (v1 opens it
+            // relative to its working dir).
             "security_opt" => {
-                let profiles = yaml::strings(v, "").into_iter().filter_map(seccomp_file);
-                ("security_opt", profiles.collect())
+                for p in yaml::strings(v, "").into_iter().filter_map(seccomp_file) {
+                    let what =
+                        format!("sets seccomp profile {p}; only docker's default is allowed");
+                    self.add(service, "security_opt", what);
+                }
+                return Ok(());
             }
             // compose v2 runs a provider's plugin binary on the host.
             "provider" => {
@@ -283,7 +290,8 @@ mod tests {
                 format!("service app: `env_file` {}", outside("link/shadow")),
                 format!("service app: `env_file` {}", outside("../outside.env")),
                 format!("service b: `env_file` {}", outside("../../etc/group")),
-                format!("service app: `security_opt` {}", outside("/tmp/allow.json")),
+                "service app: `security_opt` sets seccomp profile deploy/profile.json; only docker's default is allowed".into(),
+                "service app: `security_opt` sets seccomp profile /tmp/allow.json; only docker's default is allowed".into(),
                 format!("service side: `extends` {}", outside("/etc/passwd")),
                 format!("service side: `label_file` {}", outside("/etc/hostname")),
                 "service side: `provider` runs a plugin on the host".into(),
