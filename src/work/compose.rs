@@ -644,12 +644,27 @@ pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
         let docker = ctx.docker();
         let work = work_dir(ctx, prefix);
         let src = work.join("src");
-        if src.join(&file).is_file() {
+        if src.join(&file).is_file() && may_read(ctx, &src, &file) {
             down(&docker, prefix, &src, &file, &work);
         }
         docker.remove_project(&format!("muvee-{prefix}"))?;
         remove_dir(&work)
     })
+}
+
+/// Whether the compose CLI may read the project's files again: the app may have changed them
+/// through a read-write mount since they were judged.
+fn may_read(ctx: &Ctx, src: &Path, file: &Path) -> bool {
+    if ctx.cfg.compose_policy == ComposePolicy::Off {
+        return true;
+    }
+    let refused = match reads::judge(src, file) {
+        Ok(v) if v.is_empty() => return true,
+        Ok(v) => texts(&v).join("; "),
+        Err(e) => e.0,
+    };
+    log::warn!("compose down of {}: skipped, {refused}", src.display());
+    false
 }
 
 fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {
@@ -832,6 +847,30 @@ mod tests {
     }
 
     #[test]
+    fn a_container_that_appears_after_the_check_is_refused_and_what_up_started_removed() {
+        let h = node("cmp-recheck");
+        let judged = r#"{"Id":"aaaa","Name":"/muvee-app_app_1","Status":"created","Service":"app","HostConfig":{},"Mounts":[]}"#;
+        let extra = r#"{"Id":"bbbb","Name":"/muvee-app_evil_1","Status":"running","Service":"evil","HostConfig":{},"Mounts":[]}"#;
+        let ps = "docker ps -aq --filter label=com.docker.compose.project=muvee-app";
+        let inspect = "docker inspect --type container --format";
+        // After `up`: one more container than was judged.
+        h.fake.on(ps, Reply::Ok("aaaa\nbbbb\n".into()));
+        h.fake.on(inspect, Reply::Ok(format!("{judged}\n{extra}")));
+        h.fake.once(ps, Reply::Ok("aaaa\n".into()));
+        h.fake.once(inspect, Reply::Ok(judged.into()));
+        let r = h.with("deploy", payload(json!({})), deploy);
+        assert_eq!(
+            text(&r),
+            "compose file docker-compose.yml breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), what it started was removed: service evil: container /muvee-app_evil_1 was not there when checked"
+        );
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.contains(p));
+        let up = pos(" up -d --no-recreate").unwrap();
+        assert!(up < pos("docker rm -f bbbb").unwrap(), "{calls:#?}");
+        assert!(up < pos("docker rm -f aaaa").unwrap(), "{calls:#?}");
+    }
+
+    #[test]
     fn refused_payloads_name_the_field_and_run_nothing() {
         let cases = [
             (
@@ -918,6 +957,24 @@ mod tests {
         assert!(cfg.contains(&BASE64.encode("u:pw-9f8e7d")), "{cfg}");
         assert!(!h.cfg.data_dir.join("compose/app/dockercfg").exists());
         assert!(h.fake.calls().iter().all(|c| !c.contains("pw-9f8e7d")));
+    }
+
+    #[test]
+    fn cleanup_never_has_the_cli_read_files_the_app_changed_to_name_host_files() {
+        let h = node("cmp-clean-changed");
+        let src = h.cfg.data_dir.join("compose/app/src");
+        std::fs::create_dir_all(&src).unwrap();
+        let changed = "services:\n  app:\n    image: i\n    env_file: /etc/shadow\n";
+        std::fs::write(src.join("docker-compose.yml"), changed).unwrap();
+        let p = json!({"mode": "compose", "domain_prefix": "app"});
+        assert!(h.with("cleanup", p.clone(), cleanup).is_ok());
+        assert!(h.fake.ran("docker-compose -p").is_empty());
+        assert!(!h.cfg.data_dir.join("compose/app").exists());
+        // The project's own files: `down` runs.
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("docker-compose.yml"), INLINE).unwrap();
+        assert!(h.with("cleanup", p, cleanup).is_ok());
+        assert!(!h.fake.ran("docker-compose -p").is_empty());
     }
 
     #[test]
