@@ -409,8 +409,7 @@ fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError
     drop(env);
     let config = yaml::load(&text).map_err(|e| {
         TaskError::Invalid(format!(
-            "compose file {shown}: cannot read `compose config`: {}",
-            e.0
+            "compose file {shown}: cannot read `compose config`: {e}"
         ))
     })?;
     let services = services(&config);

@@ -22,6 +22,14 @@ const MAX_FILES: usize = 32;
 #[derive(Debug)]
 pub struct Unreadable(pub String);
 
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreadable {}
+
 /// The violations of compose file `file` (inside `root`, the project's own dir) and of the
 /// compose files it names.
 pub fn judge(root: &Path, file: &Path) -> Result<Vec<Violation>, Unreadable> {
@@ -64,7 +72,7 @@ impl Walk {
         if text.len() as u64 > MAX_FILE {
             return Err(bad(format!("larger than {MAX_FILE} bytes")));
         }
-        let doc = yaml::load(&text).map_err(|e| bad(e.0))?;
+        let doc = yaml::load(&text).map_err(|e| bad(e.to_string()))?;
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         for (name, s) in services(&doc) {
             for (key, v) in yaml::entries(s) {

@@ -14,12 +14,38 @@ const MAX_DEPTH: u64 = 64;
 
 /// Why a text is not YAML we read.
 #[derive(Debug)]
-pub struct YamlError(pub String);
+pub enum YamlError {
+    /// Not YAML: the parser's error, with where it stopped.
+    Scan(yaml_rust2::ScanError),
+    /// Deeper or larger (through aliases) than any compose file.
+    TooLarge,
+}
+
+impl std::fmt::Display for YamlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            YamlError::Scan(e) => e.fmt(f),
+            YamlError::TooLarge => write!(
+                f,
+                "it nests deeper than {MAX_DEPTH} levels or its aliases expand to more than {MAX_NODES} nodes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for YamlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            YamlError::Scan(e) => Some(e),
+            YamlError::TooLarge => None,
+        }
+    }
+}
 
 /// The first document of `text` (Null when there is none).
 pub fn load(text: &str) -> Result<Yaml, YamlError> {
     let mut size = Size::default();
-    let err = |e: yaml_rust2::ScanError| YamlError(e.to_string());
+    let err = YamlError::Scan;
     // Event by event: the parser's own `load` recurses once per level.
     let mut parser = Parser::new_from_str(text);
     while !size.over {
@@ -29,9 +55,7 @@ pub fn load(text: &str) -> Result<Yaml, YamlError> {
         }
     }
     if size.over {
-        return Err(YamlError(format!(
-            "it nests deeper than {MAX_DEPTH} levels or its aliases expand to more than {MAX_NODES} nodes"
-        )));
+        return Err(YamlError::TooLarge);
     }
     let docs = YamlLoader::load_from_str(text).map_err(err)?;
     Ok(docs.into_iter().next().unwrap_or(Yaml::Null))
@@ -131,9 +155,15 @@ mod tests {
             let p = format!("*a{}", i - 1);
             bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![p; 9].join(", ")));
         }
-        assert!(load(&bomb).unwrap_err().0.contains("aliases expand"));
+        assert!(load(&bomb)
+            .unwrap_err()
+            .to_string()
+            .contains("aliases expand"));
         let deep = "- ".repeat(100_000) + "x\n";
-        assert!(load(&deep).unwrap_err().0.contains("nests deeper"));
+        assert!(load(&deep)
+            .unwrap_err()
+            .to_string()
+            .contains("nests deeper"));
         assert!(load("a: 1\na: 2\n").is_err(), "duplicate keys");
     }
 }
