@@ -14,7 +14,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/muvee-agent");
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/muvee-agent");
+
+/// The agent binary: this tree's release build, or `CHAOS_AGENT` (e.g. a deliberately broken
+/// build, to see an invariant fail).
+pub fn agent_bin() -> String {
+    std::env::var("CHAOS_AGENT")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| AGENT.into())
+}
 pub const POLL_MS: u64 = 1000;
 pub const MAX_TASKS: usize = 4;
 pub const GRACE_SECS: u64 = 20;
@@ -87,11 +96,12 @@ impl Agents {
             .append(true)
             .open(self.log_path(role));
         let Ok(mut log) = log else {
-            self.hist.note(format!("cannot open the {} log", role.name()));
+            self.hist
+                .note(format!("cannot open the {} log", role.name()));
             return;
         };
         let _ = writeln!(log, "=== chaos: start at +{}ms", self.hist.clock.ms());
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = Command::new(agent_bin());
         cmd.env_clear()
             .envs(self.env[idx(role)].iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -113,7 +123,9 @@ impl Agents {
                 p.restart_at = None;
                 self.hist.push(Ev::AgentUp { role, pid });
             }
-            Err(e) => self.hist.note(format!("cannot start the {} agent: {e}", role.name())),
+            Err(e) => self
+                .hist
+                .note(format!("cannot start the {} agent: {e}", role.name())),
         }
     }
 
@@ -188,7 +200,8 @@ impl Agents {
                 "; systemd would not restart it"
             }
         );
-        self.hist.note(format!("{} agent (pid {pid}) {how}", role.name()));
+        self.hist
+            .note(format!("{} agent (pid {pid}) {how}", role.name()));
         self.hist.push(Ev::AgentDown { role, pid, how });
         p.restart_at = restart.then(|| Instant::now() + RESTART_SEC);
     }

@@ -171,14 +171,18 @@ impl Bed {
             all &= mounted;
         }
         if !all {
-            println!("chaos: cannot mount a tmpfs (not root?): DATA_DIR on the disk, no disk faults");
+            println!(
+                "chaos: cannot mount a tmpfs (not root?): DATA_DIR on the disk, no disk faults"
+            );
         }
         Ok(all)
     }
 
     fn make_repo(&self) -> Result<(), SetupError> {
         std::fs::create_dir_all(&self.repo).map_err(io("create the git repo"))?;
-        sh(Command::new("git").args(["init", "-q", "-b", "main"]).arg(&self.repo))?;
+        sh(Command::new("git")
+            .args(["init", "-q", "-b", "main"])
+            .arg(&self.repo))?;
         for (k, v) in [
             ("user.email", "chaos@localhost"),
             ("user.name", "chaos"),
@@ -263,8 +267,14 @@ impl Bed {
         vec![
             ("DOCKER_CLI".into(), WRAPPER.into()),
             ("CHAOS_REAL_DOCKER".into(), self.docker_cli.clone()),
-            ("CHAOS_DOCKER_CTL".into(), self.docker_ctl.display().to_string()),
-            ("CHAOS_DOCKER_LOG".into(), self.docker_log.display().to_string()),
+            (
+                "CHAOS_DOCKER_CTL".into(),
+                self.docker_ctl.display().to_string(),
+            ),
+            (
+                "CHAOS_DOCKER_LOG".into(),
+                self.docker_log.display().to_string(),
+            ),
         ]
     }
 
@@ -319,8 +329,14 @@ impl Bed {
         self.docker_faults_clear();
         self.free_all();
         self.proxy.stop();
-        remove_containers(&[self.node_name(Role::Deploy)], &format!("muvee-chaos-{}", self.run));
-        remove_images(&self.proxy.addr.to_string(), &format!("chaos-{}-", self.run));
+        remove_containers(
+            &[self.node_name(Role::Deploy)],
+            &format!("muvee-chaos-{}", self.run),
+        );
+        remove_images(
+            &self.proxy.addr.to_string(),
+            &format!("chaos-{}-", self.run),
+        );
         if self.mounted {
             for fs in &self.fs {
                 let _ = Command::new("umount").arg("-l").arg(fs).status();
@@ -349,7 +365,11 @@ fn docker_client(seed: u64) -> (String, bool) {
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join("docker");
         let real = std::fs::canonicalize(&p).unwrap_or(p.clone());
-        if p.is_file() && !found.iter().any(|f| std::fs::canonicalize(f).ok() == Some(real.clone())) {
+        if p.is_file()
+            && !found
+                .iter()
+                .any(|f| std::fs::canonicalize(f).ok() == Some(real.clone()))
+        {
             found.push(p);
         }
     }
@@ -367,7 +387,12 @@ fn docker_client(seed: u64) -> (String, bool) {
 /// Containers labelled with one of `nodes`, or named with `name_prefix`.
 pub fn our_containers(nodes: &[String], name_prefix: &str) -> Vec<String> {
     let out = docker()
-        .args(["ps", "-a", "--format", "{{.ID}} {{.Names}} {{.Label \"muvee.node\"}}"])
+        .args([
+            "ps",
+            "-a",
+            "--format",
+            "{{.ID}} {{.Names}} {{.Label \"muvee.node\"}}",
+        ])
         .output();
     let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
     let text = text.unwrap_or_default();
@@ -423,7 +448,10 @@ fn sweep_stale() {
         }
         let run = std::fs::read_to_string(dir.join("run")).unwrap_or_default();
         let run = run.trim();
-        println!("chaos: sweeping what the interrupted run {run} left ({})", dir.display());
+        println!(
+            "chaos: sweeping what the interrupted run {run} left ({})",
+            dir.display()
+        );
         let nodes = [format!("chaos-{run}-deploy")];
         remove_containers(&nodes, &format!("muvee-chaos-{run}"));
         let proxy = std::fs::read_to_string(dir.join("proxy")).unwrap_or_default();

@@ -109,7 +109,8 @@ fn cleanup(w: &World) {
         return;
     };
     w.probing.store(false, std::sync::atomic::Ordering::SeqCst);
-    w.hist.note("cleanup: every app removed by a cleanup task".into());
+    w.hist
+        .note("cleanup: every app removed by a cleanup task".into());
     for p in 0..PROJECTS {
         let payload = serde_json::json!({"domain_prefix": w.names[p]});
         let id = w.cp.add_task(&node, "cleanup", "", payload);
@@ -141,17 +142,22 @@ fn shut_down(w: &World) -> Vec<String> {
                 role.name(),
                 limit.as_secs()
             ));
-            w.agents.signal(role, libc::SIGKILL, "SIGKILL (did not stop)");
+            w.agents
+                .signal(role, libc::SIGKILL, "SIGKILL (did not stop)");
             let _ = w.agents.wait_exit(role, Duration::from_secs(5));
         }
     }
     std::thread::sleep(Duration::from_secs(2));
     for (pid, cmd) in in_sessions(&w.agents.sessions()) {
-        left.push(format!("process {pid} of an agent's session still runs: {cmd}"));
+        left.push(format!(
+            "process {pid} of an agent's session still runs: {cmd}"
+        ));
     }
     let nodes = [w.bed.node_name(Role::Deploy)];
     for c in crate::bed::our_containers(&nodes, &format!("muvee-chaos-{}", w.bed.run)) {
-        left.push(format!("container {c} still exists after every app's cleanup"));
+        left.push(format!(
+            "container {c} still exists after every app's cleanup"
+        ));
     }
     let mounts = w.bed.data_dir(Role::Deploy).join("mounts");
     let dirs = std::fs::read_dir(&mounts).into_iter().flatten().flatten();
@@ -185,9 +191,19 @@ fn report(rec: &Record, v: &[Violation], seen: &check::Seen, duration: &str) -> 
             let _ = writeln!(s, "   ok  {name}: {what}{looked}");
             continue;
         };
-        let _ = writeln!(s, "FAILED {name}: {what} ({} violations){looked}", list.len());
+        let _ = writeln!(
+            s,
+            "FAILED {name}: {what} ({} violations){looked}",
+            list.len()
+        );
         for x in list.iter().take(3) {
-            let _ = writeln!(s, "       +{:.1}s {}{}", x.ms as f64 / 1000.0, task_text(rec, x), x.detail);
+            let _ = writeln!(
+                s,
+                "       +{:.1}s {}{}",
+                x.ms as f64 / 1000.0,
+                task_text(rec, x),
+                x.detail
+            );
         }
     }
     for (name, list) in &by {
@@ -205,7 +221,9 @@ fn report(rec: &Record, v: &[Violation], seen: &check::Seen, duration: &str) -> 
 fn figures(rec: &Record, v: &[Violation]) -> String {
     let mut tasks: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for t in &rec.tasks {
-        let e = tasks.entry(t["type"].as_str().unwrap_or("?").into()).or_default();
+        let e = tasks
+            .entry(t["type"].as_str().unwrap_or("?").into())
+            .or_default();
         match t["status"].as_str() {
             Some("completed") => e.0 += 1,
             _ => e.1 += 1,
@@ -255,7 +273,14 @@ fn task_text(rec: &Record, x: &Violation) -> String {
     });
     match step.and_then(|n| rec.w.plan.steps.get(n)) {
         Some(s) => format!("task {id} (#{}, {kind}: {}): ", s.n, work_of(s)),
-        None => format!("task {id} ({kind}{}): ", if step.is_some() { ", final cleanup" } else { ", chained" }),
+        None => format!(
+            "task {id} ({kind}{}): ",
+            if step.is_some() {
+                ", final cleanup"
+            } else {
+                ", chained"
+            }
+        ),
     }
 }
 
@@ -270,7 +295,12 @@ fn work_of(s: &crate::plan::Step) -> String {
 fn around(rec: &Record, x: &Violation) -> String {
     let (from, to) = (x.ms.saturating_sub(40_000), x.ms + 10_000);
     let mut s = format!("   {} {}\n", task_text(rec, x), x.detail);
-    let _ = writeln!(s, "   schedule +{:.1}s … +{:.1}s:", from as f64 / 1000.0, to as f64 / 1000.0);
+    let _ = writeln!(
+        s,
+        "   schedule +{:.1}s … +{:.1}s:",
+        from as f64 / 1000.0,
+        to as f64 / 1000.0
+    );
     for step in rec.w.plan.window(from, to) {
         let _ = writeln!(s, "   {step}");
     }
@@ -298,7 +328,11 @@ fn event_text(rec: &Record, ev: &Ev) -> Option<String> {
         Ev::Answer { task, ok, detail } => format!("deploy {task} answered: {ok} {detail}"),
         Ev::Note(n) => n.clone(),
         Ev::Stuck { role, pid } => format!("{} agent (pid {pid}) did not stop", role.name()),
-        Ev::Probe { ok: false, project, port } => format!("probe p{project} port {port} failed"),
+        Ev::Probe {
+            ok: false,
+            project,
+            port,
+        } => format!("probe p{project} port {port} failed"),
         Ev::ReadableSecret { path } => format!("readable secret {path}"),
         Ev::Probe { .. } | Ev::Rss { .. } => return None,
     })

@@ -12,16 +12,40 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 pub const INVARIANTS: &[(&str, &str)] = &[
-    ("one-final-report", "every task gets exactly one final report, never two outcomes"),
-    ("completed-is-real", "a completed build is in the registry, a completed deploy answers"),
+    (
+        "one-final-report",
+        "every task gets exactly one final report, never two outcomes",
+    ),
+    (
+        "completed-is-real",
+        "a completed build is in the registry, a completed deploy answers",
+    ),
     ("runs-once", "no task runs twice"),
-    ("polls-and-takes", "the agent polls and takes new tasks within a poll interval"),
-    ("logs-delivered", "every log line is delivered or counted by a drop marker"),
-    ("text-is-storable", "what reaches the control plane is valid UTF-8 without NUL"),
-    ("no-secret", "no secret in a report, log line, agent log, argv or readable file"),
-    ("app-keeps-answering", "an app answers HTTP through failed and interrupted redeploys"),
+    (
+        "polls-and-takes",
+        "the agent polls and takes new tasks within a poll interval",
+    ),
+    (
+        "logs-delivered",
+        "every log line is delivered or counted by a drop marker",
+    ),
+    (
+        "text-is-storable",
+        "what reaches the control plane is valid UTF-8 without NUL",
+    ),
+    (
+        "no-secret",
+        "no secret in a report, log line, agent log, argv or readable file",
+    ),
+    (
+        "app-keeps-answering",
+        "an app answers HTTP through failed and interrupted redeploys",
+    ),
     ("memory", "agent memory stays under 64 MiB"),
-    ("nothing-left", "no process, container or mount of ours left after cleanup and shutdown"),
+    (
+        "nothing-left",
+        "no process, container or mount of ours left after cleanup and shutdown",
+    ),
 ];
 
 const MEMORY_LIMIT_KIB: u64 = 64 * 1024;
@@ -79,9 +103,11 @@ impl Record<'_> {
 
 /// What a check looked at (a checker that looked at nothing proves nothing).
 pub type Seen = BTreeMap<&'static str, String>;
+/// A check: its violations and what it looked at.
+type Check = fn(&Record) -> (Vec<Violation>, String);
 
 pub fn all(rec: &Record) -> (Vec<Violation>, Seen) {
-    let checks: [(&str, fn(&Record) -> (Vec<Violation>, String)); 9] = [
+    let checks: [(&str, Check); 9] = [
         ("one-final-report", final_reports),
         ("completed-is-real", completed_is_real),
         ("runs-once", runs_once),
@@ -142,11 +168,22 @@ fn final_reports(rec: &Record) -> (Vec<Violation>, String) {
                 .iter()
                 .map(|o| format!("+{:.1}s {}", o.0 as f64 / 1000.0, o.1))
                 .collect();
-            out.push(v(outcomes[1].0, format!("two outcomes: {}", all.join(" / "))));
+            out.push(v(
+                outcomes[1].0,
+                format!("two outcomes: {}", all.join(" / ")),
+            ));
         }
         if rec.final_of(id).is_none() {
             let status = t["status"].as_str().unwrap_or("?");
-            let detail = format!("no final report accepted by the end (server shows {status})");
+            let tried: Vec<&Recorded> = rec.reports_of(id).collect();
+            let last = tried.last().map_or("none sent".into(), |r| {
+                let answer = r.status.map_or("no answer".into(), |s| s.to_string());
+                format!("the last at +{:.1}s: {answer}", rec.ms(r) as f64 / 1000.0)
+            });
+            let detail = format!(
+                "no final report accepted by the end (server shows {status}; {} reports tried, {last})",
+                tried.len()
+            );
             out.push(v(rec.claim_ms(id).unwrap_or(rec.end_ms), detail));
         }
     }
@@ -190,7 +227,9 @@ fn completed_is_real(rec: &Record) -> (Vec<Violation>, String) {
             });
         }
     }
-    let seen = format!("{builds} completed builds looked up in the registry, {answers} completed deploys answered");
+    let seen = format!(
+        "{builds} completed builds looked up in the registry, {answers} completed deploys answered"
+    );
     (out, seen)
 }
 
@@ -218,7 +257,9 @@ fn in_registry(w: &World, tag: &str) -> Result<(), String> {
         .map_err(|e| format!("the registry did not answer: {e}"))?;
     match res.status().as_u16() {
         200 => Ok(()),
-        code => Err(format!("the registry answers {code} for {repo}:{reference}")),
+        code => Err(format!(
+            "the registry answers {code} for {repo}:{reference}"
+        )),
     }
 }
 
@@ -235,13 +276,17 @@ fn runs_once(rec: &Record) -> (Vec<Violation>, String) {
         }
         if let Some(i) = f.iter().position(|a| *a == "-t") {
             let at = ms.map_or(0, |m| m.saturating_sub(rec.w.hist.clock.epoch_ms()));
-            builds.entry(f.get(i + 1).unwrap_or(&"").to_string()).or_default().push(at);
+            builds
+                .entry(f.get(i + 1).unwrap_or(&"").to_string())
+                .or_default()
+                .push(at);
         }
     }
     for (tag, times) in builds.iter().filter(|b| b.1.len() > 1) {
         let task = rec.tasks.iter().find(|t| {
             let id = t["id"].as_str().unwrap_or("");
-            rec.reports_of(id).any(|r| r.json().is_some_and(|b| b["image_tag"] == tag.as_str()))
+            rec.reports_of(id)
+                .any(|r| r.json().is_some_and(|b| b["image_tag"] == tag.as_str()))
         });
         out.push(Violation {
             invariant: "runs-once",
@@ -272,16 +317,18 @@ fn deploys_once(rec: &Record) -> (Vec<Violation>, String) {
     }
     let mut out = Vec::new();
     for (marker, hosts) in seen.iter().filter(|s| s.1.len() > 1) {
-        let task = rec
-            .tasks
-            .iter()
-            .find(|t| t["type"] == "deploy" && t["payload"]["env_vars"]["MARKER"] == marker.as_str());
+        let task = rec.tasks.iter().find(|t| {
+            t["type"] == "deploy" && t["payload"]["env_vars"]["MARKER"] == marker.as_str()
+        });
         let id = task.and_then(|t| t["id"].as_str()).map(String::from);
         out.push(Violation {
             invariant: "runs-once",
             ms: id.as_deref().and_then(|i| rec.claim_ms(i)).unwrap_or(0),
             task: id,
-            detail: format!("deployment {marker} started {} containers: {hosts:?}", hosts.len()),
+            detail: format!(
+                "deployment {marker} started {} containers: {hosts:?}",
+                hosts.len()
+            ),
         });
     }
     let containers: usize = seen.values().map(HashSet::len).sum();
@@ -295,7 +342,9 @@ fn logs_delivered(rec: &Record) -> (Vec<Violation>, String) {
         let Some(lines) = t.build else { continue };
         let log = rec.w.cp.logs(&t.deployment);
         let found = numbered_lines(&log, &format!("L{}-", t.step));
-        let completed = rec.final_of(&t.id).is_some_and(|f| f["status"] == "completed");
+        let completed = rec
+            .final_of(&t.id)
+            .is_some_and(|f| f["status"] == "completed");
         if !completed && !found.contains(&lines) {
             continue;
         }
@@ -323,7 +372,10 @@ fn logs_delivered(rec: &Record) -> (Vec<Violation>, String) {
             });
         }
     }
-    (out, format!("{builds} builds, {lines_seen} numbered lines found"))
+    (
+        out,
+        format!("{builds} builds, {lines_seen} numbered lines found"),
+    )
 }
 
 /// The numbers i of every `<tag><i>` in the log.
@@ -333,8 +385,14 @@ fn numbered_lines(log: &[u8], tag: &str) -> HashSet<u32> {
     let mut at = 0;
     while let Some(p) = find(&log[at..], tag) {
         let start = at + p + tag.len();
-        let digits = log[start..].iter().take_while(|b| b.is_ascii_digit()).count();
-        if let Ok(n) = std::str::from_utf8(&log[start..start + digits]).unwrap_or("").parse() {
+        let digits = log[start..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if let Ok(n) = std::str::from_utf8(&log[start..start + digits])
+            .unwrap_or("")
+            .parse()
+        {
             found.insert(n);
         }
         at = start;
@@ -372,15 +430,24 @@ pub fn find_secret<'n>(bytes: &[u8], needles: &'n [String]) -> Option<(usize, &'
 fn storable_text(rec: &Record) -> (Vec<Violation>, String) {
     let mut out = Vec::new();
     let all = rec.w.cp.requests();
-    for r in all.iter().filter(|r| r.method == "POST" && !r.body.is_empty()) {
+    // One violation per route (a refused body is sent again and again).
+    let mut routes = HashSet::new();
+    for r in all
+        .iter()
+        .filter(|r| r.method == "POST" && !r.body.is_empty())
+    {
         let why = match std::str::from_utf8(&r.body) {
             Err(e) => format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             Ok(s) if s.contains('\0') || s.contains("\\u0000") => "a NUL".into(),
             Ok(_) => continue,
         };
+        if !routes.insert(r.path().to_string()) {
+            continue;
+        }
         out.push(Violation {
             invariant: "text-is-storable",
-            task: Some(report_task(&r.target).to_string()).filter(|_| r.target.contains("/complete")),
+            task: Some(report_task(&r.target).to_string())
+                .filter(|_| r.target.contains("/complete")),
             ms: rec.ms(r),
             detail: format!("POST {} carried {why}", r.path()),
         });
@@ -391,8 +458,13 @@ fn storable_text(rec: &Record) -> (Vec<Violation>, String) {
 fn no_secret(rec: &Record) -> (Vec<Violation>, String) {
     let needles = rec.w.secret_needles();
     let mut out = Vec::new();
+    // One violation per place (a refused body is sent again and again).
+    let mut places = HashSet::new();
     let mut hit = |ms: u64, task: Option<String>, place: String, bytes: &[u8]| {
-        if let Some((p, n)) = find_secret(bytes, &needles) {
+        let Some((p, n)) = find_secret(bytes, &needles) else {
+            return;
+        };
+        if places.insert(place.clone()) {
             let from = p.saturating_sub(40);
             let excerpt = String::from_utf8_lossy(&bytes[from..(p + 60).min(bytes.len())]);
             let detail = format!("{place} holds secret text {n:?}: …{excerpt}…");
@@ -407,7 +479,9 @@ fn no_secret(rec: &Record) -> (Vec<Violation>, String) {
     for r in rec.w.cp.requests().iter().filter(|r| r.method == "POST") {
         let task = report_task(&r.target).to_string();
         // env (and the app's own log) return the container's values by design.
-        let kind = rec.task_row(&task).map(|t| t["type"].as_str().unwrap_or(""));
+        let kind = rec
+            .task_row(&task)
+            .map(|t| t["type"].as_str().unwrap_or(""));
         if r.target.contains("/complete") && matches!(kind, Some("env" | "runtime_logs")) {
             continue;
         }
@@ -432,9 +506,8 @@ fn no_secret(rec: &Record) -> (Vec<Violation>, String) {
         }
     }
     let secrets = rec.w.secrets();
-    let seen = format!(
-        "{secrets} secrets in request bodies, agent logs, docker argv, DATA_DIR files"
-    );
+    let seen =
+        format!("{secrets} secrets in request bodies, agent logs, docker argv, DATA_DIR files");
     (out, seen)
 }
 
@@ -494,7 +567,11 @@ fn memory(rec: &Record) -> (Vec<Violation>, String) {
                 invariant: "memory",
                 task: None,
                 ms: e.ms,
-                detail: format!("{} agent (pid {pid}) at {} MiB resident", role.name(), kib / 1024),
+                detail: format!(
+                    "{} agent (pid {pid}) at {} MiB resident",
+                    role.name(),
+                    kib / 1024
+                ),
             })
         }
         _ => None,

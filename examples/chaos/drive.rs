@@ -25,7 +25,8 @@ pub fn run(w: &Arc<World>) {
         }
         threads.retain(|t| !t.is_finished());
     }
-    w.stop.sleep_until(w.hist.clock.at(w.plan.duration.as_millis() as u64));
+    w.stop
+        .sleep_until(w.hist.clock.at(w.plan.duration.as_millis() as u64));
     for t in threads {
         let _ = t.join();
     }
@@ -58,7 +59,8 @@ fn enqueue(w: &World, step: &Step, work: &Work) {
         Work::Op { kind, .. } => op(w, project, kind),
     };
     let Some((id, deployment)) = made else {
-        w.hist.note(format!("#{}: could not enqueue {work}", step.n));
+        w.hist
+            .note(format!("#{}: could not enqueue {work}", step.n));
         return;
     };
     let build = match work {
@@ -182,7 +184,10 @@ fn nasty(n: usize, buildkit: bool, secret: &str) -> (String, u32) {
         );
         lines = 7;
     }
-    (format!("RUN {run}echo \"L{n}-{} end\"", lines + 1), lines + 1)
+    (
+        format!("RUN {run}echo \"L{n}-{} end\"", lines + 1),
+        lines + 1,
+    )
 }
 
 fn deploy(
@@ -207,8 +212,10 @@ fn deploy(
             "size_bytes": 1_572_864, "mount_mode": "dependency"}));
     }
     if rw {
-        datasets.push(json!({"id": "0000f00d-c4a0-4000-8000-000000000000", "name": "rw",
-            "nfs_path": "rw", "version": 1, "size_bytes": 0, "mount_mode": "readwrite"}));
+        datasets.push(
+            json!({"id": "0000f00d-c4a0-4000-8000-000000000000", "name": "rw",
+            "nfs_path": "rw", "version": 1, "size_bytes": 0, "mount_mode": "readwrite"}),
+        );
     }
     if !datasets.is_empty() {
         req.insert("datasets".into(), Value::Array(datasets));
@@ -262,7 +269,9 @@ fn inject(w: &Arc<World>, n: usize, f: &FaultSpec) -> Option<JoinHandle<()>> {
             role,
             trigger,
             down_ms,
-        } => Some(std::thread::spawn(move || kill(&w2, n, role, trigger, down_ms))),
+        } => Some(std::thread::spawn(move || {
+            kill(&w2, n, role, trigger, down_ms)
+        })),
         FaultSpec::Term { role, second_ms } => {
             Some(std::thread::spawn(move || term(&w2, n, role, second_ms)))
         }
@@ -314,12 +323,19 @@ fn node_tasks(w: &World, role: Role, kind: Option<&str>, status: &str) -> usize 
 /// SIGTERM (and a second one when planned); the agent must exit within the shutdown grace
 /// (plus the 10 s a second SIGTERM gives tasks); then it is started again.
 fn term(w: &World, n: usize, role: Role, second_ms: Option<u64>) {
-    let Some(pid) = w.agents.signal(role, libc::SIGTERM, &format!("SIGTERM (#{n})")) else {
+    let Some(pid) = w
+        .agents
+        .signal(role, libc::SIGTERM, &format!("SIGTERM (#{n})"))
+    else {
         return;
     };
     if let Some(ms) = second_ms {
-        if w.agents.wait_exit(role, Duration::from_millis(ms)).is_none() {
-            w.agents.signal(role, libc::SIGTERM, &format!("second SIGTERM (#{n})"));
+        if w.agents
+            .wait_exit(role, Duration::from_millis(ms))
+            .is_none()
+        {
+            w.agents
+                .signal(role, libc::SIGTERM, &format!("second SIGTERM (#{n})"));
         }
     }
     let limit = Duration::from_secs(GRACE_SECS + 25);
@@ -330,7 +346,8 @@ fn term(w: &World, n: usize, role: Role, second_ms: Option<u64>) {
             limit.as_secs()
         ));
         w.hist.push(Ev::Stuck { role, pid });
-        w.agents.signal(role, libc::SIGKILL, "SIGKILL (did not stop)");
+        w.agents
+            .signal(role, libc::SIGKILL, "SIGKILL (did not stop)");
         let _ = w.agents.wait_exit(role, Duration::from_secs(10));
     }
     if !w.stop.stopped() {

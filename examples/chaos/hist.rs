@@ -22,7 +22,8 @@ impl Clock {
     }
     /// A wall-clock time (the control plane's records) in ms since the start.
     pub fn ms_of(&self, t: SystemTime) -> u64 {
-        t.duration_since(self.wall0).map_or(0, |d| d.as_millis() as u64)
+        t.duration_since(self.wall0)
+            .map_or(0, |d| d.as_millis() as u64)
     }
     /// The start, in ms since 1970 (to read the docker wrapper's log).
     pub fn epoch_ms(&self) -> u64 {
@@ -61,7 +62,10 @@ impl Stop {
             if left.is_zero() {
                 return false;
             }
-            g = self.cv.wait_timeout(g, left).map_or_else(|e| e.into_inner().0, |r| r.0);
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
         }
         true
     }

@@ -8,6 +8,8 @@
 //! ```text
 //! chaos [--seed N|random] [--duration 3m] [--plan]   (or SEED=, DURATION=; default random, 3m)
 //!       --plan: print the seed's plan (workload and faults) and exit
+//! CHAOS_AGENT=PATH runs that agent binary instead of target/release/muvee-agent (and
+//! CHAOS_BREAK, if set, is passed on to it).
 //! ```
 //! Exit status: 0 no violation, 1 violations, 2 the campaign could not run, 130 interrupted.
 
@@ -17,8 +19,8 @@ mod faults;
 mod server;
 
 mod agents;
-mod campaign;
 mod bed;
+mod campaign;
 mod check;
 mod drive;
 mod hist;
@@ -124,7 +126,9 @@ fn args() -> Result<Args, String> {
     }
     let seed = match seed.as_deref() {
         None | Some("random") => random_seed(),
-        Some(s) => s.parse().map_err(|_| format!("SEED {s:?} is not a number"))?,
+        Some(s) => s
+            .parse()
+            .map_err(|_| format!("SEED {s:?} is not a number"))?,
     };
     let text = duration.unwrap_or_else(|| "3m".into());
     let d = parse_duration(&text).ok_or(format!("DURATION {text:?}: use 90s, 3m or 1h"))?;
@@ -176,8 +180,11 @@ fn main() -> ExitCode {
         plan.steps.iter().for_each(|s| println!("{s}"));
         return ExitCode::SUCCESS;
     }
-    if !std::path::Path::new(agents::AGENT).exists() {
-        eprintln!("chaos: {} is missing: cargo build --release", agents::AGENT);
+    if !std::path::Path::new(&agents::agent_bin()).exists() {
+        eprintln!(
+            "chaos: {} is missing: cargo build --release",
+            agents::agent_bin()
+        );
         return ExitCode::from(2);
     }
     let run = Rng::new(random_seed(), 4).hex(6);
@@ -191,18 +198,27 @@ fn main() -> ExitCode {
     println!(
         "chaos: run {run}, docker client {} ({}), DATA_DIR {}, work dir {}",
         bed.docker_cli,
-        if bed.buildkit { "BuildKit" } else { "legacy builder" },
-        if bed.mounted { "on small tmpfs mounts" } else { "on the disk" },
+        if bed.buildkit {
+            "BuildKit"
+        } else {
+            "legacy builder"
+        },
+        if bed.mounted {
+            "on small tmpfs mounts"
+        } else {
+            "on the disk"
+        },
         bed.dir.display()
     );
-    let w = match world(plan, bed, a.seed) {
-        Ok(w) => Arc::new(w),
-        Err((bed, e)) => {
-            eprintln!("chaos: cannot start the control plane: {e}");
+    let listener = match TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("chaos: cannot listen for the control plane: {e}");
             bed.teardown();
             return ExitCode::from(2);
         }
     };
+    let w = Arc::new(world(listener, plan, bed, a.seed));
     install_signals(w.stop.clone());
     let code = campaign::run(&w, &a.duration_text);
     w.agents.kill_all();
@@ -211,11 +227,7 @@ fn main() -> ExitCode {
     code
 }
 
-fn world(plan: Plan, bed: Bed, seed: u64) -> Result<World, (Bed, std::io::Error)> {
-    let listener = match TcpListener::bind("127.0.0.1:0") {
-        Ok(l) => l,
-        Err(e) => return Err((bed, e)),
-    };
+fn world(listener: TcpListener, plan: Plan, bed: Bed, seed: u64) -> World {
     let opts = server::Options {
         record: true,
         dev_routes: false,
@@ -243,7 +255,7 @@ fn world(plan: Plan, bed: Bed, seed: u64) -> Result<World, (Bed, std::io::Error)
     let names = (0..PROJECTS)
         .map(|p| format!("chaos-{}-p{p}", bed.run))
         .collect();
-    Ok(World {
+    World {
         plan,
         cp,
         faults,
@@ -258,7 +270,7 @@ fn world(plan: Plan, bed: Bed, seed: u64) -> Result<World, (Bed, std::io::Error)
         secrets: AtomicUsize::new(0),
         probing: AtomicBool::new(true),
         bed,
-    })
+    }
 }
 
 /// The agent's environment: short intervals so a few minutes see many rounds.
@@ -291,6 +303,10 @@ fn agent_env(bed: &Bed, url: &str, secret: &str, role: Role) -> Vec<(String, Str
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     env.extend(bed.wrapper_env());
+    // For a deliberately broken build (CHAOS_AGENT), whatever switches its breakage.
+    if let Ok(b) = std::env::var("CHAOS_BREAK") {
+        env.push(("CHAOS_BREAK".into(), b));
+    }
     env
 }
 

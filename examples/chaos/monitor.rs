@@ -187,7 +187,8 @@ fn answers(w: &World, st: &mut State, infos: &HashMap<String, Info>) {
 /// `GET /` on 127.0.0.1:port: (status, body).
 pub fn http_get(port: u16) -> Result<(u16, String), String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -222,7 +223,8 @@ fn scan_data_dirs(w: &World, st: &mut State) {
         readable_secrets(&w.bed.data_dir(role), true, &needles, &mut hits);
         for path in hits {
             if st.readable.insert(path.clone()) {
-                w.hist.note(format!("world-readable file with a secret: {path}"));
+                w.hist
+                    .note(format!("world-readable file with a secret: {path}"));
                 w.hist.push(Ev::ReadableSecret { path });
             }
         }
@@ -247,7 +249,9 @@ fn readable_secrets(dir: &Path, reachable: bool, needles: &[String], hits: &mut 
         if md.is_dir() {
             readable_secrets(&p, reachable, needles, hits);
         } else if md.is_file() && reachable && md.permissions().mode() & 0o004 != 0 {
-            let Ok(bytes) = std::fs::read(&p) else { continue };
+            let Ok(bytes) = std::fs::read(&p) else {
+                continue;
+            };
             if crate::check::find_secret(&bytes, needles).is_some() {
                 hits.push(p.display().to_string());
             }

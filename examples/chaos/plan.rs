@@ -88,16 +88,9 @@ pub enum FaultSpec {
         down_ms: u64,
     },
     /// SIGTERM, and a second one this long after when given; restarted once it exited.
-    Term {
-        role: Role,
-        second_ms: Option<u64>,
-    },
+    Term { role: Role, second_ms: Option<u64> },
     /// The role's DATA_DIR filled up (blocks, or inodes) for a while.
-    Disk {
-        role: Role,
-        inodes: bool,
-        ms: u64,
-    },
+    Disk { role: Role, inodes: bool, ms: u64 },
     /// The docker CLI wrapper fails, hangs (`secs`, then fails) or is slow (`secs`) for
     /// these subcommands (`*`: all).
     Docker {
@@ -236,8 +229,20 @@ fn one_work(rng: &mut Rng) -> Vec<(u64, Work)> {
             let project = OPS;
             match rng.weighted(&[(40, "restart"), (35, "pause"), (25, "cleanup")]) {
                 "pause" => vec![
-                    (0, Work::Op { project, kind: "pause" }),
-                    (rng.range(3000, 20_000), Work::Op { project, kind: "unpause" }),
+                    (
+                        0,
+                        Work::Op {
+                            project,
+                            kind: "pause",
+                        },
+                    ),
+                    (
+                        rng.range(3000, 20_000),
+                        Work::Op {
+                            project,
+                            kind: "unpause",
+                        },
+                    ),
                 ],
                 kind => vec![(0, Work::Op { project, kind })],
             }
@@ -409,7 +414,12 @@ impl fmt::Display for FaultSpec {
             },
             FaultSpec::Disk { role, inodes, ms } => {
                 let what = if *inodes { "inodes" } else { "blocks" };
-                write!(f, "FAULT {} DATA_DIR out of {what} for {}", role.name(), s(ms))
+                write!(
+                    f,
+                    "FAULT {} DATA_DIR out of {what} for {}",
+                    role.name(),
+                    s(ms)
+                )
             }
             FaultSpec::Docker {
                 mode,

@@ -30,7 +30,10 @@ pub fn check(rec: &Record) -> (Vec<Violation>, String) {
         out.extend(claim_waits(rec, role, &node, &ex));
     }
     let polls = rec.w.cp.requests_to("/api/agent/tasks?").len();
-    (out, format!("{polls} polls, {} tasks' claims", rec.tasks.len()))
+    (
+        out,
+        format!("{polls} polls, {} tasks' claims", rec.tasks.len()),
+    )
 }
 
 fn poll_gaps(rec: &Record, role: Role, node: &str, ex: &[(u64, u64)]) -> Vec<Violation> {
@@ -124,7 +127,10 @@ fn unix_ms(s: &str) -> Option<u64> {
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let frac = s.get(20..23).and_then(|f| f.parse::<i64>().ok()).unwrap_or(0);
+    let frac = s
+        .get(20..23)
+        .and_then(|f| f.parse::<i64>().ok())
+        .unwrap_or(0);
     // Days from civil (Howard Hinnant's algorithm).
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);

@@ -2,9 +2,9 @@
 //! for a while without touching the shared one: the agents get its address as
 //! `registry_addr`; the engine treats 127.0.0.0/8 as an insecure (plain HTTP) registry.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread;

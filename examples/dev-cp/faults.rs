@@ -207,7 +207,10 @@ impl Faults {
         let query = target.split_once('?').map_or("", |q| q.1);
         let get = |k: &str| {
             let pairs = query.split('&').filter_map(|kv| kv.split_once('='));
-            pairs.into_iter().find(|p| p.0 == k).map(|p| p.1.to_string())
+            pairs
+                .into_iter()
+                .find(|p| p.0 == k)
+                .map(|p| p.1.to_string())
         };
         let answer = |code: u16, text: String| {
             Action::Respond(code, "text/plain; charset=utf-8", (text + "\n").into())
@@ -245,7 +248,10 @@ mod tests {
         for f in ["503", "404", "413", "html", "garbage", "reset", "hang:1500"] {
             assert_eq!(Fault::parse(f).unwrap().name(), f);
         }
-        assert_eq!(Fault::parse("slow:20"), Some(Fault::Hang(Duration::from_millis(20))));
+        assert_eq!(
+            Fault::parse("slow:20"),
+            Some(Fault::Hang(Duration::from_millis(20)))
+        );
         assert_eq!(Fault::parse("200"), None);
         assert_eq!(Fault::parse("stall"), None);
     }

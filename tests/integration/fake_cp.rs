@@ -4,10 +4,10 @@
 //! on timeout.
 #![allow(dead_code)]
 
-#[path = "../../examples/dev-cp/server.rs"]
-mod server;
 #[path = "../../examples/dev-cp/faults.rs"]
 mod faults;
+#[path = "../../examples/dev-cp/server.rs"]
+mod server;
 
 use crate::util;
 pub use faults::Fault;
