@@ -14,6 +14,8 @@ pub use faults::Fault;
 use faults::Faults;
 use serde_json::Value;
 #[allow(unused_imports)]
+pub use server::control::{frame_data, ControlConn, Outcome, Upgrade};
+#[allow(unused_imports)]
 pub use server::{enc, go_str, parse_uuid, rfc3339, Action, Recorded, Server, Version};
 use std::time::Duration;
 
