@@ -109,6 +109,8 @@ fn cleanup(w: &World) {
         return;
     };
     w.probing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let execs = crate::sessions::leftover_execs(w);
+    w.leftovers.lock().unwrap().extend(execs);
     w.hist
         .note("cleanup: every app removed by a cleanup task".into());
     for p in 0..PROJECTS {
@@ -130,7 +132,7 @@ fn cleanup(w: &World) {
 
 /// SIGTERM to both agents; then whatever of ours still runs or exists is a leftover.
 fn shut_down(w: &World) -> Vec<String> {
-    let mut left = Vec::new();
+    let mut left = std::mem::take(&mut *w.leftovers.lock().unwrap());
     for role in [Role::Builder, Role::Deploy] {
         w.agents.signal(role, libc::SIGTERM, "final SIGTERM");
     }
@@ -147,10 +149,15 @@ fn shut_down(w: &World) -> Vec<String> {
             let _ = w.agents.wait_exit(role, Duration::from_secs(5));
         }
     }
-    std::thread::sleep(Duration::from_secs(2));
-    for (pid, cmd) in in_sessions(&w.agents.sessions()) {
+    // A child that outlives its agent by a moment (a `docker stats` ending) is not left over.
+    let sessions = w.agents.sessions();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !in_sessions(&sessions).is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (pid, cmd) in in_sessions(&sessions) {
         left.push(format!(
-            "process {pid} of an agent's session still runs: {cmd}"
+            "process {pid} of an agent's session still runs 10s after the agent exited: {cmd}"
         ));
     }
     let nodes = [w.bed.node_name(Role::Deploy)];
@@ -334,6 +341,7 @@ fn event_text(rec: &Record, ev: &Ev) -> Option<String> {
             port,
         } => format!("probe p{project} port {port} failed"),
         Ev::ReadableSecret { path } => format!("readable secret {path}"),
+        Ev::Session { step, ok, detail } => format!("#{step} session ok={ok}: {detail}"),
         Ev::Probe { .. } | Ev::Rss { .. } => return None,
     })
 }

@@ -43,6 +43,10 @@ pub const INVARIANTS: &[(&str, &str)] = &[
     ),
     ("memory", "agent memory stays under 64 MiB"),
     (
+        "sessions-end",
+        "every exec/cp session ends, a download with cp_end before exit",
+    ),
+    (
         "nothing-left",
         "no process, container or mount of ours left after cleanup and shutdown",
     ),
@@ -107,7 +111,7 @@ pub type Seen = BTreeMap<&'static str, String>;
 type Check = fn(&Record) -> (Vec<Violation>, String);
 
 pub fn all(rec: &Record) -> (Vec<Violation>, Seen) {
-    let checks: [(&str, Check); 9] = [
+    let checks: [(&str, Check); 10] = [
         ("one-final-report", final_reports),
         ("completed-is-real", completed_is_real),
         ("runs-once", runs_once),
@@ -117,6 +121,7 @@ pub fn all(rec: &Record) -> (Vec<Violation>, Seen) {
         ("no-secret", no_secret),
         ("app-keeps-answering", app_answers),
         ("memory", memory),
+        ("sessions-end", sessions_end),
     ];
     let (mut v, mut seen) = (Vec::new(), Seen::new());
     for (name, check) in checks {
@@ -546,6 +551,25 @@ fn app_answers(rec: &Record) -> (Vec<Violation>, String) {
         }
     }
     (out, format!("{probes} probes, {failed} failed"))
+}
+
+fn sessions_end(rec: &Record) -> (Vec<Violation>, String) {
+    let (mut out, mut n) = (Vec::new(), 0);
+    for e in &rec.events {
+        let Ev::Session { step, ok, detail } = &e.ev else {
+            continue;
+        };
+        n += 1;
+        if !ok {
+            out.push(Violation {
+                invariant: "sessions-end",
+                task: None,
+                ms: e.ms,
+                detail: format!("session #{step}: {detail}"),
+            });
+        }
+    }
+    (out, format!("{n} sessions"))
 }
 
 fn memory(rec: &Record) -> (Vec<Violation>, String) {

@@ -20,6 +20,9 @@ pub fn run(w: &Arc<World>) {
         w.hist.push(Ev::Step(step.n));
         println!("{step}");
         match &step.what {
+            What::Work(Work::Session { project, kind }) => {
+                threads.push(crate::sessions::start(w, step.n, *project, kind));
+            }
             What::Work(work) => enqueue(w, step, work),
             What::Fault(f) => threads.extend(inject(w, step.n, f)),
         }
@@ -49,7 +52,7 @@ fn enqueue(w: &World, step: &Step, work: &Work) {
     let (project, kind) = match work {
         Work::Build { project, .. } => (*project, "build"),
         Work::Deploy { project, .. } => (*project, "deploy"),
-        Work::Op { project, kind } => (*project, *kind),
+        Work::Op { project, kind } | Work::Session { project, kind } => (*project, *kind),
     };
     let made = match work {
         Work::Build { kind, .. } => build(w, step.n, project, *kind),
@@ -57,6 +60,7 @@ fn enqueue(w: &World, step: &Step, work: &Work) {
             app, dataset, rw, ..
         } => deploy(w, project, *app, *dataset, *rw),
         Work::Op { kind, .. } => op(w, project, kind),
+        Work::Session { .. } => None,
     };
     let Some((id, deployment)) = made else {
         w.hist
@@ -246,6 +250,12 @@ fn inject(w: &Arc<World>, n: usize, f: &FaultSpec) -> Option<JoinHandle<()>> {
     match f {
         FaultSpec::Cp { route, fault, ms } => {
             w.faults.inject_for(route, fault, Duration::from_millis(ms));
+            // The channel's open connection goes too: the agent must dial into the fault.
+            let node = w.cp.node_id_for_role(Role::Deploy.name());
+            let conn = node.and_then(|n| w.cp.control().conn(&n));
+            if let (Some(c), true) = (conn, matches!(route, "control" | "all")) {
+                c.disconnect();
+            }
             Some(timed(w, ms, Box::new(|| ())))
         }
         FaultSpec::Docker {

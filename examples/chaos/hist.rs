@@ -112,6 +112,12 @@ pub enum Ev {
         role: Role,
         pid: u32,
     },
+    /// An exec or cp session ended as it must (ok), or did not.
+    Session {
+        step: usize,
+        ok: bool,
+        detail: String,
+    },
     Rss {
         role: Role,
         pid: u32,

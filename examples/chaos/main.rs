@@ -30,6 +30,7 @@ mod polls;
 mod proxy;
 
 mod rng;
+mod sessions;
 
 use bed::Bed;
 use faults::Faults;
@@ -73,6 +74,10 @@ pub struct World {
     secrets: AtomicUsize,
     /// The monitor probes the apps (not once the final cleanup removes them).
     pub probing: AtomicBool,
+    /// Held by the exec/cp session running (one at a time).
+    pub sessions: Mutex<()>,
+    /// What of ours was found left before the final cleanup.
+    pub leftovers: Mutex<Vec<String>>,
 }
 
 impl World {
@@ -269,6 +274,8 @@ fn world(listener: TcpListener, plan: Plan, bed: Bed, seed: u64) -> World {
         agent_secret,
         secrets: AtomicUsize::new(0),
         probing: AtomicBool::new(true),
+        sessions: Mutex::default(),
+        leftovers: Mutex::default(),
         bed,
     }
 }

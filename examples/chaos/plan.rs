@@ -64,6 +64,8 @@ pub enum Work {
     },
     /// A lifecycle task or cleanup on the deploy node.
     Op { project: usize, kind: &'static str },
+    /// An exec or cp session through the deploy node's control channel, as muveectl opens it.
+    Session { project: usize, kind: &'static str },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +199,7 @@ fn workload(rng: &mut Rng, duration: u64) -> Vec<(u64, Work)> {
 /// One arrival: a work item (a pause brings its unpause, some seconds later).
 fn one_work(rng: &mut Rng) -> Vec<(u64, Work)> {
     let project = rng.range(0, PROJECTS as u64) as usize;
-    match rng.weighted(&[(35, 0), (22, 1), (18, 2), (15, 3)]) {
+    match rng.weighted(&[(35, 0), (22, 1), (18, 2), (15, 3), (10, 4)]) {
         0 => {
             let flood = rng.range(5_000, 30_000) as u32;
             let kind = rng.weighted(&[
@@ -224,6 +226,16 @@ fn one_work(rng: &mut Rng) -> Vec<(u64, Work)> {
         2 => {
             let kind = rng.weighted(&[(40, "runtime_logs"), (30, "env"), (30, "describe")]);
             vec![(0, Work::Op { project, kind })]
+        }
+        4 => {
+            let kind = rng.weighted(&[
+                (30, "exec"),
+                (20, "exec-close"),
+                (20, "cp-down"),
+                (15, "cp-down-missing"),
+                (15, "cp-up"),
+            ]);
+            vec![(0, Work::Session { project, kind })]
         }
         _ => {
             let project = OPS;
@@ -387,6 +399,7 @@ impl fmt::Display for Work {
                 Ok(())
             }
             Work::Op { project, kind } => write!(f, "{kind} p{project}"),
+            Work::Session { project, kind } => write!(f, "session {kind} p{project}"),
         }
     }
 }
