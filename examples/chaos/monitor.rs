@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const TICK: Duration = Duration::from_millis(500);
+/// Files above this are datasets, not state: not read every 10 s.
+const MAX_SCAN: u64 = 4 << 20;
 /// How long a deploy reported completed has to answer with its marker.
 const ANSWER_WITHIN_MS: u64 = 8000;
 
@@ -248,7 +250,11 @@ fn readable_secrets(dir: &Path, reachable: bool, needles: &[String], hits: &mut 
         };
         if md.is_dir() {
             readable_secrets(&p, reachable, needles, hits);
-        } else if md.is_file() && reachable && md.permissions().mode() & 0o004 != 0 {
+        } else if md.is_file()
+            && reachable
+            && md.permissions().mode() & 0o004 != 0
+            && md.len() <= MAX_SCAN
+        {
             let Ok(bytes) = std::fs::read(&p) else {
                 continue;
             };
