@@ -676,3 +676,28 @@ pub fn busy_windows(rec: &Record, node: &str) -> Vec<(u64, u64)> {
 }
 
 pub const GAP_LIMIT_MS: u64 = GAP_MS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_lines_and_drop_markers_are_read_from_a_stored_log() {
+        let log = b"#7 0.1 L12-1\n#7 0.1 L12-2 nul\xef\xbf\xbdbyte\nL123-9\nL12-10\n\
+            [muvee-agent: 1234 log lines dropped: more than LOG_SPILL_MAX (8388608 bytes) waited for the control plane]\n\
+            [muvee-agent: 6 log lines dropped]\n";
+        let found = numbered_lines(log, "L12-");
+        assert_eq!(found, HashSet::from([1, 2, 10]));
+        assert_eq!(dropped_lines(log), 1240);
+    }
+
+    #[test]
+    fn half_a_secret_is_found() {
+        let needles = vec!["chaossec".to_string(), "cessoahc".to_string()];
+        assert_eq!(find_secret(b"x ***", &needles), None);
+        assert_eq!(
+            find_secret(b"chao\nssec0123cessoahc", &needles),
+            Some((13, "cessoahc"))
+        );
+    }
+}

@@ -21,7 +21,10 @@ pub fn start(w: &Arc<World>, step: usize, project: usize, kind: &'static str) ->
             Err(d) => (false, d),
         };
         if !ok {
-            w.hist.note(format!("#{step} session {kind}: {detail}"));
+            println!(
+                "{:>8.3}s   #{step} session {kind}: {detail}",
+                w.hist.clock.ms() as f64 / 1000.0
+            );
         }
         w.hist.push(Ev::Session { step, ok, detail });
     })
