@@ -244,6 +244,8 @@ fn world(listener: TcpListener, plan: Plan, bed: Bed, seed: u64) -> World {
     let cp = server::Server::serve(listener, server::Version::Today, &agent_secret, opts);
     let faults = Faults::default();
     faults.install(&cp, false);
+    // As behind nginx's default `client_max_body_size 1m`.
+    faults.limit_body(1 << 20);
     let reg = &bed.registry;
     for (k, v) in [
         ("registry_addr", bed.proxy.addr.to_string()),

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use super::server::{Action, Server, SPA_HTML};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,20 +131,39 @@ impl Rule {
     }
 }
 
+/// What nginx answers a body over `client_max_body_size`.
+const NGINX_413: &str = "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
 /// The active faults; cloning shares them.
 #[derive(Clone, Default)]
-pub struct Faults(Arc<Mutex<Vec<Rule>>>);
+pub struct Faults {
+    rules: Arc<Mutex<Vec<Rule>>>,
+    /// Bodies above this many bytes get nginx's 413 (0: no limit).
+    body_limit: Arc<AtomicUsize>,
+}
 
 impl Faults {
     /// Makes `server` consult these faults (and answer `/dev/faults` when `dev_routes`).
     pub fn install(&self, server: &Server, dev_routes: bool) {
         let me = self.clone();
-        server.set_interceptor(Box::new(move |target: &str| {
+        server.set_interceptor(Box::new(move |target: &str, len: usize| {
             if dev_routes && (target == "/dev/faults" || target.starts_with("/dev/faults?")) {
                 return Some(("dev".into(), me.dev_route(target)));
             }
+            let max = me.body_limit.load(SeqCst);
+            if max > 0 && len > max {
+                let page = NGINX_413.as_bytes().to_vec();
+                let name = format!("body of {len} bytes over {max}");
+                return Some((name, Action::Respond(413, "text/html", page)));
+            }
             me.hit(target).map(|f| (format!("{f:?}"), f.action()))
         }));
+    }
+
+    /// Answers 413 (nginx's page) to every request whose body is over `max` bytes, as nginx
+    /// in front of the server does with `client_max_body_size` (1m by default); 0: no limit.
+    pub fn limit_body(&self, max: usize) {
+        self.body_limit.store(max, SeqCst);
     }
 
     /// Applies `fault` to the next `times` requests whose raw target (path+query) starts with
@@ -177,7 +197,7 @@ impl Faults {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Rule>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.rules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, prefixes: Vec<String>, label: &str, fault: Fault, limit: Limit) {

@@ -40,6 +40,12 @@ impl FakeCp {
         FakeCp { server, faults }
     }
 
+    /// Answers 413 (nginx's page) to every request whose body is over `max` bytes, as nginx
+    /// in front of the server does with `client_max_body_size` (1m by default).
+    pub fn limit_body(&self, max: usize) {
+        self.faults.limit_body(max);
+    }
+
     /// Applies `fault` to the next `times` requests whose raw target (path+query) starts with
     /// `prefix` ("" = every request). Faults are consumed in injection order.
     pub fn inject(&self, prefix: &str, fault: Fault, times: usize) {
