@@ -8,8 +8,9 @@ use crate::plan::Role;
 use crate::proxy::Proxy;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Output, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::time::Duration;
 
 pub const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/chaos");
 pub const WRAPPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/chaos-docker");
@@ -39,10 +40,33 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
     move |e| SetupError::Io(what, e)
 }
 
-/// Runs a command to completion; its stdout, or an error with its output.
+/// Runs a command to completion within `limit` (killed after it): a hung engine must not
+/// hang the campaign.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<Output> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(_) => {
+            crate::agents::signal(pid, libc::SIGKILL);
+            let what = format!("no answer within {}s", limit.as_secs());
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+        }
+    }
+}
+
+/// Runs a command to completion (2 minutes at most); its stdout, or an error with its output.
 pub fn sh(cmd: &mut Command) -> Result<String, SetupError> {
     let what = format!("{cmd:?}");
-    let out = cmd.stdin(Stdio::null()).output().map_err(io(&what))?;
+    let out = output_within(cmd, Duration::from_secs(120)).map_err(io(&what))?;
     if !out.status.success() {
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
@@ -52,9 +76,14 @@ pub fn sh(cmd: &mut Command) -> Result<String, SetupError> {
 }
 
 pub fn docker() -> Command {
-    let mut c = Command::new("docker");
-    c.stderr(Stdio::piped());
-    c
+    Command::new("docker")
+}
+
+/// A docker call of the campaign's own (30 s at most); its stdout, empty on any failure.
+pub fn docker_out(args: &[&str]) -> String {
+    let out = output_within(docker().args(args), Duration::from_secs(30));
+    out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 pub struct Registry {
@@ -140,12 +169,19 @@ impl Bed {
             docker_cli,
             buildkit,
         };
-        bed.mounted = bed.mount_data_dirs()?;
+        bed.mounted = bed.mount_data_dirs();
         bed.write_docker_rules();
-        bed.make_repo()?;
-        bed.make_datasets()?;
-        bed.build_app_image()?;
-        Ok(bed)
+        let made = bed
+            .make_repo()
+            .and_then(|()| bed.make_datasets())
+            .and_then(|()| bed.build_app_image());
+        match made {
+            Ok(()) => Ok(bed),
+            Err(e) => {
+                bed.teardown();
+                Err(e)
+            }
+        }
     }
 
     pub fn data_dir(&self, role: Role) -> PathBuf {
@@ -157,17 +193,17 @@ impl Bed {
     }
 
     /// A tmpfs per role: small in blocks and inodes, so the disk faults fill it at once.
-    fn mount_data_dirs(&self) -> Result<bool, SetupError> {
+    fn mount_data_dirs(&self) -> bool {
         let mut all = true;
         for (fs, size) in self.fs.iter().zip(["32m", "48m"]) {
-            std::fs::create_dir_all(fs).map_err(io("create a DATA_DIR mount point"))?;
             let opts = format!("size={size},nr_inodes=4000,mode=0755");
-            let mounted = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &opts, "chaos-tmpfs"])
-                .arg(fs)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
+            let mounted = std::fs::create_dir_all(fs).is_ok()
+                && Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &opts, "chaos-tmpfs"])
+                    .arg(fs)
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
             all &= mounted;
         }
         if !all {
@@ -175,7 +211,7 @@ impl Bed {
                 "chaos: cannot mount a tmpfs (not root?): DATA_DIR on the disk, no disk faults"
             );
         }
-        Ok(all)
+        all
     }
 
     fn make_repo(&self) -> Result<(), SetupError> {
@@ -329,19 +365,7 @@ impl Bed {
         self.docker_faults_clear();
         self.free_all();
         self.proxy.stop();
-        remove_containers(
-            &[self.node_name(Role::Deploy)],
-            &format!("muvee-chaos-{}", self.run),
-        );
-        remove_images(
-            &self.proxy.addr.to_string(),
-            &format!("chaos-{}-", self.run),
-        );
-        if self.mounted {
-            for fs in &self.fs {
-                let _ = Command::new("umount").arg("-l").arg(fs).status();
-            }
-        }
+        let clean = undo(&self.dir, &self.run, &self.proxy.addr.to_string());
         let homes = ["home-builder", "home-deploy"].map(|h| self.dir.join(h));
         for d in [&self.repo, &self.dir.join("nfs"), &self.dir.join("app")]
             .into_iter()
@@ -349,10 +373,11 @@ impl Bed {
         {
             let _ = std::fs::remove_dir_all(d);
         }
-        for fs in &self.fs {
-            let _ = std::fs::remove_dir_all(fs);
+        if clean {
+            for fs in &self.fs {
+                let _ = std::fs::remove_dir_all(fs);
+            }
         }
-        let _ = std::fs::remove_file(self.dir.join("runner.pid"));
     }
 }
 
@@ -386,17 +411,9 @@ fn docker_client(seed: u64) -> (String, bool) {
 
 /// Containers labelled with one of `nodes`, or named with `name_prefix`.
 pub fn our_containers(nodes: &[String], name_prefix: &str) -> Vec<String> {
-    let out = docker()
-        .args([
-            "ps",
-            "-a",
-            "--format",
-            "{{.ID}} {{.Names}} {{.Label \"muvee.node\"}}",
-        ])
-        .output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    let text = text.unwrap_or_default();
-    text.lines()
+    let format = "{{.ID}} {{.Names}} {{.Label \"muvee.node\"}}";
+    docker_out(&["ps", "-a", "--format", format])
+        .lines()
         .filter_map(|l| {
             let mut f = l.split(' ');
             let (id, name, node) = (f.next()?, f.next()?, f.next().unwrap_or(""));
@@ -406,31 +423,47 @@ pub fn our_containers(nodes: &[String], name_prefix: &str) -> Vec<String> {
         .collect()
 }
 
-fn remove_containers(nodes: &[String], name_prefix: &str) {
-    let ids: Vec<String> = our_containers(nodes, name_prefix)
+/// Removes what a run made on the engine and unmounts its tmpfs mounts; true when nothing
+/// is left (an engine that does not answer leaves it for the next run's sweep).
+fn undo(dir: &Path, run: &str, proxy: &str) -> bool {
+    let nodes = [format!("chaos-{run}-deploy")];
+    let names = format!("muvee-chaos-{run}");
+    let ids: Vec<String> = our_containers(&nodes, &names)
         .iter()
         .filter_map(|c| c.split(' ').next().map(String::from))
         .collect();
+    let limit = Duration::from_secs(60);
     if !ids.is_empty() {
-        let _ = docker().args(["rm", "-f"]).args(&ids).output();
+        let _ = output_within(docker().args(["rm", "-f"]).args(&ids), limit);
     }
-}
-
-/// Images the campaign built (through the proxy's address, or its app image).
-fn remove_images(proxy: &str, app: &str) {
-    let out = docker()
-        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
-        .output();
-    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    let refs: Vec<String> = text
-        .unwrap_or_default()
+    let app = format!("chaos-{run}-");
+    let refs: Vec<String> = docker_out(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
         .lines()
-        .filter(|r| (!proxy.is_empty() && r.starts_with(&format!("{proxy}/"))) || r.contains(app))
+        .filter(|r| (!proxy.is_empty() && r.starts_with(&format!("{proxy}/"))) || r.contains(&app))
         .map(String::from)
         .collect();
     if !refs.is_empty() {
-        let _ = docker().args(["rmi", "-f"]).args(&refs).output();
+        let _ = output_within(docker().args(["rmi", "-f"]).args(&refs), limit);
     }
+    for m in mounts_under(dir) {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+    let clean = mounts_under(dir).is_empty() && our_containers(&nodes, &names).is_empty();
+    if clean {
+        let _ = std::fs::remove_file(dir.join("runner.pid"));
+    } else {
+        println!("chaos: could not remove everything of run {run} (does the engine answer?): the next run sweeps it");
+    }
+    clean
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let points = mounts.lines().filter_map(|l| l.split(' ').nth(1));
+    points
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(String::from)
+        .collect()
 }
 
 /// What campaigns killed before their teardown left: their mounts, containers and images.
@@ -438,29 +471,21 @@ fn sweep_stale() {
     let Ok(rd) = std::fs::read_dir(ROOT) else {
         return;
     };
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     for e in rd.flatten() {
         let dir = e.path();
-        let pid = std::fs::read_to_string(dir.join("runner.pid")).unwrap_or_default();
-        let pid = pid.trim();
-        if pid.is_empty() || Path::new("/proc").join(pid).exists() {
+        let read = |name: &str| {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            text.trim().to_string()
+        };
+        let pid = read("runner.pid");
+        if pid.is_empty() || Path::new("/proc").join(&pid).exists() {
             continue;
         }
-        let run = std::fs::read_to_string(dir.join("run")).unwrap_or_default();
-        let run = run.trim();
+        let run = read("run");
         println!(
             "chaos: sweeping what the interrupted run {run} left ({})",
             dir.display()
         );
-        let nodes = [format!("chaos-{run}-deploy")];
-        remove_containers(&nodes, &format!("muvee-chaos-{run}"));
-        let proxy = std::fs::read_to_string(dir.join("proxy")).unwrap_or_default();
-        remove_images(proxy.trim(), &format!("chaos-{run}-"));
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
-            if Path::new(m).starts_with(&dir) {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
-        }
-        let _ = std::fs::remove_file(dir.join("runner.pid"));
+        undo(&dir, &run, &read("proxy"));
     }
 }

@@ -117,13 +117,8 @@ pub fn leftover_execs(w: &World) -> Vec<String> {
     let mut out = Vec::new();
     for c in crate::bed::our_containers(&nodes, &format!("muvee-chaos-{}", w.bed.run)) {
         let id = c.split(' ').next().unwrap_or("");
-        let top = crate::bed::docker().args(["top", id]).output();
-        let text = top.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-        for l in text
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("sleep 77"))
-        {
+        let top = crate::bed::docker_out(&["top", id]);
+        for l in top.lines().filter(|l| l.contains("sleep 77")) {
             out.push(format!(
                 "container {c} still runs an exec'd process whose session was closed: {}",
                 l.split_whitespace().collect::<Vec<_>>().join(" ")
