@@ -314,4 +314,16 @@ mod tests {
         drop(held);
         assert!(waiter.join().unwrap());
     }
+
+    /// The kernel names the process holding a directory's lock; a free one has no holder.
+    #[test]
+    fn the_holder_of_a_lock_is_read_from_the_kernel() {
+        let d = crate::sys::fake::temp_dir("flock-holder");
+        assert_eq!(flock_holder(&d), None);
+        let lock = FileLock::try_open(&d).unwrap().unwrap();
+        assert_eq!(flock_holder(&d), Some(std::process::id()));
+        drop(lock);
+        assert_eq!(flock_holder(&d), None);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
