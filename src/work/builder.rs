@@ -15,6 +15,7 @@ use crate::sys::sync::{random_u64, FileLock};
 use crate::task::{Invalid, Payload};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::error::TaskError;
+use crate::work::gitcache;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use percent_encoding::percent_decode_str;
@@ -248,7 +249,7 @@ fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
 }
 
 /// `git check-ref-format` rules, plus: must not start with '-'.
-fn valid_ref_name(b: &str) -> bool {
+pub fn valid_ref_name(b: &str) -> bool {
     b.len() <= 255
         && !b.starts_with('-')
         && !b.starts_with('/')
@@ -496,7 +497,7 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     }
     let dir = BuildDir::create(ctx, &job.project)?;
     let src = dir.0.join("src");
-    let sha12 = checkout(ctx, &job, &dir, &src, limits)?;
+    let (sha12, fresh) = checkout(ctx, &job, &dir, &src, limits)?;
     let dockerfile = dockerfile_in(&src, &job.dockerfile)?;
     let tag = format!("{registry}/{}:{sha12}", job.project);
     ctx.say(&format!("Building image {tag} with {}...", mode.describe()));
@@ -520,7 +521,11 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
         secrets: &secret_files,
         build_args: &build_args,
     };
-    let digest = build_and_push(ctx, &spec, limits)?;
+    let digest = build_and_push(ctx, &spec, limits);
+    if let Some(f) = fresh {
+        f.settle(ctx);
+    }
+    let digest = digest?;
     match digest {
         Some(d) => ctx.say(&format!("Successfully pushed {tag} (digest {d})")),
         None => ctx.say(&format!("Successfully pushed {tag}")),
@@ -528,15 +533,23 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     Ok(tag)
 }
 
-/// Clones the job's branch into `src` and returns the commit's first 12 hex digits.
+/// Checks the job's branch out into `src` (through the git cache unless GIT_CACHE_MAX is 0)
+/// and returns the commit's first 12 hex digits, and a new cache entry to settle.
 fn checkout(
     ctx: &Ctx,
     job: &Job,
     dir: &BuildDir,
     src: &Path,
     limits: Limits,
-) -> Result<String, TaskError> {
-    let git = clone_source(ctx, &job.git, &dir.0, src, limits)?;
+) -> Result<(String, Option<gitcache::Fresh>), TaskError> {
+    let mut fresh = None;
+    let git = if ctx.cfg.git_cache_max == 0 {
+        clone_source(ctx, &job.git, &dir.0, src, limits)?
+    } else {
+        let git = git_for(ctx, &job.git, &dir.0)?;
+        fresh = gitcache::checkout(ctx, git, &job.git, src, limits)?;
+        Git::new(&*ctx.shared.runner)
+    };
     let sha = git.head(src, limits)?;
     let sha12 = sha
         .get(..12)
@@ -545,7 +558,7 @@ fn checkout(
             TaskError::Failed(format!("git rev-parse HEAD: unexpected output {sha:?}"))
         })?;
     ctx.say(&format!("Commit: {sha12}"));
-    Ok(sha12.to_string())
+    Ok((sha12.to_string(), fresh))
 }
 
 /// Clones `source` shallowly into `dest`; an SSH key goes to a 0600 file in the private
@@ -557,6 +570,16 @@ pub fn clone_source<'a>(
     dest: &Path,
     limits: Limits,
 ) -> Result<Git<'a>, TaskError> {
+    let git = git_for(ctx, source, key_dir)?;
+    git.clone_shallow(&source.url, &source.branch, dest, limits, &mut |l| {
+        (ctx.out)(l)
+    })?;
+    Ok(git)
+}
+
+/// Git with `source`'s credentials (an SSH key goes to a 0600 file in the private `key_dir`,
+/// which the caller removes), after saying what it clones.
+fn git_for<'a>(ctx: &'a Ctx, source: &GitSource, key_dir: &Path) -> Result<Git<'a>, TaskError> {
     let mut git = Git::new(&*ctx.shared.runner);
     if let Some(h) = &source.auth_header {
         git = git.header(h);
@@ -577,9 +600,6 @@ pub fn clone_source<'a>(
         &source.branch
     };
     ctx.say(&format!("Cloning {}@{shown_branch}...", source.url));
-    git.clone_shallow(&source.url, &source.branch, dest, limits, &mut |l| {
-        (ctx.out)(l)
-    })?;
     Ok(git)
 }
 
@@ -635,8 +655,9 @@ mod tests {
     const PROJECT: &str = "7a7a7a7a-0000-4000-8000-000000000007";
 
     /// A builder host where every step succeeds (BuildKit without buildx, unless `buildx`).
+    /// It clones without the git cache (the integration tests run that with real git).
     fn host(name: &str, buildx: bool) -> Harness {
-        let mut h = Harness::new(name, &[("NODE_ROLE", "builder")]);
+        let mut h = Harness::new(name, &[("NODE_ROLE", "builder"), ("GIT_CACHE_MAX", "0")]);
         h.cp.registry_addr = "reg.example:5000".into();
         let f = &h.fake;
         let probe = if buildx {

@@ -379,7 +379,9 @@ fn token_repo_over_http_basic_auth_keeps_the_token_out_of_argv_logs_and_files() 
     for a in &argvs {
         assert!(!a.contains(&token) && !a.contains(&basic), "argv leak: {a}");
     }
-    assert!(argvs.iter().any(|a| a.contains("git clone --depth=1")));
+    assert!(argvs
+        .iter()
+        .any(|a| a.contains("fetch -q --depth=1 --no-tags")));
     assert!(!run.stderr.contains(&token) && !run.stderr.contains(&basic));
     assert!(util::files_containing(&run.data, &token).is_empty());
     assert_pushed_and_runs(&run, "/src.txt", "from-http");
@@ -403,7 +405,7 @@ fn wrong_token_fails_at_git_clone_without_leaking_it() {
     let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
-        run.result().starts_with("git clone exited 128"),
+        run.result().starts_with("git fetch exited 128"),
         "{}",
         run.dump()
     );
@@ -569,7 +571,7 @@ fn wrong_branch_fails_at_git_clone() {
     );
     run.assert_failed();
     let r = run.result();
-    assert!(r.starts_with("git clone exited 128"), "{}", run.dump());
+    assert!(r.starts_with("git fetch exited 128"), "{}", run.dump());
     assert!(r.contains("no-such-branch"), "{r}");
     assert!(
         !shims.calls().iter().any(|l| is_build_call(l)),
@@ -850,7 +852,7 @@ fn ssh_key_goes_to_a_private_file_with_trust_on_first_use() {
     let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
-        run.result().starts_with("git clone exited 128")
+        run.result().starts_with("git fetch exited 128")
             && run.result().contains("Connection refused"),
         "{}",
         run.dump()
