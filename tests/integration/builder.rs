@@ -14,6 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod caches;
+
 const PROXY_VARS: &[&str] = &[
     "HTTP_PROXY",
     "HTTPS_PROXY",
@@ -84,8 +86,13 @@ impl Run {
 /// Runs a build. `login`: pass the test registry's credentials (flags + REGISTRY_PASSWORD),
 /// so the agent logs in before building.
 fn run_build(payload: &Value, env: &[(&str, &str)], login: bool) -> Run {
+    run_build_in(&temp_dir("bdata"), payload, env, login)
+}
+
+/// [`run_build`] with a given DATA_DIR (builds that share the git cache).
+fn run_build_in(data: &Path, payload: &Value, env: &[(&str, &str)], login: bool) -> Run {
     let reg = util::registry();
-    let data = temp_dir("bdata");
+    let data = data.to_path_buf();
     let dcfg = temp_dir("bdcfg");
     let (d, c) = (data.display().to_string(), dcfg.display().to_string());
     let mut all: Vec<(&str, &str)> = vec![("DATA_DIR", &d), ("DOCKER_CONFIG", &c)];
