@@ -159,6 +159,9 @@ pub struct BuildSpec<'a> {
     pub secrets: &'a [(String, PathBuf)],
     /// Names passed as `--build-arg NAME` (docker copies the value from its environment).
     pub build_args: &'a [&'a str],
+    /// The project's layer cache tag (BuildKit modes): the image it names is the cache
+    /// source, and this build's image, with inline cache metadata, becomes it.
+    pub cache: Option<&'a str>,
 }
 
 pub struct Docker<'a> {
@@ -380,6 +383,18 @@ impl<'a> Docker<'a> {
             .args(["--platform", "linux/amd64", "-f"])
             .arg(s.dockerfile)
             .args(["-t", s.tag]);
+        if let (Some(cache), false) = (s.cache, s.mode == BuildMode::Legacy) {
+            c = c.args(["-t", cache]);
+            c = match s.mode {
+                BuildMode::Buildx => c
+                    .arg("--cache-from")
+                    .arg(format!("type=registry,ref={cache}"))
+                    .args(["--cache-to", "type=inline"]),
+                _ => c
+                    .args(["--cache-from", cache])
+                    .args(["--build-arg", "BUILDKIT_INLINE_CACHE=1"]),
+            };
+        }
         c = match s.mode {
             BuildMode::Buildx => c.arg("--push"),
             // Failed legacy builds otherwise leave their intermediate containers behind.

@@ -26,6 +26,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+/// The tag of each project's layer cache (the image of its last build).
+const CACHE_TAG: &str = "buildcache";
+
 /// Proxy variables handed to builds (values come from our environment, see `build_args`).
 const PROXY_VARS: &[&str] = &[
     "HTTP_PROXY",
@@ -500,6 +503,8 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     let (sha12, fresh) = checkout(ctx, &job, &dir, &src, limits)?;
     let dockerfile = dockerfile_in(&src, &job.dockerfile)?;
     let tag = format!("{registry}/{}:{sha12}", job.project);
+    // A moving tag per project: the image the last build pushed, whichever node built it.
+    let cache = format!("{registry}/{}:{CACHE_TAG}", job.project);
     ctx.say(&format!("Building image {tag} with {}...", mode.describe()));
     let secret_files = job
         .secrets
@@ -520,6 +525,7 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
         tag: &tag,
         secrets: &secret_files,
         build_args: &build_args,
+        cache: Some(&cache),
     };
     let digest = build_and_push(ctx, &spec, limits);
     if let Some(f) = fresh {
@@ -616,6 +622,13 @@ fn build_and_push(
         digest = docker.build_step(docker.push_cmd(spec.tag), limits, out)?;
         if digest.is_none() {
             digest = docker.repo_digest(spec.tag, limits);
+        }
+    }
+    if let (Some(cache), BuildMode::BuildKit) = (spec.cache, spec.mode) {
+        // Only a manifest travels (the layers are there); without it the next build on
+        // another node just has less cache.
+        if let Err(e) = docker.build_step(docker.push_cmd(cache), limits, out) {
+            ctx.say(&format!("The layer cache tag {cache} was not pushed: {e}"));
         }
     }
     Ok(digest)
@@ -716,7 +729,15 @@ mod tests {
             pos("git clone --depth=1 --branch main -- https://git.example/a.git") < pos("git -C")
         );
         assert!(pos("git -C") < pos("docker build --platform linux/amd64 -f"));
+        let cache = format!("reg.example:5000/{PROJECT}:buildcache");
+        let build = h.fake.ran("docker build --platform");
+        let inline = format!("-t {cache} --cache-from {cache} --build-arg BUILDKIT_INLINE_CACHE=1");
+        assert!(
+            build[0].contains(&format!("-t {tag} {inline} /")),
+            "{build:?}"
+        );
         assert!(pos("docker build --platform") < pos(&format!("docker push {tag}")));
+        assert!(pos(&format!("docker push {tag}")) < pos(&format!("docker push {cache}")));
         assert!(h.said().contains(&format!(
             "Successfully pushed {tag} (digest sha256:{})",
             "a".repeat(64)
@@ -725,8 +746,29 @@ mod tests {
         let h = host("bld-buildx", true);
         let tag = build_with(&h, json!({})).unwrap();
         let build = h.fake.ran("docker buildx build");
-        assert!(build[0].contains(&format!("-t {tag} --push")), "{build:?}");
+        let from = format!("--cache-from type=registry,ref={cache} --cache-to type=inline");
+        let want = format!("-t {tag} -t {cache} {from} --push /");
+        assert!(build[0].contains(&want), "{build:?}");
         assert!(h.fake.ran("docker push").is_empty());
+    }
+
+    #[test]
+    fn a_failed_push_of_the_cache_tag_does_not_fail_the_build() {
+        let h = host("bld-cache-push", false);
+        let cache = format!("reg.example:5000/{PROJECT}:buildcache");
+        h.fake.on(
+            &format!("docker push {cache}"),
+            Reply::Fail(1, "denied: quota".into()),
+        );
+        let tag = build_with(&h, json!({})).unwrap();
+        assert!(h.said().contains(&format!("Successfully pushed {tag}")));
+        let said = format!("The layer cache tag {cache} was not pushed: docker push exited 1");
+        assert!(h.said().contains(&said), "{}", h.said());
+        // The legacy builder takes no cache arguments and pushes no cache tag.
+        let h = host("bld-cache-legacy", false);
+        h.fake.on("docker build --help", Reply::Ok("legacy".into()));
+        build_with(&h, json!({})).unwrap();
+        assert!(!h.fake.calls().join("\n").contains("buildcache"));
     }
 
     #[test]

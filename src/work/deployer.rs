@@ -23,7 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// Health probes start 20 ms apart and double up to 250 ms: an app that is up at once is
+/// noticed at once, a slow one costs a probe (and a `docker inspect`) four times a second.
+fn probe_delays() -> impl Iterator<Item = Duration> {
+    let next = |d: &Duration| Some((*d * 2).min(Duration::from_millis(250)));
+    std::iter::successors(Some(Duration::from_millis(20)), next)
+}
 
 /// `domain_prefix` becomes a container name and a Traefik host: it must be a DNS label.
 pub fn domain_prefix<'a>(p: &Payload<'a>) -> Result<&'a str, Invalid> {
@@ -417,8 +422,9 @@ fn restore(ctx: &Ctx, s: &Spec, name: &str, o: &Old) -> Result<(), TaskError> {
         docker.start(name)?;
         let until = Instant::now() + ctx.cfg.deploy_health_timeout;
         let port = s.fixed_port.unwrap_or_default();
+        let mut delays = probe_delays();
         while !http_answers(port, true) && Instant::now() < until {
-            std::thread::sleep(PROBE_EVERY);
+            std::thread::sleep(delays.next().unwrap_or_default());
         }
     }
     Ok(())
@@ -464,6 +470,7 @@ pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result
     let docker = ctx.docker();
     let deadline = Instant::now() + ctx.cfg.deploy_health_timeout;
     let mut port = None;
+    let mut delays = probe_delays();
     loop {
         let st = docker.state(name)?;
         if st.status != "running" || st.restarts != 0 {
@@ -488,7 +495,7 @@ pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result
         if signal::cancel_requested() {
             return Err(TaskError::Canceled);
         }
-        std::thread::sleep(PROBE_EVERY);
+        std::thread::sleep(delays.next().unwrap_or_default());
     }
 }
 
@@ -684,6 +691,12 @@ mod tests {
             .iter()
             .position(|c| c.starts_with(prefix))
             .unwrap_or_else(|| panic!("{prefix:?} never ran: {calls:#?}"))
+    }
+
+    #[test]
+    fn health_probes_start_at_20ms_and_back_off_to_250ms() {
+        let ms: Vec<u128> = probe_delays().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [20, 40, 80, 160, 250, 250, 250]);
     }
 
     #[test]

@@ -777,10 +777,28 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
             "buildx" => head_args(&["buildx", "build"]),
             _ => head_args(&["build"]),
         };
+        // The project's layer cache: its tag is a cache source and becomes this image.
+        let cache = format!("{}/{project}:buildcache", reg.addr);
+        let from = format!("type=registry,ref={cache}");
         match mode {
-            "buildx" => want.push("--push".into()),
-            "legacy" => want.push("--force-rm".into()),
-            _ => {}
+            "buildx" => want.extend(strs(&[
+                "-t",
+                &cache,
+                "--cache-from",
+                &from,
+                "--cache-to",
+                "type=inline",
+                "--push",
+            ])),
+            "buildkit" => want.extend(strs(&[
+                "-t",
+                &cache,
+                "--cache-from",
+                &cache,
+                "--build-arg",
+                "BUILDKIT_INLINE_CACHE=1",
+            ])),
+            _ => want.push("--force-rm".into()),
         }
         if mode != "legacy" {
             want.extend(strs(&secrets));
@@ -805,7 +823,15 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
             _ => {
                 let bk = if mode == "buildkit" { "1" } else { "0" };
                 assert!(all.contains(&format!("env DOCKER_BUILDKIT={bk}")), "{all}");
-                assert_eq!(calls.last(), Some(&push), "{all}");
+                let pushes: Vec<&String> = calls
+                    .iter()
+                    .filter(|l| l.starts_with("docker\tpush"))
+                    .collect();
+                let cache_push = format!("docker\tpush\t{cache}");
+                match mode {
+                    "buildkit" => assert_eq!(pushes, [&push, &cache_push], "{all}"),
+                    _ => assert_eq!(pushes, [&push], "{all}"),
+                }
                 let d = "b".repeat(64);
                 assert!(run.stderr.contains(&format!("(digest sha256:{d})")));
             }

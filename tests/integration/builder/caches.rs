@@ -2,7 +2,8 @@
 //! git over file:// and smart HTTP with Basic auth) and the registry's layer cache.
 
 use super::{
-    dockerfile, file_url, payload, repo_with, require_cli, run_build, run_build_in, Kind, Shims,
+    assert_pushed_and_runs, dockerfile, file_url, payload, registry_get, repo_with, require_cli,
+    run_build, run_build_in, Kind, Shims,
 };
 use crate::git_http::{self, GitHttp};
 use crate::util::{self, new_uuid, temp_dir, unique_hex};
@@ -112,7 +113,7 @@ fn a_second_build_fetches_only_the_new_commit_and_every_build_fetches_with_its_o
     assert!(second.tag().ends_with(&head[..12]), "{}", second.dump());
     let (f1, f2) = (fetched(&first.stderr), fetched(&second.stderr));
     assert!(f1 > 1 << 20 && f2 * 20 < f1, "fetched {f1} then {f2} bytes");
-    super::assert_pushed_and_runs(&second, "/version.txt", "v2");
+    assert_pushed_and_runs(&second, "/version.txt", "v2");
     // The second build asked the server, with its credentials.
     let basic = format!(
         "Basic {}",
@@ -263,4 +264,67 @@ fn the_git_cache_stays_within_git_cache_max_and_can_be_turned_off() {
     run.assert_completed();
     assert!(!run.data.join("git").exists());
     assert!(!run.stderr.contains("Git cache"), "{}", run.dump());
+}
+
+/// The build step whose title contains `title` ended with `end` (`DONE`, `CACHED`): BuildKit's
+/// plain progress numbers steps (`#4 importing cache manifest from …`, then `#4 DONE 0.1s`).
+fn step_ended(log: &str, title: &str, end: &str) -> bool {
+    let Some(id) = log.lines().find_map(|l| {
+        let (id, rest) = l.split_once(' ')?;
+        (id.starts_with('#') && rest.contains(title)).then_some(id)
+    }) else {
+        return false;
+    };
+    let prefix = format!("{id} {end}");
+    log.lines().any(|l| l.starts_with(&prefix))
+}
+
+#[test]
+fn a_second_builder_node_takes_the_layers_from_the_registry() {
+    let Some(cli) = require_cli(
+        "a_second_builder_node_takes_the_layers_from_the_registry",
+        Kind::BuildKit,
+    ) else {
+        return;
+    };
+    let nonce = unique_hex();
+    let dep = format!("RUN echo {nonce} > /dep.txt\nCOPY app.txt /app.txt");
+    let (bare, _) = repo_with(&dep, &[("app.txt", "one")]);
+    let project = new_uuid();
+    let p = payload(&file_url(&bare), "main", &project);
+    let env = [("DOCKER_CLI", cli.as_str())];
+    // The first build of a project has no cache tag to read, and builds all the same.
+    let first = run_build(&p, &env, true);
+    first.assert_completed();
+    let reg = util::registry();
+    let cache = format!("{}/{project}:buildcache", reg.addr);
+    assert!(first
+        .stderr
+        .contains(&format!("importing cache manifest from {cache}")));
+    // The cache tag is the image, with BuildKit's inline cache metadata in its config.
+    let accept = "application/vnd.docker.distribution.manifest.v2+json";
+    let (_, manifest) = registry_get(&format!("/v2/{project}/manifests/buildcache"), accept);
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    let (_, config) = registry_get(&format!("/v2/{project}/blobs/{config}"), "*/*");
+    assert!(config.contains("moby.buildkit.cache.v0"), "{config}");
+    // Another node (its own DATA_DIR, docker login and no image of the project) builds the
+    // next commit: the dependency step comes from the cache.
+    for t in [first.tag(), cache.as_str()] {
+        util::docker(&["rmi", "-f", t], &[]);
+    }
+    commit_to(&bare, "main", &[("app.txt", b"two")]);
+    let second = run_build(&p, &env, true);
+    second.assert_completed();
+    let log = &second.stderr;
+    let import = format!("importing cache manifest from {cache}");
+    assert!(step_ended(log, &import, "DONE"), "{}", second.dump());
+    assert!(
+        step_ended(log, &format!("RUN echo {nonce}"), "CACHED"),
+        "{}",
+        second.dump()
+    );
+    assert!(!log.contains(&reg.password));
+    assert_pushed_and_runs(&second, "/app.txt", "two");
+    util::docker(&["rmi", "-f", &cache], &[]);
 }
