@@ -5,10 +5,11 @@
 //! finished sync, and counts as cached only once its marker `v<version>.complete` exists
 //! (written and fsync'd last; eviction removes it first, then renames the dir out of the
 //! cache before deleting it). A cached version is used without touching its source. Its
-//! mtime is the LRU clock.
+//! mtime is the LRU clock. A new version is synced with a cached one as rsync's link target:
+//! unchanged files are hard links, shared by both, and the cache's size counts them once.
 
 use crate::config::Config;
-use crate::sys::rsync;
+use crate::sys::{rsync, tree};
 use crate::task::valid_id;
 use crate::task::{AgentConfig, Invalid, Payload};
 use crate::work::ctx::{CacheBook, Ctx, Shared};
@@ -94,7 +95,7 @@ impl CacheBook {
     /// I/O. Syncs forget it; eviction, which walks the cache anyway, records the new total.
     pub fn bytes(&self, data_dir: &Path) -> u64 {
         let mut total = self.total.lock().unwrap_or_else(|e| e.into_inner());
-        *total.get_or_insert_with(|| dir_bytes(&objects_dir(data_dir)))
+        *total.get_or_insert_with(|| tree::usage(&objects_dir(data_dir)).total)
     }
 
     fn set_total(&self, total: Option<u64>) {
@@ -116,18 +117,6 @@ impl CacheBook {
             }
         }
     }
-}
-
-pub fn dir_bytes(p: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    if !md.is_dir() {
-        return md.len();
-    }
-    std::fs::read_dir(p)
-        .map(|rd| rd.flatten().map(|e| dir_bytes(&e.path())).sum())
-        .unwrap_or(0)
 }
 
 /// Removes a retired deployment's mount dir (symlinks only; the cache stays).
@@ -354,22 +343,42 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
         let tmp = dir.join(format!(".v{}.tmp-{}", d.version, std::process::id()));
         let what = format!("cannot create {}", tmp.display());
         std::fs::create_dir(&tmp).map_err(TaskError::io(what))?;
+        // Pinned so that eviction keeps it while rsync links to it.
+        let prev = link_target(dir, d.version);
+        let book = &ctx.shared.cache;
+        let linked = match &prev {
+            Some((v, p)) => {
+                book.pin(p);
+                format!(" (files unchanged since version {v} are linked, not copied)")
+            }
+            None => String::new(),
+        };
         ctx.say(&format!(
-            "Dataset {}: copying version {} from {}",
+            "Dataset {}: copying version {} from {}{linked}",
             d.name,
             d.version,
             d.source.display()
         ));
-        if let Err(e) = sync_into(ctx, d, &tmp, target) {
+        let synced = sync_into(
+            ctx,
+            d,
+            &tmp,
+            target,
+            prev.as_ref().map(|(_, p)| p.as_path()),
+        );
+        if let Some((_, p)) = &prev {
+            book.unpin(std::slice::from_ref(p));
+        }
+        if let Err(e) = synced {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
         touch(target);
-        ctx.shared.cache.set_total(None);
+        book.set_total(None);
+        let u = tree::usage(target);
         ctx.say(&format!(
-            "Dataset {}: cached {} bytes",
-            d.name,
-            dir_bytes(target)
+            "Dataset {}: cached {} bytes, {} of them copied",
+            d.name, u.total, u.exclusive
         ));
         Ok(true)
     })
@@ -394,10 +403,32 @@ fn remove_stale_temps(dir: &Path) {
     }
 }
 
-/// rsync into `tmp`, then the atomic rename that makes the version exist.
-fn sync_into(ctx: &Ctx, d: &Dataset, tmp: &Path, target: &Path) -> Result<(), TaskError> {
+/// The newest other cached version of the dataset in `dir`: (version, its dir).
+fn link_target(dir: &Path, version: u64) -> Option<(u64, PathBuf)> {
+    let rd = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    rd.filter_map(|e| {
+        let n = e
+            .file_name()
+            .to_str()?
+            .strip_prefix('v')?
+            .parse::<u64>()
+            .ok()?;
+        (n != version && is_cached(&e.path())).then(|| (n, e.path()))
+    })
+    .max()
+}
+
+/// rsync into `tmp` (linking what `prev` holds unchanged), then the atomic rename that makes
+/// the version exist.
+fn sync_into(
+    ctx: &Ctx,
+    d: &Dataset,
+    tmp: &Path,
+    target: &Path,
+    prev: Option<&Path>,
+) -> Result<(), TaskError> {
     let limit = (SYNC_TIMEOUT, "dataset sync limit 6h");
-    rsync::mirror(&*ctx.shared.runner, &d.source, tmp, limit, &mut |l| {
+    rsync::mirror(&*ctx.shared.runner, &d.source, tmp, prev, limit, &mut |l| {
         (ctx.out)(l)
     })
     .map_err(|e| TaskError::from(e).context(format!("dataset `{}`", d.name)))?;
@@ -439,7 +470,7 @@ pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), Ta
     };
     let book = &shared.cache;
     let root = objects_dir(&data_dir);
-    let mut total = dir_bytes(&root);
+    let mut total = tree::usage(&root).total;
     book.set_total(Some(total));
     if total <= cfg.max_storage {
         return Ok(());
@@ -453,7 +484,8 @@ pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), Ta
         if pinned.contains(&v) || in_use.contains(&v) {
             continue;
         }
-        let bytes = dir_bytes(&v);
+        // What deleting it frees: files another version links are not.
+        let bytes = tree::usage(&v).exclusive;
         if let Err(e) = discard(&v) {
             say(&format!("Dataset cache: cannot evict {}: {e}", v.display()));
             continue;
