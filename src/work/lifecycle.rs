@@ -12,6 +12,7 @@ use crate::task::{go_escape, Payload};
 use crate::work::ctx::Ctx;
 use crate::work::deployer::{self, is_aside_of};
 use crate::work::error::TaskError;
+use crate::work::spec;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -25,7 +26,7 @@ pub const TRUNCATED: &str = "\n[truncated]\n";
 /// 1 MiB. A missing container is success with what docker said, as in today's agent.
 pub fn runtime_logs(ctx: &Ctx) -> Result<String, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let prefix = deployer::domain_prefix(&p)?;
+    let prefix = spec::domain_prefix(&p)?;
     let tail = p.uint("tail")?.filter(|n| *n > 0);
     let since = since(&p)?;
     let docker = ctx.docker();
@@ -141,7 +142,7 @@ pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
 
 fn prefix<'a>(ctx: &'a Ctx) -> Result<&'a str, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    Ok(deployer::domain_prefix(&p)?)
+    Ok(spec::domain_prefix(&p)?)
 }
 
 fn or_else(out: &str, msg: impl FnOnce() -> String) -> String {

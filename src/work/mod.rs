@@ -12,5 +12,7 @@ pub mod dispatch;
 pub mod error;
 pub mod gitcache;
 pub mod lifecycle;
+pub mod policy;
 pub mod reaper;
+pub mod spec;
 pub mod workspace;
