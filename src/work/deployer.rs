@@ -286,20 +286,15 @@ fn start(ctx: &Ctx, s: &DeploySpec, name: &str, volumes: Vec<String>) -> Result<
 pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result<u16, TaskError> {
     let docker = ctx.docker();
     let deadline = Instant::now() + ctx.cfg.deploy_health_timeout;
-    let mut port = None;
     let mut delays = probe_delays();
     loop {
-        let st = docker.state(name)?;
+        let (st, (p, v4)) = docker.health(name, container_port)?;
         if st.status != "running" || st.restarts != 0 {
             return Err(TaskError::Failed(format!(
                 "the container is {} (exit code {}, restarted {} times)",
                 st.status, st.exit_code, st.restarts
             )));
         }
-        let (p, v4) = match port {
-            Some(p) => p,
-            None => *port.insert(docker.host_port(name, container_port)?),
-        };
         if http_answers(p, v4) {
             return Ok(p);
         }
@@ -467,6 +462,11 @@ mod tests {
         port
     }
 
+    /// `docker inspect` of a running container publishing 8080/tcp on `port`.
+    fn running_on(port: u16) -> String {
+        format!(r#"running 0 0 false {{"8080/tcp":[{{"HostIp":"0.0.0.0","HostPort":"{port}"}}]}}"#)
+    }
+
     /// A node where `muvee-app` runs and every docker call succeeds.
     fn node(name: &str, app_port: u16) -> Harness {
         let h = Harness::new(
@@ -479,12 +479,7 @@ mod tests {
             "docker ps -a --filter name=muvee-app",
             Reply::Ok(ROW.into()),
         );
-        f.on(
-            "docker inspect --format",
-            Reply::Ok("running 0 0 false".into()),
-        );
-        let port = format!("0.0.0.0:{app_port}");
-        f.on("docker port muvee-app 8080/tcp", Reply::Ok(port));
+        f.on("docker inspect --format", Reply::Ok(running_on(app_port)));
         f.on("docker logs", Reply::Ok("app log line".into()));
         h
     }
@@ -555,9 +550,9 @@ mod tests {
              "deploy failed: docker run exited 125: bad flag; the previous container keeps serving", true),
             ("health", "docker inspect --format", Reply::Ok("restarting 1 3 false".into()),
              "deploy failed: the container is restarting (exit code 3, restarted 1 times); the previous container keeps serving\nlast log lines of the new container:\napp log line", true),
-            ("port", "docker port muvee-app 8080/tcp", Reply::Ok(String::new()),
-             "deploy failed: cannot read the host port from `docker port`: \"\"", true),
-            ("http", "docker port muvee-app 8080/tcp", Reply::Ok(format!("0.0.0.0:{closed}")),
+            ("port", "docker inspect --format", Reply::Ok("running 0 0 false {}".into()),
+             "deploy failed: cannot read the host port of 8080/tcp from `docker inspect`: \"{}\"", true),
+            ("http", "docker inspect --format", Reply::Ok(running_on(closed)),
              &*format!("deploy failed: no HTTP answer on host port {closed} within 1s (DEPLOY_HEALTH_TIMEOUT)").leak(), true),
         ];
         for (step, prefix, reply, expect, ran) in cases {
