@@ -97,7 +97,7 @@ impl<'a> Git<'a> {
     }
 
     /// The remote's default branch (`git ls-remote --symref URL HEAD`); None when its HEAD
-    /// is detached.
+    /// is detached (or names a branch we would not pass on).
     pub fn default_branch(&self, url: &str, limits: Limits) -> Result<Option<String>, ExecError> {
         let c = self
             .cmd()
@@ -108,7 +108,7 @@ impl<'a> Git<'a> {
         Ok(out.lines().find_map(|l| {
             let (target, name) = l.strip_prefix("ref: ")?.split_once('\t')?;
             let branch = target.strip_prefix("refs/heads/")?;
-            (name == "HEAD").then(|| branch.to_string())
+            (name == "HEAD" && valid_ref_name(branch)).then(|| branch.to_string())
         }))
     }
 
@@ -166,5 +166,41 @@ impl<'a> Git<'a> {
             .limits(limits)
             .label("git rev-parse");
         Ok(self.runner.output(&c)?.stdout.trim().to_string())
+    }
+}
+
+/// `git check-ref-format` rules, plus: must not start with '-'.
+pub fn valid_ref_name(b: &str) -> bool {
+    b.len() <= 255
+        && !b.starts_with('-')
+        && !b.starts_with('/')
+        && !b.ends_with('/')
+        && !b.ends_with('.')
+        && b != "@"
+        && !b.contains("..")
+        && !b.contains("@{")
+        && !b.contains("//")
+        && !b
+            .chars()
+            .any(|c| c.is_control() || c == ' ' || "~^:?*[\\".contains(c))
+        && b.split('/')
+            .all(|c| !c.starts_with('.') && !c.ends_with(".lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_names() {
+        for ok in ["main", "feature/x-1", "v1.2.3", "release_2026"] {
+            assert!(valid_ref_name(ok), "{ok}");
+        }
+        for bad in [
+            "-b", "a..b", "a b", "a:b", "x.lock", ".hidden", "a/", "/a", "a//b", "@", "a@{1}",
+            "a~1", "a^", "a\\b", "a.",
+        ] {
+            assert!(!valid_ref_name(bad), "{bad}");
+        }
     }
 }

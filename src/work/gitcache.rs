@@ -19,7 +19,6 @@ use crate::sys::executor::{ExecError, Limits};
 use crate::sys::git::Git;
 use crate::sys::sync::{random_u64, FileLock};
 use crate::sys::tree;
-use crate::work::builder::{valid_ref_name, GitSource};
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
 use std::fs::DirBuilder;
@@ -27,36 +26,37 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-/// Checks `source` out into `dest` (which must not exist) through the cache. A new entry
+/// Checks `branch` of `url` (the default one when empty) out into `dest` (which must not exist) through the cache. A new entry
 /// comes back as [`Fresh`], to settle once the build is over.
 pub fn checkout(
     ctx: &Ctx,
     git: Git,
-    source: &GitSource,
+    url: &str,
+    branch: &str,
     dest: &Path,
     limits: Limits,
 ) -> Result<Option<Fresh>, TaskError> {
     let started = Instant::now();
     let git = cache_settings(git);
-    let branch = match source.branch.as_str() {
-        "" => match git.default_branch(&source.url, limits)? {
-            Some(b) if valid_ref_name(&b) => b,
+    let branch = match branch {
+        "" => match git.default_branch(url, limits)? {
+            Some(b) => b,
             // A detached remote HEAD has no branch to keep: the uncached clone.
-            _ => {
+            None => {
                 let out = &mut |l: &str| (ctx.out)(l);
-                git.clone_shallow(&source.url, "", dest, limits, out)?;
+                git.clone_shallow(url, "", dest, limits, out)?;
                 return Ok(None);
             }
         },
         b => b.to_string(),
     };
     let root = cache_root(&ctx.cfg.data_dir)?;
-    let key = key(&source.url);
+    let key = key(url);
     let lock_path = root.join(format!("{key}.lock"));
     let lock = FileLock::at(&lock_path, true).map_err(TaskError::io(lock_path.display()))?;
     let entry = Entry {
         git: &git,
-        url: &source.url,
+        url,
         branch: &branch,
         limits,
     };
@@ -79,7 +79,7 @@ pub fn checkout(
     }
     Ok(fresh.then(|| Fresh {
         repo,
-        url: source.url.clone(),
+        url: url.to_string(),
         at: Instant::now(),
     }))
 }
@@ -94,10 +94,10 @@ fn cache_settings(git: Git) -> Git {
         .config("maintenance.autoDetach", "false")
 }
 
-/// A work tree just written in full. Its files are as new as the index (git's timestamps
-/// have whole seconds here), so git would read every one of them again at the next
-/// checkout; once a second has passed, one refresh records them as unchanged and the next
-/// build's clone step touches only what changed.
+/// A work tree just written in full. Its files are as new as the index, so git takes them
+/// as racily clean and reads every one of them again at the next checkout; once a second
+/// has passed, one refresh records them as unchanged and the next build's clone step
+/// touches only what changed.
 pub struct Fresh {
     repo: PathBuf,
     url: String,
