@@ -187,7 +187,7 @@ fn a_full_disk_loses_no_task_and_no_report() {
         final_b["result"]
             .as_str()
             .unwrap()
-            .contains("git clone exited 128"),
+            .contains("git fetch exited 128"),
         "{final_b}"
     );
     std::fs::remove_file(&filler).unwrap();
