@@ -149,7 +149,7 @@ loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes
   cpid=$!
   for _ in $(seq 50); do [ -s "$pf" ] && break; sleep 0.1; done
   url=http://127.0.0.1:$(cat "$pf")
-  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=50ms \
+  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=100ms \
     "$agent" 2>"$work/loop.log" &
   apid=$!
   sleep 1

@@ -3,15 +3,17 @@
 
 use crate::agent::metrics;
 use crate::agent::reports::{self, Reports};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DataDir};
 use crate::cp::client::{Backoff, Client, CpError};
+use crate::cp::files;
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::outbox::Outbox;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
-use crate::sys::{redact, signal};
+use crate::sys::sync::FileLock;
+use crate::sys::{disk, redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
@@ -37,6 +39,8 @@ struct Agent {
     node_id: Option<String>,
     logged_in: Option<(String, String, String)>,
     outbox_flushed: bool,
+    /// DATA_DIR was full at the last look: no task is taken.
+    disk_full: bool,
     running: Arc<AtomicUsize>,
     wake: Arc<AtomicBool>,
     cpu: metrics::CpuSampler,
@@ -52,6 +56,11 @@ pub enum StartError {
         path: std::path::PathBuf,
         err: std::io::Error,
     },
+    /// Another agent runs on this DATA_DIR (its pid when known).
+    Busy {
+        path: std::path::PathBuf,
+        holder: Option<String>,
+    },
     /// No thread for the outbox sender.
     Thread(std::io::Error),
 }
@@ -61,6 +70,12 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => e.fmt(f),
             StartError::DataDir { path, err } => write!(f, "DATA_DIR: {}: {err}", path.display()),
+            StartError::Busy { path, holder } => write!(
+                f,
+                "DATA_DIR {} is in use by another muvee-agent ({}); give each agent its own DATA_DIR",
+                path.display(),
+                holder.as_deref().map_or("pid unknown".into(), |p| format!("pid {p}"))
+            ),
             StartError::Thread(e) => write!(f, "cannot start the outbox sender: {e}"),
         }
     }
@@ -76,7 +91,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
         .ok_or_else(|| ConfigError("NODE_ROLE is required (builder or deploy)".into()))?;
-    cfg.prepare_data_dir()?;
+    if let DataDir::Full(why) = cfg.check_data_dir()? {
+        log::error!("DATA_DIR {why}: no task is taken until space returns");
+    }
+    let _lock = lock_data_dir(&cfg)?;
     if cfg.agent_secret.is_empty() {
         log::warn!("AGENT_SECRET is empty: today's control plane rejects every request without it");
     }
@@ -95,9 +113,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
 
     // Recovery before any report goes out: a final report queued by the previous run must
     // not race the scan that reports its task interrupted.
-    let interrupted = report_interrupted(&journal, &outbox);
-    outbox.forget_sent(&|id| journal.is_saved_done(id));
-    journal.prune(JOURNAL_KEEP);
+    let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     {
         let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
@@ -107,7 +123,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .map_err(StartError::Thread)?;
     }
     // Log spills of tasks that ended with the previous process: their reports say failed.
-    let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));
+    let logs = cfg.data_dir.join("state/logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    let _ = files::private_dir(&logs);
 
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
@@ -126,6 +144,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         node_id: None,
         logged_in: None,
         outbox_flushed: false,
+        disk_full: false,
         running: Arc::default(),
         wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
@@ -157,6 +176,37 @@ fn host_ip(cfg: &Config) -> String {
     })
 }
 
+/// One agent per DATA_DIR: an exclusive lock on the directory itself (no file to create,
+/// so it works on a full disk; released by the kernel however the process ends), and our
+/// pid in `state/agent.pid` for the message another agent prints.
+fn lock_data_dir(cfg: &Config) -> Result<Option<FileLock>, StartError> {
+    let dir = &cfg.data_dir;
+    let state = dir.join("state");
+    let pid_file = state.join("agent.pid");
+    match FileLock::try_open(dir) {
+        Ok(Some(lock)) => {
+            let _ = files::private_dir(&state);
+            let _ = files::write_atomic(&pid_file, format!("{}\n", std::process::id()).as_bytes());
+            Ok(Some(lock))
+        }
+        Ok(None) => {
+            let pid = std::fs::read_to_string(&pid_file).ok();
+            Err(StartError::Busy {
+                path: dir.clone(),
+                holder: pid.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
+            })
+        }
+        Err(e) => {
+            // A filesystem without locks (some NFS setups): run, as before locks existed.
+            log::warn!(
+                "cannot lock DATA_DIR {} ({e}); make sure no other agent uses it",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn log_start(cfg: &Config, role: Role, host_ip: &str) {
     log::info!(
         "muvee-agent {} starting: role {}, node {}, host ip {}, control plane {}, data dir {}",
@@ -167,6 +217,16 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
         cfg.control_plane_url,
         cfg.data_dir.display()
     );
+}
+
+/// What the previous run left: interrupted tasks reported (their deploys returned), space
+/// reserves freed, tombstones and old journal entries forgotten.
+fn recover(journal: &Journal, outbox: &Outbox) -> Vec<String> {
+    let interrupted = report_interrupted(journal, outbox);
+    outbox.release_reserves();
+    outbox.forget_sent(&|id| journal.is_saved_done(id));
+    journal.prune(JOURNAL_KEEP, &|id| outbox.holds(id));
+    interrupted
 }
 
 /// Tasks that were running when the agent last stopped are reported failed, unless a final
@@ -277,6 +337,9 @@ impl Agent {
         // The control plane answers: waiting reports go now, unsaved journal entries too.
         self.outbox.reachable();
         self.journal.retry_unsaved();
+        if !self.room_for_tasks() {
+            return Ok(());
+        }
         // Reports queued before this start are tried before any new task is taken.
         if !self.outbox_flushed {
             if !self.outbox.settled() {
@@ -303,6 +366,24 @@ impl Agent {
             self.accept(raw);
         }
         Ok(())
+    }
+
+    /// False while DATA_DIR is full: no task is taken (it could not be recorded) until
+    /// space returns. Registering and heartbeats go on, so the node stays online.
+    fn room_for_tasks(&mut self) -> bool {
+        let usage = disk::usage(&self.cfg.data_dir);
+        let full = usage.is_some_and(|u| u.full());
+        if full != self.disk_full {
+            let dir = self.cfg.data_dir.display();
+            match usage {
+                Some(u) if full => {
+                    log::error!("DATA_DIR {dir} is full ({u}): taking no task until space returns")
+                }
+                _ => log::info!("DATA_DIR {dir} has space again: taking tasks"),
+            }
+            self.disk_full = full;
+        }
+        !full
     }
 
     /// Register (an idempotent upsert that also refreshes `last_seen_at` on the March 2026
@@ -423,6 +504,13 @@ impl Agent {
                 log::error!("cannot record task {id} in the journal, leaving it for later: {e}");
                 return;
             }
+        }
+        if let Err(e) = self.outbox.reserve(&id) {
+            self.journal.unclaim(&id);
+            log::error!(
+                "cannot reserve space for the reports of task {id}, leaving it for later: {e}"
+            );
+            return;
         }
         if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind())) {
             log::error!("task {id}: {reason}");

@@ -44,13 +44,6 @@ impl CpError {
     pub fn is_unknown_node(&self) -> bool {
         matches!(self, CpError::Status { code: 500, body, .. } if body.contains("node") && body.contains("not found"))
     }
-    /// Worth retrying later (as opposed to a request the server will never accept).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            CpError::Status { code, .. } => *code >= 500 || matches!(code, 408 | 425 | 429),
-            _ => true,
-        }
-    }
     pub fn status(&self) -> Option<u16> {
         match self {
             CpError::Status { code, .. } | CpError::NotJson { code, .. } => Some(*code),
@@ -285,13 +278,7 @@ mod tests {
             code: 500,
             body: r#"{"error":"node 5d1c not found"}"#.into(),
         };
-        assert!(e.is_unknown_node() && e.is_retryable());
-        let e = CpError::Status {
-            url: "u".into(),
-            code: 400,
-            body: "bad".into(),
-        };
-        assert!(!e.is_retryable());
+        assert!(e.is_unknown_node());
         let e = CpError::NotJson {
             url: "http://x//api/agent/tasks".into(),
             code: 200,

@@ -4,6 +4,7 @@
 //! and completions come from the task model (`crate::task`).
 
 pub mod client;
+pub mod files;
 pub mod journal;
 pub mod logship;
 pub mod outbox;
