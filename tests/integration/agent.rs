@@ -958,12 +958,7 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
         statuses(cp, &a) == ["running"] && statuses(cp, &b) == ["running"]
     });
     // Both are running while only one clone (the git cache's fetch) has started.
-    let clones = |a: &TestAgent| {
-        a.calls()
-            .iter()
-            .filter(|c| c.contains(" fetch "))
-            .count()
-    };
+    let clones = |a: &TestAgent| a.calls().iter().filter(|c| c.contains(" fetch ")).count();
     // The first clone may be logged a moment after both reports (a loaded machine).
     assert!(util::poll(5, || clones(&agent) >= 1), "{:?}", agent.calls());
     assert_eq!(clones(&agent), 1, "{:?}", agent.calls());
