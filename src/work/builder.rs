@@ -405,6 +405,11 @@ fn owner_id(ctx: &Ctx) -> Result<String, TaskError> {
 /// Removes the build dirs (clones, keys, secret files) of agent processes that are gone:
 /// their lock is free, or they never had one (older agents named dirs by PID).
 pub fn sweep_stale(data_dir: &Path, own: &str) {
+    // The dirs first: an agent takes its lock before it makes a dir, so every dir listed here
+    // has its owner's lock in the list below (listed the other way round, another process
+    // starting meanwhile would lose its new dir).
+    let root = data_dir.join("builds");
+    let dirs: Vec<String> = names(&root).collect();
     let owners = owners_dir(data_dir);
     let locks: Vec<String> = names(&owners)
         .filter_map(|n| n.strip_suffix(".lock").map(String::from))
@@ -417,8 +422,7 @@ pub fn sweep_stale(data_dir: &Path, own: &str) {
             )
     };
     let (live, dead): (Vec<&String>, Vec<&String>) = locks.iter().partition(|id| alive(id));
-    let root = data_dir.join("builds");
-    for name in names(&root) {
+    for name in dirs {
         let id = name.split('-').next().unwrap_or("");
         if id != own && !live.iter().any(|l| l.as_str() == id) {
             log::info!("removing a stale build dir {}", root.join(&name).display());
