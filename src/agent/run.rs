@@ -18,7 +18,7 @@ use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,8 +41,8 @@ struct Agent {
     outbox_flushed: bool,
     /// DATA_DIR was full at the last look: no task is taken.
     disk_full: bool,
+    /// Task threads alive (shutdown waits for them; some may wait for a lock, holding no slot).
     running: Arc<AtomicUsize>,
-    wake: Arc<AtomicBool>,
     cpu: metrics::CpuSampler,
     reports: Reports,
 }
@@ -146,12 +146,17 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         outbox_flushed: false,
         disk_full: false,
         running: Arc::default(),
-        wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
         reports: Reports::default(),
     };
     if role == Role::Deploy {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
+        // The cache's size, for the heartbeat: a large cache takes a while to walk.
+        let (shared, data_dir) = (agent.shared.clone(), agent.cfg.data_dir.clone());
+        let measure = move || shared.cache.measure(&data_dir);
+        let _ = std::thread::Builder::new()
+            .name("cache-size".into())
+            .spawn(measure);
     }
     agent.start_reports();
     if role == Role::Deploy {
@@ -315,11 +320,10 @@ impl Agent {
                 }
             };
             // Until the next round, a finished task (a free slot) or a signal.
-            let wake = &self.wake;
             self.shared
                 .bell
                 .wait_until(Some(Instant::now() + delay), || {
-                    signal::shutdown_requested() || wake.swap(false, Ordering::SeqCst)
+                    signal::shutdown_requested() || self.shared.slots.take_freed()
                 });
         }
     }
@@ -347,7 +351,7 @@ impl Agent {
             }
             self.outbox_flushed = true;
         }
-        if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+        if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
             return Ok(());
         }
         let node_id = self.node_id.clone().unwrap_or_default();
@@ -360,7 +364,7 @@ impl Agent {
             other => other?,
         };
         for raw in tasks {
-            if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+            if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
                 break;
             }
             self.accept(raw);
@@ -395,7 +399,7 @@ impl Agent {
             role: self.role.as_str().into(),
             host_ip: self.host_ip.clone(),
             max_storage_bytes: self.cfg.max_storage,
-            used_storage_bytes: self.shared.cache.bytes(&self.cfg.data_dir),
+            used_storage_bytes: self.shared.cache.bytes(),
             last_seen_at: ZERO_TIME.into(),
             created_at: ZERO_TIME.into(),
         };
@@ -538,6 +542,7 @@ impl Agent {
 
     fn start_worker(&self, id: &str, task: Task) {
         self.running.fetch_add(1, Ordering::SeqCst);
+        self.shared.slots.take();
         let w = Worker {
             cfg: self.cfg.clone(),
             cp: self
@@ -550,13 +555,13 @@ impl Agent {
             outbox: self.outbox.clone(),
             shared: self.shared.clone(),
             running: self.running.clone(),
-            wake: self.wake.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("task-{}", &id[..id.len().min(8)]))
             .spawn(move || w.run(task));
         if let Err(e) = spawned {
             self.running.fetch_sub(1, Ordering::SeqCst);
+            self.shared.slots.give_back();
             self.finish(
                 id,
                 &Completion::failed(format!("cannot start a worker thread: {e}")),
@@ -618,7 +623,6 @@ struct Worker {
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
     running: Arc<AtomicUsize>,
-    wake: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -666,7 +670,7 @@ impl Worker {
         }
         finish(&self.outbox, &self.journal, &task.id, &completion);
         self.running.fetch_sub(1, Ordering::SeqCst);
-        self.wake.store(true, Ordering::SeqCst);
-        self.shared.bell.ring();
+        // Rings the bell: the loop polls again, shutdown sees the thread gone.
+        self.shared.slots.give_back();
     }
 }

@@ -11,6 +11,9 @@ use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
 
+/// The longest any request may take, connect included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
@@ -74,7 +77,7 @@ impl Client {
     pub fn new(base: &str, secret: &str) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(Duration::from_secs(20)))
+            .timeout_global(Some(REQUEST_TIMEOUT))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
             .build();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Bytes of a tree's files (symlinks count their own length), each inode once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,41 +15,66 @@ pub struct Usage {
 
 /// Walks `root` without following symlinks; unreadable parts count as empty.
 pub fn usage(root: &Path) -> Usage {
-    // (dev, ino) → (size, links seen, links it has); single-link files skip the map.
-    let mut shared: HashMap<(u64, u64), (u64, u64, u64)> = HashMap::new();
-    let mut u = Usage::default();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        if md.is_dir() {
-            let rd = std::fs::read_dir(&p).into_iter().flatten().flatten();
-            stack.extend(rd.map(|e| e.path()));
-        } else if md.nlink() <= 1 {
-            u.total += md.len();
-            u.exclusive += md.len();
-        } else {
-            let e = shared
-                .entry((md.dev(), md.ino()))
-                .or_insert((md.len(), 0, md.nlink()));
-            e.1 += 1;
+    let (total, exclusive) = usages(&[root.to_path_buf()]);
+    Usage {
+        total,
+        exclusive: exclusive[0],
+    }
+}
+
+/// A file with several links, as the walk met it.
+struct Linked {
+    size: u64,
+    seen: u64,
+    links: u64,
+    /// The one root it was met in; None once met in two.
+    root: Option<usize>,
+}
+
+/// Several trees walked once: the bytes of all their files, each inode once, and for each
+/// tree what deleting it alone frees (its files with no link outside it).
+pub fn usages(roots: &[PathBuf]) -> (u64, Vec<u64>) {
+    // Single-link files skip the map.
+    let mut shared: HashMap<(u64, u64), Linked> = HashMap::new();
+    let (mut total, mut exclusive) = (0, vec![0; roots.len()]);
+    for (i, root) in roots.iter().enumerate() {
+        let mut stack = vec![root.clone()];
+        while let Some(p) = stack.pop() {
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if md.is_dir() {
+                let rd = std::fs::read_dir(&p).into_iter().flatten().flatten();
+                stack.extend(rd.map(|e| e.path()));
+            } else if md.nlink() <= 1 {
+                total += md.len();
+                exclusive[i] += md.len();
+            } else {
+                let f = shared.entry((md.dev(), md.ino())).or_insert(Linked {
+                    size: md.len(),
+                    seen: 0,
+                    links: md.nlink(),
+                    root: Some(i),
+                });
+                f.seen += 1;
+                f.root = f.root.filter(|r| *r == i);
+            }
         }
     }
-    for (size, seen, links) in shared.into_values() {
-        u.total += size;
-        if seen >= links {
-            u.exclusive += size;
+    for f in shared.into_values() {
+        total += f.size;
+        if let Some(r) = f.root.filter(|_| f.seen >= f.links) {
+            exclusive[r] += f.size;
         }
     }
-    u
+    (total, exclusive)
 }
 
 /// Makes `to` (which must not exist) a copy of `from` whose files are hard links to the
 /// originals (copies across file systems); `skip` gets each path relative to `from`.
 /// Whoever changes `from` afterwards must replace files, never write them in place.
 pub fn link_copy(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) -> std::io::Result<()> {
-    let mut stack = vec![std::path::PathBuf::new()];
+    let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let (src, dst) = (from.join(&rel), to.join(&rel));
         let md = std::fs::symlink_metadata(&src)?;
@@ -101,6 +126,9 @@ mod tests {
                 exclusive: 13
             }
         );
+        // Walked together: the shared file counts once, and frees nothing alone.
+        let (total, each) = usages(&[a.clone(), b.clone()]);
+        assert_eq!((total, each), (1000 + 13 + 103, vec![13, 103]));
         std::fs::remove_dir_all(&b).unwrap();
         assert_eq!(usage(&a).exclusive, 1013);
         let _ = std::fs::remove_dir_all(&d);

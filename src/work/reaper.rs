@@ -222,10 +222,10 @@ mod tests {
         assert!(r.round(&h.cfg, &h.shared).is_empty(), "seen once: kept");
         std::thread::sleep(Duration::from_millis(350));
         // A deploy of the app holds its lock: the leftover waits for the next round.
-        let busy = h
-            .shared
-            .locks
-            .with(&deployer::lock_key("app"), || r.round(&h.cfg, &h.shared));
+        let (locks, slots) = (&h.shared.locks, &h.shared.slots);
+        let busy = locks.with(&deployer::lock_key("app"), slots, || {
+            r.round(&h.cfg, &h.shared)
+        });
         assert!(busy.is_empty());
         assert!(h.fake.ran("docker rm").is_empty());
         let mounts = h.cfg.data_dir.join("mounts");

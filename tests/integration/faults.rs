@@ -4,6 +4,7 @@
 
 use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::logs::{fail_the_route_until_the_spill_fails, numbers};
 use crate::test_agent::{AgentBuilder, TestAgent, SECRET};
 use crate::util::{self, temp_dir, test_name, RemoveContainers};
 use serde_json::{json, Value};
@@ -31,7 +32,7 @@ fn start_registered(cp: &FakeCp, node: &AgentBuilder) -> TestAgent {
 }
 
 /// Output with a NUL byte and an escape: the report and the log reach today's server (which
-/// refuses NUL) cleaned. A report the server keeps rejecting holds no other task back, and
+/// refuses NUL) with the NUL replaced and the escape as it was. A report the server keeps rejecting holds no other task back, and
 /// goes out soon after the server takes it again, although its backoff had grown.
 #[test]
 fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
@@ -57,7 +58,7 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     assert_eq!(final_b["status"], "failed");
     let why = final_b["result"].as_str().unwrap();
     assert!(
-        why.contains("fatal: bad \u{fffd} byte \u{fffd}[31mred"),
+        why.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"),
         "{why}"
     );
     assert!(statuses(&cp, &a).is_empty(), "A got through while refused");
@@ -72,7 +73,10 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     );
     assert_eq!(statuses(&cp, &a), ["running", "failed"]);
     let log = String::from_utf8(cp.logs(DEP_B)).unwrap();
-    assert!(log.contains("fatal: bad \u{fffd} byte"), "{log}");
+    assert!(
+        log.contains("fatal: bad \u{fffd} byte \x1b[31mred\rover"),
+        "{log}"
+    );
     for t in [&a, &b] {
         for raw in cp.completion_bodies_raw(t) {
             assert!(
@@ -715,4 +719,134 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
         "the reported container is gone\n{}",
         agent.log()
     );
+}
+
+/// DATA_DIR (a 4 MB tmpfs) fills up under the log spill while the log route fails and a build
+/// prints 16.8 MB: every line is in the log or counted by a marker naming the full disk, the
+/// agent warns once (not once per line) and the shipper lives on to drain the rest.
+#[test]
+fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
+    let Some(fs) = tmpfs_or_skip("faults-spill", test_name!()) else {
+        return;
+    };
+    let cp = builder_cp();
+    let dir = temp_dir("faults-spill-agent");
+    let data = fs.0.join("data");
+    let start = || {
+        let env = [
+            ("FAKE_GIT_LINES", "600000"),
+            ("FAKE_GIT_EXIT", "128"),
+            ("DATA_DIR", data.to_str().unwrap()),
+        ];
+        let agent = TestAgent::builder("builder")
+            .cp(&cp)
+            .dir(&dir)
+            .envs(&env)
+            .start();
+        (agent, chatty_build(&cp, DEP_A))
+    };
+    let full = "No space left on device";
+    let log = fail_the_route_until_the_spill_fails(&cp, start, DEP_A, 600_000, full);
+    assert!(numbers(&log).len() > 400_000, "the spill was drained too");
+    assert!(files(&data.join("state/logs")).is_empty());
+}
+
+/// An image only the registry has: a deploy of it pulls.
+fn registry_only(name: &str) -> String {
+    let reg = util::registry();
+    let tag = format!("{}/muvee-it-{name}-{}:1", reg.addr, std::process::id());
+    let login = util::registry_login();
+    util::sh(Command::new(util::docker_cli()).args(["tag", crate::deployer::APP, &tag]));
+    util::sh(
+        Command::new(util::docker_cli())
+            .env("DOCKER_CONFIG", &login)
+            .args(["push", "-q", &tag]),
+    );
+    util::sh(Command::new(util::docker_cli()).args(["rmi", &tag]));
+    tag
+}
+
+/// Real engine, MAX_CONCURRENT_TASKS=2: app A's deploy waits 25 s for an image that never
+/// answers, holding A's lock, while A's restart and pause queue behind it. Neither holds a
+/// slot while it waits: B's deploy is polled and served meanwhile, and A's next deploy pulls
+/// its image and syncs its dataset before it waits for A's lock.
+#[test]
+fn a_busy_app_holds_back_no_other_apps_work() {
+    if !util::require_docker(test_name!()) {
+        return;
+    }
+    crate::deployer::images();
+    let image = registry_only("busy");
+    let reg = util::registry();
+    let cp = FakeCp::start(Version::Today, SECRET);
+    for (k, v) in [
+        ("registry_addr", reg.addr.as_str()),
+        ("registry_user", reg.user.as_str()),
+        ("registry_password", reg.password.as_str()),
+    ] {
+        cp.set_config(k, v);
+    }
+    let share = temp_dir("faults-busy-share");
+    std::fs::create_dir_all(share.join("s")).unwrap();
+    std::fs::write(share.join("s/file.txt"), "busy-set\n").unwrap();
+    cp.set_config("dataset_nfs_base_path", share.to_str().unwrap());
+    let dir = temp_dir("faults-busy");
+    let (a, b) = (
+        format!("itf-busya-{}", std::process::id()),
+        format!("itf-busyb-{}", std::process::id()),
+    );
+    let _cleanup = (RemoveContainers::named(&a), RemoveContainers::named(&b));
+    let env = [
+        ("MAX_CONCURRENT_TASKS", "2"),
+        ("DEPLOY_HEALTH_TIMEOUT", "25s"),
+        ("DEPLOY_DRAIN", "0s"),
+    ];
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .real_docker()
+        .start();
+    let deploy = |prefix: &str, dep: &str, image: &str, datasets: serde_json::Value| {
+        let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-busy",
+                       "domain_prefix": prefix, "container_port": 8080, "datasets": datasets});
+        cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let (dep_a1, dep_a2, dep_b) = (
+        "d2000000-0000-4000-8000-000000000001",
+        "d2000000-0000-4000-8000-000000000002",
+        "d2000000-0000-4000-8000-000000000003",
+    );
+    let a1 = deploy(&a, dep_a1, crate::deployer::IDLE, json!(null));
+    let waiting = |dep: &str| {
+        let f = format!("label=muvee.deployment_id={dep}");
+        let out = util::docker(&["ps", "-q", "--filter", &f], &[]);
+        !out.stdout.is_empty()
+    };
+    assert!(util::poll(60, || waiting(dep_a1)), "{}", agent.log());
+    let lifecycle: Vec<String> = ["restart", "pause"]
+        .iter()
+        .map(|t| cp.add_task_for_role("deploy", t, "", json!({"domain_prefix": a})))
+        .collect();
+    let set = json!([{"id": format!("busy-{}", std::process::id()), "name": "set",
+                      "nfs_path": "s", "version": 1, "mount_mode": "dependency"}]);
+    let a2 = deploy(&a, dep_a2, &image, set);
+    let b_task = deploy(&b, dep_b, crate::deployer::APP, json!(null));
+    let final_b = wait_final(&cp, &b_task, 60);
+    assert_eq!(final_b["status"], "completed", "{final_b}");
+    assert_eq!(statuses(&cp, &a1), ["running"], "B waited for A's deploy");
+    let a2_log = || String::from_utf8(cp.logs(dep_a2)).unwrap();
+    let prepared =
+        |l: &str| l.contains(&format!("Pulling {image}")) && l.contains("copying version 1");
+    assert!(util::poll(30, || prepared(&a2_log())), "{}", a2_log());
+    assert_eq!(
+        statuses(&cp, &a1),
+        ["running"],
+        "A's next deploy pulled and synced only after A's lock was free"
+    );
+    assert_eq!(wait_final(&cp, &a1, 60)["status"], "failed");
+    for t in &lifecycle {
+        assert_eq!(wait_final(&cp, t, 60)["status"], "completed");
+    }
+    assert_eq!(wait_final(&cp, &a2, 60)["status"], "completed");
 }
