@@ -13,6 +13,8 @@ pub mod error;
 pub mod gitcache;
 pub mod lifecycle;
 pub mod policy;
+pub mod reads;
 pub mod reaper;
 pub mod spec;
 pub mod workspace;
+pub mod yaml;
