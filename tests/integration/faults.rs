@@ -761,7 +761,10 @@ fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
     let full = "No space left on device";
     let log = fail_the_route_until_the_spill_fails(&cp, start, DEP_A, 600_000, full);
     let got = numbers(&log).len();
-    assert!(got > 400_000, "the spill was drained too: {got} lines delivered");
+    assert!(
+        got > 400_000,
+        "the spill was drained too: {got} lines delivered"
+    );
     assert!(files(&data.join("state/logs")).is_empty());
 }
 
