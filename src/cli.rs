@@ -29,6 +29,9 @@ pub struct Args {
     /// dataset cache budget, bytes or 100G-style [MAX_STORAGE, default 100G]
     #[argh(option)]
     pub max_storage: Option<String>,
+    /// builder: git cache budget, 0 turns the cache off [GIT_CACHE_MAX, default 20G]
+    #[argh(option)]
+    pub git_cache_max: Option<String>,
     /// log a task may keep on disk while the control plane is slow [LOG_SPILL_MAX, default 256M]
     #[argh(option)]
     pub log_spill_max: Option<String>,

@@ -20,6 +20,8 @@ pub struct Config {
     pub node_name: String,
     pub data_dir: PathBuf,
     pub max_storage: u64,
+    /// Budget of the builder's git cache; 0 turns it off (builds clone shallowly).
+    pub git_cache_max: u64,
     pub log_spill_max: u64,
     pub poll_interval: Duration,
     pub heartbeat_interval: Duration,
@@ -166,6 +168,13 @@ impl Config {
             node_name: pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname),
             data_dir: PathBuf::from(s.text(&a.data_dir, "DATA_DIR", "/muvee/data")),
             max_storage: s.parsed(&a.max_storage, "MAX_STORAGE", 100 << 30, parse_size, SIZE)?,
+            git_cache_max: s.parsed(
+                &a.git_cache_max,
+                "GIT_CACHE_MAX",
+                20 << 30,
+                parse_size,
+                SIZE,
+            )?,
             log_spill_max: s.parsed(
                 &a.log_spill_max,
                 "LOG_SPILL_MAX",

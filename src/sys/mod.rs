@@ -12,4 +12,5 @@ pub mod rsync;
 pub mod secret;
 pub mod signal;
 pub mod sync;
+pub mod tree;
 pub mod wait;

@@ -232,10 +232,50 @@ impl FileLock {
         FileLock::take(std::fs::File::open(path)?)
     }
 
+    /// The lock of `path`, created when missing: waits for it (`wait`), or None when it is
+    /// taken. A holder may delete the file (see [`FileLock::delete`]); a lock won on a
+    /// deleted file is let go and taken again on the new one.
+    pub fn at(path: &std::path::Path, wait: bool) -> std::io::Result<Option<FileLock>> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)?;
+            let Some(lock) = FileLock::flock(f, wait)? else {
+                return Ok(None);
+            };
+            let (held, now) = (lock._file.metadata()?, std::fs::metadata(path));
+            if now.is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
+                return Ok(Some(lock));
+            }
+        }
+    }
+
+    /// Deletes the locked file (taken with [`FileLock::at`]) before letting it go.
+    pub fn delete(self, path: &std::path::Path) {
+        let _ = std::fs::remove_file(path);
+    }
+
     fn take(f: std::fs::File) -> std::io::Result<Option<FileLock>> {
+        FileLock::flock(f, false)
+    }
+
+    fn flock(f: std::fs::File, wait: bool) -> std::io::Result<Option<FileLock>> {
         use std::os::unix::io::AsRawFd;
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
         // SAFETY: flock on a descriptor we own.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let r = loop {
+            let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+            if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break r;
+            }
+        };
         if r == 0 {
             return Ok(Some(FileLock {
                 _file: f,

@@ -224,7 +224,7 @@ fn a_full_disk_loses_no_task_and_no_report() {
         final_b["result"]
             .as_str()
             .unwrap()
-            .contains("git clone exited 128"),
+            .contains("git fetch exited 128"),
         "{final_b}"
     );
     std::fs::remove_file(&filler).unwrap();
@@ -761,7 +761,10 @@ fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
     let full = "No space left on device";
     let log = fail_the_route_until_the_spill_fails(&cp, start, DEP_A, 600_000, full);
     let got = numbers(&log).len();
-    assert!(got > 400_000, "the spill was drained too: {got} lines delivered");
+    assert!(
+        got > 400_000,
+        "the spill was drained too: {got} lines delivered"
+    );
     assert!(files(&data.join("state/logs")).is_empty());
 }
 
