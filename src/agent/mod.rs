@@ -7,3 +7,4 @@ pub mod health;
 pub mod metrics;
 pub mod reports;
 pub mod run;
+pub mod session;

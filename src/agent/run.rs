@@ -8,6 +8,7 @@ use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::outbox::Outbox;
+use crate::cp::tls::Roots;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
@@ -89,7 +90,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
-    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
+    let roots = Roots::load(cfg.ca_file.as_deref()).map_err(|e| ConfigError(e.0))?;
+    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret, &roots);
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
 
@@ -140,6 +142,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             agent.cfg.clone(),
             agent.shared.clone(),
             agent.reports.clone(),
+            roots,
         );
     }
     agent.main_loop();

@@ -7,6 +7,7 @@
 //! agent uses, `muvee-<prefix>`. Tasks that change the container (restart, pause, unpause)
 //! take the app's deploy lock, so they never interleave with a replacement or a cleanup.
 
+use crate::config::Config;
 use crate::sys::docker::{Docker, DockerError, PsRow};
 use crate::task::{go_escape, Payload};
 use crate::work::ctx::Ctx;
@@ -166,6 +167,44 @@ fn missing(prefix: &str) -> impl FnOnce(DockerError) -> TaskError + '_ {
 pub fn resolve(docker: &Docker, prefix: &str) -> Result<String, TaskError> {
     let rows = docker.ps_filter(true, &format!("label=muvee.domain_prefix={prefix}"))?;
     Ok(pick(&rows, prefix))
+}
+
+/// The container a control channel session may reach: app `prefix`'s (picked as `resolve`
+/// picks), else the one named exactly `name`, and only among this node's apps: labelled
+/// `muvee.managed=true` and `muvee.node=<NODE_NAME>`, or the container of compose project
+/// `muvee-<prefix>` (compose sets no `muvee.node`) when this node staged that project.
+/// None: nothing of ours answers to it.
+pub fn node_container(
+    docker: &Docker,
+    cfg: &Config,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<String>, TaskError> {
+    let ours: Vec<PsRow> = docker
+        .managed()?
+        .into_iter()
+        .filter(|r| of_this_node(r, cfg))
+        .collect();
+    if !prefix.is_empty() {
+        let app: Vec<PsRow> = ours
+            .into_iter()
+            .filter(|r| r.domain_prefix == prefix)
+            .collect();
+        return Ok((!app.is_empty()).then(|| pick(&app, prefix)));
+    }
+    Ok(ours.into_iter().find(|r| r.name == name).map(|r| r.name))
+}
+
+fn of_this_node(r: &PsRow, cfg: &Config) -> bool {
+    let p = r.domain_prefix.as_str();
+    let label = p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if p.is_empty() || !label || p.starts_with('-') {
+        return false;
+    }
+    if !r.node.is_empty() {
+        return r.node == cfg.node_name;
+    }
+    r.compose_project == format!("muvee-{p}") && cfg.data_dir.join("compose").join(p).is_dir()
 }
 
 fn pick(rows: &[PsRow], prefix: &str) -> String {

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
+#[path = "../../examples/dev-cp/tls.rs"]
+mod tls;
+
 const SECRET: &str = "control-secret-5d1e";
 /// `docker exec -ti` sizes the container's TTY just after the process starts: wait for it.
 const WAIT_SIZE: &str = "i=0; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo \"size=$s\"; exit 3";
@@ -207,7 +210,94 @@ fn b64(b: &[u8]) -> String {
     util::base64(b)
 }
 
-/// The deploy agent under test and the container its sessions reach.
+/// Every frame of `session` up to and including its `exit` or `error`.
+fn frames_to_end(ws: &mut Ws, session: &str, secs: u64) -> Vec<Value> {
+    let mut all = Vec::new();
+    loop {
+        let f = ws.next(session, secs);
+        let end = matches!(f["type"].as_str(), Some("exit") | Some("error"));
+        all.push(f);
+        if end {
+            return all;
+        }
+    }
+}
+
+/// Types into `session` until its output shows `want` (output seen so far in `seen`).
+fn type_until(ws: &mut Ws, session: &str, input: &[u8], want: &str, seen: &mut Vec<u8>) {
+    for _ in 0..20 {
+        ws.send(json!({"type": "stdio", "session": session, "data": b64(input)}));
+        let end = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < end {
+            if String::from_utf8_lossy(seen).contains(want) {
+                return;
+            }
+            if let Some(f) = ws.poll(session) {
+                seen.extend(decode(&f));
+            }
+        }
+    }
+    panic!(
+        "{want:?} never showed in {session}: {}",
+        String::from_utf8_lossy(seen)
+    );
+}
+
+impl Ws {
+    /// The next frame of `session` if one arrives within the socket's read timeout.
+    fn poll(&mut self, session: &str) -> Option<Value> {
+        self.poll_any().filter(|v| v["session"] == session)
+    }
+
+    /// The next frame of any session if one arrives within the socket's read timeout.
+    fn poll_any(&mut self) -> Option<Value> {
+        match self.0.read() {
+            Ok(Message::Text(t)) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "ping" {
+                    self.send(json!({"type": "pong"}));
+                    return None;
+                }
+                Some(v)
+            }
+            Ok(_) => None,
+            Err(tungstenite::Error::Io(_)) => None,
+            Err(e) => panic!("control connection: {e}"),
+        }
+    }
+}
+
+/// `docker top`: the processes running in `container`, one per line.
+fn top(container: &str) -> String {
+    let out = util::docker(&["top", container], &[]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A container labelled as an app of node `node` (`muvee-<prefix>`), or with no labels.
+fn app_container(prefix: &str, node: Option<&str>) -> String {
+    images();
+    let name = format!("muvee-{prefix}");
+    let mut args = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--name".into(),
+        name.clone(),
+    ];
+    if let Some(node) = node {
+        for l in [
+            "muvee.managed=true".to_string(),
+            format!("muvee.node={node}"),
+            format!("muvee.domain_prefix={prefix}"),
+        ] {
+            args.extend(["--label".into(), l]);
+        }
+    }
+    args.push(IDLE.into());
+    util::sh(Command::new(util::docker_cli()).args(&args));
+    name
+}
+
+/// The deploy agent under test and the container its sessions reach (an app of its node).
 struct Agent {
     child: Child,
     container: String,
@@ -215,33 +305,45 @@ struct Agent {
 
 impl Agent {
     fn start(server: &Server) -> Agent {
-        images();
-        let container = format!(
-            "muvee-itx-{}-{}",
-            std::process::id(),
-            &util::unique_hex()[..6]
-        );
-        util::sh(Command::new(util::docker_cli()).args([
-            "run",
-            "-d",
-            "--name",
-            &container,
-            "--label",
-            &format!("muvee.domain_prefix={}", &container[6..]),
-            IDLE,
-        ]));
-        let child = Command::new(util::bin())
-            .env("NODE_ROLE", "deploy")
-            .env("CONTROL_PLANE_URL", server.url())
+        Agent::start_with(&server.url(), &[])
+    }
+
+    fn start_with(url: &str, env: &[(&str, &str)]) -> Agent {
+        let hex = util::unique_hex();
+        let node = format!("itx-node-{}-{}", std::process::id(), &hex[..6]);
+        let prefix = format!("itx-{}-{}", std::process::id(), &hex[..6]);
+        let container = app_container(&prefix, Some(&node));
+        let mut cmd = Command::new(util::bin());
+        cmd.env("NODE_ROLE", "deploy")
+            .env("NODE_NAME", &node)
+            .env("CONTROL_PLANE_URL", url)
             .env("AGENT_SECRET", SECRET)
             .env("DATA_DIR", temp_dir("control-data"))
             .env("DOCKER_CLI", util::docker_cli())
             .env("POLL_INTERVAL", "1s")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent { child, container }
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Agent {
+            child: cmd.spawn().unwrap(),
+            container,
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        &self.container[6..]
+    }
+
+    /// The agent's peak resident memory (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 }
 
@@ -250,6 +352,17 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = util::docker(&["rm", "-f", &self.container], &[]);
+    }
+}
+
+/// Removes the named containers when the test ends, however it ends.
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = util::docker(&["rm", "-f", c], &[]);
+        }
     }
 }
 
@@ -265,7 +378,7 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
     assert_eq!(uri, format!("/api/agent/control?node_id={node}"));
 
     // echo: output, exit 0 sends no code; by domain prefix.
-    let prefix = &agent.container[6..];
+    let prefix = agent.prefix();
     ws.send(
         json!({"type": "open_exec", "session": "s1", "domain_prefix": prefix,
                    "container": format!("muvee-{prefix}"), "cmd": ["echo", "hello-pty"]}),
@@ -290,7 +403,10 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
     );
     assert_eq!(exit["code"], 3, "{exit}");
 
-    // Interactive: typed input, a resize, then close kills it (-1).
+    // Interactive: input typed before the shell is up is not lost; a resize, then close
+    // kills it (-1). docker applies a resize asynchronously (SIGWINCH, then an API call)
+    // while input goes down the attached stream, so, as a person would, the test asks for
+    // the size again until it shows.
     ws.send(
         json!({"type": "open_exec", "session": "s3", "container": agent.container,
                    "cmd": ["sh"]}),
@@ -301,10 +417,7 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
         seen.extend(decode(&ws.next("s3", 10)));
     }
     ws.send(json!({"type": "resize", "session": "s3", "cols": 77, "rows": 11}));
-    ws.send(json!({"type": "stdio", "session": "s3", "data": b64(b"stty size\n")}));
-    while !String::from_utf8_lossy(&seen).contains("11 77") {
-        seen.extend(decode(&ws.next("s3", 10)));
-    }
+    type_until(&mut ws, "s3", b"stty size\n", "11 77", &mut seen);
     ws.send(json!({"type": "close", "session": "s3"}));
     let (_, exit) = ws.run_to_exit("s3");
     assert_eq!(exit["code"], -1, "{exit}");
@@ -347,15 +460,7 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
     std::fs::write(src.join("tree/a.txt"), "alpha\n").unwrap();
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(src.join("tree/sub/blob.bin"), &blob).unwrap();
-    let tar = util::sh(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("tar -C {} -cf - tree | base64 -w0", src.display())),
-    );
-    use base64::Engine;
-    let tar = base64::engine::general_purpose::STANDARD
-        .decode(tar.trim())
-        .unwrap();
+    let tar = tar_of(&src, "tree");
     ws.send(
         json!({"type": "open_cp", "session": "u1", "container": agent.container,
                    "path": "/tmp", "direction": "up"}),
@@ -400,15 +505,20 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
         "alpha\n"
     );
 
-    // A missing path: docker's error text on stderr and its exit code.
+    // A missing path: as the Go agent, `cp_end` first (muveectl closes its untar on it and
+    // only then reads the exit code), then docker's error text on stderr, then exit 1.
     ws.send(
         json!({"type": "open_cp", "session": "d2", "container": agent.container,
                    "path": "/no/such", "direction": "down"}),
     );
-    let (err, exit) = ws.run_to_exit("d2");
-    assert!(!err.is_empty() && exit["code"] != 0, "{exit}");
+    let frames = frames_to_end(&mut ws, "d2", 20);
+    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["cp_end", "stdio", "exit"], "{frames:?}");
+    assert_eq!(frames[1]["stream"], "stderr");
+    assert!(String::from_utf8_lossy(&decode(&frames[1])).contains("/no/such"));
+    assert_eq!(frames[2]["code"], 1);
 
-    // The server drops the connection: the agent dials again (backoff reset by hello).
+    // The server drops the connection: the agent dials again.
     drop(ws);
     let (_, mut ws) = server.accept(10);
     ws.send(
@@ -419,4 +529,350 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
         ws.run_to_exit("r1").1,
         json!({"type": "exit", "session": "r1"})
     );
+}
+
+/// `tar -C dir -cf - name`.
+fn tar_of(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args(["-cf", "-", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn exec_and_cp_reach_only_this_nodes_apps() {
+    if !require_docker("exec_and_cp_reach_only_this_nodes_apps") {
+        return;
+    }
+    let server = Server::start();
+    let agent = Agent::start(&server);
+    let (_, mut ws) = server.accept(20);
+    let hex = util::unique_hex();
+    // An app of another node on the same engine, and a container muvee knows nothing of
+    // (another installation's, the registry).
+    let other = format!("itx-{}-{}-other", std::process::id(), &hex[..6]);
+    let plain = format!("itx-{}-{}-plain", std::process::id(), &hex[..6]);
+    let _rm = Containers(vec![
+        app_container(&other, Some("some-other-node")),
+        app_container(&plain, None),
+    ]);
+    let refused = [
+        json!({"type": "open_exec", "session": "x1", "container": format!("muvee-{plain}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_exec", "session": "x2", "domain_prefix": other, "container": format!("muvee-{other}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_exec", "session": "x3", "container": format!("muvee-{other}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_cp", "session": "x4", "container": format!("muvee-{plain}"), "path": "/etc/hostname", "direction": "down"}),
+        json!({"type": "open_cp", "session": "x5", "domain_prefix": plain, "container": format!("muvee-{plain}"), "path": "/tmp", "direction": "up"}),
+    ];
+    for open in refused {
+        let s = open["session"].as_str().unwrap().to_string();
+        ws.send(open);
+        let frames = frames_to_end(&mut ws, &s, 20);
+        assert_eq!(frames.len(), 1, "{s}: {frames:?}");
+        assert_eq!(frames[0]["type"], "error", "{s}: {frames:?}");
+        let msg = frames[0]["msg"].as_str().unwrap();
+        assert!(msg.contains("this node's apps"), "{s}: {msg}");
+    }
+    // This node's app, by its prefix and by its container's name.
+    let prefix = agent.prefix().to_string();
+    ws.send(json!({"type": "open_exec", "session": "o1", "domain_prefix": prefix, "container": agent.container, "cmd": ["echo", "ours"]}));
+    let (out, exit) = ws.run_to_exit("o1");
+    assert!(String::from_utf8_lossy(&out).contains("ours") && exit["type"] == "exit");
+    ws.send(json!({"type": "open_exec", "session": "o2", "container": agent.container, "cmd": ["true"]}));
+    assert_eq!(
+        ws.run_to_exit("o2").1,
+        json!({"type": "exit", "session": "o2"})
+    );
+}
+
+#[test]
+fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
+    if !require_docker("close_and_a_dropped_channel_kill_the_process_inside_the_container") {
+        return;
+    }
+    let server = Server::start();
+    let agent = Agent::start(&server);
+    let (_, mut ws) = server.accept(20);
+    let c = agent.container.clone();
+    // A plain process, and one with a child of its own.
+    ws.send(
+        json!({"type": "open_exec", "session": "k1", "container": c, "cmd": ["sleep", "7777"]}),
+    );
+    ws.send(json!({"type": "open_exec", "session": "k2", "container": c, "cmd": ["sh", "-c", "sleep 7778; echo never"]}));
+    assert!(
+        util::poll(20, || top(&c).contains("sleep 7777")
+            && top(&c).contains("sleep 7778")),
+        "{}",
+        top(&c)
+    );
+    ws.send(json!({"type": "close", "session": "k1"}));
+    ws.send(json!({"type": "close", "session": "k2"}));
+    assert_eq!(ws.run_to_exit("k1").1["code"], -1);
+    assert_eq!(ws.run_to_exit("k2").1["code"], -1);
+    let t = top(&c);
+    assert!(
+        !t.contains("sleep 7777") && !t.contains("sleep 7778"),
+        "left running after close:\n{t}"
+    );
+
+    // The channel drops (the control plane went away): the same.
+    ws.send(
+        json!({"type": "open_exec", "session": "k3", "container": c, "cmd": ["sleep", "7779"]}),
+    );
+    assert!(
+        util::poll(20, || top(&c).contains("sleep 7779")),
+        "{}",
+        top(&c)
+    );
+    drop(ws);
+    assert!(
+        util::poll(15, || !top(&c).contains("sleep 7779")),
+        "left running after the channel dropped:\n{}",
+        top(&c)
+    );
+}
+
+#[test]
+fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded() {
+    if !require_docker(
+        "big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded",
+    ) {
+        return;
+    }
+    let server = Server::start();
+    let agent = Agent::start(&server);
+    let (_, mut ws) = server.accept(20);
+    let c = agent.container.clone();
+
+    // 20 frames of 4 MiB into a program that reads nothing.
+    ws.send(
+        json!({"type": "open_exec", "session": "b1", "container": c, "cmd": ["sleep", "7781"]}),
+    );
+    let big = b64(&vec![b'x'; 4 << 20]);
+    for _ in 0..20 {
+        ws.send(json!({"type": "stdio", "session": "b1", "data": big}));
+    }
+    let f = ws.next("b1", 30);
+    assert_eq!(f["type"], "error", "{f}");
+    assert!(f["msg"].as_str().unwrap().contains("larger than"), "{f}");
+
+    // Frames that fit, faster than the program reads them (it reads none).
+    ws.send(
+        json!({"type": "open_exec", "session": "b2", "container": c, "cmd": ["sleep", "7782"]}),
+    );
+    let mib = b64(&vec![b'y'; 1 << 20]);
+    for _ in 0..16 {
+        ws.send(json!({"type": "stdio", "session": "b2", "data": mib}));
+    }
+    // (The container's TTY echoes what it takes before its buffer fills.)
+    let f = frames_to_end(&mut ws, "b2", 30).pop().unwrap();
+    assert_eq!(f["type"], "error", "{f}");
+    assert!(f["msg"].as_str().unwrap().contains("faster than"), "{f}");
+    let peak = agent.peak_rss_kib();
+    assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
+    // Both sessions were ended: their processes too.
+    assert!(
+        util::poll(15, || !top(&c).contains("sleep 778")),
+        "{}",
+        top(&c)
+    );
+
+    // At most 16 sessions at once: the 17th is refused, and closing one makes room.
+    for i in 0..17 {
+        ws.send(json!({"type": "open_exec", "session": format!("m{i}"), "container": c, "cmd": ["sleep", "7783"]}));
+    }
+    let f = ws.next("m16", 30);
+    assert_eq!(f["type"], "error", "{f}");
+    assert!(f["msg"].as_str().unwrap().contains("16"), "{f}");
+    ws.send(json!({"type": "close", "session": "m0"}));
+    assert_eq!(ws.run_to_exit("m0").1["code"], -1);
+    ws.send(
+        json!({"type": "open_exec", "session": "m17", "container": c, "cmd": ["echo", "room"]}),
+    );
+    let (out, exit) = ws.run_to_exit("m17");
+    assert!(String::from_utf8_lossy(&out).contains("room"), "{exit}");
+    for i in 1..16 {
+        ws.send(json!({"type": "close", "session": format!("m{i}")}));
+    }
+    // Their exits come in any order.
+    let mut open: Vec<String> = (1..16).map(|i| format!("m{i}")).collect();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !open.is_empty() && Instant::now() < end {
+        let Some(f) = ws.poll_any() else { continue };
+        if f["type"] == "exit" {
+            assert_eq!(f["code"], -1, "{f}");
+            open.retain(|s| f["session"] != s.as_str());
+        }
+    }
+    assert!(open.is_empty(), "no exit for {open:?}");
+}
+
+/// A docker CLI that is the real one, made slow where a test asks: `ps` sleeps 6 s while the
+/// file `slow-ps` exists next to it (a slow daemon), and `cp - …` takes its input at about
+/// 2 MiB/s (a container whose disk is slower than the network).
+fn slow_docker() -> std::path::PathBuf {
+    let dir = temp_dir("slow-docker");
+    let script = format!(
+        "#!/bin/sh\n\
+         real={real}\n\
+         if [ \"$1\" = ps ] && [ -e {dir}/slow-ps ]; then sleep 6; fi\n\
+         if [ \"$1\" = cp ] && [ \"$2\" = - ]; then\n\
+           while n=$(dd bs=65536 count=1 iflag=fullblock 2>/dev/null | tee /dev/fd/3 | wc -c) && [ \"$n\" -gt 0 ]; do sleep 0.03; done 3>&1 | \"$real\" \"$@\"\n\
+           exit $?\n\
+         fi\n\
+         exec \"$real\" \"$@\"\n",
+        real = util::docker_cli(),
+        dir = dir.display()
+    );
+    let path = dir.join("docker");
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn an_upload_into_a_slow_container_slows_down_instead_of_failing() {
+    if !require_docker("an_upload_into_a_slow_container_slows_down_instead_of_failing") {
+        return;
+    }
+    let server = Server::start();
+    let docker = slow_docker();
+    let agent = Agent::start_with(&server.url(), &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let (_, mut ws) = server.accept(20);
+    // 16 MiB, sent as fast as the socket takes it: twice what the Go agent's 256-frame
+    // inbox held.
+    let src = temp_dir("cp-slow");
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(src.join("big.bin"), &blob).unwrap();
+    let tar = tar_of(&src, "big.bin");
+    ws.send(json!({"type": "open_cp", "session": "u1", "container": agent.container, "path": "/tmp", "direction": "up"}));
+    let t0 = Instant::now();
+    for chunk in tar.chunks(32 * 1024) {
+        ws.send(json!({"type": "cp_up_tar", "session": "u1", "data": b64(chunk)}));
+    }
+    ws.send(json!({"type": "cp_end", "session": "u1"}));
+    let frames = frames_to_end(&mut ws, "u1", 60);
+    assert_eq!(frames, [json!({"type": "exit", "session": "u1"})]);
+    assert!(
+        t0.elapsed() > Duration::from_secs(4),
+        "the throttle did not hold: {:?}",
+        t0.elapsed()
+    );
+    let sum = |cmd: &mut Command| util::sh(cmd).split_whitespace().next().unwrap().to_string();
+    let here = sum(Command::new("sha256sum").arg(src.join("big.bin")));
+    let there = sum(Command::new(util::docker_cli()).args([
+        "exec",
+        &agent.container,
+        "sha256sum",
+        "/tmp/big.bin",
+    ]));
+    assert_eq!(here, there);
+    let peak = agent.peak_rss_kib();
+    assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
+}
+
+#[test]
+fn a_slow_docker_daemon_does_not_stop_other_sessions() {
+    if !require_docker("a_slow_docker_daemon_does_not_stop_other_sessions") {
+        return;
+    }
+    let server = Server::start();
+    let docker = slow_docker();
+    let agent = Agent::start_with(&server.url(), &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let (_, mut ws) = server.accept(20);
+    ws.send(
+        json!({"type": "open_exec", "session": "a", "container": agent.container, "cmd": ["sh"]}),
+    );
+    let mut seen = Vec::new();
+    type_until(&mut ws, "a", b"echo one-$((1+1))\n", "one-2", &mut seen);
+    // From now on every `docker ps` takes 6 s: a session opened by prefix resolves slowly...
+    std::fs::write(docker.with_file_name("slow-ps"), "").unwrap();
+    let prefix = agent.prefix().to_string();
+    ws.send(json!({"type": "open_exec", "session": "b", "domain_prefix": prefix, "container": agent.container, "cmd": ["true"]}));
+    // ... while the open session answers at once.
+    let t0 = Instant::now();
+    ws.send(json!({"type": "stdio", "session": "a", "data": b64(b"echo two-$((2+2))\n")}));
+    while !String::from_utf8_lossy(&seen).contains("two-4") {
+        seen.extend(decode(&ws.next("a", 10)));
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        ws.run_to_exit("b").1,
+        json!({"type": "exit", "session": "b"})
+    );
+    std::fs::remove_file(docker.with_file_name("slow-ps")).unwrap();
+    ws.send(json!({"type": "close", "session": "a"}));
+    assert_eq!(ws.run_to_exit("a").1["code"], -1);
+}
+
+#[test]
+fn a_server_that_says_hello_and_closes_is_not_redialled_every_second() {
+    if !require_docker("a_server_that_says_hello_and_closes_is_not_redialled_every_second") {
+        return;
+    }
+    let server = Server::start();
+    let _agent = Agent::start(&server);
+    drop(server.accept(20));
+    let t0 = Instant::now();
+    let mut dials = 0;
+    while let Ok((_, ws)) = server
+        .conns
+        .recv_timeout(Duration::from_secs(8).saturating_sub(t0.elapsed()))
+    {
+        dials += 1;
+        let mut ws = ws;
+        let _ = ws.send(Message::text(json!({"type": "hello"}).to_string()));
+        drop(ws);
+    }
+    // Backoff 1, 2, 4 s: dials at about 1, 3 and 7 s (a reset on hello: one a second).
+    assert!((2..=3).contains(&dials), "{dials} dials in 8 s");
+}
+
+#[test]
+fn an_https_control_plane_gets_exec_over_wss_with_its_own_ca() {
+    if !require_docker("an_https_control_plane_gets_exec_over_wss_with_its_own_ca") {
+        return;
+    }
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let dir = temp_dir("tls-ca");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let server = Server::start();
+    let front = tls::TlsFront::start(
+        "127.0.0.1:0",
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        format!("127.0.0.1:{}", server.port),
+    )
+    .unwrap();
+    let url = format!("https://localhost:{}", front.port);
+    let agent = Agent::start_with(
+        &url,
+        &[("CONTROL_PLANE_CA_FILE", ca_file.to_str().unwrap())],
+    );
+    let (uri, mut ws) = server.accept(20);
+    assert!(uri.starts_with("/api/agent/control?node_id="), "{uri}");
+    ws.send(json!({"type": "open_exec", "session": "t1", "container": agent.container, "cmd": ["echo", "over-tls"]}));
+    let (out, exit) = ws.run_to_exit("t1");
+    assert!(String::from_utf8_lossy(&out).contains("over-tls"), "{exit}");
+    assert_eq!(exit, json!({"type": "exit", "session": "t1"}));
 }
