@@ -295,7 +295,7 @@ pub fn control_plane(cfg: &Config) -> (Check, Option<AgentConfig>) {
             (Check::ok("control_plane", "control plane", &msg), Some(c))
         }
         Err(e) => {
-            let fix = "check CONTROL_PLANE_URL, AGENT_SECRET and CONTROL_PLANE_CA_FILE";
+            let fix = "check CONTROL_PLANE_URL and AGENT_SECRET";
             let c = Check::problem("control_plane", "control plane", Status::Error, &e, fix);
             (c, None)
         }

@@ -11,7 +11,7 @@
 //! running when its client goes): exec'd processes carry a marker in their environment that
 //! `Docker::kill_marked` looks for.
 
-use crate::agent::control::{Frame, Out};
+use crate::agent::frame::{Frame, Out};
 use crate::config::Config;
 use crate::sys::docker::Docker;
 use crate::sys::signal;
