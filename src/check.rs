@@ -8,6 +8,7 @@ use crate::sys::executor::System;
 
 pub fn run(cfg: &Config) -> u8 {
     let mut checks = health::host(cfg, &System);
+    checks.extend(health::compose_policy(cfg));
     let (cp_check, cp) = health::control_plane(cfg);
     checks.push(cp_check);
     if let Some(cp) = cp {

@@ -73,6 +73,11 @@ pub struct Args {
     /// [REAP_GRACE, default 10m]
     #[argh(option)]
     pub reap_grace: Option<String>,
+    /// deploy role: what compose projects may ask of the host, baseline (no privileged
+    /// containers, host namespaces, devices, extra capabilities or bind mounts outside the
+    /// app's dirs) or off [DEPLOY_COMPOSE_POLICY, default baseline]
+    #[argh(option)]
+    pub deploy_compose_policy: Option<String>,
     /// debug logging (same as RUST_LOG=debug)
     #[argh(switch, short = 'v')]
     pub verbose: bool,

@@ -32,6 +32,17 @@ pub struct Config {
     pub deploy_health_timeout: Duration,
     pub deploy_drain: Duration,
     pub reap_grace: Duration,
+    pub compose_policy: ComposePolicy,
+}
+
+/// What a compose project may ask of the host (DEPLOY_COMPOSE_POLICY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComposePolicy {
+    /// Kubernetes' "baseline" Pod Security Standard: no privileged containers, host
+    /// namespaces, devices, extra capabilities or bind mounts outside the app's dirs.
+    Baseline,
+    /// Anything the engine runs: for installations whose every project owner is trusted.
+    Off,
 }
 
 /// A configuration error; the message names the variable and the value.
@@ -167,6 +178,13 @@ impl Config {
             deploy_health_timeout: d(&a.deploy_health_timeout, "DEPLOY_HEALTH_TIMEOUT", 60, "60s")?,
             deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", 10, "10s")?,
             reap_grace: d(&a.reap_grace, "REAP_GRACE", 600, "10m")?,
+            compose_policy: s.parsed(
+                &a.deploy_compose_policy,
+                "DEPLOY_COMPOSE_POLICY",
+                ComposePolicy::Baseline,
+                parse_compose_policy,
+                "baseline or off",
+            )?,
         })
     }
 
@@ -233,6 +251,14 @@ fn parse_role(s: &str) -> Option<Option<Role>> {
     match s {
         "builder" => Some(Some(Role::Builder)),
         "deploy" => Some(Some(Role::Deploy)),
+        _ => None,
+    }
+}
+
+fn parse_compose_policy(s: &str) -> Option<ComposePolicy> {
+    match s {
+        "baseline" => Some(ComposePolicy::Baseline),
+        "off" => Some(ComposePolicy::Off),
         _ => None,
     }
 }
@@ -521,6 +547,19 @@ mod tests {
         assert_eq!(c.control_plane_url, "https://cp.example");
         assert_eq!(c.host_ip.as_deref(), Some("10.0.0.9"));
         assert!(!c.builder_proxy_passthrough);
+    }
+
+    #[test]
+    fn the_compose_policy_is_baseline_unless_turned_off() {
+        assert_eq!(load(&[]).unwrap().compose_policy, ComposePolicy::Baseline);
+        let c = load(&[("DEPLOY_COMPOSE_POLICY", " off ")]).unwrap();
+        assert_eq!(c.compose_policy, ComposePolicy::Off);
+        assert_eq!(
+            load(&[("DEPLOY_COMPOSE_POLICY", "privileged")])
+                .unwrap_err()
+                .0,
+            "DEPLOY_COMPOSE_POLICY: invalid value \"privileged\" (expected baseline or off)"
+        );
     }
 
     #[test]

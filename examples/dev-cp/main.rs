@@ -14,6 +14,7 @@
 //! dev-cp tasks | deployments | nodes | stats
 //! dev-cp task <id>            one task as JSON
 //! dev-cp logs <deployment>    the deployment's stored log
+//! dev-cp exec <container> [--node ID] -- <cmd>...   through a deploy agent's control channel
 //! ```
 //! Client commands talk to `--url` or `$DEV_CP_URL` (default http://127.0.0.1:8080).
 
@@ -32,13 +33,14 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let url = url.trim_end_matches('/').to_string();
     if args.is_empty() {
-        eprintln!("usage: dev-cp serve|build|deploy|tasks|task|deployments|nodes|stats|logs (see examples/dev-cp/main.rs)");
+        eprintln!("usage: dev-cp serve|build|deploy|tasks|task|deployments|nodes|stats|logs|exec (see examples/dev-cp/main.rs)");
         return ExitCode::from(2);
     }
     let cmd = args.remove(0);
     let res = match cmd.as_str() {
         "serve" => serve(args),
         "build" | "deploy" => enqueue(&url, &cmd, args),
+        "exec" => exec(&url, args),
         "tasks" => get(&url, "/dev/tasks").map(|v| print_tasks(&v)),
         "task" | "logs" if args.len() == 1 => {
             let path = format!(
@@ -270,6 +272,29 @@ fn enqueue(url: &str, cmd: &str, mut args: Vec<String>) -> Result<(), String> {
     )?;
     print!("{out}");
     Ok(())
+}
+
+/// Runs a command in a container as `muveectl exec` does; prints its output, and fails
+/// when it exits non-zero.
+fn exec(url: &str, mut args: Vec<String>) -> Result<(), String> {
+    let usage = || "exec: give <container> [--node ID] -- <cmd>...".to_string();
+    let node = take_opt(&mut args, "--node");
+    let dashes = args.iter().position(|a| a == "--").ok_or_else(usage)?;
+    let cmd = args.split_off(dashes + 1);
+    let [container, _] = &args[..] else {
+        return Err(usage());
+    };
+    let mut body = json!({"container": container, "cmd": cmd});
+    if let Some(node) = node {
+        body["node_id"] = node.into();
+    }
+    let out = request(url, "POST", "/dev/exec", Some(body.to_string()))?;
+    let out: Value = serde_json::from_str(&out).map_err(|e| format!("/dev/exec: {e}"))?;
+    print!("{}", out["output"].as_str().unwrap_or(""));
+    match out["code"].as_i64().unwrap_or(-1) {
+        0 => Ok(()),
+        code => Err(format!("the command exited with {code}")),
+    }
 }
 
 /// A stable dataset id from its name (the same dataset across deploys is cached once).

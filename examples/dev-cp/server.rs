@@ -13,9 +13,12 @@
 //! `…_dispatched`; deploy results set the deployment `running`/`failed` and stop the project's
 //! other deployments (a cleanup task where they ran on another node); failures append to the
 //! deployment's logs. Tasks added with [`Server::add_task`] have no deployment row, as before.
-//! Not modelled: hosted git (`/git/…` gets the SPA page), the WebSocket control channel
-//! (answered 400).
+//! Today's WebSocket control channel is served by [`control`] (reached through
+//! [`Server::control`]). Not modelled: hosted git (`/git/…` gets the SPA page).
 #![allow(dead_code)]
+
+#[path = "control.rs"]
+pub mod control;
 
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -181,6 +184,7 @@ struct Shared {
     epoch: AtomicU64,
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    control: control::Hub,
 }
 
 impl Shared {
@@ -270,6 +274,7 @@ impl Server {
             epoch: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            control: control::Hub::default(),
         });
         let cp = Server {
             sh,
@@ -295,6 +300,10 @@ impl Server {
     }
     pub fn version(&self) -> Version {
         self.sh.version
+    }
+    /// The agents' control connections (today's server only).
+    pub fn control(&self) -> &control::Hub {
+        &self.sh.control
     }
 
     fn spawn_acceptor(&self, listener: TcpListener) {
@@ -740,8 +749,20 @@ fn serve_conn(sh: &Shared, s: &TcpStream, epoch: u64) -> bool {
                 handle(sh, &req, authorized)
             }
         };
+        let (resp, upgrade) = match resp.status {
+            101 => match sh.control.check(&req) {
+                Ok(up) => (resp, Some(up)),
+                Err(refused) => (refused, None),
+            },
+            _ => (resp, None),
+        };
         if let Some(idx) = idx {
             sh.lock().requests[idx].status = Some(resp.status);
+        }
+        if let Some(up) = upgrade {
+            sh.control
+                .serve(s, &req.target, up, std::mem::take(&mut conn.buf));
+            return false;
         }
         let mut head = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
         if !resp.ctype.is_empty() {
@@ -798,6 +819,7 @@ fn record(sh: &Shared, req: &Req) -> (Option<usize>, Option<Action>, bool) {
 
 fn reason(code: u16) -> &'static str {
     match code {
+        101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
@@ -850,6 +872,10 @@ enum Route<'a> {
 fn handle(sh: &Shared, req: &Req, authorized: bool) -> Resp {
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     if sh.opts.dev_routes && path.starts_with("/dev/") {
+        if (req.method.as_str(), path) == ("POST", "/dev/exec") {
+            // Not under the state lock: it waits for the agent.
+            return sh.control.dev_exec(&req.body);
+        }
         let mut st = sh.lock();
         return dev_route(&mut st, &req.method, path, &req.body)
             .unwrap_or_else(|(code, msg)| err_resp(code, &msg));
@@ -960,7 +986,7 @@ fn dispatch(st: &mut State, version: Version, route: Route, query: &str, body: &
             }
             Ok(resp(204, "", ""))
         }
-        Route::Control => Ok(text_resp(400, "Bad Request")), // WebSocket upgrade not supported
+        Route::Control => Ok(resp(101, "", "")), // the upgrade: control::Hub::check
     }
 }
 
@@ -1369,6 +1395,7 @@ fn deployment_row(d: &Deployment) -> Value {
 /// `POST /dev/build` `{"git_url",…}`, `POST /dev/deploy` `{"image_tag",…}` (both take
 /// `domain_prefix`, `container_port`, `memory_limit`, `datasets`, `env_vars`, …),
 /// `POST /dev/tasks` `{"type","payload","deployment_id"}` (a raw task, no deployment row),
+/// `POST /dev/exec` (a command through the control channel, see [`control::Hub::dev_exec`]),
 /// `GET /dev/tasks`, `/dev/tasks/<id>`, `/dev/deployments`, `/dev/nodes`, `/dev/stats`, and
 /// `/dev/logs/<deployment>` (text).
 fn dev_route(st: &mut State, method: &str, path: &str, body: &[u8]) -> HRes {

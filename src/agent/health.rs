@@ -5,9 +5,9 @@
 //! The report carries the checks that need nothing from the operator: tools, DATA_DIR, the
 //! settings, the shares (deploy role) and whether the registry answers. `check` adds the
 //! control plane itself and a real registry login, which the running agent already does on
-//! every heartbeat.
+//! every heartbeat, and the compose policy in force.
 
-use crate::config::Config;
+use crate::config::{ComposePolicy, Config};
 use crate::cp::client::{self, Client};
 use crate::cp::tls::Roots;
 use crate::sys::docker::{BuildMode, Docker};
@@ -178,6 +178,27 @@ fn settings(cfg: &Config) -> Vec<Check> {
         ));
     }
     out
+}
+
+/// Deploy role: whether compose projects are held to the baseline policy (`check` only: the
+/// setting is the operator's, not the host's health).
+pub fn compose_policy(cfg: &Config) -> Option<Check> {
+    let (name, label) = ("compose_policy", "compose policy");
+    match cfg.compose_policy {
+        _ if cfg.role == Some(Role::Builder) => None,
+        ComposePolicy::Baseline => Some(Check::ok(
+            name,
+            label,
+            "baseline: privileged containers, host namespaces, devices, extra capabilities and host paths outside the app's dirs are refused",
+        )),
+        ComposePolicy::Off => Some(Check::problem(
+            name,
+            label,
+            Status::Warning,
+            "off: a compose project can run privileged containers and mount any host path",
+            "set DEPLOY_COMPOSE_POLICY=baseline unless every project owner may be root on this node",
+        )),
+    }
 }
 
 /// Deploy role: the workspace and dataset shares the control plane names exist here.
@@ -395,6 +416,23 @@ mod tests {
             text,
             r#"{"name":"git","status":"ok","message":"git version 2.39.5"}"#
         );
+    }
+
+    #[test]
+    fn check_shows_the_compose_policy_and_warns_when_it_is_off() {
+        let on = Harness::new("health-policy", &[("NODE_ROLE", "deploy")]);
+        let c = compose_policy(&on.cfg).unwrap();
+        assert_eq!((c.name, c.status), ("compose_policy", Status::Ok));
+        assert!(c.message.starts_with("baseline: "), "{}", c.message);
+        let off = Harness::new(
+            "health-policy-off",
+            &[("NODE_ROLE", "deploy"), ("DEPLOY_COMPOSE_POLICY", "off")],
+        );
+        let c = compose_policy(&off.cfg).unwrap();
+        assert_eq!(c.status, Status::Warning);
+        assert!(c.hint.unwrap().contains("DEPLOY_COMPOSE_POLICY=baseline"));
+        let builder = Harness::new("health-policy-b", &[("NODE_ROLE", "builder")]);
+        assert!(compose_policy(&builder.cfg).is_none());
     }
 
     #[test]

@@ -621,13 +621,16 @@ impl ComposeCli {
 }
 
 /// One compose project: what every compose call of it repeats (`-p`, `-f`s,
-/// `--project-directory`) and the DOCKER_CONFIG holding the owner's registry logins.
+/// `--project-directory`, `--env-file`) and the DOCKER_CONFIG holding the owner's registry
+/// logins.
 #[derive(Clone, Debug)]
 pub struct Project {
     pub cli: ComposeCli,
     pub name: String,
     pub files: Vec<PathBuf>,
     pub dir: PathBuf,
+    /// The CLI's own settings and `${...}` values, read instead of `dir/.env`.
+    pub env_file: PathBuf,
     pub docker_config: Option<PathBuf>,
 }
 
@@ -705,7 +708,8 @@ impl Docker<'_> {
         for f in &p.files {
             c = c.arg("-f").arg(f);
         }
-        c = c.arg("--project-directory").arg(&p.dir).args(sub);
+        c = c.arg("--project-directory").arg(&p.dir);
+        c = c.arg("--env-file").arg(&p.env_file).args(sub);
         if let Some(cfg) = &p.docker_config {
             c = c.env("DOCKER_CONFIG", cfg.to_string_lossy());
         }
@@ -743,6 +747,45 @@ impl Docker<'_> {
             .compose_cmd(p, &["up", "-d", "--remove-orphans"])
             .timeout(COMPOSE_UP_TIMEOUT, "compose up limit 10m");
         self.stream(&cmd, on_line)
+    }
+
+    /// `compose up --no-start --remove-orphans`: the project's containers as the engine
+    /// will run them, created but not started, for the compose policy to judge.
+    pub fn compose_create(
+        &self,
+        p: &Project,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), DockerError> {
+        let cmd = self
+            .compose_cmd(p, &["up", "--no-start", "--remove-orphans"])
+            .timeout(COMPOSE_UP_TIMEOUT, "compose up limit 10m");
+        self.stream(&cmd, on_line)
+    }
+
+    /// Every container of compose project `project`, in any state, as the policy reads it.
+    pub fn project_containers(&self, project: &str) -> Result<Vec<Created>, DockerError> {
+        let filter = format!("label={PROJECT_LABEL}={project}");
+        let out = self.out(&["ps", "-aq", "--filter", &filter])?;
+        let ids: Vec<&str> = out.split_whitespace().collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["inspect", "--type", "container", "--format", CREATED_FORMAT];
+        args.extend(ids);
+        json_stream(
+            "the project's containers from `docker inspect`",
+            &self.out(&args)?,
+        )
+    }
+
+    /// The named volumes `names`: driver, options and labels.
+    pub fn volumes(&self, names: &[&str]) -> Result<Vec<VolumeInfo>, DockerError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = vec!["volume", "inspect", "--format", "{{json .}}"];
+        args.extend(names);
+        json_stream("volumes from `docker volume inspect`", &self.out(&args)?)
     }
 
     /// The id of the running container of `service` in compose project `project`, found by
@@ -800,6 +843,82 @@ impl Docker<'_> {
         }
         Ok(())
     }
+}
+
+/// What [`Docker::project_containers`] reads of each container (one JSON object each).
+const CREATED_FORMAT: &str = r#"{"Id":{{json .Id}},"Name":{{json .Name}},"Status":{{json .State.Status}},"Service":{{json (index .Config.Labels "com.docker.compose.service")}},"HostConfig":{{json .HostConfig}},"Mounts":{{json .Mounts}}}"#;
+
+/// A container as the compose policy judges it: what it gets of the host.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Created {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    /// Its compose service.
+    pub service: String,
+    pub host_config: HostConfig,
+    pub mounts: Option<Vec<Mount>>,
+}
+
+/// The parts of a container's `HostConfig` that reach beyond the container.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct HostConfig {
+    pub privileged: bool,
+    pub network_mode: String,
+    pub pid_mode: String,
+    pub ipc_mode: String,
+    #[serde(rename = "UTSMode")]
+    pub uts_mode: String,
+    pub userns_mode: String,
+    pub cap_add: Option<Vec<String>>,
+    pub devices: Option<Vec<Device>>,
+    pub device_cgroup_rules: Option<Vec<String>>,
+    pub security_opt: Option<Vec<String>>,
+    pub sysctls: Option<std::collections::BTreeMap<String, String>>,
+    pub volumes_from: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Device {
+    pub path_on_host: String,
+}
+
+/// One of a container's mounts: `bind` (Source is a host path), `volume` (Name), `tmpfs`...
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct Mount {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub source: String,
+    pub name: Option<String>,
+}
+
+/// A named volume: its driver's options can make it a host path.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub driver: String,
+    pub options: Option<std::collections::BTreeMap<String, String>>,
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// JSON documents printed one after another (cut lines rejoined as in [`json_of`]).
+fn json_stream<T: serde::de::DeserializeOwned>(
+    what: &str,
+    out: &str,
+) -> Result<Vec<T>, DockerError> {
+    let joined: String = out.chars().filter(|c| *c != '\n').collect();
+    serde_json::Deserializer::from_str(&joined)
+        .into_iter()
+        .collect::<Result<Vec<T>, _>>()
+        .map_err(|_| DockerError::Unreadable {
+            what: what.into(),
+            got: out.chars().take(200).collect(),
+        })
 }
 
 /// The `docker ps` columns [`parse_ps_row`] reads.

@@ -6,18 +6,18 @@
 //! environment, never argv or the URL, also for hosted `http://` repos); the files are
 //! validated in a staging dir before the running project's are replaced; `.env` values are
 //! quoted so newlines, quotes and `#` arrive intact, and `.env` and the registry logins are
-//! removed once `up` is done; cleanup works from labels, without the project's files.
+//! removed once `up` is done; `.env` is only the services' env file, never the compose CLI's
+//! settings; cleanup works from labels, without the project's files.
 
+use crate::config::ComposePolicy;
 use crate::sys::docker::{ComposeCli, Docker, Project};
 use crate::sys::executor::{Deadline, Limits};
-use crate::sys::redact::Scope;
-use crate::task::{valid_id, Invalid, Payload};
-use crate::work::builder::{self, GitSource};
+use crate::task::{Invalid, Payload};
+use crate::work::builder;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
-use crate::work::{deployer, workspace};
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
+use crate::work::spec::{self, Auth, ComposeSpec, DeploySpec, Source};
+use crate::work::{deployer, policy, workspace};
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -25,163 +25,24 @@ use std::time::{Duration, Instant};
 
 /// Our additions to the project, next to (not inside) the repository.
 const OVERRIDE: &str = "muvee.override.yml";
-/// The default compose file name, as the control plane assumes.
-const DEFAULT_FILE: &str = "docker-compose.yml";
+/// The compose CLI's own env file (`--env-file`), always empty: the CLI takes settings from
+/// the project's env file (DOCKER_HOST, COMPOSE_*, and with some v2 releases any name, set
+/// in its own environment), so the app's values in `.env` must never be that file.
+const CLI_ENV: &str = "cli.env";
 /// A clone of a compose repository has this long (it is small: compose files).
 const CLONE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-/// Inline YAML larger than this is not a compose file the control plane wrote.
-const MAX_INLINE: usize = 1 << 20;
-
-/// Where the compose file comes from.
-enum Source<'a> {
-    Git(GitSource),
-    Inline(&'a str),
-}
-
-/// A registry login for the project's pulls.
-struct Auth {
-    addr: String,
-    basic: String,
-}
-
-/// A validated compose deploy payload.
-struct Spec<'a> {
-    prefix: &'a str,
-    deployment_id: &'a str,
-    source: Source<'a>,
-    file: PathBuf,
-    service: &'a str,
-    port: u16,
-    fixed_port: Option<u16>,
-    memory: &'a str,
-    workspace: Option<(PathBuf, &'a str)>,
-    env: Vec<(String, String)>,
-    auths: Vec<Auth>,
-}
 
 /// `deploy` with `mode:"compose"`: brings the project up; returns the exposed host port.
 pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let spec = parse(ctx, &p)?;
-    let key = deployer::lock_key(spec.prefix);
-    ctx.shared.locks.with(&key, || up(ctx, &spec))
-}
-
-/// Checks the whole payload before anything runs; every error names its field.
-fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
-    let env = deployer::parse_env(p, ctx.secrets)?;
-    let auths = parse_auths(p, ctx.secrets)?;
-    let prefix = deployer::domain_prefix(p)?;
-    let inline = p.str("inline_compose_yaml")?;
-    let source = if !inline.trim().is_empty() {
-        if inline.len() > MAX_INLINE || inline.contains('\0') {
-            return Err(invalid(
-                "payload field `inline_compose_yaml`: larger than 1 MiB or contains NUL".into(),
-            ));
-        }
-        Source::Inline(inline)
-    } else if p.str("git_url")?.trim().is_empty() {
-        return Err(invalid(
-            "payload field `git_url` or `inline_compose_yaml` is required".into(),
+    let spec = DeploySpec::parse(ctx, &p)?;
+    let Some(c) = &spec.compose else {
+        return Err(TaskError::Invalid(
+            "payload field `mode`: a compose deploy needs \"compose\"".into(),
         ));
-    } else {
-        Source::Git(builder::git_source(
-            p,
-            &ctx.cfg.control_plane_url,
-            ctx.secrets,
-        )?)
     };
-    let file = builder::relative_path(
-        p.str("compose_file_path")?,
-        "compose_file_path",
-        DEFAULT_FILE,
-    )?;
-    let service = p.required("expose_service")?;
-    if !service_name(service) {
-        return Err(invalid(format!(
-            "payload field `expose_service`: {service:?} is not a service name (A-Z a-z 0-9 . _ -)"
-        )));
-    }
-    let port = deployer::port_field(p, "expose_port")?
-        .ok_or_else(|| invalid("payload field `expose_port` is required".into()))?;
-    let memory = p.str("memory_limit")?.trim();
-    if !memory.is_empty() && !deployer::docker_size(memory) {
-        return Err(invalid(format!(
-            "payload field `memory_limit`: {memory:?} is not a size like 512m or 4g"
-        )));
-    }
-    let deployment_id = match p.str("deployment_id")? {
-        "" => ctx.task.deployment_id.as_str(),
-        d => d,
-    };
-    if !deployment_id.is_empty() && !valid_id(deployment_id) {
-        return Err(invalid(format!(
-            "payload field `deployment_id`: {deployment_id:?} is not a valid id"
-        )));
-    }
-    Ok(Spec {
-        prefix,
-        deployment_id,
-        source,
-        file,
-        service,
-        port,
-        fixed_port: deployer::port_field(p, "fixed_host_port")?,
-        memory,
-        workspace: deployer::parse_workspace(p, &ctx.cp.volume_nfs_base_path)?,
-        env,
-        auths,
-    })
-}
-
-fn invalid(msg: String) -> TaskError {
-    TaskError::Invalid(msg)
-}
-
-/// `registry_auths: [{addr, username, password}]`, registered for redaction first.
-fn parse_auths(p: &Payload, scope: &Scope) -> Result<Vec<Auth>, Invalid> {
-    let items = p.objects("registry_auths")?;
-    for a in &items {
-        scope.add(a.str("password")?);
-    }
-    let mut auths = Vec::new();
-    for a in &items {
-        let addr = a.str("addr")?.trim();
-        if addr.is_empty() {
-            // The control plane drops these too: a login for no registry.
-            continue;
-        }
-        if addr.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Invalid(format!(
-                "payload field `{}`: {addr:?} is not a registry address",
-                a.field("addr")
-            )));
-        }
-        let user = a.required("username")?;
-        let password = a.required("password")?;
-        if user.contains(':') {
-            return Err(Invalid(format!(
-                "payload field `{}` must not contain ':'",
-                a.field("username")
-            )));
-        }
-        let basic = BASE64.encode(format!("{user}:{password}"));
-        scope.add(&basic);
-        auths.push(Auth {
-            addr: addr.to_string(),
-            basic,
-        });
-    }
-    Ok(auths)
-}
-
-/// Compose service names: what compose itself accepts, and nothing YAML would reinterpret.
-fn service_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    let key = deployer::lock_key(spec.prefix);
+    ctx.shared.locks.with(&key, || up(ctx, &spec, c))
 }
 
 /// DATA_DIR/compose/<prefix>: the project's files, private (0700) because `.env` and the
@@ -228,7 +89,7 @@ impl Drop for Remove {
     }
 }
 
-fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
     let docker = ctx.docker();
     let cli = docker.compose_cli().ok_or_else(|| {
         TaskError::Unsupported(
@@ -238,13 +99,14 @@ fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     })?;
     let work = work_dir(ctx, s.prefix);
     private_dir(&work)?;
-    let (src, image) = stage(ctx, s, cli, &work)?;
-    let mut project = project(cli, s.prefix, &src, &s.file, &work);
+    write_file(&work, CLI_ENV, "")?;
+    let (src, image) = stage(ctx, s, c, cli, &work)?;
+    let mut project = project(cli, s.prefix, &src, &c.file, &work);
     let _env = Remove(write_env(&src, &s.env, cli)?);
-    let _cfg = if s.auths.is_empty() {
+    let _cfg = if c.auths.is_empty() {
         None
     } else {
-        let dir = docker_config(&work, &s.auths)?;
+        let dir = docker_config(&work, &c.auths)?;
         project.docker_config = Some(dir.clone());
         Some(Remove(dir))
     };
@@ -259,40 +121,95 @@ fn up(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
     project.files = files[..1].to_vec();
     docker.compose_pull(&project, out)?;
     project.files = files;
-    let mount = match &s.workspace {
-        Some((dir, path)) => {
-            let dir = workspace::prepare(ctx, dir, &image)?;
-            Some(format!("{}:{path}:rw", dir.display()))
-        }
+    let ws = match &s.workspace {
+        Some((dir, path)) => Some((workspace::prepare(ctx, dir, &image)?, *path)),
         None => None,
     };
-    write_override(s, &work, mount.as_deref())?;
+    let mount = ws
+        .as_ref()
+        .map(|(d, path)| format!("{}:{path}:rw", d.display()));
+    write_override(s, c, &work, mount.as_deref())?;
+    if ctx.cfg.compose_policy == ComposePolicy::Baseline {
+        let roots = std::iter::once(src).chain(ws.map(|(d, _)| d)).collect();
+        enforce(ctx, &project, c, roots, out)?;
+    }
     // A single-container deployment of this app (before it became a compose project)
     // would keep serving and be reported next to the project.
     docker.remove(&project.name)?;
     docker.compose_up(&project, out)?;
     drop(_env);
     drop(_cfg);
-    let id = docker.project_container(&project.name, s.service)?;
-    let port = deployer::wait_healthy(ctx, &id, s.port).map_err(|e| {
+    healthy(ctx, &project, c.service, s.port)
+}
+
+/// The exposed service's host port once it is healthy.
+fn healthy(ctx: &Ctx, project: &Project, service: &str, port: u16) -> Result<u16, TaskError> {
+    let docker = ctx.docker();
+    let id = docker.project_container(&project.name, service)?;
+    let port = deployer::wait_healthy(ctx, &id, port).map_err(|e| {
         if e.is_canceled() {
             return TaskError::Canceled;
         }
         let mut msg = format!("deploy failed: {e}");
         let logs = docker.logs_tail(&id, 20);
         if !logs.is_empty() {
-            msg.push_str(&format!(
-                "\nlast log lines of service {}:\n{logs}",
-                s.service
-            ));
+            msg.push_str(&format!("\nlast log lines of service {service}:\n{logs}"));
         }
         TaskError::Failed(msg)
     })?;
     ctx.say(&format!(
-        "Service {} of {} is healthy, listening on host port {port}.",
-        s.service, project.name
+        "Service {service} of {} is healthy, listening on host port {port}.",
+        project.name
     ));
     Ok(port)
+}
+
+/// The compose policy: the project's containers are created (not started) and judged as
+/// the engine will run them; the `up` that follows starts those very containers. When one
+/// breaks the policy, what this deploy created is removed (without its volumes: a service
+/// compose recreated keeps its anonymous volumes there) and nothing starts.
+fn enforce(
+    ctx: &Ctx,
+    p: &Project,
+    c: &ComposeSpec,
+    roots: Vec<PathBuf>,
+    out: &mut dyn FnMut(&str),
+) -> Result<(), TaskError> {
+    let docker = ctx.docker();
+    ctx.say("Checking the project against the compose policy (DEPLOY_COMPOSE_POLICY=baseline)");
+    docker.compose_create(p, out)?;
+    let containers = docker.project_containers(&p.name)?;
+    let mut names: Vec<&str> = containers
+        .iter()
+        .flat_map(|k| k.mounts.iter().flatten())
+        .filter(|m| m.kind == "volume")
+        .filter_map(|m| m.name.as_deref())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let volumes = docker.volumes(&names)?;
+    let rules = policy::Rules {
+        project: &p.name,
+        roots,
+        volumes: &volumes,
+    };
+    let refused: Vec<String> = policy::judge(&containers, &rules)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    for k in containers.iter().filter(|k| k.status == "created") {
+        if let Err(e) = docker.remove(&k.id) {
+            log::warn!("cannot remove refused container {}: {e}", k.name);
+        }
+    }
+    Err(TaskError::Invalid(format!(
+        "compose file {} breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started: {}",
+        c.file.display(),
+        refused.join("; ")
+    )))
 }
 
 /// The project as every compose call names it.
@@ -302,6 +219,7 @@ fn project(cli: ComposeCli, prefix: &str, src: &Path, file: &Path, work: &Path) 
         name: format!("muvee-{prefix}"),
         files: vec![src.join(file), work.join(OVERRIDE)],
         dir: src.to_path_buf(),
+        env_file: work.join(CLI_ENV),
         docker_config: None,
     }
 }
@@ -311,13 +229,18 @@ fn project(cli: ComposeCli, prefix: &str, src: &Path, file: &Path, work: &Path) 
 /// Also returns the exposed service's image.
 fn stage(
     ctx: &Ctx,
-    s: &Spec,
+    s: &DeploySpec,
+    c: &ComposeSpec,
     cli: ComposeCli,
     work: &Path,
 ) -> Result<(PathBuf, String), TaskError> {
     let next = work.join("next");
     remove_dir(&next)?;
-    let fetched = fetch(ctx, s, work, &next).and_then(|()| validate(ctx, s, cli, &next));
+    let p = Project {
+        files: vec![next.join(&c.file)],
+        ..project(cli, s.prefix, &next, &c.file, work)
+    };
+    let fetched = fetch(ctx, c, work, &next).and_then(|()| validate(ctx, c, &p));
     let image = match fetched {
         Ok(image) => image,
         Err(e) => {
@@ -332,10 +255,10 @@ fn stage(
     Ok((src, image))
 }
 
-fn fetch(ctx: &Ctx, s: &Spec, work: &Path, dest: &Path) -> Result<(), TaskError> {
-    match &s.source {
+fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), TaskError> {
+    match &c.source {
         Source::Inline(yaml) => {
-            let path = dest.join(&s.file);
+            let path = dest.join(&c.file);
             let parent = path.parent().unwrap_or(dest);
             private_dir(parent)?;
             let err = TaskError::io(format!("cannot write {}", path.display()));
@@ -360,40 +283,36 @@ fn fetch(ctx: &Ctx, s: &Spec, work: &Path, dest: &Path) -> Result<(), TaskError>
 }
 
 /// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
-/// from `compose config` (the CLI's own parse) with an empty `.env`, so no value is printed.
-/// Returns the exposed service's image.
-fn validate(ctx: &Ctx, s: &Spec, cli: ComposeCli, dir: &Path) -> Result<String, TaskError> {
-    builder::file_in(dir, &s.file, "compose_file_path")?;
-    let env = Remove(write_env(dir, &[], cli)?);
-    let p = Project {
-        files: vec![dir.join(&s.file)],
-        ..project(cli, s.prefix, dir, &s.file, dir)
-    };
-    let yaml = ctx.docker().compose_config(&p).map_err(|e| {
-        TaskError::from(e).context(format!("compose file {} is not valid", s.file.display()))
+/// from `compose config` (the CLI's own parse of the staged file `p` names) with an empty
+/// `.env`, so no value is printed. Returns the exposed service's image.
+fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError> {
+    builder::file_in(&p.dir, &c.file, "compose_file_path")?;
+    let env = Remove(write_env(&p.dir, &[], p.cli)?);
+    let yaml = ctx.docker().compose_config(p).map_err(|e| {
+        TaskError::from(e).context(format!("compose file {} is not valid", c.file.display()))
     })?;
     drop(env);
     let services = services(&yaml);
-    let shown = s.file.display();
+    let shown = c.file.display();
     for svc in &services {
         if svc.build {
-            return Err(invalid(format!(
+            return Err(TaskError::Invalid(format!(
                 "compose file {shown}: service {} has `build:`; the deploy role only runs images",
                 svc.name
             )));
         }
         if svc.image.is_none() {
-            return Err(invalid(format!(
+            return Err(TaskError::Invalid(format!(
                 "compose file {shown}: service {} has no `image:`",
                 svc.name
             )));
         }
     }
-    let Some(exposed) = services.iter().find(|svc| svc.name == s.service) else {
+    let Some(exposed) = services.iter().find(|svc| svc.name == c.service) else {
         let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        return Err(invalid(format!(
+        return Err(TaskError::Invalid(format!(
             "payload field `expose_service`: {:?} is not a service of {shown} (it has: {})",
-            s.service,
+            c.service,
             names.join(", ")
         )));
     };
@@ -457,7 +376,12 @@ fn yaml_quote(s: &str) -> String {
 
 /// `muvee.override.yml`: the exposed service's published port (random unless fixed), our
 /// labels, the workspace volume and the memory limit.
-fn write_override(s: &Spec, work: &Path, mount: Option<&str>) -> Result<(), TaskError> {
+fn write_override(
+    s: &DeploySpec,
+    c: &ComposeSpec,
+    work: &Path,
+    mount: Option<&str>,
+) -> Result<(), TaskError> {
     let q = yaml_quote;
     let publish = match s.fixed_port {
         Some(f) => format!("{f}:{}", s.port),
@@ -465,7 +389,7 @@ fn write_override(s: &Spec, work: &Path, mount: Option<&str>) -> Result<(), Task
     };
     let mut y = format!(
         "services:\n  {}:\n    ports:\n      - {}\n",
-        q(s.service),
+        q(c.service),
         q(&publish)
     );
     y.push_str("    labels:\n");
@@ -492,15 +416,20 @@ fn write_override(s: &Spec, work: &Path, mount: Option<&str>) -> Result<(), Task
     std::fs::write(&path, y).map_err(err)
 }
 
-/// Writes `dir/.env` (0600, replacing any the repository has) and returns its path.
+/// Writes `dir/.env` (0600, replacing any the repository has) and returns its path. Only
+/// services that name it in `env_file:` read it: the CLI reads [`CLI_ENV`] instead.
 fn write_env(dir: &Path, env: &[(String, String)], cli: ComposeCli) -> Result<PathBuf, TaskError> {
     let mut text = String::new();
     for (k, v) in env {
         text.push_str(&format!("{k}={}\n", env_value(k, v, cli)?));
     }
-    let path = dir.join(".env");
-    remove_file(&path)?;
-    builder::write_private(dir, ".env", text.as_bytes())
+    write_file(dir, ".env", &text)
+}
+
+/// Writes `dir/name` (0600), replacing what is there.
+fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf, TaskError> {
+    remove_file(&dir.join(name))?;
+    builder::write_private(dir, name, text.as_bytes())
 }
 
 fn remove_file(path: &Path) -> Result<(), TaskError> {
@@ -612,12 +541,8 @@ fn docker_config(work: &Path, auths: &[Auth]) -> Result<PathBuf, TaskError> {
 /// with the project, then the work dir. Works when the work dir is gone.
 pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let prefix = deployer::domain_prefix(&p)?;
-    let file = builder::relative_path(
-        p.str("compose_file_path")?,
-        "compose_file_path",
-        DEFAULT_FILE,
-    )?;
+    let prefix = spec::domain_prefix(&p)?;
+    let file = spec::compose_file(&p)?;
     let key = deployer::lock_key(prefix);
     ctx.shared.locks.with(&key, || {
         let docker = ctx.docker();
@@ -639,6 +564,10 @@ fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {
     p.files.retain(|f| f.is_file());
     // The files may name `.env` (image projects do); its values are gone, not needed here.
     let env = write_env(src, &[], cli).map(Remove);
+    if let Err(e) = write_file(work, CLI_ENV, "") {
+        log::warn!("compose down of {}: {e}", p.name);
+        return;
+    }
     if let Err(e) = docker.compose_down(&p) {
         log::warn!("compose down of {}: {e}", p.name);
     }
@@ -651,6 +580,8 @@ mod tests {
     use crate::sys::fake::Reply;
     use crate::work::ctx::testing::Harness;
     use crate::work::dispatch;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine;
     use serde_json::json;
     use std::sync::Arc;
 
@@ -770,6 +701,32 @@ mod tests {
         assert!(o.contains("mem_limit: \"64m\""), "{o}");
         assert!(!work.join("src/.env").exists());
         assert!(work.join("src/docker-compose.yml").is_file());
+    }
+
+    #[test]
+    fn a_project_breaking_the_policy_is_removed_and_never_started() {
+        let h = node("cmp-policy");
+        h.fake.on(
+            "docker ps -aq --filter label=com.docker.compose.project=muvee-app",
+            Reply::Ok("0123abcd\n".into()),
+        );
+        let created = r#"{"Id":"0123abcd","Name":"/muvee-app_db_1","Status":"created","Service":"db",
+            "HostConfig":{"Privileged":true,"NetworkMode":"host","CapAdd":null},"Mounts":[]}"#;
+        h.fake.on(
+            "docker inspect --type container --format",
+            Reply::Ok(created.replace('\n', "")),
+        );
+        let r = h.with("deploy", payload(json!({})), deploy);
+        assert_eq!(
+            text(&r),
+            "compose file docker-compose.yml breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started: service db: `privileged` is true; service db: `network_mode` is \"host\""
+        );
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.contains(p));
+        assert!(
+            pos(" up --no-start --remove-orphans").unwrap() < pos("docker rm -f 0123abcd").unwrap()
+        );
+        assert_eq!(pos(" up -d"), None, "{calls:#?}");
     }
 
     #[test]

@@ -7,58 +7,26 @@
 //! plane only switches Traefik to the new port once it has our report.
 
 use crate::config::Config;
-use crate::sys::docker::{cli_reads, Docker, PsRow, RunSpec};
+use crate::sys::docker::{Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
-use crate::sys::redact::Scope;
 use crate::sys::signal;
-use crate::task::valid_id;
-use crate::task::{Invalid, Payload};
+use crate::task::{valid_id, Payload};
 use crate::work::ctx::{Ctx, Shared};
-use crate::work::datasets::{self, Dataset};
+use crate::work::datasets;
 use crate::work::error::TaskError;
+use crate::work::spec::DeploySpec;
 use crate::work::{cleanups, workspace};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// `domain_prefix` becomes a container name and a Traefik host: it must be a DNS label.
-pub fn domain_prefix<'a>(p: &Payload<'a>) -> Result<&'a str, Invalid> {
-    let v = p.required("domain_prefix")?;
-    let ok = v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-');
-    if !ok {
-        return Err(Invalid(format!(
-            "payload field `domain_prefix`: {v:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
-        )));
-    }
-    Ok(v)
-}
-
-/// A validated deploy payload.
-struct Spec<'a> {
-    image: &'a str,
-    prefix: &'a str,
-    deployment_id: &'a str,
-    port: u16,
-    fixed_port: Option<u16>,
-    memory: &'a str,
-    /// Workspace volume: host dir and container path.
-    workspace: Option<(PathBuf, &'a str)>,
-    env: Vec<(String, String)>,
-    datasets: Vec<Dataset>,
-}
-
 /// `deploy`: replaces the app's container; returns the new host port.
 pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let spec = parse(ctx, &p)?;
+    let spec = DeploySpec::parse(ctx, &p)?;
     ctx.shared
         .locks
         .with(&lock_key(spec.prefix), || replace(ctx, &spec))
@@ -67,167 +35,6 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
 /// The lock every task that changes an app's containers holds.
 pub fn lock_key(prefix: &str) -> String {
     format!("deploy:{prefix}")
-}
-
-/// Checks the whole payload before anything runs; every error names its field.
-fn parse<'a>(ctx: &'a Ctx, p: &Payload<'a>) -> Result<Spec<'a>, TaskError> {
-    let env = parse_env(p, ctx.secrets)?;
-    let prefix = domain_prefix(p)?;
-    let image = p.required("image_tag")?;
-    if !image_ref(image) {
-        return Err(invalid(format!(
-            "payload field `image_tag`: {image:?} is not an image reference"
-        )));
-    }
-    let deployment_id = match p.str("deployment_id")? {
-        "" => ctx.task.deployment_id.as_str(),
-        d => d,
-    };
-    if !valid_id(deployment_id) {
-        return Err(invalid(format!(
-            "payload field `deployment_id`: {deployment_id:?} is not a valid id"
-        )));
-    }
-    let port = port_field(p, "container_port")?.unwrap_or(8080);
-    let fixed_port = port_field(p, "fixed_host_port")?;
-    let memory = p.str("memory_limit")?.trim();
-    if !memory.is_empty() && !docker_size(memory) {
-        return Err(invalid(format!(
-            "payload field `memory_limit`: {memory:?} is not a size like 512m or 4g"
-        )));
-    }
-    let workspace = parse_workspace(p, &ctx.cp.volume_nfs_base_path)?;
-    let datasets = datasets::parse(p, ctx.cp, &ctx.cfg.data_dir)?;
-    Ok(Spec {
-        image,
-        prefix,
-        deployment_id,
-        port,
-        fixed_port,
-        memory,
-        workspace,
-        env,
-        datasets,
-    })
-}
-
-fn invalid(msg: String) -> TaskError {
-    TaskError::Invalid(msg)
-}
-
-pub(crate) fn port_field(p: &Payload, key: &str) -> Result<Option<u16>, Invalid> {
-    match p.uint(key)? {
-        None | Some(0) => Ok(None),
-        Some(n) => u16::try_from(n).map(Some).map_err(|_| {
-            Invalid(format!(
-                "payload field `{key}`: {n} is not a port (1-65535)"
-            ))
-        }),
-    }
-}
-
-/// `env_vars`, registered for redaction before anything can log them.
-pub(crate) fn parse_env(p: &Payload, secrets: &Scope) -> Result<Vec<(String, String)>, Invalid> {
-    let env = p.string_map("env_vars")?;
-    for (_, v) in &env {
-        secrets.add_weak(v);
-    }
-    for (k, v) in &env {
-        let why = if !env_name(k) {
-            return Err(Invalid(format!(
-                "payload field `env_vars`: {k:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
-            )));
-        } else if v.contains('\0') {
-            "the value contains a NUL byte"
-        } else if cli_reads(k) && v.contains(['\n', '\r']) {
-            "a value with a line break cannot be passed for a name the docker CLI reads itself"
-        } else {
-            continue;
-        };
-        return Err(Invalid(format!("payload field `env_vars.{k}`: {why}")));
-    }
-    Ok(env)
-}
-
-/// The workspace volume: VOLUME_NFS_BASE_PATH/<project_id> mounted at `volume_mount_path`.
-pub(crate) fn parse_workspace<'a>(
-    p: &Payload<'a>,
-    base: &str,
-) -> Result<Option<(PathBuf, &'a str)>, Invalid> {
-    let mount_path = p.str("volume_mount_path")?;
-    if !mount_path.is_empty() && !container_path(mount_path) {
-        return Err(Invalid(format!(
-            "payload field `volume_mount_path`: {mount_path:?} must be an absolute path without '..', ':' or ','"
-        )));
-    }
-    let base = base.trim();
-    if mount_path.is_empty() || base.is_empty() {
-        return Ok(None);
-    }
-    let project = p.required("project_id")?;
-    if !valid_id(project) {
-        return Err(Invalid(format!(
-            "payload field `project_id`: {project:?} is not a valid id"
-        )));
-    }
-    if base.contains([':', ',']) {
-        return Err(Invalid(format!(
-            "volume NFS base path {base:?} contains ':' or ',', which docker -v cannot take"
-        )));
-    }
-    Ok(Some((Path::new(base).join(project), mount_path)))
-}
-
-/// `[registry[:port]/]path[:tag][@digest]`, loosely: the daemon has the final word, this
-/// only keeps option-like and malformed values away from argv.
-pub(crate) fn image_ref(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 512
-        && !s.starts_with(['-', '/', ':', '@', '.'])
-        && !s.ends_with(['/', ':', '@'])
-        && !s.contains("//")
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
-}
-
-/// Docker's RAMInBytes syntax: `123`, `1.5g`, `512MB`, `4GiB`.
-pub(crate) fn docker_size(s: &str) -> bool {
-    let digits = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(digits);
-    let unit = unit.to_ascii_lowercase();
-    let unit = unit.trim_start_matches(' ');
-    num.parse::<f64>().is_ok_and(|n| n.is_finite())
-        && matches!(
-            unit,
-            "" | "b"
-                | "k"
-                | "kb"
-                | "kib"
-                | "m"
-                | "mb"
-                | "mib"
-                | "g"
-                | "gb"
-                | "gib"
-                | "t"
-                | "tb"
-                | "tib"
-        )
-}
-
-fn container_path(p: &str) -> bool {
-    p.starts_with('/')
-        && !p.contains([':', ',', '\0'])
-        && !Path::new(p).components().any(|c| c.as_os_str() == "..")
-}
-
-fn env_name(k: &str) -> bool {
-    let mut b = k.bytes();
-    b.next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
-        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
 }
 
 /// The app's current container and the leftovers of interrupted replacements.
@@ -260,7 +67,7 @@ pub fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
     }
 }
 
-fn replace(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+fn replace(ctx: &Ctx, s: &DeploySpec) -> Result<u16, TaskError> {
     let r = replace_inner(ctx, s);
     if r.is_err() {
         // This deployment's mount dir, unless the container that keeps running uses it.
@@ -278,7 +85,7 @@ struct Old {
     stopped: bool,
 }
 
-fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
+fn replace_inner(ctx: &Ctx, s: &DeploySpec) -> Result<u16, TaskError> {
     // A previous deploy of this app may still be draining its old container.
     ctx.shared.retiring.wait(Some(s.prefix));
     // The app is wanted here again: a cleanup that never finished must not reap it.
@@ -307,7 +114,11 @@ fn replace_inner(ctx: &Ctx, s: &Spec) -> Result<u16, TaskError> {
 
 /// Renames the current container aside (it keeps serving) and stops it only when it holds
 /// the fixed host port. Returns it and the leftovers of interrupted replacements.
-fn set_aside(ctx: &Ctx, s: &Spec, name: &str) -> Result<(Option<Old>, Vec<PsRow>), TaskError> {
+fn set_aside(
+    ctx: &Ctx,
+    s: &DeploySpec,
+    name: &str,
+) -> Result<(Option<Old>, Vec<PsRow>), TaskError> {
     let docker = ctx.docker();
     let (current, mut leftovers) = app_containers(&docker, s.prefix)?;
     let old = match current {
@@ -359,7 +170,7 @@ fn set_aside(ctx: &Ctx, s: &Spec, name: &str) -> Result<(Option<Old>, Vec<PsRow>
 
 /// After a healthy start: the old container drains for DEPLOY_DRAIN (if it still served),
 /// then it and the leftovers are removed in the background.
-fn retire_old(ctx: &Ctx, s: &Spec, old: Option<Old>, leftovers: Vec<PsRow>) {
+fn retire_old(ctx: &Ctx, s: &DeploySpec, old: Option<Old>, leftovers: Vec<PsRow>) {
     let mut victims = leftovers;
     let mut drain = Duration::ZERO;
     if let Some(o) = old {
@@ -382,7 +193,13 @@ fn retire_old(ctx: &Ctx, s: &Spec, old: Option<Old>, leftovers: Vec<PsRow>) {
 
 /// Removes the failed new container and puts the old one back; the error says what
 /// happened to each. A cancel stays a cancel once the old container is back.
-fn roll_back(ctx: &Ctx, s: &Spec, name: &str, old: Option<&Old>, reason: TaskError) -> TaskError {
+fn roll_back(
+    ctx: &Ctx,
+    s: &DeploySpec,
+    name: &str,
+    old: Option<&Old>,
+    reason: TaskError,
+) -> TaskError {
     let docker = ctx.docker();
     let logs = docker.logs_tail(name, 20);
     let mut msg = format!("deploy failed: {reason}");
@@ -410,7 +227,7 @@ fn roll_back(ctx: &Ctx, s: &Spec, name: &str, old: Option<&Old>, reason: TaskErr
 
 /// Renames the old container back, restarting it if we stopped it; reports only once the
 /// restored app serves again (best effort).
-fn restore(ctx: &Ctx, s: &Spec, name: &str, o: &Old) -> Result<(), TaskError> {
+fn restore(ctx: &Ctx, s: &DeploySpec, name: &str, o: &Old) -> Result<(), TaskError> {
     let docker = ctx.docker();
     docker.rename(&o.c.name, name)?;
     if o.stopped {
@@ -434,7 +251,7 @@ fn ensure_image(ctx: &Ctx, image: &str) -> Result<(), TaskError> {
     Ok(docker.pull(image, &mut |l| (ctx.out)(l))?)
 }
 
-fn start(ctx: &Ctx, s: &Spec, name: &str, volumes: Vec<String>) -> Result<(), TaskError> {
+fn start(ctx: &Ctx, s: &DeploySpec, name: &str, volumes: Vec<String>) -> Result<(), TaskError> {
     let labels = vec![
         format!("muvee.domain_prefix={}", s.prefix),
         format!("muvee.expose_port={}", s.port),
@@ -513,7 +330,13 @@ fn http_answers(port: u16, v4: bool) -> bool {
 
 /// Removes `victims` after `drain` on a background thread (the report goes out first), then
 /// the mount dirs of deployments they belonged to, then evicts the cache if it is over.
-fn retire(cfg: &Config, shared: &Arc<Shared>, s: &Spec, victims: Vec<PsRow>, drain: Duration) {
+fn retire(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    s: &DeploySpec,
+    victims: Vec<PsRow>,
+    drain: Duration,
+) {
     let jobs = shared.clone();
     let (cfg, shared) = (cfg.clone(), shared.clone());
     let mut deps: Vec<String> = victims
@@ -848,34 +671,5 @@ mod tests {
         );
         assert!(h.fake.ran("docker rename muvee-app ").is_empty());
         at(&h, &format!("docker rename {ASIDE} muvee-app"));
-    }
-
-    #[test]
-    fn validators() {
-        for ok in [
-            "registry.example.com/7a7a:1a2b3c",
-            "127.0.0.1:5000/muvee-test/busybox:latest",
-            "busybox",
-            "r/p@sha256:abcdef",
-        ] {
-            assert!(image_ref(ok), "{ok}");
-        }
-        for bad in ["", "-v", "--privileged", "a b", "x:", "a//b", "/abs", "a;b"] {
-            assert!(!image_ref(bad), "{bad}");
-        }
-        for ok in ["4g", "512m", "1.5g", "4GB", "4GiB", "1024", "100 m"] {
-            assert!(docker_size(ok), "{ok}");
-        }
-        for bad in ["-1", "4x", "g", "4gg", ""] {
-            assert!(!docker_size(bad), "{bad}");
-        }
-        assert!(container_path("/data/workspace"));
-        for bad in ["data", "/a/../b", "/a:b", "/a,b"] {
-            assert!(!container_path(bad), "{bad}");
-        }
-        assert!(env_name("_A1") && env_name("DATABASE_URL"));
-        for bad in ["", "1A", "A-B", "A=B", "A B"] {
-            assert!(!env_name(bad), "{bad}");
-        }
     }
 }

@@ -6,7 +6,7 @@ use crate::sys::redact;
 use crate::task::{Completion, Kind, Mode, Payload};
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
-use crate::work::{builder, cleanups, compose, datasets, deployer, lifecycle};
+use crate::work::{builder, cleanups, compose, datasets, deployer, lifecycle, spec};
 
 pub fn execute(ctx: &Ctx) -> Completion {
     ctx.shared
@@ -71,7 +71,7 @@ pub fn unknown_type(kind: &str) -> TaskError {
 /// while it runs, so the reaper finishes a cleanup the agent could not.
 fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let prefix = deployer::domain_prefix(&p)?;
+    let prefix = spec::domain_prefix(&p)?;
     let data = &ctx.cfg.data_dir;
     let mark = "DATA_DIR/state/cleanups";
     cleanups::begin(data, prefix).map_err(TaskError::io(mark))?;

@@ -13,6 +13,7 @@ use crate::task::{go_escape, Payload};
 use crate::work::ctx::Ctx;
 use crate::work::deployer::{self, is_aside_of};
 use crate::work::error::TaskError;
+use crate::work::spec;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -26,7 +27,7 @@ pub const TRUNCATED: &str = "\n[truncated]\n";
 /// 1 MiB. A missing container is success with what docker said, as in today's agent.
 pub fn runtime_logs(ctx: &Ctx) -> Result<String, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    let prefix = deployer::domain_prefix(&p)?;
+    let prefix = spec::domain_prefix(&p)?;
     let tail = p.uint("tail")?.filter(|n| *n > 0);
     let since = since(&p)?;
     let docker = ctx.docker();
@@ -142,7 +143,7 @@ pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
 
 fn prefix<'a>(ctx: &'a Ctx) -> Result<&'a str, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
-    Ok(deployer::domain_prefix(&p)?)
+    Ok(spec::domain_prefix(&p)?)
 }
 
 fn or_else(out: &str, msg: impl FnOnce() -> String) -> String {
@@ -383,6 +384,34 @@ mod tests {
     use serde_json::json;
 
     const PS_LABEL: &str = "docker ps -a --filter label=muvee.domain_prefix=app";
+
+    #[test]
+    fn a_session_reaches_only_this_nodes_apps() {
+        let h = Harness::new("node-container", &[("NODE_NAME", "n1")]);
+        let rows = [
+            "c1\tmuvee-app\trunning\tapp\td\t80\tn1\t",
+            "c2\tmuvee-else\trunning\telse\td\t80\tn2\t",
+            "c3\tmuvee-shop-web-1\trunning\tshop\td\t80\t\tmuvee-shop",
+            "c4\tmuvee-old-web-1\trunning\told\td\t80\t\tmuvee-old",
+        ];
+        let ps = "docker ps -a --filter label=muvee.managed=true";
+        h.fake.on(ps, Reply::Ok(rows.join("\n") + "\n"));
+        // This node staged compose project `shop`, not `old`.
+        std::fs::create_dir_all(h.cfg.data_dir.join("compose/shop")).unwrap();
+        let docker = h.shared.docker(&h.cfg);
+        let find =
+            |prefix: &str, name: &str| node_container(&docker, &h.cfg, prefix, name).unwrap();
+        assert_eq!(find("app", "").as_deref(), Some("muvee-app"));
+        assert_eq!(find("", "muvee-app").as_deref(), Some("muvee-app"));
+        assert_eq!(
+            find("shop", "muvee-shop").as_deref(),
+            Some("muvee-shop-web-1")
+        );
+        assert_eq!(find("else", "muvee-else"), None);
+        assert_eq!(find("", "muvee-else"), None);
+        assert_eq!(find("old", "muvee-old"), None);
+        assert_eq!(find("", "registry"), None);
+    }
 
     fn row(id: &str, name: &str, running: bool) -> String {
         let state = if running { "running" } else { "exited" };

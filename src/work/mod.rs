@@ -10,5 +10,7 @@ pub mod deployer;
 pub mod dispatch;
 pub mod error;
 pub mod lifecycle;
+pub mod policy;
 pub mod reaper;
+pub mod spec;
 pub mod workspace;

@@ -3,147 +3,12 @@
 //! where a test says it uses the real Docker engine.
 
 use crate::fake_cp::{FakeCp, Fault, Version};
-use crate::util::{self, temp_dir};
+use crate::test_agent::{shims, TestAgent, SECRET};
+use crate::util::{self, temp_dir, test_name};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
-
-pub const SECRET: &str = "agent-secret-5b1e9d";
-
-pub fn shims() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bin")
-}
-
-pub struct Agent {
-    pub child: Child,
-    pub dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// Starts `muvee-agent` in the foreground against `cp`, with shims first on PATH.
-    pub fn start(cp: &FakeCp, role: &str, dir: &Path, env: &[(&str, &str)]) -> Agent {
-        Agent::start_url(&cp.url(), role, dir, env)
-    }
-
-    pub fn start_url(url: &str, role: &str, dir: &Path, env: &[(&str, &str)]) -> Agent {
-        Agent::start_full(url, role, dir, env, &[])
-    }
-
-    /// Like `start`, with the agent run under `wrapper` (e.g. unshare).
-    pub fn start_with(
-        cp: &FakeCp,
-        role: &str,
-        dir: &Path,
-        env: &[(&str, &str)],
-        wrapper: &[&str],
-    ) -> Agent {
-        Agent::start_full(&cp.url(), role, dir, env, wrapper)
-    }
-
-    fn start_full(
-        url: &str,
-        role: &str,
-        dir: &Path,
-        env: &[(&str, &str)],
-        wrapper: &[&str],
-    ) -> Agent {
-        util::become_subreaper();
-        let log = unique(dir.join("agent.log"));
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(util::bin());
-                c
-            }
-            None => Command::new(util::bin()),
-        };
-        cmd.env_clear()
-            .env(
-                "PATH",
-                format!("{}:/usr/local/bin:/usr/bin:/bin", shims().display()),
-            )
-            .env("HOME", dir)
-            .env("NODE_ROLE", role)
-            .env("CONTROL_PLANE_URL", url)
-            .env("AGENT_SECRET", SECRET)
-            .env("DATA_DIR", dir.join("data"))
-            .env("NODE_NAME", dir.file_name().unwrap())
-            .env("POLL_INTERVAL", "200ms")
-            .env("HEARTBEAT_INTERVAL", "2s")
-            .env("MUVEE_LOG", "debug")
-            .env("FAKE_LOG", dir.join("calls.log"))
-            .env("FAKE_PIDFILE", dir.join("pids"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let f = std::fs::File::create(&log).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(f).spawn().unwrap();
-        Agent {
-            child,
-            dir: dir.to_path_buf(),
-            log,
-        }
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-
-    pub fn signal(&self, sig: i32) {
-        util::signal(self.child.id() as i32, sig);
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        util::poll_for(timeout, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Shims left behind by a killed agent. Only process groups whose leader is still our
-        // docker shim are killed: a recycled pid must never take an unrelated group with it.
-        let shim = shims().join("docker");
-        for pid in std::fs::read_to_string(self.dir.join("pids"))
-            .unwrap_or_default()
-            .lines()
-        {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = String::from_utf8_lossy(&cmdline).contains(shim.to_str().unwrap());
-            match pid.parse::<i32>() {
-                Ok(p) if ours && p > 1 => util::signal(-p, libc::SIGKILL),
-                _ => {}
-            }
-        }
-    }
-}
-
-fn unique(p: PathBuf) -> PathBuf {
-    let mut n = 0;
-    loop {
-        let c = p.with_extension(format!("{n}.log"));
-        if !c.exists() {
-            return c;
-        }
-        n += 1;
-    }
-}
 
 pub fn statuses(cp: &FakeCp, task: &str) -> Vec<String> {
     cp.completions(task)
@@ -180,7 +45,7 @@ fn alive(pid: &str) -> bool {
 fn round_trip_today_cleanup_reports_running_then_completed() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-roundtrip");
-    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let agent = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "myapp"}));
     wait_final(&cp, &task, 20);
     let raw: Vec<String> = cp
@@ -220,7 +85,7 @@ fn round_trip_today_cleanup_reports_running_then_completed() {
 fn march_server_unknown_type_and_wrong_role_fail_with_reason() {
     let cp = FakeCp::start(Version::March, SECRET);
     let dir = temp_dir("agent-unknown");
-    let _agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let _agent = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
     let odd = cp.add_task_for_role("deploy", "frobnicate", "", json!({}));
     let build = cp.add_task_for_role("deploy", "build", "", json!({}));
     let bad = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": 42}));
@@ -249,7 +114,7 @@ fn march_server_unknown_type_and_wrong_role_fail_with_reason() {
 fn wrong_secret_is_logged_and_retried_with_backoff() {
     let cp = FakeCp::start(Version::Today, "the-real-secret-77");
     let dir = temp_dir("agent-secret");
-    let mut agent = Agent::start(&cp, "builder", &dir, &[]);
+    let mut agent = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     std::thread::sleep(Duration::from_secs(5));
     let attempts = cp.requests_to("/api/agent/register").len();
     assert!(
@@ -275,7 +140,10 @@ fn html_answer_is_an_error_naming_url_and_content_type() {
     cp.inject("/api/agent/register", Fault::Html, 1);
     let dir = temp_dir("agent-html");
     // A trailing slash must not turn paths into //api/... (which the SPA answers with HTML).
-    let agent = Agent::start_url(&format!("{}/", cp.url()), "builder", &dir, &[]);
+    let agent = TestAgent::builder("builder")
+        .url(&format!("{}/", cp.url()))
+        .dir(&dir)
+        .start();
     cp.wait_for("a poll after recovering", Duration::from_secs(20), |cp| {
         !cp.requests_to("/api/agent/tasks").is_empty()
     });
@@ -294,7 +162,11 @@ fn html_answer_is_an_error_naming_url_and_content_type() {
 fn forgotten_node_registers_again() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-forgotten");
-    let agent = Agent::start(&cp, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "10m")]);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "10m")
+        .start();
     cp.wait_for("first poll", Duration::from_secs(20), |cp| {
         !cp.requests_to("/api/agent/tasks").is_empty()
     });
@@ -315,7 +187,11 @@ fn forgotten_node_registers_again() {
 fn periodic_reregistration_keeps_march_node_alive() {
     let cp = FakeCp::start(Version::March, SECRET);
     let dir = temp_dir("agent-heartbeat");
-    let _agent = Agent::start(&cp, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
+    let _agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start();
     // Each heartbeat registers, then re-reads the config.
     cp.wait_for(
         "three registrations, each with a config refresh",
@@ -339,7 +215,11 @@ fn same_task_polled_twice_runs_once() {
         2,
     );
     let dir = temp_dir("agent-dedupe");
-    let agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "1")]);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "1")
+        .start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "once"}));
     wait_final(&cp, &task, 30);
     let polls_listing = cp.requests_to("/api/agent/tasks?").len();
@@ -357,7 +237,11 @@ fn same_task_polled_twice_runs_once() {
 fn outage_mid_task_loses_no_report() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-outage");
-    let agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "2")]);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "2")
+        .start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "outage"}));
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
@@ -380,7 +264,11 @@ fn outage_mid_task_loses_no_report() {
 fn sigterm_lets_the_running_task_finish() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-sigterm");
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "3")]);
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "3")
+        .start();
     let task = cp.add_task_for_role(
         "deploy",
         "cleanup",
@@ -412,7 +300,11 @@ fn second_sigterm_cancels_and_leaves_no_child() {
     let dir = temp_dir("agent-cancel");
     // A duration unique to this run, so pgrep cannot see another run's sleeps.
     let marker = format!("61.{}", std::process::id());
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", &marker)]);
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", &marker)
+        .start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "cancel"}));
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
@@ -457,7 +349,11 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-kill9");
     // Task A finishes while the server is down: its report waits in the outbox.
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "5")]);
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "5")
+        .start();
     let a = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "queued"}));
     cp.wait_for("running report of A", Duration::from_secs(20), |cp| {
         statuses(cp, &a) == ["running"]
@@ -487,7 +383,11 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     cp.come_up();
 
     // Task B is interrupted by kill -9 mid-run.
-    let mut agent = Agent::start(&cp, "deploy", &dir, &[("FAKE_DOCKER_SLEEP", "30")]);
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "30")
+        .start();
     assert_eq!(
         wait_final(&cp, &a, 30)["status"],
         "completed",
@@ -514,14 +414,14 @@ fn kill_9_then_restart_reports_interrupted_task_and_flushes_outbox() {
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
-    let b_calls = |a: &Agent| {
+    let b_calls = |a: &TestAgent| {
         a.calls()
             .iter()
             .filter(|c| c.contains("interrupted"))
             .count()
     };
 
-    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let agent = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
     let calls_before = b_calls(&agent);
     assert!(calls_before >= 1, "B had started");
     let c = wait_final(&cp, &b, 30);
@@ -559,7 +459,11 @@ fn build_logs_are_batched_on_today_and_skipped_on_march() {
     let cp = FakeCp::start(Version::Today, SECRET);
     cp.set_config("registry_addr", "127.0.0.1:5000");
     let dir = temp_dir("agent-logs-today");
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = cp.add_task_for_role("builder", "build", dep, payload.clone());
     let c = wait_final(&cp, &task, 30);
     assert_eq!(c["status"], "failed");
@@ -579,7 +483,11 @@ fn build_logs_are_batched_on_today_and_skipped_on_march() {
     let cp = FakeCp::start(Version::March, SECRET);
     cp.set_config("registry_addr", "127.0.0.1:5000");
     let dir = temp_dir("agent-logs-march");
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = cp.add_task_for_role("builder", "build", dep, payload);
     assert_eq!(wait_final(&cp, &task, 30)["status"], "failed");
     assert_eq!(
@@ -698,7 +606,7 @@ fn run_task_round_trip_and_exit_codes() {
 
 #[test]
 fn cleanup_removes_a_real_container_and_tolerates_a_missing_one() {
-    if !util::require_docker("cleanup_removes_a_real_container") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     let docker = util::docker_cli();
@@ -740,7 +648,7 @@ fn resets_hangs_and_garbage_are_survived() {
     // Longer than the client's 20 s timeout: the report is sent again.
     cp.inject("/api/agent/tasks/", Fault::Hang(Duration::from_secs(25)), 1);
     let dir = temp_dir("agent-faults");
-    let agent = Agent::start(&cp, "deploy", &dir, &[]);
+    let agent = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "faults"}));
     assert_eq!(wait_final(&cp, &task, 90)["status"], "completed");
     assert_eq!(
@@ -762,14 +670,14 @@ fn resets_hangs_and_garbage_are_survived() {
 fn works_as_pid_1() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-pid1");
-    let mut agent = Agent::start_with(
-        &cp,
-        "deploy",
-        &dir,
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_DOCKER_SLEEP", "2")
         // Pids recorded inside the namespace mean nothing outside it: record none.
-        &[("FAKE_DOCKER_SLEEP", "2"), ("FAKE_PIDFILE", "")],
-        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
-    );
+        .env("FAKE_PIDFILE", "")
+        .wrapped_in(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
+        .start();
     let task = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "pid1"}));
     cp.wait_for("running report", Duration::from_secs(20), |cp| {
         statuses(cp, &task) == ["running"]
@@ -826,6 +734,7 @@ fn check_reports_each_problem_with_a_fix() {
         "ok    control plane:",
         "warn  registry: no registry configured",
         "warn  workspace share: path not configured",
+        "ok    compose policy: baseline:",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
@@ -850,8 +759,12 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
     cp.set_config("registry_user", "ci-bot");
     cp.set_config("registry_password", "first-password-1");
     let dir = temp_dir("agent-login");
-    let agent = Agent::start(&cp, "builder", &dir, &[("HEARTBEAT_INTERVAL", "500ms")]);
-    let logins = |a: &Agent| {
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "500ms")
+        .start();
+    let logins = |a: &TestAgent| {
         a.calls()
             .iter()
             .filter(|c| c.starts_with("docker login"))
@@ -876,12 +789,12 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
 
     // A registry that refuses: a clear error, retried, and the agent keeps running.
     let dir = temp_dir("agent-login-fail");
-    let mut agent = Agent::start(
-        &cp,
-        "builder",
-        &dir,
-        &[("HEARTBEAT_INTERVAL", "500ms"), ("FAKE_DOCKER_EXIT", "1")],
-    );
+    let mut agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "500ms")
+        .env("FAKE_DOCKER_EXIT", "1")
+        .start();
     util::poll(20, || logins(&agent) >= 3);
     assert!(logins(&agent) >= 3, "login retried");
     assert!(
@@ -930,7 +843,11 @@ fn a_stalled_log_route_loses_no_line_and_the_spill_is_removed() {
     let dep = "c0ffee00-1234-4abc-9def-0000000000fe";
     let dir = temp_dir("agent-logs-spill");
     let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     assert_eq!(wait_final(&cp, &task, 180)["status"], "failed");
     let log = String::from_utf8(cp.logs(dep)).unwrap();
@@ -961,7 +878,11 @@ fn log_overflow_leaves_a_marker_and_does_not_block_the_task() {
         ("FAKE_GIT_EXIT", "128"),
         ("LOG_SPILL_MAX", "1M"),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
     let log = String::from_utf8(cp.logs(dep)).unwrap();
@@ -993,7 +914,11 @@ fn logs_printed_during_an_outage_arrive_after_it() {
         ("FAKE_GIT_LINES", "100000"),
         ("FAKE_GIT_EXIT", "128"),
     ];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let task = chatty_build(&cp, dep);
     cp.wait_for("running", Duration::from_secs(30), |cp| {
         statuses(cp, &task) == ["running"]
@@ -1015,7 +940,11 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
         ("FAKE_GIT_EXIT", "128"),
         ("BUILDER_MAX_CONCURRENT", "1"),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let payload = |n: u32| {
         json!({
             "git_url": "https://git.example/app.git", "git_branch": "main", "dockerfile_path": "Dockerfile",
@@ -1029,7 +958,7 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
         statuses(cp, &a) == ["running"] && statuses(cp, &b) == ["running"]
     });
     // Both are running while only one clone has started.
-    let clones = |a: &Agent| {
+    let clones = |a: &TestAgent| {
         a.calls()
             .iter()
             .filter(|c| c.starts_with("git clone"))
@@ -1059,7 +988,7 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
 
 #[test]
 fn deploy_node_reports_container_statuses_with_host_port() {
-    if !util::require_docker("deploy_node_reports_container_statuses") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     let docker = util::docker_cli();
@@ -1100,15 +1029,12 @@ fn deploy_node_reports_container_statuses_with_host_port() {
 
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("agent-statuses");
-    let _agent = Agent::start(
-        &cp,
-        "deploy",
-        &dir,
-        &[
-            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            ("HEARTBEAT_INTERVAL", "1s"),
-        ],
-    );
+    let _agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .real_docker()
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start();
     let mine = |cp: &FakeCp| -> Vec<Value> {
         cp.posted("/api/agent/container-statuses")
             .iter()

@@ -6,26 +6,13 @@
 //! agent's own `docker login` is what lets the push through.
 
 use crate::git_http::{self, GitHttp};
-use crate::util::{self, new_uuid, temp_dir, unique_hex, ArgvSampler};
+use crate::util::{self, new_uuid, temp_dir, test_name, unique_hex, ArgvSampler};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-const PROXY_VARS: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-    "FTP_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "all_proxy",
-    "ftp_proxy",
-];
 
 fn dockerfile(body: &str) -> String {
     format!("FROM {}\n{body}\n", util::base_image())
@@ -287,10 +274,7 @@ fn repo_with(dockerfile_body: &str, extra: &[(&str, &str)]) -> (PathBuf, String)
 
 #[test]
 fn public_repo_over_file_url_with_legacy_builder() {
-    let Some(cli) = require_cli(
-        "public_repo_over_file_url_with_legacy_builder",
-        Kind::Legacy,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::Legacy) else {
         return;
     };
     let (bare, head) = repo_with("RUN echo built-by-legacy > /built.txt", &[]);
@@ -310,10 +294,7 @@ fn public_repo_over_file_url_with_legacy_builder() {
 
 #[test]
 fn empty_branch_clones_the_default_branch_with_builtin_buildkit() {
-    let Some(cli) = require_cli(
-        "empty_branch_clones_the_default_branch_with_builtin_buildkit",
-        Kind::BuildKit,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::BuildKit) else {
         return;
     };
     let dir = temp_dir("repo");
@@ -345,10 +326,7 @@ fn empty_branch_clones_the_default_branch_with_builtin_buildkit() {
 
 #[test]
 fn token_repo_over_http_basic_auth_keeps_the_token_out_of_argv_logs_and_files() {
-    let Some(cli) = require_cli(
-        "token_repo_over_http_basic_auth_keeps_the_token_out_of_argv_logs_and_files",
-        Kind::Legacy,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::Legacy) else {
         return;
     };
     let root = temp_dir("githttp");
@@ -414,10 +392,7 @@ fn wrong_token_fails_at_git_clone_without_leaking_it() {
 
 #[test]
 fn hosted_repo_relative_url_is_cloned_from_the_control_plane() {
-    let Some(cli) = require_cli(
-        "hosted_repo_relative_url_is_cloned_from_the_control_plane",
-        Kind::BuildKit,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::BuildKit) else {
         return;
     };
     let project = new_uuid();
@@ -457,10 +432,7 @@ fn hosted_repo_relative_url_is_cloned_from_the_control_plane() {
 
 #[test]
 fn build_secret_reaches_the_dockerfile_but_never_logs_argv_or_files() {
-    let Some(cli) = require_cli(
-        "build_secret_reaches_the_dockerfile_but_never_logs_argv_or_files",
-        Kind::BuildKit,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::BuildKit) else {
         return;
     };
     let root = temp_dir("githttp");
@@ -512,10 +484,7 @@ fn build_secret_reaches_the_dockerfile_but_never_logs_argv_or_files() {
 
 #[test]
 fn build_secrets_with_only_the_legacy_builder_fail_with_a_clear_reason() {
-    let Some(cli) = require_cli(
-        "build_secrets_with_only_the_legacy_builder_fail_with_a_clear_reason",
-        Kind::Legacy,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::Legacy) else {
         return;
     };
     let (bare, _) = repo_with("RUN true", &[]);
@@ -536,7 +505,7 @@ fn build_secrets_with_only_the_legacy_builder_fail_with_a_clear_reason() {
 
 #[test]
 fn failing_dockerfile_names_docker_build_and_the_run_error() {
-    if !util::require_docker("failing_dockerfile_names_docker_build_and_the_run_error") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     let kinds = [Kind::Legacy, Kind::BuildKit];
@@ -701,7 +670,13 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
     let mut p = payload(&file_url(&bare), "main", &project);
     p["build_secrets"] = json!({ "api_key": "value-one-1234", "db.pass": "value-two-5678" });
     let shims = Shims::new(&["docker"]);
-    let mut env: Vec<(&str, &str)> = PROXY_VARS.iter().map(|v| (*v, "")).collect();
+    // The agent inherits the test's environment: this machine's own proxy settings must not
+    // add build args, so every *_proxy variable it has is blanked.
+    let inherited: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.to_ascii_lowercase().ends_with("_proxy"))
+        .collect();
+    let mut env: Vec<(&str, &str)> = inherited.iter().map(|k| (k.as_str(), "")).collect();
     env.extend(shims.env());
     env.extend([
         (
@@ -903,10 +878,7 @@ fn procs_with(needle: &str) -> Vec<String> {
 
 #[test]
 fn build_timeout_kills_docker_build_and_leaves_no_process_behind() {
-    let Some(cli) = require_cli(
-        "build_timeout_kills_docker_build_and_leaves_no_process_behind",
-        Kind::Legacy,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::Legacy) else {
         return;
     };
     // An unusual duration so no other test's process matches.
@@ -943,10 +915,7 @@ fn build_timeout_kills_docker_build_and_leaves_no_process_behind() {
 
 #[test]
 fn cancel_mid_build_kills_docker_build_and_cleans_up() {
-    let Some(cli) = require_cli(
-        "cancel_mid_build_kills_docker_build_and_cleans_up",
-        Kind::BuildKit,
-    ) else {
+    let Some(cli) = require_cli(test_name!(), Kind::BuildKit) else {
         return;
     };
     let (bare, _) = repo_with("RUN sleep 68", &[]);
@@ -1048,7 +1017,7 @@ fn credentials_written_into_the_url_never_reach_argv() {
 
 #[test]
 fn a_silent_build_step_hits_the_idle_timeout() {
-    let Some(cli) = require_cli("a_silent_build_step_hits_the_idle_timeout", Kind::Legacy) else {
+    let Some(cli) = require_cli(test_name!(), Kind::Legacy) else {
         return;
     };
     let (bare, _) = repo_with("RUN sleep 69", &[]);

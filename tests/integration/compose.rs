@@ -4,7 +4,9 @@
 
 use crate::deployer::{images, APP, IDLE};
 use crate::git_http::{self, GitHttp};
-use crate::util::{self, require_docker, temp_dir, unique_hex, ArgvSampler};
+use crate::util::{
+    self, require_docker, temp_dir, test_name, unique_hex, ArgvSampler, RemoveContainers,
+};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -89,12 +91,16 @@ struct App {
     prefix: String,
     data: PathBuf,
     volumes: PathBuf,
+    _cleanup: RemoveContainers,
 }
 
 impl App {
     fn new() -> App {
+        let prefix = format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]);
+        let project = format!("com.docker.compose.project=muvee-{prefix}");
         App {
-            prefix: format!("itc-{}-{}", std::process::id(), &unique_hex()[..8]),
+            _cleanup: RemoveContainers::labelled(&project),
+            prefix,
             data: temp_dir("compose-data"),
             volumes: temp_dir("compose-vol"),
         }
@@ -153,25 +159,6 @@ impl App {
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        let filter = format!("label=com.docker.compose.project={}", self.project());
-        let Ok(out) = Command::new(util::docker_cli())
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", "-v", id], &[]);
-        }
-        let _ = util::docker(
-            &["network", "rm", &format!("{}_default", self.project())],
-            &[],
-        );
-    }
-}
-
 fn env_of(container: &str) -> Vec<String> {
     let out = util::docker(
         &["inspect", "--format", "{{json .Config.Env}}", container],
@@ -199,7 +186,7 @@ fn no_secret_anywhere(argvs: &[String], log: &str, data: &Path, secrets: &[&str]
 
 #[test]
 fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
-    if !require("image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up") {
+    if !require(test_name!()) {
         return;
     }
     let img = pushed();
@@ -266,7 +253,7 @@ fn image_project_from_inline_yaml_serves_with_env_intact_and_cleans_up() {
 
 #[test]
 fn two_service_project_from_hosted_git_with_registry_auths() {
-    if !require("two_service_project_from_hosted_git_with_registry_auths") {
+    if !require(test_name!()) {
         return;
     }
     let img = pushed();
@@ -308,5 +295,127 @@ fn two_service_project_from_hosted_git_with_registry_auths() {
     assert!(app.objects().len() >= 4, "{:?}", app.objects());
     // Cleanup must work when the work dir is gone.
     std::fs::remove_dir_all(app.data.join("compose")).unwrap();
+    assert_clean(&app);
+}
+
+/// A TCP listener that counts connections and closes each at once.
+fn counting_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn env_values_reach_the_app_but_never_configure_the_compose_cli() {
+    if !require("env_values_reach_the_app_but_never_configure_the_compose_cli") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    // Where the compose CLI would send every API call (the pull's registry login too) if it
+    // read the app's env as its own settings.
+    let (port, hits) = counting_listener();
+    let docker_host = format!("tcp://127.0.0.1:{port}");
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    restart: unless-stopped\n    env_file:\n      - .env\n",
+        img.app
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c3", "project_id": "p-env",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080,
+                   "env_vars": {"DOCKER_HOST": docker_host, "COMPOSE_PROJECT_NAME": "other",
+                                "COMPOSE_IGNORE_ORPHANS": "1"}});
+    let (r, log) = app.run(
+        "deploy",
+        &p,
+        &[("DOCKER_CONFIG", img.login.to_str().unwrap())],
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "{log}");
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let env = env_of(&app.container("app"));
+    assert!(
+        env.contains(&format!("DOCKER_HOST={docker_host}")),
+        "{env:?}"
+    );
+    assert!(
+        env.contains(&"COMPOSE_PROJECT_NAME=other".to_string()),
+        "{env:?}"
+    );
+    assert_clean(&app);
+}
+
+fn containers_of(app: &App) -> Vec<String> {
+    let filter = format!("label=com.docker.compose.project={}", app.project());
+    let out = util::docker(&["ps", "-aq", "--filter", &filter], &[]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_compose_policy_refuses_what_would_own_the_host_unless_turned_off() {
+    if !require("the_compose_policy_refuses_what_would_own_the_host_unless_turned_off") {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // Privileged through an anchor: only the engine's view of the container shows it.
+    let yaml = format!(
+        "x-root: &root\n  privileged: true\n  cap_add: [SYS_ADMIN]\nservices:\n  app:\n    image: {app}\n    volumes:\n      - ./conf:/conf:ro\n  side:\n    <<: *root\n    image: {idle}\n    pid: host\n    devices:\n      - /dev/null:/dev/host-null\n    volumes:\n      - /:/host\n      - /var/run/docker.sock:/var/run/docker.sock\n",
+        app = img.app,
+        idle = img.idle
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c4", "project_id": "p-pol",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080, "volume_mount_path": "/ws"});
+    let (r, log) = app.run("deploy", &p, &login);
+    assert_eq!(r["status"], "failed", "{r}\n{log}");
+    let why = r["result"].as_str().unwrap();
+    for part in [
+        "breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started",
+        "service side: `privileged` is true",
+        "service side: `cap_add` adds SYS_ADMIN",
+        "service side: `pid` is \"host\"",
+        "service side: `devices` maps /dev/null",
+        "service side: `volumes` mounts host path /,",
+        "service side: `volumes` mounts host path /var/run/docker.sock,",
+    ] {
+        assert!(why.contains(part), "{part:?} missing: {why}");
+    }
+    // The project's own files and the workspace are the app's to mount.
+    assert!(!why.contains("service app"), "{why}");
+    assert!(containers_of(&app).is_empty(), "{:?}", containers_of(&app));
+
+    // A trusted installation turns the policy off: a host path outside the app's dirs (the
+    // test bed's engine cannot run privileged containers) is mounted as written.
+    let host = temp_dir("compose-host");
+    let marker = unique_hex();
+    std::fs::write(host.join("marker"), &marker).unwrap();
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n  side:\n    image: {}\n    volumes:\n      - {}:/host:ro\n",
+        img.app,
+        img.idle,
+        host.display()
+    );
+    let p = json!({"mode": "compose", "deployment_id": "dep-c5", "project_id": "p-pol",
+                   "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+                   "expose_service": "app", "expose_port": 8080});
+    let mut env = login.to_vec();
+    env.push(("DEPLOY_COMPOSE_POLICY", "off"));
+    let (r, log) = app.run("deploy", &p, &env);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let side = app.container("side");
+    let out = util::docker(&["exec", &side, "cat", "/host/marker"], &[]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), marker);
     assert_clean(&app);
 }

@@ -1,287 +1,55 @@
-//! The deploy role's control channel (protocol §1.10) against a WebSocket test server that
-//! also answers register/config/poll: `exec` and `cp` sessions on a real container.
+//! The deploy role's control channel (protocol §1.10) against the dev control plane's
+//! WebSocket side (`examples/dev-cp/control.rs`): `exec` and `cp` sessions on a real
+//! container, and the channel coming back after the node or the connection is lost.
 
 use crate::deployer::{images, IDLE};
-use crate::util::{self, require_docker, temp_dir};
-use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use crate::dev_cp::DevCp;
+use crate::fake_cp::{frame_data, ControlConn, FakeCp, Upgrade, Version};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, require_docker, temp_dir, test_name, RemoveContainers};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tungstenite::{Message, WebSocket};
 
 #[path = "../../examples/dev-cp/tls.rs"]
 mod tls;
 
-const SECRET: &str = "control-secret-5d1e";
 /// `docker exec -ti` sizes the container's TTY just after the process starts: wait for it.
 const WAIT_SIZE: &str = "i=0; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo \"size=$s\"; exit 3";
+const FRAME_WAIT: Duration = Duration::from_secs(20);
 
-/// The test control plane: HTTP for the agent loop, and WebSocket upgrades handed to the
-/// test as (request path and query, socket).
-struct Server {
-    port: u16,
-    node: Arc<Mutex<String>>,
-    /// Set: polls answer 500 `node … not found` (a deleted node) until it registers again.
-    forgot: Arc<AtomicBool>,
-    conns: Receiver<(String, WebSocket<TcpStream>)>,
+/// A deploy agent on today's control plane, and the container its sessions reach (an app
+/// of the agent's node).
+struct Bed {
+    cp: FakeCp,
+    container: String,
+    agent: TestAgent,
+    _cleanup: RemoveContainers,
 }
 
-impl Server {
-    fn start() -> Server {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let node = Arc::new(Mutex::new(util::new_uuid()));
-        let forgot = Arc::new(AtomicBool::new(false));
-        let (tx, conns) = mpsc::channel();
-        let (n, f) = (node.clone(), forgot.clone());
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let (tx, n, f) = (tx.clone(), n.clone(), f.clone());
-                std::thread::spawn(move || serve(s, &n, &f, &tx));
-            }
-        });
-        Server {
-            port,
-            node,
-            forgot,
-            conns,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// The next control connection (its URI) within `secs`, greeted with `hello`.
-    fn accept(&self, secs: u64) -> (String, Ws) {
-        let (uri, mut ws) = self
-            .conns
-            .recv_timeout(Duration::from_secs(secs))
-            .expect("the agent never dialled the control channel");
-        let node = self.node.lock().unwrap().clone();
-        let hello = json!({"type": "hello", "node_id": node}).to_string();
-        ws.send(Message::text(hello)).unwrap();
-        ws.get_ref()
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        (uri, Ws(ws))
-    }
+/// A NODE_NAME of its own for each test's agent.
+fn node_name() -> String {
+    format!(
+        "itx-node-{}-{}",
+        std::process::id(),
+        &util::unique_hex()[..6]
+    )
 }
 
-fn serve(
-    mut s: TcpStream,
-    node: &Mutex<String>,
-    forgot: &AtomicBool,
-    tx: &mpsc::Sender<(String, WebSocket<TcpStream>)>,
-) {
-    let mut head = [0u8; 4096];
-    let Ok(n) = s.peek(&mut head) else { return };
-    let text = String::from_utf8_lossy(&head[..n]).into_owned();
-    let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
-    if path.starts_with("/api/agent/control") {
-        let authorized = text.contains(&format!("X-Agent-Secret: {SECRET}"))
-            || text
-                .to_ascii_lowercase()
-                .contains(&format!("x-agent-secret: {SECRET}"));
-        if !authorized {
-            let _ = s.write_all(
-                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\n\r\nunauthorized\n",
-            );
-            return;
-        }
-        if let Ok(ws) = tungstenite::accept(s) {
-            let _ = tx.send((path, ws));
-        }
-        return;
-    }
-    // Plain HTTP: read the head and body, answer what the agent loop needs.
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    while let Ok(n @ 1..) = s.read(&mut chunk) {
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = find(&buf, b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + len {
-            break;
-        }
-    }
-    let id = node.lock().unwrap().clone();
-    let route = path.split('?').next().unwrap_or("");
-    if route == "/api/agent/tasks" && forgot.load(Ordering::SeqCst) {
-        let body = "node not found\n";
-        let resp = format!(
-            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = s.write_all(resp.as_bytes());
-        return;
-    }
-    if route == "/api/agent/register" {
-        forgot.store(false, Ordering::SeqCst);
-    }
-    let body = match route {
-        "/api/agent/register" => {
-            json!({"id": id, "hostname": "h", "role": "deploy", "host_ip": "127.0.0.1",
-            "max_storage_bytes": 0, "used_storage_bytes": 0, "last_seen_at": "2026-01-01T00:00:00Z",
-            "created_at": "2026-01-01T00:00:00Z"})
-        }
-        "/api/agent/tasks" => json!([]),
-        _ => json!({}),
-    }
-    .to_string()
-        + "\n";
-    let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.write_all(resp.as_bytes());
-}
-
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
-}
-
-/// The server's end of one control connection.
-struct Ws(WebSocket<TcpStream>);
-
-impl Ws {
-    fn send(&mut self, v: Value) {
-        self.0.send(Message::text(v.to_string())).unwrap();
-    }
-
-    /// The next frame of `session` (pings are answered, other frames skipped).
-    fn next(&mut self, session: &str, secs: u64) -> Value {
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            match self.0.read() {
-                Ok(Message::Text(t)) => {
-                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                    if v["type"] == "ping" {
-                        self.send(json!({"type": "pong"}));
-                    } else if v["session"] == session {
-                        return v;
-                    }
-                }
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => panic!("control connection: {e}"),
-            }
-        }
-        panic!("no frame for session {session} within {secs}s");
-    }
-
-    /// Collects `session`'s output until `exit`: (stdout bytes, the exit frame).
-    fn run_to_exit(&mut self, session: &str) -> (Vec<u8>, Value) {
-        let mut out = Vec::new();
-        loop {
-            let f = self.next(session, 20);
-            match f["type"].as_str() {
-                Some("stdio") | Some("cp_down_tar") => out.extend(decode(&f)),
-                Some("exit") | Some("error") => return (out, f),
-                _ => {}
-            }
-        }
-    }
-}
-
-fn decode(f: &Value) -> Vec<u8> {
-    use base64::Engine;
-    let d = f["data"].as_str().unwrap_or("");
-    base64::engine::general_purpose::STANDARD.decode(d).unwrap()
-}
-
-fn b64(b: &[u8]) -> String {
-    util::base64(b)
-}
-
-/// Every frame of `session` up to and including its `exit` or `error`.
-fn frames_to_end(ws: &mut Ws, session: &str, secs: u64) -> Vec<Value> {
-    let mut all = Vec::new();
-    loop {
-        let f = ws.next(session, secs);
-        let end = matches!(f["type"].as_str(), Some("exit") | Some("error"));
-        all.push(f);
-        if end {
-            return all;
-        }
-    }
-}
-
-/// Types into `session` until its output shows `want` (output seen so far in `seen`).
-fn type_until(ws: &mut Ws, session: &str, input: &[u8], want: &str, seen: &mut Vec<u8>) {
-    for _ in 0..20 {
-        ws.send(json!({"type": "stdio", "session": session, "data": b64(input)}));
-        let end = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < end {
-            if String::from_utf8_lossy(seen).contains(want) {
-                return;
-            }
-            if let Some(f) = ws.poll(session) {
-                seen.extend(decode(&f));
-            }
-        }
-    }
-    panic!(
-        "{want:?} never showed in {session}: {}",
-        String::from_utf8_lossy(seen)
-    );
-}
-
-impl Ws {
-    /// The next frame of `session` if one arrives within the socket's read timeout.
-    fn poll(&mut self, session: &str) -> Option<Value> {
-        self.poll_any().filter(|v| v["session"] == session)
-    }
-
-    /// The next frame of any session if one arrives within the socket's read timeout.
-    fn poll_any(&mut self) -> Option<Value> {
-        match self.0.read() {
-            Ok(Message::Text(t)) => {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap();
-                if v["type"] == "ping" {
-                    self.send(json!({"type": "pong"}));
-                    return None;
-                }
-                Some(v)
-            }
-            Ok(_) => None,
-            Err(tungstenite::Error::Io(_)) => None,
-            Err(e) => panic!("control connection: {e}"),
-        }
-    }
-}
-
-/// `docker top`: the processes running in `container`, one per line.
-fn top(container: &str) -> String {
-    let out = util::docker(&["top", container], &[]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A container labelled as an app of node `node` (`muvee-<prefix>`), or with no labels.
-fn app_container(prefix: &str, node: Option<&str>) -> String {
+/// A running app container `muvee-<prefix>` of node `node` (labelled as the deployer labels
+/// its containers), or with no labels at all; removed when the guard is dropped.
+fn app_container(prefix: &str, node: Option<&str>) -> (String, RemoveContainers) {
     images();
-    let name = format!("muvee-{prefix}");
+    let container = format!("muvee-{prefix}");
+    let cleanup = RemoveContainers::named(&container);
     let mut args = vec![
         "run".to_string(),
         "-d".into(),
         "--name".into(),
-        name.clone(),
+        container.clone(),
     ];
     if let Some(node) = node {
         for l in [
@@ -294,41 +62,40 @@ fn app_container(prefix: &str, node: Option<&str>) -> String {
     }
     args.push(IDLE.into());
     util::sh(Command::new(util::docker_cli()).args(&args));
-    name
+    (container, cleanup)
 }
 
-/// The deploy agent under test and the container its sessions reach (an app of its node).
-struct Agent {
-    child: Child,
-    container: String,
+/// A running container of node `node`'s app (prefix: its name without `muvee-`).
+fn idle_container(node: &str) -> (String, RemoveContainers) {
+    let prefix = format!("itx-{}-{}", std::process::id(), &util::unique_hex()[..6]);
+    app_container(&prefix, Some(node))
 }
 
-impl Agent {
-    fn start(server: &Server) -> Agent {
-        Agent::start_with(&server.url(), &[])
+impl Bed {
+    fn start() -> Bed {
+        Bed::start_with(None, &[])
     }
 
-    fn start_with(url: &str, env: &[(&str, &str)]) -> Agent {
-        let hex = util::unique_hex();
-        let node = format!("itx-node-{}-{}", std::process::id(), &hex[..6]);
-        let prefix = format!("itx-{}-{}", std::process::id(), &hex[..6]);
-        let container = app_container(&prefix, Some(&node));
-        let mut cmd = Command::new(util::bin());
-        cmd.env("NODE_ROLE", "deploy")
-            .env("NODE_NAME", &node)
-            .env("CONTROL_PLANE_URL", url)
-            .env("AGENT_SECRET", SECRET)
-            .env("DATA_DIR", temp_dir("control-data"))
-            .env("DOCKER_CLI", util::docker_cli())
+    /// `url`: the agent's CONTROL_PLANE_URL instead of the fake control plane's (a front).
+    fn start_with(url: Option<&str>, env: &[(&str, &str)]) -> Bed {
+        let node = node_name();
+        let (container, cleanup) = idle_container(&node);
+        let cp = FakeCp::start(Version::Today, SECRET);
+        let agent = TestAgent::builder("deploy")
+            .cp(&cp)
+            .real_docker()
             .env("POLL_INTERVAL", "1s")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Agent {
-            child: cmd.spawn().unwrap(),
+            .env("NODE_NAME", &node);
+        let agent = match url {
+            Some(u) => agent.url(u),
+            None => agent,
+        };
+        let agent = agent.envs(env).start();
+        Bed {
+            cp,
             container,
+            agent,
+            _cleanup: cleanup,
         }
     }
 
@@ -336,123 +103,126 @@ impl Agent {
         &self.container[6..]
     }
 
-    /// The agent's peak resident memory (VmHWM), in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+    /// The agent's next control connection within `secs` (the server said `hello`).
+    fn accept(&self, secs: u64) -> Arc<ControlConn> {
+        self.cp
+            .control()
+            .accept(Duration::from_secs(secs))
+            .expect("the agent never dialled the control channel")
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = util::docker(&["rm", "-f", &self.container], &[]);
-    }
-}
-
-/// Removes the named containers when the test ends, however it ends.
-struct Containers(Vec<String>);
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = util::docker(&["rm", "-f", c], &[]);
+/// Reads `session`'s output until it contains `needle`; Err(what came) if it did not
+/// within `timeout`.
+fn read_until(
+    ws: &ControlConn,
+    session: &str,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let end = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let frame = end
+            .checked_duration_since(Instant::now())
+            .and_then(|left| ws.recv_session(session, left));
+        match frame {
+            Some(f) => seen.extend(frame_data(&f)),
+            None => return Err(String::from_utf8_lossy(&seen).into_owned()),
         }
     }
+    Ok(())
 }
 
 #[test]
 fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
-    if !require_docker("exec_sessions_echo_take_input_resize_and_report_exit_codes") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let agent = Agent::start(&server);
-    let (uri, mut ws) = server.accept(20);
-    let node = server.node.lock().unwrap().clone();
-    assert_eq!(uri, format!("/api/agent/control?node_id={node}"));
+    let bed = Bed::start();
+    let ws = bed.accept(20);
+    let node = bed.cp.node_id_for_role("deploy").unwrap();
+    assert_eq!(ws.target(), format!("/api/agent/control?node_id={node}"));
 
     // echo: output, exit 0 sends no code; by domain prefix.
-    let prefix = agent.prefix();
+    let prefix = bed.prefix();
     ws.send(
-        json!({"type": "open_exec", "session": "s1", "domain_prefix": prefix,
-                   "container": format!("muvee-{prefix}"), "cmd": ["echo", "hello-pty"]}),
-    );
-    let (out, exit) = ws.run_to_exit("s1");
+        &json!({"type": "open_exec", "session": "s1", "domain_prefix": prefix,
+                "container": format!("muvee-{prefix}"), "cmd": ["echo", "hello-pty"]}),
+    )
+    .unwrap();
+    let s1 = ws.outcome("s1", FRAME_WAIT).expect("s1 ended");
     assert!(
-        String::from_utf8_lossy(&out).contains("hello-pty"),
-        "{out:?}"
+        String::from_utf8_lossy(&s1.output).contains("hello-pty"),
+        "{s1:?}"
     );
-    assert_eq!(exit, json!({"type": "exit", "session": "s1"}));
+    assert_eq!(s1.end, json!({"type": "exit", "session": "s1"}));
 
     // A non-zero exit code, and the PTY size (cols x rows) the session asked for.
     ws.send(
-        json!({"type": "open_exec", "session": "s2", "container": agent.container,
-                   "cmd": ["sh", "-c", WAIT_SIZE], "cols": 101, "rows": 33}),
-    );
-    let (out, exit) = ws.run_to_exit("s2");
+        &json!({"type": "open_exec", "session": "s2", "container": bed.container,
+                "cmd": ["sh", "-c", WAIT_SIZE], "cols": 101, "rows": 33}),
+    )
+    .unwrap();
+    let s2 = ws.outcome("s2", FRAME_WAIT).expect("s2 ended");
     assert!(
-        String::from_utf8_lossy(&out).contains("size=33 101"),
+        String::from_utf8_lossy(&s2.output).contains("size=33 101"),
         "{}",
-        String::from_utf8_lossy(&out)
+        String::from_utf8_lossy(&s2.output)
     );
-    assert_eq!(exit["code"], 3, "{exit}");
+    assert_eq!(s2.end["code"], 3, "{}", s2.end);
 
-    // Interactive: input typed before the shell is up is not lost; a resize, then close
-    // kills it (-1). docker applies a resize asynchronously (SIGWINCH, then an API call)
-    // while input goes down the attached stream, so, as a person would, the test asks for
-    // the size again until it shows.
-    ws.send(
-        json!({"type": "open_exec", "session": "s3", "container": agent.container,
-                   "cmd": ["sh"]}),
-    );
-    ws.send(json!({"type": "stdio", "session": "s3", "data": b64(b"echo typed-$((6*7))\n")}));
-    let mut seen = Vec::new();
-    while !String::from_utf8_lossy(&seen).contains("typed-42") {
-        seen.extend(decode(&ws.next("s3", 10)));
+    // Interactive: typed input, a resize, then close kills it (-1).
+    ws.open_exec("s3", &bed.container, &["sh"]).unwrap();
+    ws.stdin("s3", b"echo typed-$((6*7))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "s3", "typed-42", Duration::from_secs(10)) {
+        panic!("s3: no typed-42 within 10s: {seen:?}");
     }
-    ws.send(json!({"type": "resize", "session": "s3", "cols": 77, "rows": 11}));
-    type_until(&mut ws, "s3", b"stty size\n", "11 77", &mut seen);
-    ws.send(json!({"type": "close", "session": "s3"}));
-    let (_, exit) = ws.run_to_exit("s3");
-    assert_eq!(exit["code"], -1, "{exit}");
+    ws.resize("s3", 77, 11).unwrap();
+    // The new size reaches the container later than typed input (SIGWINCH to docker, then
+    // the engine's API): a `stty size` typed at once may print the old one. Ask again, as a
+    // person would.
+    let mut seen = Vec::new();
+    let resized = (0..10).any(|_| {
+        ws.stdin("s3", b"stty size\n").unwrap();
+        read_until(&ws, "s3", "11 77", Duration::from_secs(1))
+            .map_err(|s| seen.push(s))
+            .is_ok()
+    });
+    assert!(resized, "s3: never 11 77: {seen:?}");
+    ws.close_session("s3").unwrap();
+    let s3 = ws.outcome("s3", FRAME_WAIT).expect("s3 ended");
+    assert_eq!(s3.end["code"], -1, "{}", s3.end);
 
     // Missing fields → error frames, as the Go agent words them.
-    ws.send(json!({"type": "open_exec", "session": "s4", "container": agent.container}));
+    ws.send(&json!({"type": "open_exec", "session": "s4", "container": bed.container}))
+        .unwrap();
     assert_eq!(
-        ws.next("s4", 10)["msg"],
+        ws.recv_session("s4", FRAME_WAIT).unwrap()["msg"],
         "open_exec requires session/container/cmd"
     );
-    ws.send(
-        json!({"type": "open_cp", "session": "s5", "container": agent.container,
-                   "path": "/tmp", "direction": "sideways"}),
-    );
+    ws.open_cp("s5", &bed.container, "/tmp", "sideways")
+        .unwrap();
     assert_eq!(
-        ws.next("s5", 10)["msg"],
+        ws.recv_session("s5", FRAME_WAIT).unwrap()["msg"],
         "open_cp direction must be 'up' or 'down'"
     );
 
     // The node was deleted: the agent registers again and dials with the new id.
-    let new = util::new_uuid();
-    *server.node.lock().unwrap() = new.clone();
-    server.forgot.store(true, Ordering::SeqCst);
-    let (uri, _ws) = server.accept(15);
-    assert_eq!(uri, format!("/api/agent/control?node_id={new}"));
+    bed.cp.forget_nodes();
+    let again = bed.accept(15);
+    let new = bed.cp.node_id_for_role("deploy").unwrap();
+    assert_ne!(new, node);
+    assert_eq!(again.target(), format!("/api/agent/control?node_id={new}"));
 }
 
 #[test]
 fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
-    if !require_docker("cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let agent = Agent::start(&server);
-    let (_, mut ws) = server.accept(20);
+    let bed = Bed::start();
+    let ws = bed.accept(20);
 
     // A directory with text, binary and nested files, as a tar made by tar(1).
     let src = temp_dir("cp-src");
@@ -460,34 +230,34 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
     std::fs::write(src.join("tree/a.txt"), "alpha\n").unwrap();
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(src.join("tree/sub/blob.bin"), &blob).unwrap();
-    let tar = tar_of(&src, "tree");
-    ws.send(
-        json!({"type": "open_cp", "session": "u1", "container": agent.container,
-                   "path": "/tmp", "direction": "up"}),
+    let tar = util::sh(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("tar -C {} -cf - tree | base64 -w0", src.display())),
     );
-    for chunk in tar.chunks(32 * 1024) {
-        ws.send(json!({"type": "cp_up_tar", "session": "u1", "data": b64(chunk)}));
-    }
-    ws.send(json!({"type": "cp_end", "session": "u1"}));
-    let (_, exit) = ws.run_to_exit("u1");
-    assert_eq!(exit, json!({"type": "exit", "session": "u1"}));
+    use base64::Engine;
+    let tar = base64::engine::general_purpose::STANDARD
+        .decode(tar.trim())
+        .unwrap();
+    ws.open_cp("u1", &bed.container, "/tmp", "up").unwrap();
+    ws.upload("u1", &tar).unwrap();
+    let u1 = ws.outcome("u1", FRAME_WAIT).expect("u1 ended");
+    assert_eq!(u1.end, json!({"type": "exit", "session": "u1"}));
 
-    ws.send(
-        json!({"type": "open_cp", "session": "d1", "container": agent.container,
-                   "path": "/tmp/tree", "direction": "down"}),
+    ws.open_cp("d1", &bed.container, "/tmp/tree", "down")
+        .unwrap();
+    let d1 = ws.outcome("d1", FRAME_WAIT).expect("d1 ended");
+    let expected = ["cp_down_tar", "cp_end", "exit"];
+    assert!(
+        d1.kinds.iter().all(|k| expected.contains(&k.as_str())),
+        "{:?}: {}",
+        d1.kinds,
+        d1.end
     );
-    let mut down = Vec::new();
-    let mut ended = false;
-    loop {
-        let f = ws.next("d1", 20);
-        match f["type"].as_str().unwrap() {
-            "cp_down_tar" => down.extend(decode(&f)),
-            "cp_end" => ended = true,
-            "exit" => break,
-            other => panic!("{other}: {f}"),
-        }
-    }
-    assert!(ended, "no cp_end before exit");
+    assert!(
+        d1.kinds.iter().any(|k| k == "cp_end"),
+        "no cp_end before exit"
+    );
     let dst = temp_dir("cp-dst");
     let mut untar = Command::new("tar")
         .arg("-C")
@@ -497,7 +267,7 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    untar.stdin.take().unwrap().write_all(&down).unwrap();
+    untar.stdin.take().unwrap().write_all(&d1.output).unwrap();
     assert!(untar.wait().unwrap().success());
     assert_eq!(std::fs::read(dst.join("tree/sub/blob.bin")).unwrap(), blob);
     assert_eq!(
@@ -507,32 +277,74 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
 
     // A missing path: as the Go agent, `cp_end` first (muveectl closes its untar on it and
     // only then reads the exit code), then docker's error text on stderr, then exit 1.
-    ws.send(
-        json!({"type": "open_cp", "session": "d2", "container": agent.container,
-                   "path": "/no/such", "direction": "down"}),
+    ws.open_cp("d2", &bed.container, "/no/such", "down")
+        .unwrap();
+    let d2 = ws.outcome("d2", FRAME_WAIT).expect("d2 ended");
+    assert_eq!(d2.kinds, ["cp_end", "stdio", "exit"], "{}", d2.end);
+    assert!(
+        String::from_utf8_lossy(&d2.output).contains("/no/such"),
+        "{d2:?}"
     );
-    let frames = frames_to_end(&mut ws, "d2", 20);
-    let kinds: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["cp_end", "stdio", "exit"], "{frames:?}");
-    assert_eq!(frames[1]["stream"], "stderr");
-    assert!(String::from_utf8_lossy(&decode(&frames[1])).contains("/no/such"));
-    assert_eq!(frames[2]["code"], 1);
+    assert_eq!(d2.end["code"], 1, "{}", d2.end);
 
     // The server drops the connection: the agent dials again.
-    drop(ws);
-    let (_, mut ws) = server.accept(10);
-    ws.send(
-        json!({"type": "open_exec", "session": "r1", "container": agent.container,
-                   "cmd": ["true"]}),
-    );
+    ws.disconnect();
+    let ws = bed.accept(10);
+    ws.open_exec("r1", &bed.container, &["true"]).unwrap();
     assert_eq!(
-        ws.run_to_exit("r1").1,
+        ws.outcome("r1", FRAME_WAIT).expect("r1 ended").end,
         json!({"type": "exit", "session": "r1"})
     );
 }
 
+/// The dev-cp binary serves the same channel: `dev-cp exec` runs a command in the container
+/// through the deploy agent, with its output and exit code.
+#[test]
+fn the_dev_cp_binary_execs_through_the_agents_control_channel() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let node = node_name();
+    let (container, _cleanup) = idle_container(&node);
+    let server = DevCp::serve(SECRET, &[]);
+    let _agent = TestAgent::builder("deploy")
+        .url(&server.url)
+        .real_docker()
+        .env("NODE_NAME", &node)
+        .start();
+    let c = container.as_str();
+    let mut last = (false, String::new());
+    let dialled = util::poll(20, || {
+        last = server.cli(&["exec", c, "--", "sh", "-c", "echo out-$((6*7)); exit 5"]);
+        !last.1.contains("no agent has its control channel open")
+    });
+    assert!(dialled, "{last:?}");
+    assert!(!last.0 && last.1.contains("out-42"), "{last:?}");
+    assert!(last.1.contains("the command exited with 5"), "{last:?}");
+    let (ok, text) = server.cli(&["exec", c, "--", "echo", "hi"]);
+    assert!(ok && text.contains("hi"), "{text}");
+    let (ok, text) = server.cli(&["exec", c, "echo", "hi"]);
+    assert!(!ok && text.contains("exec: give <container>"), "{text}");
+}
+
+/// `docker top`: the processes running in `container`, one per line.
+fn top(container: &str) -> String {
+    let out = util::docker(&["top", container], &[]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// `tar -C dir -cf - name`.
-fn tar_of(dir: &std::path::Path, name: &str) -> Vec<u8> {
+fn tar_of(dir: &Path, name: &str) -> Vec<u8> {
     let out = Command::new("tar")
         .arg("-C")
         .arg(dir)
@@ -545,21 +357,18 @@ fn tar_of(dir: &std::path::Path, name: &str) -> Vec<u8> {
 
 #[test]
 fn exec_and_cp_reach_only_this_nodes_apps() {
-    if !require_docker("exec_and_cp_reach_only_this_nodes_apps") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let agent = Agent::start(&server);
-    let (_, mut ws) = server.accept(20);
-    let hex = util::unique_hex();
+    let bed = Bed::start();
+    let ws = bed.accept(20);
     // An app of another node on the same engine, and a container muvee knows nothing of
     // (another installation's, the registry).
+    let hex = util::unique_hex();
     let other = format!("itx-{}-{}-other", std::process::id(), &hex[..6]);
     let plain = format!("itx-{}-{}-plain", std::process::id(), &hex[..6]);
-    let _rm = Containers(vec![
-        app_container(&other, Some("some-other-node")),
-        app_container(&plain, None),
-    ]);
+    let _other = app_container(&other, Some("some-other-node"));
+    let _plain = app_container(&plain, None);
     let refused = [
         json!({"type": "open_exec", "session": "x1", "container": format!("muvee-{plain}"), "cmd": ["echo", "ran"]}),
         json!({"type": "open_exec", "session": "x2", "domain_prefix": other, "container": format!("muvee-{other}"), "cmd": ["echo", "ran"]}),
@@ -569,143 +378,150 @@ fn exec_and_cp_reach_only_this_nodes_apps() {
     ];
     for open in refused {
         let s = open["session"].as_str().unwrap().to_string();
-        ws.send(open);
-        let frames = frames_to_end(&mut ws, &s, 20);
-        assert_eq!(frames.len(), 1, "{s}: {frames:?}");
-        assert_eq!(frames[0]["type"], "error", "{s}: {frames:?}");
-        let msg = frames[0]["msg"].as_str().unwrap();
+        ws.send(&open).unwrap();
+        let o = ws.outcome(&s, FRAME_WAIT).expect("ended");
+        assert_eq!(o.kinds, ["error"], "{s}: {o:?}");
+        let msg = o.end["msg"].as_str().unwrap();
         assert!(msg.contains("this node's apps"), "{s}: {msg}");
     }
     // This node's app, by its prefix and by its container's name.
-    let prefix = agent.prefix().to_string();
-    ws.send(json!({"type": "open_exec", "session": "o1", "domain_prefix": prefix, "container": agent.container, "cmd": ["echo", "ours"]}));
-    let (out, exit) = ws.run_to_exit("o1");
-    assert!(String::from_utf8_lossy(&out).contains("ours") && exit["type"] == "exit");
-    ws.send(json!({"type": "open_exec", "session": "o2", "container": agent.container, "cmd": ["true"]}));
-    assert_eq!(
-        ws.run_to_exit("o2").1,
-        json!({"type": "exit", "session": "o2"})
+    ws.send(
+        &json!({"type": "open_exec", "session": "o1", "domain_prefix": bed.prefix(),
+                    "container": bed.container, "cmd": ["echo", "ours"]}),
+    )
+    .unwrap();
+    let o1 = ws.outcome("o1", FRAME_WAIT).expect("o1 ended");
+    assert!(
+        String::from_utf8_lossy(&o1.output).contains("ours"),
+        "{o1:?}"
     );
+    ws.open_exec("o2", &bed.container, &["true"]).unwrap();
+    let o2 = ws.outcome("o2", FRAME_WAIT).expect("o2 ended");
+    assert_eq!(o2.end, json!({"type": "exit", "session": "o2"}));
 }
 
 #[test]
 fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
-    if !require_docker("close_and_a_dropped_channel_kill_the_process_inside_the_container") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let agent = Agent::start(&server);
-    let (_, mut ws) = server.accept(20);
-    let c = agent.container.clone();
+    let bed = Bed::start();
+    let ws = bed.accept(20);
+    let c = bed.container.as_str();
     // A plain process, and one with a child of its own.
-    ws.send(
-        json!({"type": "open_exec", "session": "k1", "container": c, "cmd": ["sleep", "7777"]}),
-    );
-    ws.send(json!({"type": "open_exec", "session": "k2", "container": c, "cmd": ["sh", "-c", "sleep 7778; echo never"]}));
-    assert!(
-        util::poll(20, || top(&c).contains("sleep 7777")
-            && top(&c).contains("sleep 7778")),
-        "{}",
-        top(&c)
-    );
-    // One at a time: `run_to_exit` skips the other sessions' frames.
-    ws.send(json!({"type": "close", "session": "k1"}));
-    assert_eq!(ws.run_to_exit("k1").1["code"], -1);
-    ws.send(json!({"type": "close", "session": "k2"}));
-    assert_eq!(ws.run_to_exit("k2").1["code"], -1);
-    let t = top(&c);
+    ws.open_exec("k1", c, &["sleep", "7777"]).unwrap();
+    ws.open_exec("k2", c, &["sh", "-c", "sleep 7778; echo never"])
+        .unwrap();
+    let both = || top(c).contains("sleep 7777") && top(c).contains("sleep 7778");
+    assert!(util::poll(20, both), "{}", top(c));
+    // One at a time: `outcome` drops the other sessions' frames.
+    for s in ["k1", "k2"] {
+        ws.close_session(s).unwrap();
+        let o = ws.outcome(s, FRAME_WAIT).expect("ended");
+        assert_eq!(o.end["code"], -1, "{}", o.end);
+    }
+    let t = top(c);
     assert!(
         !t.contains("sleep 7777") && !t.contains("sleep 7778"),
         "left running after close:\n{t}"
     );
 
     // The channel drops (the control plane went away): the same.
-    ws.send(
-        json!({"type": "open_exec", "session": "k3", "container": c, "cmd": ["sleep", "7779"]}),
-    );
+    ws.open_exec("k3", c, &["sleep", "7779"]).unwrap();
     assert!(
-        util::poll(20, || top(&c).contains("sleep 7779")),
+        util::poll(20, || top(c).contains("sleep 7779")),
         "{}",
-        top(&c)
+        top(c)
     );
-    drop(ws);
+    ws.disconnect();
     assert!(
-        util::poll(15, || !top(&c).contains("sleep 7779")),
+        util::poll(15, || !top(c).contains("sleep 7779")),
         "left running after the channel dropped:\n{}",
-        top(&c)
+        top(c)
     );
 }
 
 #[test]
 fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded() {
-    if !require_docker(
-        "big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded",
-    ) {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let agent = Agent::start(&server);
-    let (_, mut ws) = server.accept(20);
-    let c = agent.container.clone();
+    let bed = Bed::start();
+    let ws = bed.accept(20);
+    let c = bed.container.as_str();
 
     // 20 frames of 4 MiB into a program that reads nothing.
-    ws.send(
-        json!({"type": "open_exec", "session": "b1", "container": c, "cmd": ["sleep", "7781"]}),
-    );
-    let big = b64(&vec![b'x'; 4 << 20]);
+    ws.open_exec("b1", c, &["sleep", "7781"]).unwrap();
+    let big = vec![b'x'; 4 << 20];
     for _ in 0..20 {
-        ws.send(json!({"type": "stdio", "session": "b1", "data": big}));
+        ws.stdin("b1", &big).unwrap();
     }
-    let f = ws.next("b1", 30);
-    assert_eq!(f["type"], "error", "{f}");
-    assert!(f["msg"].as_str().unwrap().contains("larger than"), "{f}");
-
-    // Frames that fit, faster than the program reads them (it reads none).
-    ws.send(
-        json!({"type": "open_exec", "session": "b2", "container": c, "cmd": ["sleep", "7782"]}),
+    let b1 = ws.outcome("b1", FRAME_WAIT).expect("b1 ended");
+    assert_eq!(b1.end["type"], "error", "{}", b1.end);
+    assert!(
+        b1.end["msg"].as_str().unwrap().contains("larger than"),
+        "{}",
+        b1.end
     );
-    let mib = b64(&vec![b'y'; 1 << 20]);
+
+    // Frames that fit, faster than the program reads them (it reads none; the container's
+    // TTY echoes what it takes before its buffer fills).
+    ws.open_exec("b2", c, &["sleep", "7782"]).unwrap();
+    let mib = vec![b'y'; 1 << 20];
     for _ in 0..16 {
-        ws.send(json!({"type": "stdio", "session": "b2", "data": mib}));
+        ws.stdin("b2", &mib).unwrap();
     }
-    // (The container's TTY echoes what it takes before its buffer fills.)
-    let f = frames_to_end(&mut ws, "b2", 30).pop().unwrap();
-    assert_eq!(f["type"], "error", "{f}");
-    assert!(f["msg"].as_str().unwrap().contains("faster than"), "{f}");
-    let peak = agent.peak_rss_kib();
+    let b2 = ws.outcome("b2", FRAME_WAIT).expect("b2 ended");
+    assert_eq!(b2.end["type"], "error", "{}", b2.end);
+    assert!(
+        b2.end["msg"].as_str().unwrap().contains("faster than"),
+        "{}",
+        b2.end
+    );
+    let peak = peak_rss_kib(bed.agent.child.id());
     assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
     // Both sessions were ended: their processes too.
     assert!(
-        util::poll(15, || !top(&c).contains("sleep 778")),
+        util::poll(15, || !top(c).contains("sleep 778")),
         "{}",
-        top(&c)
+        top(c)
     );
 
     // At most 16 sessions at once: the 17th is refused, and closing one makes room.
     for i in 0..17 {
-        ws.send(json!({"type": "open_exec", "session": format!("m{i}"), "container": c, "cmd": ["sleep", "7783"]}));
+        ws.open_exec(&format!("m{i}"), c, &["sleep", "7783"])
+            .unwrap();
     }
-    let f = ws.next("m16", 30);
-    assert_eq!(f["type"], "error", "{f}");
-    assert!(f["msg"].as_str().unwrap().contains("16"), "{f}");
-    ws.send(json!({"type": "close", "session": "m0"}));
-    assert_eq!(ws.run_to_exit("m0").1["code"], -1);
-    ws.send(
-        json!({"type": "open_exec", "session": "m17", "container": c, "cmd": ["echo", "room"]}),
+    let m16 = ws.outcome("m16", FRAME_WAIT).expect("m16 ended");
+    assert_eq!(m16.kinds, ["error"], "{}", m16.end);
+    assert!(
+        m16.end["msg"].as_str().unwrap().contains("16"),
+        "{}",
+        m16.end
     );
-    let (out, exit) = ws.run_to_exit("m17");
-    assert!(String::from_utf8_lossy(&out).contains("room"), "{exit}");
-    for i in 1..16 {
-        ws.send(json!({"type": "close", "session": format!("m{i}")}));
-    }
-    // Their exits come in any order.
+    ws.close_session("m0").unwrap();
+    assert_eq!(
+        ws.outcome("m0", FRAME_WAIT).expect("m0 ended").end["code"],
+        -1
+    );
+    ws.open_exec("m17", c, &["echo", "room"]).unwrap();
+    let m17 = ws.outcome("m17", FRAME_WAIT).expect("m17 ended");
+    assert!(
+        String::from_utf8_lossy(&m17.output).contains("room"),
+        "{m17:?}"
+    );
+    // The others' exits come in any order.
     let mut open: Vec<String> = (1..16).map(|i| format!("m{i}")).collect();
-    let end = Instant::now() + Duration::from_secs(60);
-    while !open.is_empty() && Instant::now() < end {
-        let Some(f) = ws.poll_any() else { continue };
+    for s in &open {
+        ws.close_session(s).unwrap();
+    }
+    while let Some(f) = ws.recv(FRAME_WAIT) {
         if f["type"] == "exit" {
             assert_eq!(f["code"], -1, "{f}");
             open.retain(|s| f["session"] != s.as_str());
+        }
+        if open.is_empty() {
+            break;
         }
     }
     assert!(open.is_empty(), "no exit for {open:?}");
@@ -714,7 +530,7 @@ fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded()
 /// A docker CLI that is the real one, made slow where a test asks: `ps` sleeps 6 s while the
 /// file `slow-ps` exists next to it (a slow daemon), and `cp - …` takes its input at about
 /// 2 MiB/s (a container whose disk is slower than the network).
-fn slow_docker() -> std::path::PathBuf {
+fn slow_docker() -> PathBuf {
     let dir = temp_dir("slow-docker");
     let script = format!(
         "#!/bin/sh\n\
@@ -725,7 +541,7 @@ fn slow_docker() -> std::path::PathBuf {
            exit $?\n\
          fi\n\
          exec \"$real\" \"$@\"\n",
-        real = util::docker_cli(),
+        real = crate::test_agent::which(&util::docker_cli()),
         dir = dir.display()
     );
     let path = dir.join("docker");
@@ -737,111 +553,98 @@ fn slow_docker() -> std::path::PathBuf {
 
 #[test]
 fn an_upload_into_a_slow_container_slows_down_instead_of_failing() {
-    if !require_docker("an_upload_into_a_slow_container_slows_down_instead_of_failing") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
     let docker = slow_docker();
-    let agent = Agent::start_with(&server.url(), &[("DOCKER_CLI", docker.to_str().unwrap())]);
-    let (_, mut ws) = server.accept(20);
-    // 16 MiB, sent as fast as the socket takes it: twice what the Go agent's 256-frame
-    // inbox held.
+    let bed = Bed::start_with(None, &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let ws = bed.accept(20);
+    // 16 MiB, sent as fast as the socket takes it: twice what the Go agent's 256-frame inbox
+    // held.
     let src = temp_dir("cp-slow");
     let blob: Vec<u8> = (0..16u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
     std::fs::write(src.join("big.bin"), &blob).unwrap();
     let tar = tar_of(&src, "big.bin");
-    ws.send(json!({"type": "open_cp", "session": "u1", "container": agent.container, "path": "/tmp", "direction": "up"}));
     let t0 = Instant::now();
-    for chunk in tar.chunks(32 * 1024) {
-        ws.send(json!({"type": "cp_up_tar", "session": "u1", "data": b64(chunk)}));
-    }
-    ws.send(json!({"type": "cp_end", "session": "u1"}));
-    let frames = frames_to_end(&mut ws, "u1", 60);
-    assert_eq!(frames, [json!({"type": "exit", "session": "u1"})]);
+    ws.open_cp("u1", &bed.container, "/tmp", "up").unwrap();
+    ws.upload("u1", &tar).unwrap();
+    let u1 = ws.outcome("u1", Duration::from_secs(60)).expect("u1 ended");
+    assert_eq!(
+        u1.end,
+        json!({"type": "exit", "session": "u1"}),
+        "{:?}",
+        u1.kinds
+    );
+    let took = t0.elapsed();
     assert!(
-        t0.elapsed() > Duration::from_secs(4),
-        "the throttle did not hold: {:?}",
-        t0.elapsed()
+        took > Duration::from_secs(4),
+        "the throttle did not hold: {took:?}"
     );
     let sum = |cmd: &mut Command| util::sh(cmd).split_whitespace().next().unwrap().to_string();
     let here = sum(Command::new("sha256sum").arg(src.join("big.bin")));
     let there = sum(Command::new(util::docker_cli()).args([
         "exec",
-        &agent.container,
+        &bed.container,
         "sha256sum",
         "/tmp/big.bin",
     ]));
     assert_eq!(here, there);
-    let peak = agent.peak_rss_kib();
+    let peak = peak_rss_kib(bed.agent.child.id());
     assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
 }
 
 #[test]
 fn a_slow_docker_daemon_does_not_stop_other_sessions() {
-    if !require_docker("a_slow_docker_daemon_does_not_stop_other_sessions") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
     let docker = slow_docker();
-    let agent = Agent::start_with(&server.url(), &[("DOCKER_CLI", docker.to_str().unwrap())]);
-    let (_, mut ws) = server.accept(20);
-    ws.send(
-        json!({"type": "open_exec", "session": "a", "container": agent.container, "cmd": ["sh"]}),
-    );
-    let mut seen = Vec::new();
-    type_until(&mut ws, "a", b"echo one-$((1+1))\n", "one-2", &mut seen);
+    let bed = Bed::start_with(None, &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let ws = bed.accept(20);
+    ws.open_exec("a", &bed.container, &["sh"]).unwrap();
+    ws.stdin("a", b"echo one-$((1+1))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "a", "one-2", FRAME_WAIT) {
+        panic!("a: no one-2: {seen:?}");
+    }
     // From now on every `docker ps` takes 6 s: a session opened by prefix resolves slowly...
     std::fs::write(docker.with_file_name("slow-ps"), "").unwrap();
-    let prefix = agent.prefix().to_string();
-    ws.send(json!({"type": "open_exec", "session": "b", "domain_prefix": prefix, "container": agent.container, "cmd": ["true"]}));
+    ws.send(
+        &json!({"type": "open_exec", "session": "b", "domain_prefix": bed.prefix(),
+                    "container": bed.container, "cmd": ["true"]}),
+    )
+    .unwrap();
     // ... while the open session answers at once.
-    let t0 = Instant::now();
-    ws.send(json!({"type": "stdio", "session": "a", "data": b64(b"echo two-$((2+2))\n")}));
-    while !String::from_utf8_lossy(&seen).contains("two-4") {
-        seen.extend(decode(&ws.next("a", 10)));
+    ws.stdin("a", b"echo two-$((2+2))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "a", "two-4", Duration::from_secs(3)) {
+        panic!("a: no two-4 within 3 s while b resolved: {seen:?}");
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(3),
-        "answered after {:?}",
-        t0.elapsed()
-    );
-    assert_eq!(
-        ws.run_to_exit("b").1,
-        json!({"type": "exit", "session": "b"})
-    );
+    let b = ws.outcome("b", FRAME_WAIT).expect("b ended");
+    assert_eq!(b.end, json!({"type": "exit", "session": "b"}));
     std::fs::remove_file(docker.with_file_name("slow-ps")).unwrap();
-    ws.send(json!({"type": "close", "session": "a"}));
-    assert_eq!(ws.run_to_exit("a").1["code"], -1);
 }
 
 #[test]
 fn a_server_that_says_hello_and_closes_is_not_redialled_every_second() {
-    if !require_docker("a_server_that_says_hello_and_closes_is_not_redialled_every_second") {
+    if !require_docker(test_name!()) {
         return;
     }
-    let server = Server::start();
-    let _agent = Agent::start(&server);
-    drop(server.accept(20));
-    let t0 = Instant::now();
-    let mut dials = 0;
-    while let Ok((_, ws)) = server
-        .conns
-        .recv_timeout(Duration::from_secs(8).saturating_sub(t0.elapsed()))
-    {
-        dials += 1;
-        let mut ws = ws;
-        let _ = ws.send(Message::text(json!({"type": "hello"}).to_string()));
-        drop(ws);
-    }
+    let bed = Bed::start();
+    let first = bed.accept(20);
+    bed.cp.control().set_upgrade(Upgrade::HelloThenClose);
+    first.disconnect();
+    let dials = || bed.cp.requests_to("/api/agent/control").len();
+    let before = dials();
+    std::thread::sleep(Duration::from_secs(8));
     // Backoff 1, 2, 4 s: dials at about 1, 3 and 7 s (a reset on hello: one a second).
-    assert!((2..=3).contains(&dials), "{dials} dials in 8 s");
+    let n = dials() - before;
+    assert!((2..=3).contains(&n), "{n} dials in 8 s");
 }
 
 #[test]
 fn an_https_control_plane_gets_exec_over_wss_with_its_own_ca() {
-    if !require_docker("an_https_control_plane_gets_exec_over_wss_with_its_own_ca") {
+    if !require_docker(test_name!()) {
         return;
     }
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -849,31 +652,41 @@ fn an_https_control_plane_gets_exec_over_wss_with_its_own_ca() {
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".into()])
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
-    let dir = temp_dir("tls-ca");
-    let ca_file = dir.join("ca.pem");
+    let ca_file = temp_dir("tls-ca").join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
 
-    let server = Server::start();
+    // The fake control plane behind an https front: the agent registers, polls and dials
+    // the control channel through it.
+    let cp = FakeCp::start(Version::Today, SECRET);
     let front = tls::TlsFront::start(
         "127.0.0.1:0",
         vec![leaf.der().clone()],
         rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        format!("127.0.0.1:{}", server.port),
+        format!("127.0.0.1:{}", cp.port()),
     )
     .unwrap();
-    let url = format!("https://localhost:{}", front.port);
-    let agent = Agent::start_with(
-        &url,
-        &[("CONTROL_PLANE_CA_FILE", ca_file.to_str().unwrap())],
+    let node = node_name();
+    let (container, _cleanup) = idle_container(&node);
+    let _agent = TestAgent::builder("deploy")
+        .url(&format!("https://localhost:{}", front.port))
+        .real_docker()
+        .env("NODE_NAME", &node)
+        .env("CONTROL_PLANE_CA_FILE", ca_file.to_str().unwrap())
+        .start();
+    let ws = cp
+        .control()
+        .accept(Duration::from_secs(20))
+        .expect("the agent never dialled the control channel over wss");
+    ws.open_exec("t1", &container, &["echo", "over-tls"])
+        .unwrap();
+    let t1 = ws.outcome("t1", FRAME_WAIT).expect("t1 ended");
+    assert!(
+        String::from_utf8_lossy(&t1.output).contains("over-tls"),
+        "{t1:?}"
     );
-    let (uri, mut ws) = server.accept(20);
-    assert!(uri.starts_with("/api/agent/control?node_id="), "{uri}");
-    ws.send(json!({"type": "open_exec", "session": "t1", "container": agent.container, "cmd": ["echo", "over-tls"]}));
-    let (out, exit) = ws.run_to_exit("t1");
-    assert!(String::from_utf8_lossy(&out).contains("over-tls"), "{exit}");
-    assert_eq!(exit, json!({"type": "exit", "session": "t1"}));
+    assert_eq!(t1.end, json!({"type": "exit", "session": "t1"}));
 }

@@ -1,7 +1,7 @@
 //! Deploy role on a real Docker engine: `muvee-agent run-task --type deploy` with images
 //! built from tests/fixtures/deploy-*, real rsync, and plain directories as the NFS share.
 
-use crate::util::{self, require_docker, temp_dir, ArgvSampler};
+use crate::util::{self, require_docker, temp_dir, test_name, ArgvSampler, RemoveContainers};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -79,12 +79,15 @@ struct App {
     share: PathBuf,
     volumes: PathBuf,
     env: Vec<(String, String)>,
+    _cleanup: RemoveContainers,
 }
 
 impl App {
     fn new(name: &str) -> App {
+        let prefix = uniq(name);
         App {
-            prefix: uniq(name),
+            _cleanup: RemoveContainers::named(&format!("muvee-{prefix}")),
+            prefix,
             data: temp_dir("deploy-data"),
             share: temp_dir("deploy-share"),
             volumes: temp_dir("deploy-vol"),
@@ -161,22 +164,6 @@ impl App {
     }
 }
 
-impl Drop for App {
-    fn drop(&mut self) {
-        // Without panicking: there may be no engine, or a test is already failing.
-        let filter = format!("name=muvee-{}", self.prefix);
-        let Ok(out) = Command::new(util::docker_cli())
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", id], &[]);
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Run {
     report: Value,
@@ -190,7 +177,7 @@ fn body(port: u16) -> String {
 
 #[test]
 fn deploy_serves_http_with_env_datasets_and_workspace() {
-    if !require_docker("deploy_serves_http_with_env_datasets_and_workspace") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -279,7 +266,7 @@ fn deploy_serves_http_with_env_datasets_and_workspace() {
 
 #[test]
 fn redeploy_under_load_drops_no_request() {
-    if !require_docker("redeploy_under_load_drops_no_request") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -371,7 +358,7 @@ fn redeploy_under_load_drops_no_request() {
 
 #[test]
 fn failed_redeploys_keep_the_old_container_serving() {
-    if !require_docker("failed_redeploys_keep_the_old_container_serving") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -418,7 +405,7 @@ fn failed_redeploys_keep_the_old_container_serving() {
 /// cap that could drop one of a running task's values.
 #[test]
 fn ten_thousand_env_values_stay_masked_in_the_report_and_the_log() {
-    if !require_docker("ten_thousand_env_values_stay_masked_in_the_report_and_the_log") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -441,7 +428,7 @@ fn ten_thousand_env_values_stay_masked_in_the_report_and_the_log() {
 
 #[test]
 fn fixed_host_port_replacement_and_rollback() {
-    if !require_docker("fixed_host_port_replacement_and_rollback") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -471,7 +458,7 @@ fn fixed_host_port_replacement_and_rollback() {
 
 #[test]
 fn interrupted_replacement_is_recovered_and_cleanup_removes_everything() {
-    if !require_docker("interrupted_replacement_is_recovered_and_cleanup_removes_everything") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -547,7 +534,7 @@ fn interrupted_replacement_is_recovered_and_cleanup_removes_everything() {
 
 #[test]
 fn dataset_cache_evicts_lru_but_never_a_mounted_version() {
-    if !require_docker("dataset_cache_evicts_lru_but_never_a_mounted_version") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -598,7 +585,7 @@ fn dataset_cache_evicts_lru_but_never_a_mounted_version() {
 /// its NFS source.
 #[test]
 fn a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted() {
-    if !require_docker("a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();

@@ -234,24 +234,10 @@ fn a_build_never_reported_running_is_not_chained_and_failures_reach_the_log() {
     assert!(e.contains("no builder node"), "{e}");
 }
 
+/// The dev-cp binary, built if `cargo test --test integration` did not build the examples.
 fn example_bin() -> PathBuf {
-    let bin = util::bin();
-    bin.parent().unwrap().join("examples/dev-cp")
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn the_dev_cp_binary_serves_and_its_cli_enqueues_and_lists() {
-    let bin = example_bin();
+    let bin = util::bin().parent().unwrap().join("examples/dev-cp");
     if !bin.exists() {
-        // cargo test builds the examples; a bare `cargo test --test integration` may not.
         let st = Command::new(env!("CARGO"))
             .args(["build", "--example", "dev-cp", "--quiet"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -259,33 +245,41 @@ fn the_dev_cp_binary_serves_and_its_cli_enqueues_and_lists() {
             .unwrap();
         assert!(st.success());
     }
-    let dir = util::temp_dir("dev-cp-cli");
-    let port_file = dir.join("port");
-    let child = Command::new(&bin)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--secret",
-            SECRET,
-            "--registry",
-            "r:5000",
-        ])
-        .arg("--port-file")
-        .arg(&port_file)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = Killed(child);
-    assert!(util::poll(10, || port_file.exists()));
-    let port = std::fs::read_to_string(&port_file).unwrap();
-    let url = format!("http://127.0.0.1:{}", port.trim());
-    let cfg = json_of(&url, "GET", "/api/agent/config", None);
-    assert_eq!(cfg["registry_addr"], "r:5000");
-    let cli = |args: &[&str]| {
-        let out = Command::new(&bin)
+    bin
+}
+
+/// `dev-cp serve` on a free port with `secret` and `args`; stopped when dropped.
+pub struct DevCp {
+    pub url: String,
+    child: Child,
+}
+
+impl DevCp {
+    pub fn serve(secret: &str, args: &[&str]) -> DevCp {
+        let port_file = util::temp_dir("dev-cp").join("port");
+        let child = Command::new(example_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--secret", secret])
             .args(args)
-            .env("DEV_CP_URL", &url)
+            .arg("--port-file")
+            .arg(&port_file)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut cp = DevCp {
+            url: String::new(),
+            child,
+        };
+        assert!(util::poll(10, || port_file.exists()));
+        let port = std::fs::read_to_string(&port_file).unwrap();
+        cp.url = format!("http://127.0.0.1:{}", port.trim());
+        cp
+    }
+
+    /// Runs the CLI against this server: (success, stdout + stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(example_bin())
+            .args(args)
+            .env("DEV_CP_URL", &self.url)
             .output()
             .unwrap();
         (
@@ -293,7 +287,23 @@ fn the_dev_cp_binary_serves_and_its_cli_enqueues_and_lists() {
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr),
         )
-    };
+    }
+}
+
+impl Drop for DevCp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_dev_cp_binary_serves_and_its_cli_enqueues_and_lists() {
+    let server = DevCp::serve(SECRET, &["--registry", "r:5000"]);
+    let url = server.url.clone();
+    let cfg = json_of(&url, "GET", "/api/agent/config", None);
+    assert_eq!(cfg["registry_addr"], "r:5000");
+    let cli = |args: &[&str]| server.cli(args);
     let (ok, text) = cli(&["build", "file:///x"]);
     assert!(!ok && text.contains("no builder node registered"), "{text}");
     let builder = register(&url, "b1", "builder");

@@ -9,6 +9,8 @@ mod server;
 use crate::util;
 use serde_json::Value;
 #[allow(unused_imports)]
+pub use server::control::{frame_data, ControlConn, Outcome, Upgrade};
+#[allow(unused_imports)]
 pub use server::{enc, go_str, parse_uuid, rfc3339, Action, Recorded, Server, Version};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -707,3 +707,105 @@ fn fake_cp_keep_alive_and_chunked() {
     );
     assert_eq!(cp.nodes()[0]["hostname"], "h9");
 }
+
+/// Today's control channel (§1.10): 401, 400 and 404 before any upgrade; `hello` with the
+/// node id, `pong` for `ping`, frames both ways; a newer connection of the node closes the
+/// older one; the test hooks refuse upgrades or say hello and close.
+#[test]
+fn fake_cp_control_channel() {
+    use crate::fake_cp::Upgrade;
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let node = "0b0e1c2d-0000-4000-8000-00000000c0de";
+    let path = format!("/api/agent/control?node_id={node}");
+    let march = FakeCp::start(Version::March, SECRET);
+    let r = call(&march, "GET", &path, Some(SECRET), None).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (404, "404 page not found\n"));
+    let cp = FakeCp::start(Version::Today, SECRET);
+    assert_eq!(
+        call(&cp, "GET", &path, Some("wrong"), None).unwrap().status,
+        401
+    );
+    let r = call(
+        &cp,
+        "GET",
+        "/api/agent/control?node_id=nope",
+        Some(SECRET),
+        None,
+    )
+    .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (400, "invalid node_id\n"));
+    assert_eq!(
+        call(&cp, "GET", &path, Some(SECRET), None).unwrap().status,
+        400
+    );
+
+    // Err: the status of a refused upgrade.
+    let dial = || -> Result<tungstenite::WebSocket<TcpStream>, u16> {
+        let url = format!("ws://127.0.0.1:{}{path}", cp.port());
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("X-Agent-Secret", SECRET.parse().unwrap());
+        let s = TcpStream::connect(("127.0.0.1", cp.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match tungstenite::client(req, s) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                Err(r.status().as_u16())
+            }
+            Err(e) => panic!("handshake: {e}"),
+        }
+    };
+    let text = |ws: &mut tungstenite::WebSocket<TcpStream>| -> Value {
+        match ws.read().unwrap() {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            m => panic!("not a text frame: {m:?}"),
+        }
+    };
+    let mut ws = dial().unwrap();
+    assert_eq!(text(&mut ws), json!({"type": "hello", "node_id": node}));
+    let server = cp.control().accept(Duration::from_secs(5)).unwrap();
+    assert_eq!((server.node_id(), server.target()), (node, path.as_str()));
+    ws.send(Message::text(r#"{"type":"ping"}"#)).unwrap();
+    assert_eq!(text(&mut ws), json!({"type": "pong"}));
+    let exit = json!({"type": "exit", "session": "s1", "code": 2});
+    ws.send(Message::text(exit.to_string())).unwrap();
+    assert_eq!(server.recv(Duration::from_secs(5)), Some(exit));
+    server.resize("s1", 80, 24).unwrap();
+    let resize = json!({"type": "resize", "session": "s1", "cols": 80, "rows": 24});
+    assert_eq!(text(&mut ws), resize);
+
+    // A newer connection of the node closes the older one.
+    let mut newer = dial().unwrap();
+    assert_eq!(text(&mut newer)["type"], "hello");
+    assert!(
+        ws.read().is_err() || ws.read().is_err(),
+        "the older one is closed"
+    );
+    assert_eq!(server.recv(Duration::from_secs(5)), None);
+    assert!(server.is_closed());
+
+    cp.control().set_upgrade(Upgrade::Refuse(503));
+    assert_eq!(dial().err(), Some(503));
+    cp.control().set_upgrade(Upgrade::HelloThenClose);
+    let mut ws = dial().unwrap();
+    assert_eq!(text(&mut ws)["type"], "hello");
+    assert!(matches!(ws.read(), Ok(Message::Close(_))));
+    let statuses: Vec<Option<u16>> = cp
+        .requests_to("/api/agent/control")
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            Some(401),
+            Some(400),
+            Some(400),
+            Some(101),
+            Some(101),
+            Some(503),
+            Some(101)
+        ]
+    );
+}

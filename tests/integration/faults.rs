@@ -2,9 +2,10 @@
 //! NUL 500s) and real files: a poison report never blocks others, a full disk loses no task
 //! and no report, a restart never reports a task twice with different outcomes.
 
-use crate::agent::{chatty_build, statuses, wait_final, Agent, SECRET};
+use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
-use crate::util::{self, temp_dir};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, temp_dir, test_name, RemoveContainers};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +28,11 @@ fn a_poison_report_blocks_no_other_and_nul_never_reaches_the_server() {
     let cp = builder_cp();
     let dir = temp_dir("faults-poison");
     let env = [("FAKE_GIT_NUL", "1"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     // Task A's reports are refused for as long as the fault lasts.
     let a = chatty_build(&cp, DEP_A);
     cp.inject(&format!("/api/agent/tasks/{a}/complete"), Fault::Status(500, "application/json", r#"{"error":"ERROR: invalid byte sequence for encoding \"UTF8\": 0x00 (SQLSTATE 22021)"}"#.into()), 100_000);
@@ -127,7 +132,7 @@ fn files(dir: &Path) -> Vec<(String, u64)> {
 /// restart after space returned does not report it again as interrupted.
 #[test]
 fn a_full_disk_loses_no_task_and_no_report() {
-    let Some(fs) = tmpfs_or_skip("faults-disk", "a_full_disk_loses_no_task_and_no_report") else {
+    let Some(fs) = tmpfs_or_skip("faults-disk", test_name!()) else {
         return;
     };
     let cp = builder_cp();
@@ -139,7 +144,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
         ("FAKE_GIT_SLEEP", "3"),
         ("DATA_DIR", data.to_str().unwrap()),
     ];
-    let agent = Agent::start(&cp, "builder", &dir, &env);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered", Duration::from_secs(20), |cp| {
         cp.register_count() >= 1
     });
@@ -192,7 +201,11 @@ fn a_full_disk_loses_no_task_and_no_report() {
     );
     drop(agent);
     let registered = cp.register_count();
-    let _agent = Agent::start(&cp, "builder", &dir, &env);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     cp.wait_for("registered again", Duration::from_secs(20), |cp| {
         cp.register_count() > registered
     });
@@ -231,7 +244,7 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
     )
     .unwrap();
     std::fs::write(outbox.join(format!("{delivered}.sent")), "").unwrap();
-    let _agent = Agent::start(&cp, "builder", &dir, &[]);
+    let _agent = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
     assert_eq!(wait_final(&cp, queued, 30)["status"], "completed");
     assert_eq!(
         wait_final(&cp, interrupted, 30),
@@ -253,22 +266,22 @@ fn a_restart_never_reports_a_task_again_with_another_outcome() {
 /// the old one its name back before its first status report, which carries the old port.
 #[test]
 fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
-    if !util::require_docker("kill_9_during_a_deploys_health_wait_is_reconciled_at_start") {
+    if !util::require_docker(test_name!()) {
         return;
     }
     crate::deployer::images();
-    let docker = which(&util::docker_cli());
     let cp = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("faults-reconcile");
     let prefix = format!("itf-rec-{}", std::process::id());
     let name = format!("muvee-{prefix}");
-    let _cleanup = RemoveContainers(name.clone());
-    let env = [
-        ("DOCKER_CLI", docker.as_str()),
-        ("DEPLOY_HEALTH_TIMEOUT", "120s"),
-        ("HEARTBEAT_INTERVAL", "1s"),
-    ];
-    let mut agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _cleanup = RemoveContainers::named(&name);
+    let deploy_node = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .real_docker()
+        .env("DEPLOY_HEALTH_TIMEOUT", "120s")
+        .env("HEARTBEAT_INTERVAL", "1s");
+    let mut agent = deploy_node.start();
     let deploy = |dep: &str, image: &str| {
         let p = json!({"image_tag": image, "deployment_id": dep, "project_id": "proj-rec",
                        "domain_prefix": prefix, "container_port": 8080, "env_vars": {"BODY": "old"}});
@@ -298,7 +311,7 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     drop(agent);
 
     let posted_before = cp.posted("/api/agent/container-statuses").len();
-    let _agent = Agent::start(&cp, "deploy", &dir, &env);
+    let _agent = deploy_node.start();
     let r = wait_final(&cp, &second, 30);
     assert_eq!(
         r,
@@ -321,29 +334,4 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
         "the failed deployment's container still runs"
     );
     assert!(util::http_get(port, "/").is_some_and(|b| b.contains("body=old")));
-}
-
-fn which(prog: &str) -> String {
-    if prog.contains('/') {
-        return prog.to_string();
-    }
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {prog}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Removes every container whose name contains the prefix when the test ends.
-struct RemoveContainers(String);
-
-impl Drop for RemoveContainers {
-    fn drop(&mut self) {
-        let f = format!("name={}", self.0);
-        let out = util::docker(&["ps", "-aq", "--filter", &f], &[]);
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", id], &[]);
-        }
-    }
 }

@@ -13,4 +13,5 @@ mod faults;
 mod git_http;
 mod operations;
 mod packaging;
+mod test_agent;
 mod util;

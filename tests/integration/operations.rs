@@ -2,9 +2,9 @@
 //! ownership for a non-root app, and a deploy node's metrics, health report and reaping
 //! against the fake control plane. Images are built from tests/fixtures/deploy-ops.
 
-use crate::agent::Agent;
 use crate::fake_cp::{FakeCp, Version};
-use crate::util::{self, require_docker, temp_dir};
+use crate::test_agent::TestAgent;
+use crate::util::{self, require_docker, temp_dir, test_name, RemoveContainers};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -93,14 +93,17 @@ struct Ops {
     prefix: String,
     data: PathBuf,
     volumes: PathBuf,
+    _cleanup: RemoveContainers,
 }
 
 impl Ops {
     fn new(name: &str) -> Ops {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("ito-{name}-{}-{n}", std::process::id());
         Ops {
-            prefix: format!("ito-{name}-{}-{n}", std::process::id()),
+            _cleanup: RemoveContainers::named(&format!("muvee-{prefix}")),
+            prefix,
             data: temp_dir("ops-data"),
             volumes: temp_dir("ops-vol"),
         }
@@ -188,21 +191,6 @@ impl Ops {
     }
 }
 
-impl Drop for Ops {
-    fn drop(&mut self) {
-        let filter = format!("name=muvee-{}", self.prefix);
-        let Ok(out) = Command::new(util::docker_cli())
-            .args(["ps", "-aq", "--filter", &filter])
-            .output()
-        else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = util::docker(&["rm", "-f", id], &[]);
-        }
-    }
-}
-
 /// Polls until the app answers HTTP on its current port; returns that port.
 fn answers(app: &Ops) -> u16 {
     let mut port = 0;
@@ -216,7 +204,7 @@ fn answers(app: &Ops) -> u16 {
 
 #[test]
 fn lifecycle_tasks_on_a_real_container() {
-    if !require_docker("lifecycle_tasks_on_a_real_container") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -328,7 +316,7 @@ fn describe_matches_docker_inspect(app: &Ops, port: u16) {
 
 #[test]
 fn missing_containers_give_the_documented_results() {
-    if !require_docker("missing_containers_give_the_documented_results") {
+    if !require_docker(test_name!()) {
         return;
     }
     let app = Ops::new("gone");
@@ -360,7 +348,7 @@ fn missing_containers_give_the_documented_results() {
 
 #[test]
 fn runtime_logs_are_capped_at_1_mib_and_sanitised() {
-    if !require_docker("runtime_logs_are_capped_at_1_mib_and_sanitised") {
+    if !require_docker(test_name!()) {
         return;
     }
     let app = Ops::new("biglog");
@@ -384,7 +372,7 @@ fn runtime_logs_are_capped_at_1_mib_and_sanitised() {
 
 #[test]
 fn describe_counts_restarts_and_oom_kills() {
-    if !require_docker("describe_counts_restarts_and_oom_kills") {
+    if !require_docker(test_name!()) {
         return;
     }
     let crash = Ops::new("crash");
@@ -416,7 +404,7 @@ fn describe_counts_restarts_and_oom_kills() {
 
 #[test]
 fn a_fresh_workspace_is_written_by_a_non_root_app() {
-    if !require_docker("a_fresh_workspace_is_written_by_a_non_root_app") {
+    if !require_docker(test_name!()) {
         return;
     }
     images();
@@ -451,7 +439,7 @@ fn a_fresh_workspace_is_written_by_a_non_root_app() {
 
 #[test]
 fn deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers() {
-    if !require_docker("deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers") {
+    if !require_docker(test_name!()) {
         return;
     }
     let app = Ops::new("reap");
@@ -471,7 +459,11 @@ fn deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers() {
     let cp = FakeCp::start(Version::Today, SECRET);
     let path = ("PATH", "/usr/local/bin:/usr/bin:/bin");
     let env = [path, ("HEARTBEAT_INTERVAL", "1s"), ("REAP_GRACE", "2s")];
-    let agent = Agent::start(&cp, "deploy", &dir, &env);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
     let mine = |cp: &FakeCp| -> Vec<Value> {
         cp.posted("/api/agent/container-metrics")
             .iter()
@@ -544,7 +536,11 @@ fn deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers() {
 fn health_reports_for_today_and_a_quiet_stop_on_march() {
     let today = FakeCp::start(Version::Today, SECRET);
     let dir = temp_dir("ops-health-today");
-    let _a = Agent::start(&today, "builder", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
+    let _a = TestAgent::builder("builder")
+        .cp(&today)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start();
     today.wait_for("a health report", Duration::from_secs(20), |cp| {
         !cp.requests_to("/api/agent/health-report").is_empty()
     });
@@ -578,7 +574,11 @@ fn health_reports_for_today_and_a_quiet_stop_on_march() {
 
     let march = FakeCp::start(Version::March, SECRET);
     let dir = temp_dir("ops-health-march");
-    let a = Agent::start(&march, "deploy", &dir, &[("HEARTBEAT_INTERVAL", "1s")]);
+    let a = TestAgent::builder("deploy")
+        .cp(&march)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start();
     march.wait_for("a health report", Duration::from_secs(20), |cp| {
         !cp.requests_to("/api/agent/health-report").is_empty()
     });

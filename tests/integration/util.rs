@@ -9,6 +9,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The name of the test function it is written in, so a test never spells its own name.
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        let path = std::any::type_name_of_val(&here);
+        let path = path.strip_suffix("::here").unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }};
+}
+pub(crate) use test_name;
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_muvee-agent"))
 }
@@ -121,6 +132,43 @@ pub fn require_docker(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: {msg}");
     false
+}
+
+/// Removes, when dropped, the containers, networks and volumes that match a `docker ps`
+/// filter (`name=…` or `label=…`): a test's objects go whatever happens to the test. Never
+/// panics: there may be no engine, or the test is already failing.
+pub struct RemoveContainers(String);
+
+impl RemoveContainers {
+    /// Containers whose name contains `part`.
+    pub fn named(part: &str) -> RemoveContainers {
+        RemoveContainers(format!("name={part}"))
+    }
+
+    /// Objects with this `key=value` label.
+    pub fn labelled(label: &str) -> RemoveContainers {
+        RemoveContainers(format!("label={label}"))
+    }
+}
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        let ids = |args: &[&str]| -> Vec<String> {
+            let mut c = Command::new(docker_cli());
+            c.args(args).args(["-q", "--filter", &self.0]);
+            let out = c.output().map(|o| o.stdout).unwrap_or_default();
+            let text = String::from_utf8_lossy(&out);
+            text.split_whitespace().map(String::from).collect()
+        };
+        let remove = |args: &[&str], ids: Vec<String>| {
+            if !ids.is_empty() {
+                let _ = Command::new(docker_cli()).args(args).args(ids).output();
+            }
+        };
+        remove(&["rm", "-f", "-v"], ids(&["ps", "-a"]));
+        remove(&["network", "rm"], ids(&["network", "ls"]));
+        remove(&["volume", "rm", "-f"], ids(&["volume", "ls"]));
+    }
 }
 
 /// The password-protected test registry.
