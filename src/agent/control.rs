@@ -486,12 +486,17 @@ impl Conn {
         if self.unsent {
             events |= libc::POLLOUT;
         }
-        let mut deadline = self.next_ping.min(self.last_read + READ_DEADLINE);
+        let mut deadline = self.last_read + READ_DEADLINE;
         if let Some((_, since)) = &self.held {
             deadline = deadline.min(*since + UPLOAD_STALL);
         }
-        if !self.urgent.is_empty() {
-            deadline = Instant::now();
+        // While a frame waits for room in the socket, POLLOUT is what wakes us: neither a
+        // due ping nor our own frames can go before it.
+        if !self.unsent {
+            deadline = deadline.min(self.next_ping);
+            if !self.urgent.is_empty() {
+                deadline = Instant::now();
+            }
         }
         let wait = deadline.saturating_duration_since(Instant::now());
         let fds = [

@@ -142,8 +142,14 @@ impl Inbox {
         self.lock().ended
     }
 
+    /// The session finished: what still waits is dropped now, not when the socket thread
+    /// next looks.
     fn end(&self) {
-        self.lock().ended = true;
+        let mut s = self.lock();
+        s.ended = true;
+        s.frames.clear();
+        s.bytes = 0;
+        drop(s);
         self.socket.ring();
     }
 }
