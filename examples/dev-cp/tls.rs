@@ -51,7 +51,8 @@ impl TlsFront {
 }
 
 /// Copies between the TLS client and the plain backend until either side ends. Blocking
-/// sockets; poll(2) says which side has bytes.
+/// sockets; poll(2) says which side has bytes. Plaintext rustls already holds (it can come
+/// with the handshake's last flight) goes to the backend before any wait.
 fn relay(
     mut conn: rustls::ServerConnection,
     mut tcp: TcpStream,
@@ -62,6 +63,17 @@ fn relay(
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        loop {
+            match conn.reader().read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => back.write_all(&buf[..n])?,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp)?;
+        }
         let mut fds = [
             libc::pollfd {
                 fd: tcp.as_raw_fd(),
@@ -84,14 +96,6 @@ fn relay(
             }
             conn.process_new_packets()
                 .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-            loop {
-                match conn.reader().read(&mut buf) {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => back.write_all(&buf[..n])?,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
         }
         if fds[1].revents != 0 {
             let n = back.read(&mut buf)?;
@@ -101,9 +105,6 @@ fn relay(
                 return Ok(());
             }
             conn.writer().write_all(&buf[..n])?;
-        }
-        while conn.wants_write() {
-            conn.write_tls(&mut tcp)?;
         }
     }
 }

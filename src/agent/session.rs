@@ -70,7 +70,8 @@ pub enum Push {
 struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
-    /// The socket side let go (`close` handled, overflow, or the connection ended).
+    /// `close` came, or the socket side let go (overflow, or the connection ended): the
+    /// session ends even while its input waits.
     closed: bool,
     /// The session thread finished.
     ended: bool,
@@ -103,12 +104,19 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Never waits (the socket thread calls it).
+    /// Never waits (the socket thread calls it). `close` is not queued: it ends the session
+    /// even behind input the program does not read.
     pub fn push(&self, f: Frame) -> Push {
         let size = weight(&f);
         let mut s = self.lock();
         if s.ended {
             return Push::Ended;
+        }
+        if f.kind == "close" {
+            s.closed = true;
+            drop(s);
+            self.bell.ring();
+            return Push::Queued;
         }
         if size > INBOX_BYTES {
             return Push::TooBig;
@@ -309,6 +317,9 @@ impl Run {
             if signal::exited_unreaped(pid) {
                 break End::Exited;
             }
+            if self.inbox.closed() {
+                break End::Closed;
+            }
             let busy = match sink.as_mut().map(Sink::flush) {
                 Some(Ok(busy)) => busy,
                 Some(Err(_)) => {
@@ -318,14 +329,9 @@ impl Run {
                 None => false,
             };
             if !busy {
-                match self.inbox.pop() {
-                    Some(fr) if fr.kind == "close" => break End::Closed,
-                    Some(fr) => {
-                        each(fr, sink);
-                        continue;
-                    }
-                    None if self.inbox.closed() => break End::Closed,
-                    None => {}
+                if let Some(fr) = self.inbox.pop() {
+                    each(fr, sink);
+                    continue;
                 }
             }
             let mut fds = vec![(self.inbox.bell.fd(), libc::POLLIN)];
@@ -633,6 +639,14 @@ mod tests {
         let rung = signal::poll_fds(&[(socket.fd(), libc::POLLIN)], std::time::Duration::ZERO);
         assert_ne!(rung[0], 0, "room after a Full must wake the socket thread");
         assert!(matches!(inbox.push(frame("cp_up_tar", &big)), Push::Queued));
+        // `close` gets through a full inbox.
+        assert!(matches!(
+            inbox.push(frame("cp_up_tar", &big)),
+            Push::Full(_)
+        ));
+        assert!(!inbox.closed());
+        assert!(matches!(inbox.push(Frame::new("close", "s")), Push::Queued));
+        assert!(inbox.closed());
         inbox.end();
         assert!(matches!(inbox.push(frame("stdio", b"x")), Push::Ended));
     }

@@ -464,9 +464,10 @@ fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded()
         b1.end
     );
 
-    // Frames that fit, faster than the program reads them (it reads none; the container's
-    // TTY echoes what it takes before its buffer fills).
-    ws.open_exec("b2", c, &["sleep", "7782"]).unwrap();
+    // Frames that fit, faster than the program reads them (it reads none). The TTY is made
+    // raw first: in canonical mode a full line buffer takes and drops input for ever.
+    ws.open_exec("b2", c, &["sh", "-c", "stty raw -echo; exec sleep 7782"])
+        .unwrap();
     let mib = vec![b'y'; 1 << 20];
     for _ in 0..16 {
         ws.stdin("b2", &mib).unwrap();
@@ -671,16 +672,18 @@ fn an_https_control_plane_gets_exec_over_wss_with_its_own_ca() {
     .unwrap();
     let node = node_name();
     let (container, _cleanup) = idle_container(&node);
-    let _agent = TestAgent::builder("deploy")
+    let agent = TestAgent::builder("deploy")
         .url(&format!("https://localhost:{}", front.port))
         .real_docker()
         .env("NODE_NAME", &node)
         .env("CONTROL_PLANE_CA_FILE", ca_file.to_str().unwrap())
         .start();
-    let ws = cp
-        .control()
-        .accept(Duration::from_secs(20))
-        .expect("the agent never dialled the control channel over wss");
+    let Some(ws) = cp.control().accept(Duration::from_secs(20)) else {
+        panic!(
+            "the agent never dialled the control channel over wss:\n{}",
+            agent.log()
+        );
+    };
     ws.open_exec("t1", &container, &["echo", "over-tls"])
         .unwrap();
     let t1 = ws.outcome("t1", FRAME_WAIT).expect("t1 ended");
