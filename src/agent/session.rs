@@ -18,6 +18,7 @@ use crate::sys::signal;
 use crate::sys::sync::random_u64;
 use crate::work::ctx::Shared;
 use crate::work::lifecycle;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -25,10 +26,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Input bytes waiting for one session; a single frame larger than this is refused.
 pub const INBOX_BYTES: usize = 2 << 20;
 const PTY_CHUNK: usize = 4096;
+/// How long after a resize the docker client is told again (see `exec`).
+const REWINCH: Duration = Duration::from_secs(1);
 const CP_CHUNK: usize = 32 * 1024;
 /// The environment variable that marks an exec'd process as this session's.
 const MARKER: &str = "MUVEE_EXEC_SESSION";
@@ -190,6 +194,7 @@ pub fn start(
         out: out.clone(),
         cfg: cfg.clone(),
         shared: shared.clone(),
+        rewinch: Cell::new(None),
     };
     std::thread::Builder::new()
         .name("session".into())
@@ -269,6 +274,8 @@ struct Run {
     out: Out,
     cfg: Arc<Config>,
     shared: Arc<Shared>,
+    /// When to tell the docker client again that the PTY was resized (see `exec`).
+    rewinch: Cell<Option<Instant>>,
 }
 
 impl Run {
@@ -300,8 +307,9 @@ impl Run {
             }
             Err(e) => Frame::error(session, &format!("cannot look up the container: {e}")),
         };
-        let _ = self.out.send(last);
+        // Ended first: once the CLI sees the exit, the session no longer counts.
         self.inbox.end();
+        let _ = self.out.send(last);
     }
 
     /// Takes frames until the process exits or the session is closed. A frame is taken
@@ -319,6 +327,11 @@ impl Run {
             }
             if self.inbox.closed() {
                 break End::Closed;
+            }
+            let now = Instant::now();
+            if self.rewinch.get().is_some_and(|t| t <= now) {
+                self.rewinch.set(None);
+                signal::kill_group(pid, libc::SIGWINCH);
             }
             let busy = match sink.as_mut().map(Sink::flush) {
                 Some(Ok(busy)) => busy,
@@ -338,7 +351,11 @@ impl Run {
             if let Some(s) = sink.as_ref().filter(|_| busy) {
                 fds.push((s.file.as_raw_fd(), libc::POLLOUT));
             }
-            signal::poll_fds(&fds, std::time::Duration::from_secs(3600));
+            let wait = match self.rewinch.get() {
+                Some(t) => t.saturating_duration_since(now),
+                None => Duration::from_secs(3600),
+            };
+            signal::poll_fds(&fds, wait);
             self.inbox.bell.drain();
         };
         end
@@ -353,7 +370,7 @@ impl Run {
         while !signal::exited_unreaped(child.id()) {
             signal::poll_fds(
                 &[(self.inbox.bell.fd(), libc::POLLIN)],
-                std::time::Duration::from_secs(3600),
+                Duration::from_secs(3600),
             );
             self.inbox.bell.drain();
         }
@@ -421,6 +438,10 @@ impl Run {
                 unsafe {
                     libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
                 }
+                // The docker client forwards the size on SIGWINCH, but a resize early in
+                // the session can be lost (before it listens) or overtaken by its own first
+                // resize in flight: it is told once more a second later.
+                self.rewinch.set(Some(Instant::now() + REWINCH));
             }
             _ => {}
         });
@@ -524,7 +545,7 @@ fn pump_pty(mut pty: File, out: &Out, session: &str) -> std::thread::JoinHandle<
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let fds = [(pty.as_raw_fd(), libc::POLLIN)];
-                    signal::poll_fds(&fds, std::time::Duration::from_secs(3600));
+                    signal::poll_fds(&fds, Duration::from_secs(3600));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -636,7 +657,7 @@ mod tests {
         ));
         socket.drain();
         assert!(inbox.pop().is_some());
-        let rung = signal::poll_fds(&[(socket.fd(), libc::POLLIN)], std::time::Duration::ZERO);
+        let rung = signal::poll_fds(&[(socket.fd(), libc::POLLIN)], Duration::ZERO);
         assert_ne!(rung[0], 0, "room after a Full must wake the socket thread");
         assert!(matches!(inbox.push(frame("cp_up_tar", &big)), Push::Queued));
         // `close` gets through a full inbox.

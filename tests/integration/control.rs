@@ -528,7 +528,7 @@ fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded()
     assert!(open.is_empty(), "no exit for {open:?}");
 }
 
-/// A docker CLI that is the real one, made slow where a test asks: `ps` sleeps 6 s while the
+/// A docker CLI that is the real one, made slow where a test asks: `ps` sleeps 10 s while the
 /// file `slow-ps` exists next to it (a slow daemon), and `cp - …` takes its input at about
 /// 2 MiB/s (a container whose disk is slower than the network).
 fn slow_docker() -> PathBuf {
@@ -536,7 +536,7 @@ fn slow_docker() -> PathBuf {
     let script = format!(
         "#!/bin/sh\n\
          real={real}\n\
-         if [ \"$1\" = ps ] && [ -e {dir}/slow-ps ]; then sleep 6; fi\n\
+         if [ \"$1\" = ps ] && [ -e {dir}/slow-ps ]; then sleep 10; fi\n\
          if [ \"$1\" = cp ] && [ \"$2\" = - ]; then\n\
            while n=$(dd bs=65536 count=1 iflag=fullblock 2>/dev/null | tee /dev/fd/3 | wc -c) && [ \"$n\" -gt 0 ]; do sleep 0.03; done 3>&1 | \"$real\" \"$@\"\n\
            exit $?\n\
@@ -609,7 +609,7 @@ fn a_slow_docker_daemon_does_not_stop_other_sessions() {
     if let Err(seen) = read_until(&ws, "a", "one-2", FRAME_WAIT) {
         panic!("a: no one-2: {seen:?}");
     }
-    // From now on every `docker ps` takes 6 s: a session opened by prefix resolves slowly...
+    // From now on every `docker ps` takes 10 s: a session opened by prefix resolves slowly...
     std::fs::write(docker.with_file_name("slow-ps"), "").unwrap();
     ws.send(
         &json!({"type": "open_exec", "session": "b", "domain_prefix": bed.prefix(),
@@ -618,8 +618,8 @@ fn a_slow_docker_daemon_does_not_stop_other_sessions() {
     .unwrap();
     // ... while the open session answers at once.
     ws.stdin("a", b"echo two-$((2+2))\n").unwrap();
-    if let Err(seen) = read_until(&ws, "a", "two-4", Duration::from_secs(3)) {
-        panic!("a: no two-4 within 3 s while b resolved: {seen:?}");
+    if let Err(seen) = read_until(&ws, "a", "two-4", Duration::from_secs(4)) {
+        panic!("a: no two-4 within 4 s while b resolved: {seen:?}");
     }
     let b = ws.outcome("b", FRAME_WAIT).expect("b ended");
     assert_eq!(b.end, json!({"type": "exit", "session": "b"}));
