@@ -4,7 +4,8 @@
 #      CPU ticks per minute and wake-ups per second
 #   2. build through the agent vs the same git + docker commands by hand; a 200k-line build;
 #      a 1M-line build through the long-lived agent with its log shipped (and a slow
-#      control plane: 50 ms per log request): ratio, requests, lines delivered, peak RSS
+#      control plane: 50 ms per log request): ratio, requests, lines delivered, peak RSS;
+#      the p99 latency of a quiet build's log lines (two a second)
 #   3. deploy through the agent vs the same docker commands by hand; redeploy downtime;
 #      bytes copied by a cached-dataset redeploy
 # BENCH_IDLE_SECS and BENCH_RUNS shorten or lengthen it.
@@ -130,7 +131,9 @@ FROM $MUVEE_TEST_BASE_IMAGE
 COPY stamp /stamp
 RUN seq 1 1000000
 DOCKERFILE
-loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes log_lines peak_rss_kib status
+# $1 log delay ms, $2 run, $3 Dockerfile, $4 "ticks" to time the log's "tick <uptime>" lines;
+# prints: seconds log_requests log_bytes log_lines peak_rss_kib status p99_latency_ms ticks
+loop_build() {
   local pf=$work/loop-cp.port cpid apid url dep=ab000000-0000-4000-8000-0000000000$2
   rm -f "$pf"
   "$dev_cp" serve --listen 127.0.0.1:0 --secret bench --port-file "$pf" --log-delay-ms "$1" \
@@ -138,28 +141,38 @@ loop_build() { # $1 log delay ms, $2 run; prints: seconds log_requests log_bytes
   cpid=$!
   for _ in $(seq 50); do [ -s "$pf" ] && break; sleep 0.1; done
   url=http://127.0.0.1:$(cat "$pf")
-  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=50ms \
+  NODE_ROLE=builder CONTROL_PLANE_URL=$url AGENT_SECRET=bench DATA_DIR=$work/loop POLL_INTERVAL=100ms \
     "$agent" 2>"$work/loop.log" &
   apid=$!
   sleep 1
   local s; s=$(now)
   local task=
-  until task=$(curl -fs -X POST "$url/dev/tasks" -d "{\"type\":\"build\",\"deployment_id\":\"$dep\",\"payload\":$(payload Dockerfile.million)}"); do
+  until task=$(curl -fs -X POST "$url/dev/tasks" -d "{\"type\":\"build\",\"deployment_id\":\"$dep\",\"payload\":$(payload "${3:-Dockerfile.million}")}"); do
     sleep 0.05 # until the agent has registered
   done
   task=$(echo "$task" | sed -n 's/.*"task_id":"\([^"]*\)".*/\1/p')
-  python3 - "$url" "$s" "$apid" "$task" <<'PY'
-import json, sys, time, urllib.request
-url, start, pid, task = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+  python3 - "$url" "$s" "$apid" "$task" "$dep" "${4:-}" <<'PY'
+import json, math, re, sys, time, urllib.request
+url, start, pid, task, dep, ticks = sys.argv[1:7]
+start = float(start)
+late = []
 while True:
     status = json.load(urllib.request.urlopen(f"{url}/dev/tasks/{task}"))["status"]
+    if ticks:
+        # A line's latency: the host's uptime when it is first seen here minus the uptime
+        # the container printed in it (one kernel clock, 10 ms steps; polled every 10 ms).
+        log = urllib.request.urlopen(f"{url}/dev/logs/{dep}").read().decode()
+        now = float(open("/proc/uptime").read().split()[0])
+        seen = re.findall(r"tick (\d+\.\d+)", log)
+        late += [now - float(t) for t in seen[len(late):]]
     if status in ("completed", "failed"):
         break
-    time.sleep(0.02)
+    time.sleep(0.01 if ticks else 0.02)
 took = time.time() - start
 st = json.load(urllib.request.urlopen(url + "/dev/stats"))
 hwm = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM")][0]
-print(f"{took:.2f} {st['log_requests']} {st['log_bytes']} {st['log_lines']} {hwm} {status}")
+p99 = sorted(late)[math.ceil(0.99 * len(late)) - 1] * 1000 if late else -1
+print(f"{took:.2f} {st['log_requests']} {st['log_bytes']} {st['log_lines']} {hwm} {status} {p99:.0f} {len(late)}")
 PY
   kill -TERM "$apid"; wait "$apid" || true
   kill "$cpid"; wait "$cpid" 2>/dev/null || true
@@ -170,13 +183,22 @@ for i in $(seq "$RUNS"); do
   commit "million raw $i"; r+=("$(timed raw_build Dockerfile.million)")
 done
 ma=$(median "${a[@]}"); mr=$(median "${r[@]}")
-read -r _ req bytes lines hwm status <<<"$last"
+read -r _ req bytes lines hwm status _ <<<"$last"
 printf 'build printing 1M lines through the agent loop: agent %.2fs (%s), by hand %.2fs, ratio %s (target <= 1.05)\n' "$ma" "$status" "$mr" "$(ratio "$ma" "$mr")"
 printf '  logs: %s requests, %s bytes, %s lines delivered of >= 1000000 printed; agent peak RSS %s KiB (target <= 65536)\n' "$req" "$bytes" "$lines" "$hwm"
 commit "million slow cp"; slow=$(loop_build 50 99)
-read -r took req bytes lines hwm status <<<"$slow"
+read -r took req bytes lines hwm status _ <<<"$slow"
 printf '  control plane answering in 50 ms per log request: %.2fs (%s), ratio %s; %s requests, %s lines delivered; peak RSS %s KiB\n' \
   "$took" "$status" "$(ratio "$took" "$mr")" "$req" "$lines" "$hwm"
+# A quiet build, two lines a second: how soon each reaches the control plane.
+cat >"$repo/Dockerfile.quiet" <<DOCKERFILE
+FROM $MUVEE_TEST_BASE_IMAGE
+COPY stamp /stamp
+RUN for i in \$(seq 40); do echo "tick \$(cut -d' ' -f1 /proc/uptime)"; sleep 0.5; done
+DOCKERFILE
+commit "quiet"; read -r _ req _ _ _ status p99 n _ <<<"$(loop_build 0 98 Dockerfile.quiet ticks)"
+printf 'log line latency of a quiet build (2 lines/s): p99 %s ms over %s lines (target <= 250); %s requests (%s)\n' \
+  "$p99" "$n" "$req" "$status"
 export DOCKER_CLI=$docker_cli
 
 echo

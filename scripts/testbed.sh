@@ -18,7 +18,7 @@ REG_USER=muvee-test
 REG_PASS=registry-pw-4c8e1f
 BASE_IMAGE=muvee-test/busybox:latest
 REG_IMAGE=$REGISTRY/$BASE_IMAGE
-PKGS=(docker.io docker-compose docker-registry rsync busybox-static apache2-utils git curl ca-certificates)
+PKGS=(docker.io docker-compose docker-registry rsync busybox-static apache2-utils git curl ca-certificates strace)
 DID=() # what this run had to do, for the summary line
 
 say() { [ -z "${TESTBED_VERBOSE:-}" ] || echo "testbed: $*" >&2; }

@@ -2,6 +2,7 @@
 //! Bad values are errors that name the variable and the value (exit status 2).
 
 use crate::cli::Args;
+use crate::sys::disk;
 pub use crate::task::Role;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -43,6 +44,14 @@ pub enum ComposePolicy {
     Baseline,
     /// Anything the engine runs: for installations whose every project owner is trusted.
     Off,
+}
+
+/// What DATA_DIR allows now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DataDir {
+    Writable,
+    /// No space or no inodes left: why, with what is free.
+    Full(String),
 }
 
 /// A configuration error; the message names the variable and the value.
@@ -89,16 +98,23 @@ impl Settings<'_> {
         }
     }
 
-    /// A duration; `example` completes "expected a duration like ...".
+    /// A duration of at least `min`; `default` and `min` written as a user would (the
+    /// default also completes "expected a duration like ...").
     fn duration(
         &self,
         flag: &Option<String>,
         name: &str,
-        default_secs: u64,
-        example: &str,
+        default: &str,
+        min: &str,
     ) -> Result<Duration, ConfigError> {
-        let expect = format!("a duration like {example}");
-        self.parsed(flag, name, secs(default_secs), parse_duration, &expect)
+        let expect = format!("a duration like {default}");
+        let default_value = parse_duration(default).unwrap_or_default();
+        let d = self.parsed(flag, name, default_value, parse_duration, &expect)?;
+        if d < parse_duration(min).unwrap_or_default() {
+            let v = pick(flag, self.env, name).unwrap_or_default();
+            return Err(invalid(name, &v, &format!("at least {min}")));
+        }
+        Ok(d)
     }
 
     /// A whole number >= 1.
@@ -126,8 +142,9 @@ fn invalid(name: &str, value: &str, expect: &str) -> ConfigError {
 impl Config {
     pub fn load(a: &Args, env: Env) -> Result<Config, ConfigError> {
         let s = Settings { env };
-        // Durations, one line each: flag, variable, default in seconds, example for the error.
-        let d = |flag, name, default_secs, example| s.duration(flag, name, default_secs, example);
+        // Durations, one line each: flag, variable, default, the least value that makes
+        // sense (README lists them).
+        let d = |flag, name, default, min| s.duration(flag, name, default, min);
         let role = s.parsed(
             &a.node_role,
             "NODE_ROLE",
@@ -156,17 +173,17 @@ impl Config {
                 parse_size,
                 SIZE,
             )?,
-            poll_interval: d(&a.poll_interval, "POLL_INTERVAL", 5, "5s")?,
-            heartbeat_interval: d(&a.heartbeat_interval, "HEARTBEAT_INTERVAL", 30, "30s")?,
+            poll_interval: d(&a.poll_interval, "POLL_INTERVAL", "5s", "100ms")?,
+            heartbeat_interval: d(&a.heartbeat_interval, "HEARTBEAT_INTERVAL", "30s", "1s")?,
             max_concurrent_tasks: s.count(&a.max_concurrent_tasks, "MAX_CONCURRENT_TASKS", 4)?,
             builder_max_concurrent: s.count(
                 &a.builder_max_concurrent,
                 "BUILDER_MAX_CONCURRENT",
                 1,
             )?,
-            shutdown_grace: d(&a.shutdown_grace, "SHUTDOWN_GRACE", 300, "5m")?,
-            build_timeout: d(&a.build_timeout, "BUILD_TIMEOUT", 3600, "60m")?,
-            build_idle_timeout: d(&a.build_idle_timeout, "BUILD_IDLE_TIMEOUT", 900, "15m")?,
+            shutdown_grace: d(&a.shutdown_grace, "SHUTDOWN_GRACE", "5m", "0s")?,
+            build_timeout: d(&a.build_timeout, "BUILD_TIMEOUT", "60m", "10s")?,
+            build_idle_timeout: d(&a.build_idle_timeout, "BUILD_IDLE_TIMEOUT", "15m", "5s")?,
             docker_cli: s.text(&a.docker_cli, "DOCKER_CLI", "docker"),
             builder_proxy_passthrough: s.parsed(
                 &a.builder_proxy_passthrough,
@@ -175,9 +192,14 @@ impl Config {
                 parse_bool,
                 "true or false",
             )?,
-            deploy_health_timeout: d(&a.deploy_health_timeout, "DEPLOY_HEALTH_TIMEOUT", 60, "60s")?,
-            deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", 10, "10s")?,
-            reap_grace: d(&a.reap_grace, "REAP_GRACE", 600, "10m")?,
+            deploy_health_timeout: d(
+                &a.deploy_health_timeout,
+                "DEPLOY_HEALTH_TIMEOUT",
+                "60s",
+                "1s",
+            )?,
+            deploy_drain: d(&a.deploy_drain, "DEPLOY_DRAIN", "10s", "0s")?,
+            reap_grace: d(&a.reap_grace, "REAP_GRACE", "10m", "1s")?,
             compose_policy: s.parsed(
                 &a.deploy_compose_policy,
                 "DEPLOY_COMPOSE_POLICY",
@@ -188,17 +210,35 @@ impl Config {
         })
     }
 
-    /// Creates DATA_DIR and checks that it is writable.
-    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+    /// Creates DATA_DIR and checks that it is writable. A full disk (no space or no inodes
+    /// left) is not a bad configuration but a passing fault: `Full` says so, and why.
+    pub fn check_data_dir(&self) -> Result<DataDir, ConfigError> {
         let d = &self.data_dir;
         let err = |e: std::io::Error| {
             ConfigError(format!("DATA_DIR: {} is not writable: {e}", d.display()))
         };
         std::fs::create_dir_all(d).map_err(err)?;
+        // One byte, so a disk without free blocks fails too, not only one without inodes.
         let probe = d.join(format!(".write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(err)?;
+        let written = std::fs::write(&probe, b"x");
         let _ = std::fs::remove_file(probe);
-        Ok(())
+        let usage = disk::usage(d);
+        let full = |why: String| Ok(DataDir::Full(format!("{} is full: {why}", d.display())));
+        match (written, usage) {
+            (Err(e), _) if !disk::no_space(&e) => Err(err(e)),
+            (Err(e), Some(u)) => full(format!("{e} ({u})")),
+            (Err(e), None) => full(e.to_string()),
+            (Ok(()), Some(u)) if u.full() => full(u.to_string()),
+            (Ok(()), _) => Ok(DataDir::Writable),
+        }
+    }
+
+    /// As [`Config::check_data_dir`], a full disk an error too (one task needs space now).
+    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+        match self.check_data_dir()? {
+            DataDir::Writable => Ok(()),
+            DataDir::Full(why) => Err(ConfigError(format!("DATA_DIR: {why}"))),
+        }
     }
 
     /// HOST_IP, else the local address of a UDP socket "connected" to the control plane host
@@ -547,6 +587,29 @@ mod tests {
         assert_eq!(c.control_plane_url, "https://cp.example");
         assert_eq!(c.host_ip.as_deref(), Some("10.0.0.9"));
         assert!(!c.builder_proxy_passthrough);
+    }
+
+    #[test]
+    fn durations_below_their_minimum_are_refused_naming_the_variable() {
+        let cases = [
+            ("POLL_INTERVAL", "0", "100ms", "100ms"),
+            ("POLL_INTERVAL", "99ms", "100ms", "100ms"),
+            ("HEARTBEAT_INTERVAL", "0", "1s", "1s"),
+            ("BUILD_TIMEOUT", "9s", "10s", "10s"),
+            ("BUILD_IDLE_TIMEOUT", "0", "5s", "5s"),
+            ("DEPLOY_HEALTH_TIMEOUT", "0", "1s", "1s"),
+            ("REAP_GRACE", "0", "1s", "1s"),
+        ];
+        for (name, low, min, ok) in cases {
+            assert_eq!(
+                load(&[(name, low)]).unwrap_err().0,
+                format!("{name}: invalid value {low:?} (expected at least {min})")
+            );
+            assert!(load(&[(name, ok)]).is_ok(), "{name}={ok}");
+        }
+        // Zero means "at once" for these two.
+        let c = load(&[("SHUTDOWN_GRACE", "0"), ("DEPLOY_DRAIN", "0s")]).unwrap();
+        assert_eq!((c.shutdown_grace, c.deploy_drain), (secs(0), secs(0)));
     }
 
     #[test]

@@ -48,9 +48,9 @@ pub enum Action {
     Reset,
 }
 
-/// Called with each request's raw target before routing; `Some((name, action))` overrides it
-/// (`name` is recorded in [`Recorded::fault`]).
-pub type Interceptor = Box<dyn Fn(&str) -> Option<(String, Action)> + Send + Sync>;
+/// Called with each request's raw target and body length before routing;
+/// `Some((name, action))` overrides it (`name` is recorded in [`Recorded::fault`]).
+pub type Interceptor = Box<dyn Fn(&str, usize) -> Option<(String, Action)> + Send + Sync>;
 
 /// One request as received (recorded before faults and routing).
 #[derive(Clone, Debug)]
@@ -797,7 +797,7 @@ fn record(sh: &Shared, req: &Req) -> (Option<usize>, Option<Action>, bool) {
     };
     let mut st = sh.lock();
     let hit = match &*sh.interceptor.lock().unwrap() {
-        Some(f) => f(&req.target),
+        Some(f) => f(&req.target, req.body.len()),
         None => None,
     };
     st.counters.requests += 1;

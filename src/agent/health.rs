@@ -7,7 +7,7 @@
 //! control plane itself and a real registry login, which the running agent already does on
 //! every heartbeat, and the compose policy in force.
 
-use crate::config::{ComposePolicy, Config};
+use crate::config::{ComposePolicy, Config, DataDir};
 use crate::cp::client::{self, Client};
 use crate::cp::tls::Roots;
 use crate::sys::docker::{BuildMode, Docker};
@@ -153,11 +153,29 @@ fn docker(cfg: &Config, runner: &dyn Runner) -> Vec<Check> {
 
 /// DATA_DIR writable, NODE_ROLE set, AGENT_SECRET not empty.
 fn settings(cfg: &Config) -> Vec<Check> {
-    let data_dir = cfg
-        .prepare_data_dir()
-        .map(|()| format!("{} is writable", cfg.data_dir.display()));
-    let fix = "create the directory or set DATA_DIR to a writable path";
-    let mut out = vec![Check::of("data_dir", "DATA_DIR", data_dir, fix)];
+    let (name, label) = ("data_dir", "DATA_DIR");
+    let data_dir = match cfg.check_data_dir() {
+        Ok(DataDir::Writable) => Check::ok(
+            name,
+            label,
+            &format!("{} is writable", cfg.data_dir.display()),
+        ),
+        Ok(DataDir::Full(why)) => Check::problem(
+            name,
+            label,
+            Status::Error,
+            &format!("{why}; no task is taken until space returns"),
+            "free space on DATA_DIR's filesystem (the agent resumes by itself)",
+        ),
+        Err(e) => Check::problem(
+            name,
+            label,
+            Status::Error,
+            &e.to_string(),
+            "create the directory or set DATA_DIR to a writable path",
+        ),
+    };
+    let mut out = vec![data_dir];
     out.push(match cfg.role {
         Some(role) => Check::ok("node_role", "NODE_ROLE", role.as_str()),
         None => Check::problem(

@@ -59,16 +59,7 @@ fn meminfo() -> (u64, u64) {
 
 /// (total, used) bytes of the filesystem holding `path`.
 pub fn disk_usage(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * frsize;
-    Some((total, total.saturating_sub(st.f_bfree as u64 * frsize)))
+    crate::sys::disk::usage(path).map(|u| (u.total_bytes, u.used_bytes))
 }
 
 pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Value {

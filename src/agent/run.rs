@@ -3,8 +3,9 @@
 
 use crate::agent::metrics;
 use crate::agent::reports::{self, Reports};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DataDir};
 use crate::cp::client::{Backoff, Client, CpError};
+use crate::cp::files;
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::outbox::Outbox;
@@ -12,12 +13,13 @@ use crate::cp::tls::Roots;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
-use crate::sys::{redact, signal};
+use crate::sys::sync::FileLock;
+use crate::sys::{disk, redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,8 +40,10 @@ struct Agent {
     node_id: Option<String>,
     logged_in: Option<(String, String, String)>,
     outbox_flushed: bool,
+    /// DATA_DIR was full at the last look: no task is taken.
+    disk_full: bool,
+    /// Task threads alive (shutdown waits for them; some may wait for a lock, holding no slot).
     running: Arc<AtomicUsize>,
-    wake: Arc<AtomicBool>,
     cpu: metrics::CpuSampler,
     reports: Reports,
 }
@@ -53,6 +57,11 @@ pub enum StartError {
         path: std::path::PathBuf,
         err: std::io::Error,
     },
+    /// Another agent runs on this DATA_DIR (its pid when known).
+    Busy {
+        path: std::path::PathBuf,
+        holder: Option<String>,
+    },
     /// No thread for the outbox sender.
     Thread(std::io::Error),
 }
@@ -62,6 +71,12 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => e.fmt(f),
             StartError::DataDir { path, err } => write!(f, "DATA_DIR: {}: {err}", path.display()),
+            StartError::Busy { path, holder } => write!(
+                f,
+                "DATA_DIR {} is in use by another muvee-agent ({}); give each agent its own DATA_DIR",
+                path.display(),
+                holder.as_deref().map_or("pid unknown".into(), |p| format!("pid {p}"))
+            ),
             StartError::Thread(e) => write!(f, "cannot start the outbox sender: {e}"),
         }
     }
@@ -77,7 +92,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
         .ok_or_else(|| ConfigError("NODE_ROLE is required (builder or deploy)".into()))?;
-    cfg.prepare_data_dir()?;
+    if let DataDir::Full(why) = cfg.check_data_dir()? {
+        log::error!("DATA_DIR {why}: no task is taken until space returns");
+    }
+    let _lock = lock_data_dir(&cfg)?;
     if cfg.agent_secret.is_empty() {
         log::warn!("AGENT_SECRET is empty: today's control plane rejects every request without it");
     }
@@ -97,9 +115,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
 
     // Recovery before any report goes out: a final report queued by the previous run must
     // not race the scan that reports its task interrupted.
-    let interrupted = report_interrupted(&journal, &outbox);
-    outbox.forget_sent(&|id| journal.is_saved_done(id));
-    journal.prune(JOURNAL_KEEP);
+    let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     {
         let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
@@ -109,7 +125,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             .map_err(StartError::Thread)?;
     }
     // Log spills of tasks that ended with the previous process: their reports say failed.
-    let _ = std::fs::remove_dir_all(cfg.data_dir.join("state/logs"));
+    let logs = cfg.data_dir.join("state/logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    let _ = files::private_dir(&logs);
 
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
@@ -128,13 +146,19 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         node_id: None,
         logged_in: None,
         outbox_flushed: false,
+        disk_full: false,
         running: Arc::default(),
-        wake: Arc::default(),
         cpu: metrics::CpuSampler::default(),
         reports: Reports::default(),
     };
     if role == Role::Deploy {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
+        // The cache's size, for the heartbeat: a large cache takes a while to walk.
+        let (shared, data_dir) = (agent.shared.clone(), agent.cfg.data_dir.clone());
+        let measure = move || shared.cache.measure(&data_dir);
+        let _ = std::thread::Builder::new()
+            .name("cache-size".into())
+            .spawn(measure);
     }
     agent.start_reports();
     if role == Role::Deploy {
@@ -160,6 +184,37 @@ fn host_ip(cfg: &Config) -> String {
     })
 }
 
+/// One agent per DATA_DIR: an exclusive lock on the directory itself (no file to create,
+/// so it works on a full disk; released by the kernel however the process ends), and our
+/// pid in `state/agent.pid` for the message another agent prints.
+fn lock_data_dir(cfg: &Config) -> Result<Option<FileLock>, StartError> {
+    let dir = &cfg.data_dir;
+    let state = dir.join("state");
+    let pid_file = state.join("agent.pid");
+    match FileLock::try_open(dir) {
+        Ok(Some(lock)) => {
+            let _ = files::private_dir(&state);
+            let _ = files::write_atomic(&pid_file, format!("{}\n", std::process::id()).as_bytes());
+            Ok(Some(lock))
+        }
+        Ok(None) => {
+            let pid = std::fs::read_to_string(&pid_file).ok();
+            Err(StartError::Busy {
+                path: dir.clone(),
+                holder: pid.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
+            })
+        }
+        Err(e) => {
+            // A filesystem without locks (some NFS setups): run, as before locks existed.
+            log::warn!(
+                "cannot lock DATA_DIR {} ({e}); make sure no other agent uses it",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn log_start(cfg: &Config, role: Role, host_ip: &str) {
     log::info!(
         "muvee-agent {} starting: role {}, node {}, host ip {}, control plane {}, data dir {}",
@@ -170,6 +225,16 @@ fn log_start(cfg: &Config, role: Role, host_ip: &str) {
         cfg.control_plane_url,
         cfg.data_dir.display()
     );
+}
+
+/// What the previous run left: interrupted tasks reported (their deploys returned), space
+/// reserves freed, tombstones and old journal entries forgotten.
+fn recover(journal: &Journal, outbox: &Outbox) -> Vec<String> {
+    let interrupted = report_interrupted(journal, outbox);
+    outbox.release_reserves();
+    outbox.forget_sent(&|id| journal.is_saved_done(id));
+    journal.prune(JOURNAL_KEEP, &|id| outbox.holds(id));
+    interrupted
 }
 
 /// Tasks that were running when the agent last stopped are reported failed, unless a final
@@ -258,11 +323,10 @@ impl Agent {
                 }
             };
             // Until the next round, a finished task (a free slot) or a signal.
-            let wake = &self.wake;
             self.shared
                 .bell
                 .wait_until(Some(Instant::now() + delay), || {
-                    signal::shutdown_requested() || wake.swap(false, Ordering::SeqCst)
+                    signal::shutdown_requested() || self.shared.slots.take_freed()
                 });
         }
     }
@@ -280,6 +344,9 @@ impl Agent {
         // The control plane answers: waiting reports go now, unsaved journal entries too.
         self.outbox.reachable();
         self.journal.retry_unsaved();
+        if !self.room_for_tasks() {
+            return Ok(());
+        }
         // Reports queued before this start are tried before any new task is taken.
         if !self.outbox_flushed {
             if !self.outbox.settled() {
@@ -287,7 +354,7 @@ impl Agent {
             }
             self.outbox_flushed = true;
         }
-        if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+        if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
             return Ok(());
         }
         let node_id = self.node_id.clone().unwrap_or_default();
@@ -300,12 +367,30 @@ impl Agent {
             other => other?,
         };
         for raw in tasks {
-            if self.running.load(Ordering::SeqCst) >= self.cfg.max_concurrent_tasks {
+            if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
                 break;
             }
             self.accept(raw);
         }
         Ok(())
+    }
+
+    /// False while DATA_DIR is full: no task is taken (it could not be recorded) until
+    /// space returns. Registering and heartbeats go on, so the node stays online.
+    fn room_for_tasks(&mut self) -> bool {
+        let usage = disk::usage(&self.cfg.data_dir);
+        let full = usage.is_some_and(|u| u.full());
+        if full != self.disk_full {
+            let dir = self.cfg.data_dir.display();
+            match usage {
+                Some(u) if full => {
+                    log::error!("DATA_DIR {dir} is full ({u}): taking no task until space returns")
+                }
+                _ => log::info!("DATA_DIR {dir} has space again: taking tasks"),
+            }
+            self.disk_full = full;
+        }
+        !full
     }
 
     /// Register (an idempotent upsert that also refreshes `last_seen_at` on the March 2026
@@ -317,7 +402,7 @@ impl Agent {
             role: self.role.as_str().into(),
             host_ip: self.host_ip.clone(),
             max_storage_bytes: self.cfg.max_storage,
-            used_storage_bytes: self.shared.cache.bytes(&self.cfg.data_dir),
+            used_storage_bytes: self.shared.cache.bytes(),
             last_seen_at: ZERO_TIME.into(),
             created_at: ZERO_TIME.into(),
         };
@@ -427,6 +512,13 @@ impl Agent {
                 return;
             }
         }
+        if let Err(e) = self.outbox.reserve(&id) {
+            self.journal.unclaim(&id);
+            log::error!(
+                "cannot reserve space for the reports of task {id}, leaving it for later: {e}"
+            );
+            return;
+        }
         if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind())) {
             log::error!("task {id}: {reason}");
             self.finish(&id, &Completion::failed(reason.to_string()));
@@ -453,6 +545,7 @@ impl Agent {
 
     fn start_worker(&self, id: &str, task: Task) {
         self.running.fetch_add(1, Ordering::SeqCst);
+        self.shared.slots.take();
         let w = Worker {
             cfg: self.cfg.clone(),
             cp: self
@@ -465,13 +558,13 @@ impl Agent {
             outbox: self.outbox.clone(),
             shared: self.shared.clone(),
             running: self.running.clone(),
-            wake: self.wake.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("task-{}", &id[..id.len().min(8)]))
             .spawn(move || w.run(task));
         if let Err(e) = spawned {
             self.running.fetch_sub(1, Ordering::SeqCst);
+            self.shared.slots.give_back();
             self.finish(
                 id,
                 &Completion::failed(format!("cannot start a worker thread: {e}")),
@@ -533,7 +626,6 @@ struct Worker {
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
     running: Arc<AtomicUsize>,
-    wake: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -581,7 +673,7 @@ impl Worker {
         }
         finish(&self.outbox, &self.journal, &task.id, &completion);
         self.running.fetch_sub(1, Ordering::SeqCst);
-        self.wake.store(true, Ordering::SeqCst);
-        self.shared.bell.ring();
+        // Rings the bell: the loop polls again, shutdown sees the thread gone.
+        self.shared.slots.give_back();
     }
 }

@@ -12,6 +12,9 @@ use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
 
+/// The longest any request may take, connect included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
@@ -45,13 +48,6 @@ impl CpError {
     pub fn is_unknown_node(&self) -> bool {
         matches!(self, CpError::Status { code: 500, body, .. } if body.contains("node") && body.contains("not found"))
     }
-    /// Worth retrying later (as opposed to a request the server will never accept).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            CpError::Status { code, .. } => *code >= 500 || matches!(code, 408 | 425 | 429),
-            _ => true,
-        }
-    }
     pub fn status(&self) -> Option<u16> {
         match self {
             CpError::Status { code, .. } | CpError::NotJson { code, .. } => Some(*code),
@@ -82,7 +78,7 @@ impl Client {
     pub fn new(base: &str, secret: &str, roots: &Roots) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(Duration::from_secs(20)))
+            .timeout_global(Some(REQUEST_TIMEOUT))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
             .tls_config(roots.ureq())
@@ -287,13 +283,7 @@ mod tests {
             code: 500,
             body: r#"{"error":"node 5d1c not found"}"#.into(),
         };
-        assert!(e.is_unknown_node() && e.is_retryable());
-        let e = CpError::Status {
-            url: "u".into(),
-            code: 400,
-            body: "bad".into(),
-        };
-        assert!(!e.is_retryable());
+        assert!(e.is_unknown_node());
         let e = CpError::NotJson {
             url: "http://x//api/agent/tasks".into(),
             code: 200,

@@ -1,30 +1,42 @@
 //! Ships a task's output to `POST /api/deployments/{id}/logs`, losslessly at any rate.
 //! Lines are batched (joined with `\n`; the server appends `line + "\n"`, so the stored log is
 //! byte-identical to one request per line), from a thread of its own so shipping never
-//! slows the task. A batch grows with the backlog up to 1 MiB (today's server appends each
-//! request to a text column, so fewer, larger requests are also what it handles best). When
-//! the control plane is slower than the task, the backlog beyond 8 MiB of memory spills to a
-//! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it one explicit marker says
-//! how many lines were dropped. Closing drains what is left (bounded wait) and removes the
-//! spill. The March 2026 server has no such route (404): shipping stops for that task.
+//! slows the task. A line printed by a quiet task goes out within LINGER; while a request is
+//! under way the next batch grows with the backlog, its JSON body (escapes included) at most
+//! 1 MiB, nginx's default `client_max_body_size` (today's server appends each request to a
+//! text column, so fewer, larger requests are also what it handles best). When the control
+//! plane is slower than the task, the backlog beyond 8 MiB of memory spills to a private
+//! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it, or when the spill cannot
+//! be written, lines are counted and one explicit marker says how many were dropped. Closing
+//! drains what is left while the control plane takes it, gives up once it stalls, and
+//! removes the spill. The March 2026 server has no such route (404): shipping stops for that
+//! task.
 
-use crate::cp::client::{Backoff, Client, CpError};
+use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
+use crate::sys::signal;
 use crate::task::clean_text;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A request is sent once this much waits, or at the flush tick.
+/// A request is sent at once when this much waits.
 const BATCH_MIN: usize = 64 * 1024;
-const BATCH_MAX: usize = 1 << 20;
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// The largest request body, serialized: nginx's default `client_max_body_size 1m`.
+const BODY_MAX: usize = 1 << 20;
+/// `{"line":""}` around the text.
+const BODY_OVERHEAD: usize = 11;
+/// A line longer than this is shipped in pieces, so one line always fits a body (escaped,
+/// a byte takes at most 6).
+const LINE_MAX: usize = 64 * 1024;
+/// How long a line into an idle shipper waits for company before it goes out.
+const LINGER: Duration = Duration::from_millis(50);
 /// Backlog kept in memory; beyond it, the spill file.
 const MEM_CAP: usize = 8 << 20;
-/// How long closing waits for the backlog to go out.
-const CLOSE_WAIT: Duration = Duration::from_secs(60);
+/// Closing gives up once the control plane has taken no batch for this long.
+const CLOSE_STALL: Duration = Duration::from_secs(15);
 
 /// Where a shipper keeps its backlog and how much of it may wait on disk.
 #[derive(Clone, Debug)]
@@ -33,22 +45,42 @@ pub struct Spill {
     pub max_bytes: u64,
 }
 
-/// Older lines on disk: `[read, written)` is the undelivered part (`buf` is its end, not
-/// yet written out).
+/// Older lines on disk: bytes `[read, flushed)` of the file and then `buf` (not yet written
+/// out) are the undelivered part.
 struct SpillFile {
     file: File,
     buf: Vec<u8>,
-    written: u64,
+    flushed: u64,
     read: u64,
+    /// Lines written (file and buf) and delivered, to count what a failed read loses.
+    lines: u64,
+    lines_read: u64,
 }
 
 impl SpillFile {
+    fn waiting(&self) -> u64 {
+        self.flushed + self.buf.len() as u64 - self.read
+    }
+
+    /// Writes `buf` out; a partial write is cut off again, so the file holds whole lines.
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.seek(SeekFrom::End(0))?;
-        self.file.write_all(&self.buf)?;
+        if let Err(e) = self.file.write_all_at(&self.buf, self.flushed) {
+            let _ = self.file.set_len(self.flushed);
+            return Err(e);
+        }
+        self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
     }
+}
+
+/// Why lines were dropped since the last marker.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Refusal {
+    /// LOG_SPILL_MAX waited on disk.
+    Full,
+    /// The spill could not be written or read (an unwritable dir, a full disk).
+    Failed,
 }
 
 struct Buf {
@@ -56,56 +88,109 @@ struct Buf {
     mem: String,
     spill: Option<SpillFile>,
     conf: Spill,
-    /// Lines refused since the last marker (the spill was full).
+    /// Lines refused since the last marker, and why.
     dropped: u64,
-    closed: bool,
+    refusal: Refusal,
+    /// The spill failed: lines beyond memory are dropped until the backlog has drained.
+    broken: bool,
+    /// The last spill error, for the marker.
+    spill_error: String,
+    warned: bool,
+    /// When the oldest waiting line arrived (None: nothing waits).
+    since: Option<Instant>,
+    /// The shipper thread sleeps until a line or close wakes it.
+    idle: bool,
+    closed_at: Option<Instant>,
+    /// When the control plane last took a batch.
+    last_ok: Instant,
     /// The route does not exist (March 2026): everything is discarded.
     gone: bool,
+    /// The shipper thread has ended.
+    done: bool,
 }
 
 impl Buf {
+    fn new(conf: Spill) -> Buf {
+        Buf {
+            mem: String::new(),
+            spill: None,
+            conf,
+            dropped: 0,
+            refusal: Refusal::Full,
+            broken: false,
+            spill_error: String::new(),
+            warned: false,
+            since: None,
+            idle: false,
+            closed_at: None,
+            last_ok: Instant::now(),
+            gone: false,
+            done: false,
+        }
+    }
+
     fn backlog(&self) -> usize {
-        let disk = self.spill.as_ref().map_or(0, |s| s.written - s.read);
-        self.mem.len() + disk as usize
+        self.mem.len() + self.spill.as_ref().map_or(0, |s| s.waiting() as usize)
     }
 
     fn push(&mut self, line: &str) {
         self.flush_marker();
-        if self.spill_full(line.len()) {
-            self.dropped += 1;
-            return;
+        match self.refusal_of(line.len()) {
+            None => self.append(line),
+            Some(r) => {
+                self.dropped += 1;
+                self.refusal = r;
+            }
         }
-        self.append(line);
     }
 
-    /// Says, in line order, how many lines the full spill refused, once there is room.
+    /// Says, in line order, how many lines were dropped and why, once there is room.
     fn flush_marker(&mut self) {
         if self.dropped == 0 {
             return;
         }
         let marker = self.marker();
-        if !self.spill_full(marker.len()) {
+        if self.refusal_of(marker.len()).is_none() {
             self.dropped = 0;
             self.append(&marker);
         }
     }
 
     fn marker(&self) -> String {
-        format!(
-            "[muvee-agent: {} log lines dropped: more than LOG_SPILL_MAX ({} bytes) waited for the control plane]",
-            self.dropped, self.conf.max_bytes
-        )
+        let n = self.dropped;
+        match &self.refusal {
+            Refusal::Full => format!(
+                "[muvee-agent: {n} log lines dropped: more than LOG_SPILL_MAX ({} bytes) waited for the control plane]",
+                self.conf.max_bytes
+            ),
+            Refusal::Failed => format!(
+                "[muvee-agent: {n} log lines dropped: the log spill {} failed ({}) while more than {MEM_CAP} bytes waited for the control plane]",
+                self.conf.path.display(),
+                self.spill_error
+            ),
+        }
     }
 
-    fn spill_full(&self, extra: usize) -> bool {
-        let disk = self.spill.as_ref().map_or(0, |s| s.written - s.read);
-        self.spill.is_some() && disk + extra as u64 + 1 > self.conf.max_bytes
+    /// None when a line of `len` bytes can wait: in memory below MEM_CAP, else in the
+    /// spill (started here) below LOG_SPILL_MAX.
+    fn refusal_of(&mut self, len: usize) -> Option<Refusal> {
+        let need = len as u64 + 1;
+        if self.spill.is_none() {
+            if self.mem.len() as u64 + need <= MEM_CAP as u64 {
+                return None;
+            }
+            if self.broken || !self.start_spill() {
+                return Some(Refusal::Failed);
+            }
+        }
+        match &self.spill {
+            _ if self.broken => Some(Refusal::Failed),
+            Some(s) if s.waiting() + need > self.conf.max_bytes => Some(Refusal::Full),
+            _ => None,
+        }
     }
 
     fn append(&mut self, line: &str) {
-        if self.spill.is_none() && self.mem.len() + line.len() + 1 > MEM_CAP {
-            self.start_spill();
-        }
         let Some(s) = &mut self.spill else {
             self.mem.push_str(line);
             self.mem.push('\n');
@@ -113,77 +198,165 @@ impl Buf {
         };
         s.buf.extend_from_slice(line.as_bytes());
         s.buf.push(b'\n');
-        s.written += line.len() as u64 + 1;
-        if s.buf.len() >= BATCH_MIN && s.flush().is_err() {
-            log::warn!("cannot write the log spill {}", self.conf.path.display());
+        s.lines += 1;
+        if s.buf.len() >= BATCH_MIN {
+            if let Err(e) = s.flush() {
+                self.spill_failed(e);
+            }
         }
     }
 
-    /// Moves the in-memory backlog to a fresh spill file (in order: it is older).
-    fn start_spill(&mut self) {
-        let opened = std::fs::create_dir_all(self.conf.path.parent().unwrap_or(&self.conf.path))
-            .and_then(|()| {
-                File::options()
-                    .create(true)
-                    .truncate(true)
-                    .read(true)
-                    .write(true)
-                    .open(&self.conf.path)
-            });
-        let mut file = match opened {
+    /// Moves the in-memory backlog to a fresh spill file (in order: it is older). False,
+    /// with the spill marked broken, when it cannot be written.
+    fn start_spill(&mut self) -> bool {
+        let path = &self.conf.path;
+        let opened = std::fs::create_dir_all(path.parent().unwrap_or(path)).and_then(|()| {
+            let f = File::options()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all_at(self.mem.as_bytes(), 0)?;
+            Ok(f)
+        });
+        let file = match opened {
             Ok(f) => f,
             Err(e) => {
-                log::warn!("cannot spill logs to {}: {e}", self.conf.path.display());
-                return;
+                let _ = std::fs::remove_file(path);
+                self.unwritable(&e);
+                return false;
             }
         };
-        if file.write_all(self.mem.as_bytes()).is_err() {
-            return;
-        }
-        let written = self.mem.len() as u64;
-        self.mem = String::new();
+        let mem = std::mem::take(&mut self.mem);
         self.spill = Some(SpillFile {
             file,
             buf: Vec::new(),
-            written,
+            flushed: mem.len() as u64,
             read: 0,
+            lines: memchr::memchr_iter(b'\n', mem.as_bytes()).count() as u64,
+            lines_read: 0,
         });
+        true
     }
 
-    /// The next batch: the oldest waiting lines, whole, at most BATCH_MAX bytes. A batch
-    /// from the spill is only consumed by `delivered`.
-    fn next_batch(&mut self) -> Option<Batch> {
+    /// A write to the spill failed: the lines it held are counted as dropped.
+    fn spill_failed(&mut self, e: std::io::Error) {
         if let Some(s) = &mut self.spill {
-            if s.read < s.written {
-                return read_spill(s).map(Batch::Disk);
-            }
-            self.spill = None;
+            let lost = memchr::memchr_iter(b'\n', &s.buf).count() as u64;
+            s.lines -= lost;
+            s.buf.clear();
+            self.dropped += lost;
+        }
+        self.unwritable(&e);
+    }
+
+    /// From now until the backlog has drained, lines beyond memory are counted, not kept.
+    /// Warned once per task: a warning per line would fill the agent's own log.
+    fn unwritable(&mut self, e: &std::io::Error) {
+        self.broken = true;
+        self.spill_error = e.to_string();
+        if !std::mem::replace(&mut self.warned, true) {
+            log::warn!(
+                "cannot write the log spill {}: {e}; log lines beyond {MEM_CAP} bytes are dropped and counted until the control plane catches up",
+                self.conf.path.display()
+            );
+        }
+    }
+
+    fn end_spill(&mut self) {
+        if self.spill.take().is_some() {
             let _ = std::fs::remove_file(&self.conf.path);
         }
+        self.broken = false;
+    }
+
+    /// The next batch: the oldest waiting lines, whole, in a body of at most BODY_MAX. A
+    /// batch from the spill is only consumed by `delivered`.
+    fn next_batch(&mut self) -> Option<Batch> {
+        if let Some(s) = &mut self.spill {
+            if s.read == s.flushed && !s.buf.is_empty() {
+                if let Err(e) = s.flush() {
+                    self.spill_failed(e);
+                }
+            }
+        }
+        if let Some(s) = &mut self.spill {
+            if s.read < s.flushed {
+                match read_spill(s) {
+                    Ok(text) => return Some(Batch::Disk(text)),
+                    Err(e) => {
+                        self.dropped += s.lines - s.lines_read;
+                        self.unwritable(&e);
+                    }
+                }
+            }
+            self.end_spill();
+        }
         if self.mem.is_empty() {
+            self.broken = false;
             return None;
         }
-        let cut = match self.mem.len() <= BATCH_MAX {
-            true => self.mem.len(),
-            false => memchr::memrchr(b'\n', &self.mem.as_bytes()[..BATCH_MAX])
-                .map_or(self.mem.len(), |i| i + 1),
+        let bytes = self.mem.as_bytes();
+        let cut = match fit(&bytes[..bytes.len().min(BODY_MAX)]) {
+            0 => memchr::memchr(b'\n', bytes).map_or(bytes.len(), |i| i + 1),
+            cut => cut,
         };
         let rest = self.mem.split_off(cut);
         Some(Batch::Mem(std::mem::replace(&mut self.mem, rest)))
     }
 
     fn delivered(&mut self, batch: &Batch) {
+        self.last_ok = Instant::now();
         if let (Batch::Disk(text), Some(s)) = (batch, &mut self.spill) {
             s.read += text.len() as u64;
+            s.lines_read += batch.lines() as u64;
         }
     }
 
     fn discard(&mut self) {
         self.mem = String::new();
-        if self.spill.take().is_some() {
-            let _ = std::fs::remove_file(&self.conf.path);
-        }
+        self.end_spill();
     }
+
+    /// When a closing shipper gives up: CLOSE_STALL after close or the last batch taken.
+    fn give_up_at(&self) -> Option<Instant> {
+        self.closed_at.map(|c| c.max(self.last_ok) + CLOSE_STALL)
+    }
+
+    fn given_up(&self) -> bool {
+        let stalled = self.give_up_at().is_some_and(|t| Instant::now() >= t);
+        stalled || (self.closed_at.is_some() && signal::cancel_requested())
+    }
+}
+
+/// Bytes `text` takes inside a JSON string as serde_json writes it.
+fn json_len(text: &[u8]) -> usize {
+    if !text.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        return text.len();
+    }
+    let cost = |b: &u8| match b {
+        b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+        0..=0x1f => 6,
+        _ => 1,
+    };
+    text.iter().map(cost).sum()
+}
+
+/// The length of the longest run of whole lines (each ending in '\n') of `text` whose request
+/// body fits BODY_MAX; at least the first line.
+fn fit(text: &[u8]) -> usize {
+    let (mut body, mut cut) = (BODY_OVERHEAD, 0);
+    for nl in memchr::memchr_iter(b'\n', text) {
+        // Joined by an escaped '\n'; the last one is not sent.
+        body += json_len(&text[cut..nl]) + if cut > 0 { 2 } else { 0 };
+        if body > BODY_MAX && cut > 0 {
+            break;
+        }
+        cut = nl + 1;
+    }
+    cut
 }
 
 enum Batch {
@@ -203,22 +376,34 @@ impl Batch {
     }
 }
 
-/// Up to BATCH_MAX bytes from the spill's read offset, cut after the last whole line.
-fn read_spill(s: &mut SpillFile) -> Option<String> {
-    s.flush().ok()?;
-    let want = (s.written - s.read).min(BATCH_MAX as u64) as usize;
+/// The oldest lines of the spill that fit one body.
+fn read_spill(s: &mut SpillFile) -> std::io::Result<String> {
+    let want = (s.flushed - s.read).min(BODY_MAX as u64) as usize;
     let mut buf = vec![0u8; want];
-    s.file.seek(SeekFrom::Start(s.read)).ok()?;
-    s.file.read_exact(&mut buf).ok()?;
-    let cut = memchr::memrchr(b'\n', &buf).map_or(buf.len(), |i| i + 1);
-    buf.truncate(cut);
-    Some(String::from_utf8_lossy(&buf).into_owned())
+    s.file.read_exact_at(&mut buf, s.read)?;
+    buf.truncate(fit(&buf));
+    match String::from_utf8(buf) {
+        Ok(text) if !text.is_empty() => Ok(text),
+        _ => Err(std::io::Error::other("the spill file is corrupt")),
+    }
 }
 
 type Shared = Arc<(Mutex<Buf>, Condvar)>;
 
 fn lock(m: &Mutex<Buf>) -> MutexGuard<'_, Buf> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn wait<'a>(cv: &Condvar, b: MutexGuard<'a, Buf>, until: Option<Instant>) -> MutexGuard<'a, Buf> {
+    match until {
+        None => cv.wait(b).unwrap_or_else(|e| e.into_inner()),
+        Some(t) => {
+            let d = t.saturating_duration_since(Instant::now());
+            cv.wait_timeout(b, d)
+                .map(|r| r.0)
+                .unwrap_or_else(|e| e.into_inner().0)
+        }
+    }
 }
 
 pub struct LogShipper {
@@ -228,49 +413,77 @@ pub struct LogShipper {
 
 impl LogShipper {
     pub fn start(client: Client, deployment_id: String, spill: Spill) -> LogShipper {
-        let buf = Buf {
-            mem: String::new(),
-            spill: None,
-            conf: spill,
-            dropped: 0,
-            closed: false,
-            gone: false,
-        };
-        let shared: Shared = Arc::new((Mutex::new(buf), Condvar::new()));
+        let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Condvar::new()));
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
             .name("logship".into())
-            .spawn(move || ship(&client, &deployment_id, &s2))
+            .spawn(move || {
+                let _done = Done(&s2);
+                ship(&client, &deployment_id, &s2)
+            })
             .ok();
         LogShipper { shared, handle }
     }
 
     /// Queues one line (already scrubbed). Never blocks on the network.
     pub fn line(&self, line: &str) {
+        let line = clean_text(line);
         let (m, cv) = &*self.shared;
         let mut b = lock(m);
         if b.gone {
             return;
         }
-        b.push(&clean_text(line));
-        if b.backlog() >= BATCH_MIN {
+        let was_empty = b.backlog() == 0;
+        let mut rest = line.as_ref();
+        while rest.len() > LINE_MAX {
+            let mut end = LINE_MAX;
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
+            b.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        b.push(rest);
+        if b.since.is_none() {
+            b.since = Some(Instant::now());
+        }
+        // Wake the thread only when it sleeps without a timeout, or a batch is full.
+        if b.idle && (was_empty || b.backlog() >= BATCH_MIN) {
+            b.idle = false;
             cv.notify_all();
         }
     }
 
-    /// Drains what is queued (bounded wait) and stops the thread.
+    /// Drains what is queued while the control plane takes it, and stops the thread.
     pub fn close(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
         let (m, cv) = &*self.shared;
-        lock(m).closed = true;
+        let mut b = lock(m);
+        b.closed_at.get_or_insert_with(Instant::now);
         cv.notify_all();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        // The thread gives up by itself once stalled; a request under way ends within the
+        // client's timeout. Never wait longer than both, whatever the thread does.
+        loop {
+            let limit = b.give_up_at().map(|t| t + REQUEST_TIMEOUT);
+            if b.done || limit.is_some_and(|t| Instant::now() >= t) {
+                break;
+            }
+            b = wait(cv, b, limit);
         }
-        lock(m).discard();
+        let done = b.done;
+        b.discard();
+        drop(b);
+        if done {
+            let _ = handle.join();
+        } else {
+            log::warn!("the log shipper did not stop in time; leaving it behind");
+        }
     }
 }
 
@@ -280,14 +493,24 @@ impl Drop for LogShipper {
     }
 }
 
+/// Marks the shipper thread ended, however it ends.
+struct Done<'a>(&'a Shared);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        let (m, cv) = &**self.0;
+        lock(m).done = true;
+        cv.notify_all();
+    }
+}
+
 fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
     let (m, _) = &**shared;
-    let mut close_deadline: Option<Instant> = None;
     loop {
-        let Some(batch) = wait_batch(shared, &mut close_deadline) else {
+        let Some(batch) = wait_batch(shared) else {
             return;
         };
-        match send(client, deployment_id, batch.text(), close_deadline) {
+        match send(client, deployment_id, batch.text(), shared) {
             Sent::Ok => lock(m).delivered(&batch),
             Sent::Gone => {
                 log::info!("control plane has no log route (404, March 2026 server): not shipping logs for deployment {deployment_id}");
@@ -309,36 +532,39 @@ fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
     }
 }
 
-/// Waits for a full batch, the flush tick, or close; None once closed and drained.
-fn wait_batch(shared: &Shared, close_deadline: &mut Option<Instant>) -> Option<Batch> {
+/// Waits until a batch is due: a full one, the oldest line LINGER old, or close. None once
+/// closed and drained. Sleeps without a timeout while nothing waits.
+fn wait_batch(shared: &Shared) -> Option<Batch> {
     let (m, cv) = &**shared;
     let mut b = lock(m);
-    let started = Instant::now();
     loop {
-        if b.closed && close_deadline.is_none() {
-            *close_deadline = Some(Instant::now() + CLOSE_WAIT);
+        let backlog = b.backlog();
+        if backlog == 0 {
+            b.since = None;
         }
-        let due = b.closed || b.backlog() >= BATCH_MIN || started.elapsed() >= FLUSH_EVERY;
-        if due && b.backlog() > 0 {
-            return b.next_batch();
+        let lingered = b.since.map(|t| t + LINGER);
+        let closed = b.closed_at.is_some();
+        let due = closed || backlog >= BATCH_MIN || lingered.is_some_and(|t| Instant::now() >= t);
+        if due && backlog > 0 {
+            match b.next_batch() {
+                Some(batch) => return Some(batch),
+                None => continue, // the spill failed: its lines are counted
+            }
         }
-        if b.closed {
+        if closed {
             if b.dropped > 0 {
-                // Drained: the marker goes last whatever the limit.
+                // Drained: the marker goes last whatever the limits.
                 let marker = b.marker();
                 b.dropped = 0;
+                b.end_spill();
                 b.append(&marker);
                 continue;
             }
             return None;
         }
-        let wait = FLUSH_EVERY
-            .saturating_sub(started.elapsed())
-            .max(Duration::from_millis(10));
-        b = cv
-            .wait_timeout(b, wait)
-            .map(|r| r.0)
-            .unwrap_or_else(|e| e.into_inner().0);
+        b.idle = true;
+        b = wait(cv, b, lingered);
+        b.idle = false;
     }
 }
 
@@ -348,20 +574,28 @@ enum Sent {
     GaveUp(CpError),
 }
 
-/// One batch, retried with backoff until it is delivered or closing has waited too long.
-fn send(client: &Client, deployment_id: &str, text: &str, close_deadline: Option<Instant>) -> Sent {
+/// One batch, retried with backoff until it is delivered or closing has given up (read
+/// again on every retry: close may come while the route fails).
+fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Sent {
+    let (m, cv) = &**shared;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        match client.append_log(deployment_id, text) {
+        let e = match client.append_log(deployment_id, text) {
             Ok(()) => return Sent::Ok,
             Err(CpError::Status { code: 404, .. }) => return Sent::Gone,
-            Err(e) if close_deadline.is_some_and(|d| Instant::now() >= d) => {
-                return Sent::GaveUp(e)
-            }
-            Err(e) => {
-                log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
-                std::thread::sleep(backoff.next_delay());
-            }
+            Err(e) => e,
+        };
+        let mut b = lock(m);
+        if b.given_up() {
+            return Sent::GaveUp(e);
+        }
+        log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
+        // Until the retry; close ends the wait (one more try, then the give-up clock).
+        let retry = Instant::now() + backoff.next_delay();
+        let until = b.give_up_at().map_or(retry, |g| g.min(retry));
+        let was_closed = b.closed_at.is_some();
+        while Instant::now() < until && b.closed_at.is_some() == was_closed {
+            b = wait(cv, b, Some(until));
         }
     }
 }
@@ -372,26 +606,20 @@ mod tests {
 
     fn buf(name: &str, max: u64) -> Buf {
         let path = crate::sys::fake::temp_dir(name).join("spill");
-        let conf = Spill {
+        Buf::new(Spill {
             path,
             max_bytes: max,
-        };
-        Buf {
-            mem: String::new(),
-            spill: None,
-            conf,
-            dropped: 0,
-            closed: false,
-            gone: false,
-        }
+        })
     }
 
-    /// Takes every batch, as the shipper would on success.
+    /// Takes every batch, as the shipper would on success; each body fits BODY_MAX.
     fn drain(b: &mut Buf) -> String {
         let mut all = String::new();
         while let Some(batch) = b.next_batch() {
+            let body = serde_json::to_vec(&serde_json::json!({ "line": batch.text() })).unwrap();
+            assert!(body.len() <= BODY_MAX, "a body of {} bytes", body.len());
             let (Batch::Mem(t) | Batch::Disk(t)) = &batch;
-            assert!(t.len() <= BATCH_MAX && t.ends_with('\n'));
+            assert!(t.ends_with('\n'));
             all.push_str(t);
             b.delivered(&batch);
         }
@@ -399,7 +627,8 @@ mod tests {
     }
 
     #[test]
-    fn a_backlog_beyond_memory_spills_and_drains_in_order() {
+    fn a_backlog_beyond_memory_spills_privately_and_drains_in_order() {
+        use std::os::unix::fs::PermissionsExt;
         let mut b = buf("order", 64 << 20);
         let mut want = String::new();
         for i in 0..400_000 {
@@ -409,7 +638,11 @@ mod tests {
             want.push('\n');
         }
         assert!(b.spill.is_some() && b.mem.is_empty(), "no spill");
-        assert!(b.conf.path.exists());
+        let mode = std::fs::metadata(&b.conf.path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         b.push("after");
         want.push_str("after\n");
         assert_eq!(drain(&mut b), want);
@@ -429,11 +662,58 @@ mod tests {
         let dropped = b.dropped;
         assert!(dropped > 0);
         let head = drain(&mut b);
-        b.closed = true;
         b.flush_marker();
         let rest = drain(&mut b);
         let marker = format!("[muvee-agent: {dropped} log lines dropped: more than LOG_SPILL_MAX (1048576 bytes) waited for the control plane]\n");
         assert_eq!(rest, marker);
         assert_eq!(head.lines().count() as u64 + dropped, 100_000);
+    }
+
+    #[test]
+    fn a_body_never_exceeds_1_mib_once_escaped() {
+        // Quotes and backslashes take 2 bytes in JSON, other control characters 6.
+        let mut b = buf("escaped", 64 << 20);
+        let mut want = String::new();
+        for i in 0..40_000 {
+            let l = match i % 3 {
+                0 => "\"".repeat(300),
+                1 => "\\".repeat(300),
+                _ => "\x1b".repeat(200),
+            };
+            b.push(&l);
+            want.push_str(&l);
+            want.push('\n');
+        }
+        assert!(b.spill.is_some(), "the disk path is tried too");
+        assert_eq!(drain(&mut b), want);
+        // The longest line a shipper keeps fits one body, whatever it holds.
+        assert!(json_len("\x01".repeat(LINE_MAX).as_bytes()) + BODY_OVERHEAD <= BODY_MAX);
+    }
+
+    #[test]
+    fn an_unwritable_spill_counts_dropped_lines_in_bounded_memory() {
+        let dir = crate::sys::fake::temp_dir("unwritable");
+        std::fs::write(dir.join("logs"), "a file where the spill dir should be").unwrap();
+        let mut b = Buf::new(Spill {
+            path: dir.join("logs/t1.spill"),
+            max_bytes: 256 << 20,
+        });
+        let line = "y".repeat(99);
+        for _ in 0..120_000 {
+            b.push(&line); // 12 MB
+        }
+        assert!(b.mem.len() <= MEM_CAP && b.spill.is_none());
+        assert!(b.warned && b.dropped > 0);
+        let dropped = b.dropped;
+        let head = drain(&mut b);
+        assert_eq!(head.lines().count() as u64 + dropped, 120_000);
+        b.push("after");
+        let rest = drain(&mut b);
+        assert!(
+            rest.starts_with(&format!(
+                "[muvee-agent: {dropped} log lines dropped: the log spill "
+            )) && rest.ends_with("]\nafter\n"),
+            "{rest}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! with the control channel.
 
 pub mod client;
+pub mod files;
 pub mod journal;
 pub mod logship;
 pub mod outbox;

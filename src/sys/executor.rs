@@ -474,32 +474,32 @@ impl<'a> Running<'a> {
     }
 
     /// Passes on a chunk's lines, scrubbed (only when a secret or URL can occur in the
-    /// chunk), and keeps them in the stdout capture and the tail.
+    /// chunk), and keeps them in the stdout capture and the tail. A line longer than MAX_LINE
+    /// is scrubbed whole, then cut: a secret across a cut is masked like any other.
     fn lines(&mut self, stream: Stream, chunk: &[u8], on_line: &mut dyn FnMut(Stream, &str)) {
         self.last_output = Instant::now();
         let clean = !redact::may_need_scrub(chunk);
-        fn text(piece: &[u8], clean: bool) -> std::borrow::Cow<'_, str> {
-            let raw = String::from_utf8_lossy(piece);
-            if clean {
-                return raw;
-            }
-            std::borrow::Cow::Owned(redact::scrub(&raw).into_owned())
-        }
         split_lines(chunk, &mut self.ranges);
-        for &(a, b) in &self.ranges {
-            let line = text(&chunk[a..b], clean);
-            on_line(stream, &line);
-            if stream == Stream::Stdout && self.out.stdout.len() < STDOUT_CAP {
-                self.out.stdout.push_str(&line);
-                self.out.stdout.push('\n');
+        let tail_from = self.ranges.len().saturating_sub(TAIL_LINES);
+        for (n, &(a, b)) in self.ranges.iter().enumerate() {
+            let raw = String::from_utf8_lossy(&chunk[a..b]);
+            let line = match clean {
+                true => raw,
+                false => std::borrow::Cow::Owned(redact::scrub(&raw).into_owned()),
+            };
+            for piece in pieces(&line) {
+                on_line(stream, piece);
+                if stream == Stream::Stdout && self.out.stdout.len() < STDOUT_CAP {
+                    self.out.stdout.push_str(piece);
+                    self.out.stdout.push('\n');
+                }
+                if n >= tail_from {
+                    if self.tail.len() == TAIL_LINES {
+                        self.tail.pop_front();
+                    }
+                    self.tail.push_back(piece.to_string());
+                }
             }
-        }
-        let keep = self.ranges.len().min(TAIL_LINES);
-        for &(a, b) in &self.ranges[self.ranges.len() - keep..] {
-            if self.tail.len() == TAIL_LINES {
-                self.tail.pop_front();
-            }
-            self.tail.push_back(text(&chunk[a..b], clean).into_owned());
         }
     }
 
@@ -607,8 +607,7 @@ fn exit_result(name: String, status: ExitStatus, output: Output) -> Result<Outpu
     }
 }
 
-/// The lines of a chunk as byte ranges without their '\n' (and a '\r' before it); a line
-/// longer than MAX_LINE is cut into pieces so memory stays bounded.
+/// The lines of a chunk as byte ranges without their '\n' (and a '\r' before it).
 fn split_lines(chunk: &[u8], out: &mut Vec<(usize, usize)>) {
     out.clear();
     let mut start = 0;
@@ -617,13 +616,42 @@ fn split_lines(chunk: &[u8], out: &mut Vec<(usize, usize)>) {
         if end > start && chunk[end - 1] == b'\r' {
             end -= 1;
         }
-        while end - start > MAX_LINE {
-            out.push((start, start + MAX_LINE));
-            start += MAX_LINE;
-        }
         out.push((start, end));
         start = nl + 1;
     }
+}
+
+/// A line in pieces of at most MAX_LINE bytes, cut between characters (an empty line is one
+/// empty piece), so memory and each shipped line stay bounded.
+fn pieces(line: &str) -> impl Iterator<Item = &str> {
+    let (mut rest, mut first) = (line, true);
+    std::iter::from_fn(move || {
+        if rest.is_empty() && !first {
+            return None;
+        }
+        first = false;
+        let mut end = rest.len().min(MAX_LINE);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (piece, r) = rest.split_at(end);
+        rest = r;
+        Some(piece)
+    })
+}
+
+/// Where a newline-less stream is cut: at the last multiple of MAX_LINE before its end (so
+/// at least one byte of look-ahead), moved back so that no secret or URL user info (each
+/// piece is scrubbed on its own) and no UTF-8 character is split; 0 while there is no such
+/// place yet.
+fn long_line_cut(pending: &[u8]) -> usize {
+    let at = (pending.len() - 1) / MAX_LINE * MAX_LINE;
+    let mut cut = redact::safe_cut(pending, at);
+    let floor = cut.saturating_sub(3);
+    while cut > floor && pending[cut] & 0xC0 == 0x80 {
+        cut -= 1;
+    }
+    cut
 }
 
 /// Reads a pipe in large chunks and sends the complete lines of each; invalid UTF-8 is
@@ -648,9 +676,12 @@ fn spawn_reader(
             pending.extend_from_slice(&buf[..n]);
             let cut = match memchr::memrchr(b'\n', &pending) {
                 Some(i) => i + 1,
-                // A newline-less stream is cut into lines of MAX_LINE, counted from the
-                // start of the line whatever the read sizes were.
-                None if pending.len() >= MAX_LINE => pending.len() - pending.len() % MAX_LINE,
+                // A newline-less stream is cut into lines of about MAX_LINE, counted from
+                // the start of the line whatever the read sizes were.
+                None if pending.len() > MAX_LINE => match long_line_cut(&pending) {
+                    0 => continue,
+                    cut => cut,
+                },
                 None => continue,
             };
             let rest = pending.split_off(cut);
@@ -713,6 +744,32 @@ mod tests {
         assert_eq!((lines[0].as_str(), lines[5].as_str()), ("a", "tail"));
         assert!(out.stdout.ends_with("\ntail\n"));
         assert_eq!(out.tail.last().map(String::as_str), Some("tail"));
+    }
+
+    #[test]
+    fn a_secret_or_a_character_across_the_line_cut_stays_whole() {
+        let task = redact::Scope::new();
+        task.add("tok-cut-5e6f7a8b9c");
+        let (pad, tok) = (MAX_LINE - 9, "tok-cut-5e6f7a8b9c");
+        // At once (the consumer cuts), then in writes the reader sees apart (the reader cuts).
+        let cmd = sh(&format!(
+            "printf '%{pad}s%s\\n' '' {tok}; printf '%{pad}s' ''; sleep 0.3; printf {tok}; \
+             sleep 0.3; echo ' end'; printf '%{}s' ''; sleep 0.3; printf '\u{e9}\u{20ac}\\n'",
+            MAX_LINE - 1
+        ));
+        let mut lines = Vec::new();
+        run(&cmd, &mut |_, l| lines.push(l.to_string())).unwrap();
+        let spaces = |n: usize| " ".repeat(n);
+        assert_eq!(
+            lines,
+            [
+                spaces(pad) + "***",
+                spaces(pad),
+                "*** end".into(),
+                spaces(MAX_LINE - 1),
+                "\u{e9}\u{20ac}".into()
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The host: running external programs, signals, secret redaction.
 
 pub mod bell;
+pub mod disk;
 pub mod docker;
 pub mod executor;
 #[cfg(test)]

@@ -172,6 +172,49 @@ pub fn scrub(line: &str) -> Cow<'_, str> {
     }
 }
 
+/// How far back a cut looks for a URL whose user info it would split.
+const URL_SPAN: usize = 2048;
+
+/// Where a line too long to keep whole may be cut, at or before `at`, so that no registered
+/// secret and no URL user info is split in two: each piece is scrubbed on its own, and the
+/// two halves of a token match nothing. `bytes` is the line from its start; what follows
+/// `at` is look-ahead, and a secret that may run on past its end counts as split. 0: no such
+/// place yet (wait for more of the line).
+pub fn safe_cut(bytes: &[u8], at: usize) -> usize {
+    let set = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    let mut cut = at.min(bytes.len());
+    loop {
+        let mut moved = spanning(bytes, cut, b"://").unwrap_or(cut);
+        moved = moved.min(url_spanning(bytes, cut).unwrap_or(cut));
+        for (_, s) in set.keys() {
+            moved = moved.min(spanning(bytes, cut, s.as_bytes()).unwrap_or(cut));
+        }
+        if moved == cut || moved == 0 {
+            return moved;
+        }
+        cut = moved;
+    }
+}
+
+/// The start of an occurrence of `pat` that `cut` would split, or that may (it runs on past
+/// the end of `bytes`).
+fn spanning(bytes: &[u8], cut: usize, pat: &[u8]) -> Option<usize> {
+    let first = *pat.first()?;
+    let lo = cut.saturating_sub(pat.len() - 1);
+    memchr::memchr_iter(first, &bytes[lo..cut])
+        .map(|i| lo + i)
+        .find(|&i| pat.starts_with(&bytes[i..bytes.len().min(i + pat.len())]))
+}
+
+/// The start of a `://` whose authority (user info included) `cut` would split.
+fn url_spanning(bytes: &[u8], cut: usize) -> Option<usize> {
+    let lo = cut.saturating_sub(URL_SPAN);
+    let p = lo + memmem::rfind(&bytes[lo..cut], b"://")?;
+    let authority = &bytes[p + 3..cut];
+    let ends = |b: &u8| b.is_ascii_whitespace() || matches!(b, b'/' | b'"' | b'\'');
+    (!authority.iter().any(ends)).then_some(p)
+}
+
 /// `https://user:tok@host/x` → `https://***@host/x`; None when nothing needs masking.
 fn mask_userinfo(s: &str) -> Option<String> {
     if !s.contains("://") {
@@ -222,6 +265,26 @@ mod tests {
             "ssh://***@host/x and http://h/a@b"
         );
         assert_eq!(scrub("plain line"), "plain line");
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_secret_or_url_user_info() {
+        let task = Scope::new();
+        task.add("tok-9c2e77aa51");
+        let line = format!("{}tok-9c2e77aa51 tail", " ".repeat(100));
+        // Inside the token: the cut goes before it.
+        assert_eq!(safe_cut(line.as_bytes(), 105), 100);
+        // A prefix of the token at the end may continue: before it too.
+        assert_eq!(safe_cut(&line.as_bytes()[..106], 106), 100);
+        assert_eq!(safe_cut(line.as_bytes(), 114), 114);
+        assert_eq!(safe_cut(line.as_bytes(), 50), 50);
+        // Starting the line: no place before it.
+        assert_eq!(safe_cut(b"tok-9c2e77aa51", 5), 0);
+        let url = format!("{}https://bob:pw@git.example/x", "x".repeat(50));
+        assert_eq!(safe_cut(url.as_bytes(), 62), 55);
+        assert_eq!(safe_cut(url.as_bytes(), 56), 55);
+        assert_eq!(safe_cut(url.as_bytes(), 75), 55);
+        assert_eq!(safe_cut(url.as_bytes(), 77), 77);
     }
 
     #[test]

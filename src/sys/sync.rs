@@ -1,10 +1,11 @@
-//! Concurrency primitives shared by the roles: a counting semaphore (build slots), one lock
-//! per key (an app, a dataset), background jobs that can be waited for by key, and file locks that tell a live process's
-//! files from a dead one's.
+//! Concurrency primitives shared by the roles: a counting semaphore (build slots), the task
+//! slots, one lock per key (an app, a dataset), background jobs that can be waited for by
+//! key, and file locks that tell a live process's files from a dead one's.
 
 use crate::sys::bell::Bell;
 use crate::sys::signal;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -46,6 +47,48 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// Tasks running at once (MAX_CONCURRENT_TASKS): the loop takes a task only while fewer
+/// run. A task waiting for a keyed lock gives its slot back while it waits, so tasks queued
+/// behind one busy app never keep the loop from polling other apps' work.
+pub struct Slots {
+    used: AtomicUsize,
+    /// A slot was given back since the loop last looked: it polls again at once.
+    freed: AtomicBool,
+    bell: Arc<Bell>,
+}
+
+impl Slots {
+    pub fn new(bell: Arc<Bell>) -> Slots {
+        Slots {
+            used: AtomicUsize::new(0),
+            freed: AtomicBool::new(false),
+            bell,
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    pub fn take(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Frees a slot and wakes the loop (a `run-task` holds none: nothing to give back).
+    pub fn give_back(&self) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.freed.store(true, Ordering::SeqCst);
+        self.bell.ring();
+    }
+
+    /// True once after a slot was given back.
+    pub fn take_freed(&self) -> bool {
+        self.freed.swap(false, Ordering::SeqCst)
+    }
+}
+
 /// One mutex per key (a domain prefix, a dataset): serializes work on the same thing.
 #[derive(Default)]
 pub struct KeyedLocks {
@@ -58,9 +101,20 @@ impl KeyedLocks {
         map.entry(key.to_string()).or_default().clone()
     }
 
-    pub fn with<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
+    /// Runs `f` under the key's lock; while another holder makes it wait, the caller's task
+    /// slot is given back (and taken again once the lock is ours).
+    pub fn with<T>(&self, key: &str, slots: &Slots, f: impl FnOnce() -> T) -> T {
         let m = self.lock_for(key);
-        let _g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = match m.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                slots.give_back();
+                let g = m.lock().unwrap_or_else(|e| e.into_inner());
+                slots.take();
+                g
+            }
+        };
         f()
     }
 
@@ -186,6 +240,42 @@ pub fn random_u64() -> u64 {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_task_waiting_for_a_keyed_lock_holds_no_slot() {
+        let (locks, slots) = (
+            Arc::new(KeyedLocks::default()),
+            Arc::new(Slots::new(Arc::default())),
+        );
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = std::sync::mpsc::channel::<()>();
+        let (l2, s2) = (locks.clone(), slots.clone());
+        slots.take();
+        let holder = std::thread::spawn(move || {
+            l2.with("app", &s2, || {
+                held_tx.send(()).unwrap();
+                rx.recv().unwrap()
+            });
+        });
+        held.recv().unwrap();
+        assert!(!slots.take_freed(), "the holder waited for nobody");
+        slots.take();
+        let (l3, s3) = (locks.clone(), slots.clone());
+        let waiter = std::thread::spawn(move || l3.with("app", &s3, || s3.used()));
+        // The waiter gives its slot back (the count first, then the flag the loop reads)
+        // while the holder keeps the lock.
+        while !slots.take_freed() {
+            std::thread::yield_now();
+        }
+        assert_eq!(slots.used(), 1);
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(
+            waiter.join().unwrap(),
+            2,
+            "the slot is taken again with the lock"
+        );
+    }
 
     #[test]
     fn semaphore_hands_a_freed_slot_to_a_waiter() {

@@ -1,18 +1,14 @@
 //! Text as the control plane stores it and JSON as Go encodes it.
 
 /// Text the control plane stores: today's server keeps results and log lines in Postgres
-/// text columns, which refuse NUL (the request then fails with 500 for ever). NUL and the
-/// other control characters except tab and newline become U+FFFD.
+/// text columns, which refuse NUL (the request then fails with 500 for ever) and nothing
+/// else. NUL becomes U+FFFD; `\r`, escapes and every other character pass as they are, as
+/// the Go agent sends them (invalid UTF-8 was already decoded to U+FFFD).
 pub fn clean_text(s: &str) -> std::borrow::Cow<'_, str> {
-    let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
-    if !s.contains(bad) {
+    if !s.contains('\0') {
         return std::borrow::Cow::Borrowed(s);
     }
-    std::borrow::Cow::Owned(
-        s.chars()
-            .map(|c| if bad(c) { '\u{fffd}' } else { c })
-            .collect(),
-    )
+    std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
 }
 
 /// Go's `encoding/json` escapes `<`, `>`, `&`, U+2028 and U+2029 inside strings; serde_json

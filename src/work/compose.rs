@@ -42,7 +42,7 @@ pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
         ));
     };
     let key = deployer::lock_key(spec.prefix);
-    ctx.shared.locks.with(&key, || up(ctx, &spec, c))
+    ctx.exclusive(&key, || up(ctx, &spec, c))
 }
 
 /// DATA_DIR/compose/<prefix>: the project's files, private (0700) because `.env` and the
@@ -544,7 +544,7 @@ pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let prefix = spec::domain_prefix(&p)?;
     let file = spec::compose_file(&p)?;
     let key = deployer::lock_key(prefix);
-    ctx.shared.locks.with(&key, || {
+    ctx.exclusive(&key, || {
         let docker = ctx.docker();
         let work = work_dir(ctx, prefix);
         let src = work.join("src");

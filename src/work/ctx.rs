@@ -7,7 +7,7 @@ use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore};
+use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore, Slots};
 use crate::task::{AgentConfig, Task};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -20,6 +20,8 @@ pub struct Shared {
     /// Rung when a task finishes, a slot frees or a signal arrives: every wait sleeps on it.
     pub bell: Arc<Bell>,
     pub build_slots: Semaphore,
+    /// Tasks running at once (MAX_CONCURRENT_TASKS); the agent loop counts them.
+    pub slots: Slots,
     pub locks: KeyedLocks,
     /// Old containers draining after a replacement, by domain prefix.
     pub retiring: Jobs,
@@ -41,6 +43,7 @@ impl Shared {
         Shared {
             runner,
             build_slots: Semaphore::new(cfg.builder_max_concurrent, bell.clone()),
+            slots: Slots::new(bell.clone()),
             bell,
             locks: KeyedLocks::default(),
             retiring: Jobs::default(),
@@ -86,6 +89,11 @@ impl Ctx<'_> {
 
     pub fn docker(&self) -> Docker<'_> {
         self.shared.docker(self.cfg)
+    }
+
+    /// Runs `f` holding `key`'s lock (an app, a dataset); a wait for it holds no task slot.
+    pub fn exclusive<T>(&self, key: &str, f: impl FnOnce() -> T) -> T {
+        self.shared.locks.with(key, &self.shared.slots, f)
     }
 }
 

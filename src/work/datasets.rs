@@ -3,9 +3,9 @@
 //!
 //! A version dir `objects/<id>/v<version>` only ever appears by an atomic rename of a
 //! finished sync, and counts as cached only once its marker `v<version>.complete` exists
-//! (written and fsync'd last; eviction removes it first, then renames the dir out of the
-//! cache before deleting it). A cached version is used without touching its source. Its
-//! mtime is the LRU clock.
+//! (written and fsync'd last, once the copy's data is on disk; eviction removes it first,
+//! then renames the dir out of the cache before deleting it). A cached version is used
+//! without touching its source. Its mtime is the LRU clock.
 
 use crate::config::Config;
 use crate::sys::rsync;
@@ -56,8 +56,10 @@ fn is_cached(version: &Path) -> bool {
     version.is_dir() && marker(version).is_file()
 }
 
-/// Writes the marker durably: data first, then the marker, then the directory entry.
+/// Writes the marker durably: the copy's data first (rsync does not fsync), then the
+/// marker, then its directory entry.
 fn mark_complete(version: &Path) -> std::io::Result<()> {
+    rsync::sync_to_disk(version)?;
     let m = marker(version);
     let f = std::fs::File::create(&m)?;
     f.sync_all()?;
@@ -72,8 +74,8 @@ fn sync_parent(p: &Path) -> std::io::Result<()> {
 }
 
 /// Takes a version out of the cache: marker first, then a rename to a temp name (a crash
-/// mid-delete leaves a temp, never a partial version), then the delete.
-fn discard(version: &Path) -> std::io::Result<()> {
+/// before the delete leaves a temp, never a partial version). Returns the temp to delete.
+fn take_out(version: &Path) -> std::io::Result<PathBuf> {
     match std::fs::remove_file(marker(version)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => sync_parent(version)?,
@@ -81,7 +83,11 @@ fn discard(version: &Path) -> std::io::Result<()> {
     let name = version.file_name().unwrap_or_default().to_string_lossy();
     let doomed = version.with_file_name(format!(".{name}.evict-{}", std::process::id()));
     std::fs::rename(version, &doomed)?;
-    std::fs::remove_dir_all(&doomed)
+    Ok(doomed)
+}
+
+fn discard(version: &Path) -> std::io::Result<()> {
+    std::fs::remove_dir_all(take_out(version)?)
 }
 
 pub fn mounts_dir(data_dir: &Path, deployment_id: &str) -> PathBuf {
@@ -89,16 +95,39 @@ pub fn mounts_dir(data_dir: &Path, deployment_id: &str) -> PathBuf {
 }
 
 impl CacheBook {
-    /// Bytes used by cached dataset versions (reported as `used_storage_bytes`).
-    /// Remembered between changes: walking a large cache on every heartbeat would be real
-    /// I/O. Syncs forget it; eviction, which walks the cache anyway, records the new total.
-    pub fn bytes(&self, data_dir: &Path) -> u64 {
-        let mut total = self.total.lock().unwrap_or_else(|e| e.into_inner());
-        *total.get_or_insert_with(|| dir_bytes(&objects_dir(data_dir)))
+    /// Bytes used by cached dataset versions as last measured (reported as
+    /// `used_storage_bytes`; 0 until the first measure). Never walks the cache: a large one
+    /// would hold up the agent loop's heartbeat. Measured off the loop at start, by every
+    /// eviction check (after each sync) and grown by each sync.
+    pub fn bytes(&self) -> u64 {
+        self.total
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(0)
     }
 
-    fn set_total(&self, total: Option<u64>) {
-        *self.total.lock().unwrap_or_else(|e| e.into_inner()) = total;
+    /// Walks the cache (at start, on a thread of its own) unless a newer figure exists.
+    pub fn measure(&self, data_dir: &Path) {
+        let bytes = dir_bytes(&objects_dir(data_dir));
+        self.total
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(bytes);
+    }
+
+    fn set_total(&self, total: u64) {
+        *self.total.lock().unwrap_or_else(|e| e.into_inner()) = Some(total);
+    }
+
+    fn grew(&self, bytes: u64) {
+        if let Some(t) = self
+            .total
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *t += bytes;
+        }
     }
 
     fn pin(&self, p: &Path) {
@@ -333,7 +362,7 @@ fn mountable_data_dir(cfg: &Config) -> Result<PathBuf, TaskError> {
 /// Makes `target` a complete copy of the dataset; true when it had to sync.
 fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
     // One lock per dataset: concurrent deploys wait for one sync instead of racing.
-    ctx.shared.locks.with(&format!("dataset:{}", d.id), || {
+    ctx.exclusive(&format!("dataset:{}", d.id), || {
         if is_cached(target) {
             touch(target);
             ctx.say(&format!(
@@ -365,30 +394,30 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
             return Err(e);
         }
         touch(target);
-        ctx.shared.cache.set_total(None);
-        ctx.say(&format!(
-            "Dataset {}: cached {} bytes",
-            d.name,
-            dir_bytes(target)
-        ));
+        let bytes = dir_bytes(target);
+        ctx.shared.cache.grew(bytes);
+        ctx.say(&format!("Dataset {}: cached {bytes} bytes", d.name));
         Ok(true)
     })
 }
 
 /// Temp dirs start with '.', so they are never taken for a version. One whose process is
-/// gone is from an interrupted sync; ours are covered by the dataset lock.
+/// gone is from an interrupted sync or eviction; our syncs' are covered by the dataset lock,
+/// our evictions' are being deleted by them.
 fn remove_stale_temps(dir: &Path) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
+    let me = std::process::id().to_string();
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         // `.v1.tmp-<pid>` (a sync) or `.v1.evict-<pid>` (an eviction).
-        let owner = n.rsplit_once('-').map(|(_, pid)| pid.to_string());
-        let other_alive = owner.is_some_and(|pid| {
-            pid != std::process::id().to_string() && Path::new("/proc").join(&pid).exists()
-        });
-        if n.starts_with('.') && !other_alive {
+        let alive = match n.rsplit_once('-') {
+            Some((kind, pid)) if pid == me => kind.ends_with(".evict"),
+            Some((_, pid)) => Path::new("/proc").join(pid).exists(),
+            None => false,
+        };
+        if n.starts_with('.') && !alive {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -432,43 +461,55 @@ fn touch(dir: &Path) {
 
 /// Deletes least-recently-used versions until the cache fits MAX_STORAGE, skipping every
 /// version a managed container (running or stopped, as a rollback may restart it) mounts or
-/// an in-flight deploy has pinned.
+/// an in-flight deploy has pinned. Under the book's lock a version is only taken out of the
+/// cache (marker, rename); the deletes come after, so no deploy waits for them to pin.
 pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), TaskError> {
     let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
         return Ok(());
     };
     let book = &shared.cache;
-    let root = objects_dir(&data_dir);
-    let mut total = dir_bytes(&root);
-    book.set_total(Some(total));
+    let (mut total, versions) = survey(&objects_dir(&data_dir));
+    book.set_total(total);
     if total <= cfg.max_storage {
         return Ok(());
     }
     let in_use = shared.docker(cfg).managed_mounts()?;
+    let mut doomed = Vec::new();
     let pinned = book.pinned.lock().unwrap_or_else(|e| e.into_inner());
-    for v in versions_by_age(&root) {
+    for (v, bytes) in versions {
         if total <= cfg.max_storage {
             break;
         }
         if pinned.contains(&v) || in_use.contains(&v) {
             continue;
         }
-        let bytes = dir_bytes(&v);
-        if let Err(e) = discard(&v) {
-            say(&format!("Dataset cache: cannot evict {}: {e}", v.display()));
-            continue;
+        match take_out(&v) {
+            Ok(d) => {
+                doomed.push((v, d, bytes));
+                total = total.saturating_sub(bytes);
+            }
+            Err(e) => say(&format!("Dataset cache: cannot evict {}: {e}", v.display())),
         }
-        total = total.saturating_sub(bytes);
+    }
+    drop(pinned);
+    book.set_total(total);
+    for (v, d, bytes) in doomed {
+        // Out of the cache already; its files go now.
         say(&format!(
             "Dataset cache: evicted {} ({bytes} bytes)",
             v.display()
         ));
+        match std::fs::remove_dir_all(&d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => say(&format!(
+                "Dataset cache: cannot delete {}: {e}",
+                d.display()
+            )),
+            _ => {}
+        }
         if let Some(parent) = v.parent() {
             let _ = std::fs::remove_dir(parent); // only succeeds when empty
         }
     }
-    drop(pinned);
-    book.set_total(Some(total));
     if total > cfg.max_storage {
         say(&format!(
             "Dataset cache: {total} bytes is over MAX_STORAGE ({}), but the rest is in use",
@@ -478,20 +519,25 @@ pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), Ta
     Ok(())
 }
 
-/// Every cached version dir, least recently used first.
-fn versions_by_age(root: &Path) -> Vec<PathBuf> {
-    let mut versions: Vec<(SystemTime, PathBuf)> = Vec::new();
+/// The cache's size and every cached version dir with its own, least recently used first,
+/// in one walk.
+fn survey(root: &Path) -> (u64, Vec<(PathBuf, u64)>) {
+    let mut total = 0;
+    let mut versions: Vec<(SystemTime, PathBuf, u64)> = Vec::new();
     for ds in std::fs::read_dir(root).into_iter().flatten().flatten() {
         for v in std::fs::read_dir(ds.path()).into_iter().flatten().flatten() {
+            let bytes = dir_bytes(&v.path());
+            total += bytes;
             let is_dir = v.file_type().is_ok_and(|t| t.is_dir());
             if is_dir && v.file_name().to_string_lossy().starts_with('v') {
                 let t = v.metadata().and_then(|m| m.modified());
-                versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path()));
+                versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path(), bytes));
             }
         }
     }
     versions.sort();
-    versions.into_iter().map(|(_, p)| p).collect()
+    let versions = versions.into_iter().map(|(_, p, b)| (p, b)).collect();
+    (total, versions)
 }
 
 #[cfg(test)]
@@ -643,7 +689,7 @@ mod tests {
         })
         .unwrap();
         assert!(mounted.exists() && !old.exists() && new.exists());
-        assert_eq!(h.shared.cache.bytes(&h.cfg.data_dir), 20);
+        assert_eq!(h.shared.cache.bytes(), 20);
         // Pinned by an in-flight deploy: kept even when that leaves the cache over budget.
         let (h2, _) = node("ds-evict-pin", &[("MAX_STORAGE", "15")]);
         let (m2, p2) = (version(&h2, "c", 300), version(&h2, "a", 200));
@@ -663,6 +709,28 @@ mod tests {
         assert!(
             said.lock().unwrap()[0].contains("is over MAX_STORAGE (15), but the rest is in use")
         );
+    }
+
+    #[test]
+    fn eviction_deletes_with_no_lock_held_once_the_version_is_out_of_the_cache() {
+        let (h, _) = node("ds-evict-unlocked", &[("MAX_STORAGE", "15")]);
+        let (old, new) = (version(&h, "a", 200), version(&h, "b", 100));
+        h.fake.on("docker ps -aq", Reply::Ok(String::new()));
+        let seen = std::sync::Mutex::new(Vec::new());
+        evict(&h.cfg, &h.shared, &|l| {
+            if l.contains("evicted") {
+                // A deploy could pin now, and the doomed copy is still there to delete.
+                let free = h.shared.cache.pinned.try_lock().is_ok();
+                let doomed = old.with_file_name(format!(".v1.evict-{}", std::process::id()));
+                seen.lock()
+                    .unwrap()
+                    .push((free, old.exists(), doomed.exists()));
+            }
+        })
+        .unwrap();
+        assert_eq!(*seen.lock().unwrap(), [(true, false, true)]);
+        assert!(!old.parent().unwrap().exists() && new.exists());
+        assert_eq!(h.shared.cache.bytes(), 10);
     }
 
     #[test]

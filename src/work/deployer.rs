@@ -23,13 +23,26 @@ use std::time::{Duration, Instant};
 
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
-/// `deploy`: replaces the app's container; returns the new host port.
+/// `deploy`: replaces the app's container; returns the new host port. The slow parts (the
+/// pull, up to 30 min; the dataset sync, up to 6 h) come first, outside the app's lock: the
+/// app's restarts, pauses and cleanups wait only for the replacement itself.
 pub fn deploy(ctx: &Ctx) -> Result<u16, TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
     let spec = DeploySpec::parse(ctx, &p)?;
-    ctx.shared
-        .locks
-        .with(&lock_key(spec.prefix), || replace(ctx, &spec))
+    let key = lock_key(spec.prefix);
+    let r =
+        prepare(ctx, &spec).and_then(|mounts| ctx.exclusive(&key, || replace(ctx, &spec, &mounts)));
+    if r.is_err() {
+        ctx.exclusive(&key, || forget_mounts(ctx, &spec));
+    }
+    r
+}
+
+/// What a deploy needs before it touches the app: the image, and the datasets synced and
+/// linked (pinned until the returned mounts are dropped).
+fn prepare<'a>(ctx: &'a Ctx, s: &DeploySpec) -> Result<datasets::Mounts<'a>, TaskError> {
+    ensure_image(ctx, s.image)?;
+    datasets::setup(ctx, s.deployment_id, &s.datasets)
 }
 
 /// The lock every task that changes an app's containers holds.
@@ -67,16 +80,13 @@ pub fn is_aside_of(c: &PsRow, prefix: &str) -> bool {
     }
 }
 
-fn replace(ctx: &Ctx, s: &DeploySpec) -> Result<u16, TaskError> {
-    let r = replace_inner(ctx, s);
-    if r.is_err() {
-        // This deployment's mount dir, unless the container that keeps running uses it.
-        let (current, _) = app_containers(&ctx.docker(), s.prefix).unwrap_or_default();
-        if current.map_or(true, |c| c.deployment_id != s.deployment_id) {
-            let _ = datasets::remove_mounts(&ctx.cfg.data_dir, s.deployment_id);
-        }
+/// After a failed deploy: this deployment's mount dir goes, unless the container that keeps
+/// running uses it.
+fn forget_mounts(ctx: &Ctx, s: &DeploySpec) {
+    let (current, _) = app_containers(&ctx.docker(), s.prefix).unwrap_or_default();
+    if current.map_or(true, |c| c.deployment_id != s.deployment_id) {
+        let _ = datasets::remove_mounts(&ctx.cfg.data_dir, s.deployment_id);
     }
-    r
 }
 
 /// The container being replaced, renamed aside, and whether we stopped it.
@@ -85,13 +95,12 @@ struct Old {
     stopped: bool,
 }
 
-fn replace_inner(ctx: &Ctx, s: &DeploySpec) -> Result<u16, TaskError> {
+/// The replacement, under the app's lock.
+fn replace(ctx: &Ctx, s: &DeploySpec, mounts: &datasets::Mounts) -> Result<u16, TaskError> {
     // A previous deploy of this app may still be draining its old container.
     ctx.shared.retiring.wait(Some(s.prefix));
     // The app is wanted here again: a cleanup that never finished must not reap it.
     cleanups::end(&ctx.cfg.data_dir, s.prefix).map_err(TaskError::io("DATA_DIR/state/cleanups"))?;
-    ensure_image(ctx, s.image)?;
-    let mounts = datasets::setup(ctx, s.deployment_id, &s.datasets)?;
     let mut volumes = mounts.volumes.clone();
     if let Some((dir, path)) = &s.workspace {
         let dir = workspace::prepare(ctx, dir, s.image)?;
@@ -418,7 +427,7 @@ fn restore_aside(docker: &Docker, prefix: &str) {
 /// of the deployments they ran; containers that do not exist are success.
 pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
     let docker = ctx.docker();
-    ctx.shared.locks.with(&lock_key(prefix), || {
+    ctx.exclusive(&lock_key(prefix), || {
         let (current, leftovers) = app_containers(&docker, prefix)?;
         // By name too: containers of the Go agent carry no labels.
         docker.remove(&format!("muvee-{prefix}"))?;

@@ -63,7 +63,7 @@ fn since<'a>(p: &Payload<'a>) -> Result<Option<&'a str>, TaskError> {
 /// missing container is success with what docker said, as in today's agent.
 pub fn restart(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let name = resolve(&docker, prefix)?;
         match docker.restart(&name) {
             Ok(out) => Ok(or_else(&out, || format!("{name} restarted"))),
@@ -104,7 +104,7 @@ pub fn describe(ctx: &Ctx) -> Result<String, TaskError> {
 /// project, the exact Go name). Docker's output (the ids), else `stopped N container(s)`.
 pub fn pause(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let ids: Vec<String> = app_set(&docker, false, prefix)?
             .into_iter()
             .map(|c| c.id)
@@ -124,7 +124,7 @@ pub fn pause(ctx: &Ctx) -> Result<String, TaskError> {
 /// replacement set aside (`muvee-<prefix>-old-…`): those are on their way out.
 pub fn unpause(ctx: &Ctx) -> Result<String, TaskError> {
     let (docker, prefix) = (ctx.docker(), prefix(ctx)?);
-    ctx.shared.locks.with(&deployer::lock_key(prefix), || {
+    ctx.exclusive(&deployer::lock_key(prefix), || {
         let ids: Vec<String> = app_set(&docker, true, prefix)?
             .into_iter()
             .filter(|c| !is_aside_of(c, prefix))

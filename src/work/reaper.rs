@@ -205,15 +205,10 @@ mod tests {
 
     const MANAGED: &str = "docker ps -a --filter label=muvee.managed=true";
 
-    fn node(name: &str, grace: &str) -> Harness {
-        let h = Harness::new(
-            name,
-            &[
-                ("NODE_ROLE", "deploy"),
-                ("NODE_NAME", "node-1"),
-                ("REAP_GRACE", grace),
-            ],
-        );
+    fn node(name: &str, grace: Duration) -> Harness {
+        let mut h = Harness::new(name, &[("NODE_ROLE", "deploy"), ("NODE_NAME", "node-1")]);
+        // Below REAP_GRACE's minimum, which is for operators, not for a test's clock.
+        h.cfg.reap_grace = grace;
         let rows = "a1\tmuvee-app\trunning\tapp\tdep-1\t8080\tnode-1\n\
                     a2\tmuvee-app-old-a2a2a2a2a2a2\texited\tapp\tdep-0\t8080\tnode-1\n";
         h.fake.on(MANAGED, Reply::Ok(rows.into()));
@@ -222,15 +217,15 @@ mod tests {
 
     #[test]
     fn a_leftover_goes_only_after_the_grace_and_never_during_a_deploy() {
-        let h = node("reap-grace", "300ms");
+        let h = node("reap-grace", Duration::from_millis(300));
         let mut r = Reaper::default();
         assert!(r.round(&h.cfg, &h.shared).is_empty(), "seen once: kept");
         std::thread::sleep(Duration::from_millis(350));
         // A deploy of the app holds its lock: the leftover waits for the next round.
-        let busy = h
-            .shared
-            .locks
-            .with(&deployer::lock_key("app"), || r.round(&h.cfg, &h.shared));
+        let (locks, slots) = (&h.shared.locks, &h.shared.slots);
+        let busy = locks.with(&deployer::lock_key("app"), slots, || {
+            r.round(&h.cfg, &h.shared)
+        });
         assert!(busy.is_empty());
         assert!(h.fake.ran("docker rm").is_empty());
         let mounts = h.cfg.data_dir.join("mounts");
@@ -244,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_container_owned_again_restarts_the_clock() {
-        let h = node("reap-clock", "300ms");
+        let h = node("reap-clock", Duration::from_millis(300));
         let mut r = Reaper::default();
         r.round(&h.cfg, &h.shared);
         std::thread::sleep(Duration::from_millis(350));

@@ -762,7 +762,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
     let agent = TestAgent::builder("builder")
         .cp(&cp)
         .dir(&dir)
-        .env("HEARTBEAT_INTERVAL", "500ms")
+        .env("HEARTBEAT_INTERVAL", "1s")
         .start();
     let logins = |a: &TestAgent| {
         a.calls()
@@ -792,7 +792,7 @@ fn registry_login_follows_rotated_credentials_and_failures_are_retried() {
     let mut agent = TestAgent::builder("builder")
         .cp(&cp)
         .dir(&dir)
-        .env("HEARTBEAT_INTERVAL", "500ms")
+        .env("HEARTBEAT_INTERVAL", "1s")
         .env("FAKE_DOCKER_EXIT", "1")
         .start();
     util::poll(20, || logins(&agent) >= 3);
@@ -964,6 +964,8 @@ fn builds_beyond_builder_max_concurrent_wait_already_running() {
             .filter(|c| c.starts_with("git clone"))
             .count()
     };
+    // The first clone may be logged a moment after both reports (a loaded machine).
+    assert!(util::poll(5, || clones(&agent) >= 1), "{:?}", agent.calls());
     assert_eq!(clones(&agent), 1, "{:?}", agent.calls());
     wait_final(&cp, &a, 30);
     wait_final(&cp, &b, 30);
@@ -1055,4 +1057,34 @@ fn deploy_node_reports_container_statuses_with_host_port() {
         statuses.iter().all(|s| s["host_port"] == port),
         "the aside container is not reported: {statuses:?}"
     );
+}
+
+/// Issue 16.11: a duration below its minimum (POLL_INTERVAL=0 made thousands of requests a
+/// second) stops the agent at start with status 2 and a message naming the variable; no
+/// request reaches the control plane.
+#[test]
+fn absurd_intervals_exit_2_naming_the_variable() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let cases = [
+        ("POLL_INTERVAL", "0", "100ms"),
+        ("HEARTBEAT_INTERVAL", "0", "1s"),
+        ("DEPLOY_HEALTH_TIMEOUT", "0", "1s"),
+        ("BUILD_TIMEOUT", "1s", "10s"),
+        ("BUILD_IDLE_TIMEOUT", "0", "5s"),
+        ("REAP_GRACE", "0", "1s"),
+    ];
+    let mut agents: Vec<_> = cases
+        .iter()
+        .map(|&(var, value, min)| {
+            let agent = TestAgent::builder("deploy").cp(&cp).env(var, value).start();
+            (var, value, min, agent)
+        })
+        .collect();
+    for (var, value, min, agent) in &mut agents {
+        let status = agent.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{var}={value}");
+        let want = format!("{var}: invalid value \"{value}\" (expected at least {min})");
+        assert!(agent.log().contains(&want), "{}", agent.log());
+    }
+    assert_eq!(cp.requests().len(), 0, "{}", cp.dump(10));
 }

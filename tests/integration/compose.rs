@@ -24,13 +24,8 @@ fn pushed() -> &'static Pushed {
     P.get_or_init(|| {
         images();
         let reg = util::registry();
-        let login = temp_dir("compose-login");
+        let login = util::registry_login();
         let env = [("DOCKER_CONFIG", login.to_str().unwrap())];
-        let mut c = Command::new(util::docker_cli());
-        c.envs(env)
-            .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"]);
-        let out = pipe(c, &reg.password);
-        assert!(out.status.success(), "{}", util::describe(&out));
         let tag = |local: &str| {
             let remote = format!("{}/muvee-it-compose/{}", reg.addr, local.replace(':', "-"));
             util::sh(Command::new(util::docker_cli()).args(["tag", local, &remote]));
@@ -47,21 +42,6 @@ fn pushed() -> &'static Pushed {
             login,
         }
     })
-}
-
-fn pipe(mut c: Command, input: &str) -> std::process::Output {
-    use std::io::Write;
-    c.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn have_compose() -> bool {

@@ -79,6 +79,8 @@ struct App {
     share: PathBuf,
     volumes: PathBuf,
     env: Vec<(String, String)>,
+    /// A command the agent runs under (strace).
+    wrapper: Vec<String>,
     _cleanup: RemoveContainers,
 }
 
@@ -92,6 +94,7 @@ impl App {
             share: temp_dir("deploy-share"),
             volumes: temp_dir("deploy-vol"),
             env: vec![("DEPLOY_DRAIN".into(), "1s".into())],
+            wrapper: Vec::new(),
         }
     }
 
@@ -134,7 +137,8 @@ impl App {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut env: Vec<(&str, &str)> = vec![("DATA_DIR", self.data.to_str().unwrap())];
         env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let out = util::run_task(&args, &input.to_string(), &env);
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        let out = util::run_task_under(&wrapper, &args, &input.to_string(), &env);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let report: Value = serde_json::from_str(stdout.trim())
             .unwrap_or_else(|_| panic!("no report: {}", util::describe(&out)));
@@ -625,6 +629,62 @@ fn a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted() {
     assert!(r.log.contains("version 1 is cached"), "{}", r.log);
     assert!(body(port).contains("complete-set"));
     assert_eq!(mounted(&app), 201);
+}
+
+/// rsync writes without fsync: the copy's data reaches the disk (syncfs on its filesystem)
+/// before the completion marker is created, so a power loss cannot leave a version marked
+/// complete with missing data. Seen with strace around a real deploy.
+#[test]
+fn a_dataset_copy_is_on_disk_before_its_completion_marker() {
+    let test = "a_dataset_copy_is_on_disk_before_its_completion_marker";
+    if !require_docker(test) {
+        return;
+    }
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(
+            std::env::var("MUVEE_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "{test}: strace is missing (scripts/testbed.sh up installs it)"
+        );
+        eprintln!("SKIPPED {test}: no strace");
+        return;
+    }
+    images();
+    let mut app = App::new("itd-sync");
+    app.set("DEPLOY_DRAIN", "0s");
+    let trace = app.data.with_extension("strace");
+    app.wrapper = [
+        "strace",
+        "-f",
+        "-qq",
+        "-e",
+        "trace=syncfs,fsync,openat",
+        "-o",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([trace.display().to_string()])
+    .collect();
+    let id = uniq("dss");
+    let src = app.share.join("s");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+    let mut p = app.payload("dep-s1", APP, "s");
+    p["datasets"] = json!([{"id": id, "name": "set", "nfs_path": "s", "version": 1, "mount_mode": "dependency"}]);
+    app.deploy_ok(&p);
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let marker = lines
+        .iter()
+        .position(|l| l.contains("/v1.complete\"") && l.contains("O_CREAT"))
+        .expect("the marker was never created");
+    let synced = lines.iter().position(|l| l.contains("syncfs("));
+    assert!(
+        synced.is_some_and(|s| s < marker),
+        "no syncfs before the marker:\n{}",
+        lines[marker.saturating_sub(5)..=marker].join("\n")
+    );
 }
 
 fn dir_bytes(p: &Path) -> u64 {

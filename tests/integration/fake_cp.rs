@@ -12,6 +12,7 @@ use serde_json::Value;
 pub use server::control::{frame_data, ControlConn, Outcome, Upgrade};
 #[allow(unused_imports)]
 pub use server::{enc, go_str, parse_uuid, rfc3339, Action, Recorded, Server, Version};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,9 +48,14 @@ impl Fault {
 
 type Faults = Arc<Mutex<Vec<(String, Fault, usize)>>>;
 
+/// What nginx answers a body over `client_max_body_size`.
+const NGINX_413: &str = "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
 pub struct FakeCp {
     server: Server,
     faults: Faults,
+    /// Bodies above this many bytes get nginx's 413 (0: no limit).
+    body_limit: Arc<AtomicUsize>,
 }
 
 impl std::ops::Deref for FakeCp {
@@ -64,8 +70,17 @@ impl FakeCp {
     pub fn start(version: Version, secret: &str) -> FakeCp {
         let server = Server::start(version, secret);
         let faults: Faults = Arc::default();
-        let f = faults.clone();
-        server.set_interceptor(Box::new(move |target: &str| {
+        let body_limit = Arc::new(AtomicUsize::new(0));
+        let (f, limit) = (faults.clone(), body_limit.clone());
+        server.set_interceptor(Box::new(move |target: &str, len: usize| {
+            let max = limit.load(Ordering::SeqCst);
+            if max > 0 && len > max {
+                let page = NGINX_413.as_bytes().to_vec();
+                return Some((
+                    format!("body of {len} bytes over {max}"),
+                    Action::Respond(413, "text/html", page),
+                ));
+            }
             let mut list = f.lock().unwrap_or_else(|e| e.into_inner());
             let hit = list
                 .iter_mut()
@@ -77,7 +92,17 @@ impl FakeCp {
             list.retain(|f| f.2 > 0);
             hit.map(|f| (format!("{f:?}"), f.action()))
         }));
-        FakeCp { server, faults }
+        FakeCp {
+            server,
+            faults,
+            body_limit,
+        }
+    }
+
+    /// Answers 413 (nginx's page) to every request whose body is over `max` bytes, as nginx
+    /// in front of the server does with `client_max_body_size` (1m by default).
+    pub fn limit_body(&self, max: usize) {
+        self.body_limit.store(max, Ordering::SeqCst);
     }
 
     /// Applies `fault` to the next `times` requests whose raw target (path+query) starts with

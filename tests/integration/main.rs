@@ -11,6 +11,7 @@ mod fake_cp;
 mod fake_cp_selftest;
 mod faults;
 mod git_http;
+mod logs;
 mod operations;
 mod packaging;
 mod test_agent;

@@ -1,6 +1,6 @@
 //! packaging/: the systemd unit passes `systemd-analyze verify`, the env file example lists every
 //! variable the agent reads, `make install-data` honours DESTDIR and PREFIX, and the compose
-//! recipe mounts DATA_DIR at the same path on both sides.
+//! recipe gives each agent its own DATA_DIR, mounted at the same path on both sides.
 
 use crate::util;
 use std::path::{Path, PathBuf};
@@ -63,6 +63,8 @@ fn the_unit_file_has_the_promised_settings() {
     assert_eq!(setting("NoNewPrivileges"), "yes");
     assert_eq!(setting("ProtectSystem"), "full");
     assert_eq!(setting("PrivateTmp"), "yes");
+    // DATA_DIR's state (reports with task results) is private to the agent's user.
+    assert_eq!(setting("UMask"), "0077");
     let stop: u64 = setting("TimeoutStopSec").parse().unwrap();
     assert!(
         stop > 300,
@@ -194,13 +196,19 @@ fn the_compose_recipe_mounts_data_dir_at_the_same_path() {
         .map(|l| l.split_whitespace().next().unwrap())
         .collect();
     assert!(mounts.contains(&"/var/run/docker.sock:/var/run/docker.sock"));
-    assert_eq!(
-        mounts
-            .iter()
-            .filter(|m| **m == "/muvee/data:/muvee/data")
-            .count(),
-        2
-    );
+    // Each agent its own DATA_DIR (two on one refuse to start), mounted at that path.
+    let data_dirs: Vec<&str> = yml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("DATA_DIR: "))
+        .collect();
+    assert_eq!(data_dirs.len(), 2, "{data_dirs:?}");
+    assert_ne!(data_dirs[0], data_dirs[1], "the services share a DATA_DIR");
+    for d in &data_dirs {
+        assert!(
+            mounts.contains(&format!("{d}:{d}").as_str()),
+            "{d} not mounted"
+        );
+    }
     for m in &mounts {
         let mut parts = m.split(':');
         let (host, ctr) = (parts.next().unwrap(), parts.next().unwrap());

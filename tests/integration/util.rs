@@ -187,6 +187,26 @@ pub fn registry() -> Registry {
     }
 }
 
+/// A fresh DOCKER_CONFIG dir logged in to the test registry (the password on stdin).
+pub fn registry_login() -> PathBuf {
+    use std::io::Write;
+    let reg = registry();
+    let dir = temp_dir("registry-login");
+    let mut child = Command::new(docker_cli())
+        .env("DOCKER_CONFIG", &dir)
+        .args(["login", &reg.addr, "-u", &reg.user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take();
+    stdin.unwrap().write_all(reg.password.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "docker login: {}", describe(&out));
+    dir
+}
+
 /// Runs a command to completion and panics with its output if it fails.
 pub fn sh(cmd: &mut Command) -> String {
     let out = cmd
@@ -208,8 +228,25 @@ pub fn describe(out: &Output) -> String {
 /// `muvee-agent run-task` with a task (or payload) on stdin. `env` is added to a clean
 /// environment that keeps PATH/HOME; DATA_DIR and DOCKER_CONFIG default to fresh temp dirs.
 pub fn run_task(args: &[&str], input: &str, env: &[(&str, &str)]) -> Output {
+    run_task_under(&[], args, input, env)
+}
+
+/// `run_task` with the agent run under `wrapper` (e.g. strace).
+pub fn run_task_under(
+    wrapper: &[&str],
+    args: &[&str],
+    input: &str,
+    env: &[(&str, &str)],
+) -> Output {
     use std::io::Write;
-    let mut cmd = Command::new(bin());
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
     cmd.arg("run-task").args(args);
     let data = temp_dir("data");
     let dcfg = temp_dir("dockercfg");

@@ -1,0 +1,258 @@
+//! The deployment log shipper through the agent loop, against the fake control plane: how
+//! soon a quiet task's line arrives, bodies that pass nginx's 1 MiB limit, a failing route
+//! that must hold neither the final report nor a SIGTERM, a spill that cannot be written, a
+//! secret across the 16 KiB line cut. External commands are the PATH shims.
+
+use crate::agent::{chatty_build, statuses, wait_final};
+use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, temp_dir};
+use serde_json::json;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+fn builder_cp() -> FakeCp {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    cp
+}
+
+fn log_route(dep: &str) -> String {
+    format!("/api/deployments/{dep}/logs")
+}
+
+/// The numbers of the stand-in's lines in a stored log, in order.
+pub fn numbers(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("remote: progress line "))
+        .map(|n| {
+            let digits = n.bytes().take_while(u8::is_ascii_digit).count();
+            n[..digits].parse().unwrap()
+        })
+        .collect()
+}
+
+/// The counts of the drop markers in a stored log.
+pub fn dropped(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("[muvee-agent: "))
+        .filter_map(|l| l.split_once(" log lines dropped: "))
+        .map(|(n, _)| n.parse().unwrap())
+        .collect()
+}
+
+/// Every line printed is in the log, in order, or counted by a marker that names `why`.
+pub fn assert_delivered_or_counted(log: &str, total: u64, why: &str) {
+    let nums = numbers(log);
+    assert!(nums.windows(2).all(|w| w[0] < w[1]), "out of order");
+    let lost = dropped(log);
+    assert!(!lost.is_empty(), "no marker in {} bytes", log.len());
+    for m in log.lines().filter(|l| l.starts_with("[muvee-agent: ")) {
+        assert!(m.contains(why), "{m}");
+    }
+    assert_eq!(nums.len() as u64 + lost.iter().sum::<u64>(), total);
+}
+
+/// The log route answers 502 until the agent warns that its spill failed, then takes logs
+/// again. `start` starts the agent once the fault is in place. Checks that the agent warned
+/// once and every line of the build of `total` lines (task `task`) is in the log or counted
+/// by a marker naming `why`; returns the log.
+pub fn fail_the_route_until_the_spill_fails(
+    cp: &FakeCp,
+    start: impl FnOnce() -> (TestAgent, String),
+    dep: &str,
+    total: u64,
+    why: &str,
+) -> String {
+    let page = "<html>502 Bad Gateway</html>".to_string();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Status(502, "text/html", page),
+        1_000_000,
+    );
+    let (agent, task) = start();
+    let warning = "cannot write the log spill";
+    assert!(
+        util::poll(120, || agent.log().contains(warning)),
+        "{}",
+        agent.log()
+    );
+    cp.clear_faults();
+    assert_eq!(wait_final(cp, &task, 180)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_delivered_or_counted(&log, total, why);
+    assert_eq!(agent.log().matches(warning).count(), 1);
+    log
+}
+
+/// A build printing two lines a second: each reaches the control plane within 250 ms, not at
+/// a flush tick.
+#[test]
+fn a_quiet_tasks_lines_reach_the_control_plane_within_250_ms() {
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f0";
+    let dir = temp_dir("logs-latency");
+    let env = [("FAKE_GIT_TICKS", "20"), ("FAKE_GIT_EXIT", "128")];
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    let mut late: Vec<Duration> = Vec::new();
+    for r in cp.requests_to(&log_route(dep)) {
+        let text = r.json().unwrap()["line"].as_str().unwrap().to_string();
+        for ns in text.lines().filter_map(|l| l.strip_prefix("tick ")) {
+            let printed = UNIX_EPOCH + Duration::from_nanos(ns.parse().unwrap());
+            late.push(r.at.duration_since(printed).unwrap_or_default());
+        }
+    }
+    assert_eq!(late.len(), 20);
+    late.sort();
+    assert!(
+        late[17] <= Duration::from_millis(250),
+        "p90 over 250 ms: {late:?}"
+    );
+}
+
+/// Lines full of quotes (two bytes each in JSON) wait while the route stalls: every request
+/// body stays within nginx's 1 MiB, so none gets a 413, and every line arrives.
+#[test]
+fn log_bodies_fit_nginxs_1_mib_limit_once_escaped() {
+    let cp = builder_cp();
+    cp.limit_body(1 << 20);
+    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(4)), 1);
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f1";
+    let dir = temp_dir("logs-body");
+    let pad = "\"".repeat(200);
+    let env = [
+        ("FAKE_GIT_LINES", "12000"),
+        ("FAKE_GIT_PAD", pad.as_str()),
+        ("FAKE_GIT_EXIT", "128"),
+    ];
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 90)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_eq!(numbers(&log), (1..=12_000).collect::<Vec<u64>>());
+    assert_eq!(log.matches(&format!("{pad}\n")).count(), 12_000);
+    let requests = cp.requests_to(&log_route(dep));
+    let largest = requests.iter().map(|r| r.body.len()).max().unwrap();
+    assert!(largest <= 1 << 20, "a body of {largest} bytes");
+    assert!(
+        largest > 512 << 10,
+        "batches grew with the backlog: {largest}"
+    );
+    assert!(requests.iter().all(|r| r.status != Some(413)));
+}
+
+/// The log route answers 502 for ever and the agent gets SIGTERM while a build runs: the
+/// build's own outcome is reported (not "agent restarted") and the agent exits soon.
+#[test]
+fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
+    let cp = builder_cp();
+    let page = "<html><center><h1>502 Bad Gateway</h1></center></html>".to_string();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Status(502, "text/html", page),
+        1_000_000,
+    );
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f2";
+    let dir = temp_dir("logs-502");
+    let env = [
+        ("FAKE_GIT_SLEEP", "3"),
+        ("FAKE_GIT_LINES", "100"),
+        ("FAKE_GIT_EXIT", "128"),
+    ];
+    let mut agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    cp.wait_for("running", Duration::from_secs(30), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    agent.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = agent.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {:?}\n{}",
+        t0.elapsed(),
+        agent.log()
+    );
+    let c = wait_final(&cp, &task, 1);
+    assert_eq!(c["status"], "failed");
+    let why = c["result"].as_str().unwrap();
+    assert!(why.contains("git clone") && why.contains("128"), "{why}");
+    assert!(!agent.log().contains("did not stop"), "{}", agent.log());
+    assert!(agent.log().contains("gave up shipping"));
+}
+
+/// DATA_DIR/state/logs cannot be created and the route fails while a build prints 12.6 MB:
+/// memory keeps 8 MiB, the rest is counted, one marker per gap says how many lines and
+/// why, and the agent warns once, not once per line.
+#[test]
+fn an_unwritable_spill_dir_drops_lines_with_a_marker_and_warns_once() {
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f3";
+    let dir = temp_dir("logs-unwritable");
+    let start = || {
+        let env = [("FAKE_GIT_LINES", "450000"), ("FAKE_GIT_EXIT", "128")];
+        let agent = TestAgent::builder("builder")
+            .cp(&cp)
+            .dir(&dir)
+            .envs(&env)
+            .start();
+        cp.wait_for("registration", Duration::from_secs(30), |cp| {
+            cp.node_id_for_role("builder").is_some()
+        });
+        // After start (which clears state/logs): a file where the spill dir goes.
+        let logs = dir.join("data/state/logs");
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::write(&logs, "not a directory").unwrap();
+        (agent, chatty_build(&cp, dep))
+    };
+    fail_the_route_until_the_spill_fails(&cp, start, dep, 450_000, "the log spill");
+}
+
+/// A build prints 16,375 spaces and then its git credential, at once and in writes apart:
+/// the executor cuts lines at 16 KiB, and neither half of the credential reaches the log.
+#[test]
+fn a_secret_across_the_16_kib_line_cut_is_masked() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    let dep = "c0ffee00-1234-4abc-9def-0000000000fb";
+    let dir = temp_dir("agent-logs-cut");
+    let env = [("FAKE_GIT_LEAK", "16375"), ("FAKE_GIT_EXIT", "128")];
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let token = "tok-cut-7b1d93e0c4";
+    let payload = json!({
+        "git_url": "https://git.example/app.git", "git_username": "u", "git_token": token,
+        "deployment_id": dep, "project_id": "7a7a7a7a-0000-4000-8000-000000000009", "domain_prefix": "logs"
+    });
+    let task = cp.add_task_for_role("builder", "build", dep, payload);
+    assert_eq!(wait_final(&cp, &task, 30)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    let basic = util::base64(format!("u:{token}").as_bytes());
+    let pad = " ".repeat(16375);
+    assert!(log.contains(&format!("{pad}***\n")), "masked at once");
+    assert!(
+        log.contains(&format!("{pad}\n*** end\n")),
+        "masked across reads"
+    );
+    let (a, b) = basic.split_at(9);
+    assert!(
+        !log.contains(a) && !log.contains(b),
+        "a half of the credential shows"
+    );
+}
