@@ -88,6 +88,13 @@ impl From<ConfigError> for StartError {
     }
 }
 
+/// The HTTP client, and the TLS roots it uses (the control channel uses them too).
+fn client(cfg: &Config) -> Result<(Client, Roots), ConfigError> {
+    let roots = Roots::load(cfg.ca_file.as_deref()).map_err(|e| ConfigError(e.0))?;
+    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret, &roots);
+    Ok((client, roots))
+}
+
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
@@ -108,8 +115,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
-    let roots = Roots::load(cfg.ca_file.as_deref()).map_err(|e| ConfigError(e.0))?;
-    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret, &roots);
+    let (client, roots) = client(&cfg)?;
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
 
