@@ -4,6 +4,7 @@
 //! Clones share one connection pool and one name-lookup thread.
 
 use crate::cp::resolver::Lookups;
+use crate::cp::tls::Roots;
 use crate::cp::wire::Node;
 use crate::task::AgentConfig;
 use serde::de::DeserializeOwned;
@@ -74,12 +75,13 @@ impl fmt::Display for CpError {
 }
 
 impl Client {
-    pub fn new(base: &str, secret: &str) -> Client {
+    pub fn new(base: &str, secret: &str, roots: &Roots) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(REQUEST_TIMEOUT))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
+            .tls_config(roots.ureq())
             .build();
         let agent = ureq::Agent::with_parts(
             config,
