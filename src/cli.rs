@@ -13,6 +13,10 @@ pub struct Args {
     /// control plane base URL, http or https [CONTROL_PLANE_URL, default http://localhost:8080]
     #[argh(option)]
     pub control_plane_url: Option<String>,
+    /// PEM bundle of the CAs an https control plane's certificate chains to, instead of the
+    /// built-in Mozilla roots [CONTROL_PLANE_CA_FILE]
+    #[argh(option)]
+    pub control_plane_ca_file: Option<String>,
     /// file holding the shared agent secret (there is no flag for the value itself, so it never
     /// shows in argv) [AGENT_SECRET]
     #[argh(option)]

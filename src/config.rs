@@ -16,6 +16,8 @@ pub struct Config {
     pub role: Option<Role>,
     pub control_plane_url: CpUrl,
     pub agent_secret: Secret,
+    /// CONTROL_PLANE_CA_FILE: the roots for https (HTTP client and control channel alike).
+    pub ca_file: Option<PathBuf>,
     pub host_ip: Option<String>,
     pub node_name: String,
     pub data_dir: PathBuf,
@@ -164,6 +166,8 @@ impl Config {
                 "http://localhost:8080",
             ))?,
             agent_secret: agent_secret(a, env)?,
+            ca_file: pick(&a.control_plane_ca_file, env, "CONTROL_PLANE_CA_FILE")
+                .map(PathBuf::from),
             host_ip: pick(&a.host_ip, env, "HOST_IP").map(|s| s.trim().to_string()),
             node_name: pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname),
             data_dir: PathBuf::from(s.text(&a.data_dir, "DATA_DIR", "/muvee/data")),

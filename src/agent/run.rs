@@ -9,6 +9,7 @@ use crate::cp::files;
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::outbox::{self, Flushed, Outbox};
+use crate::cp::tls::Roots;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
@@ -102,6 +103,13 @@ impl From<ConfigError> for StartError {
     }
 }
 
+/// The HTTP client, and the TLS roots it uses (the control channel uses them too).
+fn client(cfg: &Config) -> Result<(Client, Roots), ConfigError> {
+    let roots = Roots::load(cfg.ca_file.as_deref()).map_err(|e| ConfigError(e.0))?;
+    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret, &roots);
+    Ok((client, roots))
+}
+
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
@@ -122,7 +130,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
-    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
+    let (client, roots) = client(&cfg)?;
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
 
@@ -180,6 +188,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             agent.cfg.clone(),
             agent.shared.clone(),
             agent.reports.clone(),
+            roots,
         );
     }
     agent.main_loop();

@@ -4,6 +4,7 @@
 //! Clones share one connection pool and one name-lookup thread.
 
 use crate::cp::resolver::Lookups;
+use crate::cp::tls::Roots;
 use crate::cp::url::CpUrl;
 use crate::cp::wire::Node;
 use crate::sys::secret::Secret;
@@ -99,12 +100,13 @@ impl std::error::Error for CpError {
 }
 
 impl Client {
-    pub fn new(base: &CpUrl, secret: &Secret) -> Client {
+    pub fn new(base: &CpUrl, secret: &Secret, roots: &Roots) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(REQUEST_TIMEOUT))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
+            .tls_config(roots.ureq())
             .build();
         let agent = ureq::Agent::with_parts(
             config,
@@ -309,9 +311,13 @@ mod tests {
             .unwrap()
             .port();
         let base = format!("http://127.0.0.1:{port}");
-        let e = Client::new(&base.parse().unwrap(), &Secret::default())
-            .config()
-            .unwrap_err();
+        let e = Client::new(
+            &base.parse().unwrap(),
+            &Secret::default(),
+            &Roots::default(),
+        )
+        .config()
+        .unwrap_err();
         let CpError::Transport { err, .. } = &e else {
             panic!("not a transport error: {e:?}");
         };

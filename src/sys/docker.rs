@@ -656,11 +656,28 @@ pub struct Project {
 
 impl Docker<'_> {
     /// `docker exec -ti CONTAINER CMD...` for a control channel session, which runs it under
-    /// a PTY of its own (not through the executor: it is interactive).
-    pub fn exec_tty(&self, container: &str, cmd: &[String]) -> std::process::Command {
+    /// a PTY of its own (not through the executor: it is interactive). `marker` goes into the
+    /// process's environment, so [`Docker::kill_marked`] finds it and what it started.
+    pub fn exec_tty(&self, container: &str, cmd: &[String], marker: &str) -> std::process::Command {
         let mut c = std::process::Command::new(self.cli);
-        c.args(["exec", "-ti", container]).args(cmd);
+        c.args(["exec", "-ti", "-e", marker, container]).args(cmd);
         c
+    }
+
+    /// Kills, inside `container`, every process whose environment holds `marker` (NAME=value)
+    /// and the process group it leads: docker leaves an exec'd process running when its
+    /// client goes. Needs `sh` and `grep` in the container. (`grep -F` and `kill --` are not
+    /// used: busybox's `-F` stops at the NULs of `environ`, and its `kill` refuses `--`.)
+    pub fn kill_marked(&self, container: &str, marker: &str) -> Result<(), DockerError> {
+        const SCRIPT: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; \
+            grep -qs \"$0\" \"$d/environ\" && kill -9 \"-$p\" \"$p\"; done 2>/dev/null; true";
+        let cmd = self
+            .cmd(&["exec", container, "sh", "-c", SCRIPT, marker])
+            .timeout(Duration::from_secs(20), "docker exec kill timeout");
+        self.runner
+            .output(&cmd)
+            .map(drop)
+            .map_err(DockerError::from_exec)
     }
 
     /// `docker cp - CONTAINER:PATH` (up: a tar on stdin) or `docker cp CONTAINER:PATH -`
