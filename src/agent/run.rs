@@ -175,12 +175,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     if role == Role::Deploy {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
-        // The cache's size, for the heartbeat: a large cache takes a while to walk.
-        let (shared, data_dir) = (agent.shared.clone(), agent.cfg.data_dir.clone());
-        let measure = move || shared.cache.measure(&data_dir);
-        let _ = std::thread::Builder::new()
-            .name("cache-size".into())
-            .spawn(measure);
+        agent.measure_cache();
     }
     agent.start_reports();
     if role == Role::Deploy {
@@ -333,6 +328,15 @@ impl std::error::Error for Rejection {
 }
 
 impl Agent {
+    /// The cache's size, for the heartbeat, on a thread: a large cache takes a while to walk.
+    fn measure_cache(&self) {
+        let (shared, data_dir) = (self.shared.clone(), self.cfg.data_dir.clone());
+        let measure = move || shared.cache.measure(&data_dir);
+        let _ = std::thread::Builder::new()
+            .name("cache-size".into())
+            .spawn(measure);
+    }
+
     /// Statuses, metrics, health report and reaping, on their own thread (`cp::reports`).
     fn start_reports(&mut self) {
         self.reports = reports::spawn(reports::Sources {

@@ -30,6 +30,29 @@ impl std::fmt::Display for Unreadable {
 
 impl std::error::Error for Unreadable {}
 
+/// Why a path a compose file names may not be read: the text of its violation.
+#[derive(Debug)]
+enum Refusal {
+    /// The compose CLI would fill it from its own environment.
+    Variable(String),
+    /// It lands outside the project's files.
+    Outside(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Variable(p) => write!(
+                f,
+                "names {p:?}, which the compose CLI would fill from its own environment"
+            ),
+            Refusal::Outside(p) => write!(f, "reads host file {p}, outside the project's files"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// The violations of compose file `file` (inside `root`, the project's own dir) and of the
 /// compose files it names.
 pub fn judge(root: &Path, file: &Path) -> Result<Vec<Violation>, Unreadable> {
@@ -88,13 +111,11 @@ impl Walk {
     /// Where `p` (as the file in `dir` names it) may land, or why it may not be read.
     /// Relative paths are judged from the file's dir and from the project's dir (the CLIs
     /// differ, and v1 takes the project's for the first file only).
-    fn place(&self, dir: &Path, p: &str) -> Result<Vec<PathBuf>, String> {
+    fn place(&self, dir: &Path, p: &str) -> Result<Vec<PathBuf>, Refusal> {
         if p.contains('$') {
-            return Err(format!(
-                "names {p:?}, which the compose CLI would fill from its own environment"
-            ));
+            return Err(Refusal::Variable(p.to_string()));
         }
-        let outside = || Err(format!("reads host file {p}, outside the project's files"));
+        let outside = || Err(Refusal::Outside(p.to_string()));
         if p.starts_with('~') {
             return outside();
         }
@@ -148,7 +169,7 @@ impl Walk {
         };
         for p in paths {
             match self.place(dir, p) {
-                Err(what) => self.add(service, key, what),
+                Err(why) => self.add(service, key, why.to_string()),
                 Ok(at) if key == "extends" => self.files(at)?,
                 Ok(_) => {}
             }
@@ -167,7 +188,7 @@ impl Walk {
                 ))
             } else {
                 let file = yaml::get(def, "file").and_then(Yaml::as_str);
-                file.and_then(|f| self.place(dir, f).err())
+                file.and_then(|f| self.place(dir, f).err().map(|why| why.to_string()))
             };
             let Some(what) = what else { continue };
             let mut users: Vec<&str> = services(doc)
@@ -214,7 +235,7 @@ impl Walk {
                 .chain(envs.iter().map(|p| (p, false)))
             {
                 match self.place(dir, p) {
-                    Err(what) => self.add("", "include", what),
+                    Err(why) => self.add("", "include", why.to_string()),
                     Ok(at) if compose => self.files(at)?,
                     Ok(_) => {}
                 }
