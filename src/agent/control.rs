@@ -20,12 +20,12 @@ use crate::config::Config;
 use crate::cp::tls::Roots;
 use crate::cp::url::CpUrl;
 use crate::sys::signal;
+use crate::sys::wait::{self, Stop};
 use crate::work::ctx::Shared;
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
@@ -108,10 +108,8 @@ fn run(ctx: &Ctx) {
     let mut backoff = BACKOFF_FIRST;
     while !signal::shutdown_requested() {
         let Some(node) = ctx.reports.node_id() else {
-            ctx.shared.bell.wait_until(
-                Some(Instant::now() + BACKOFF_FIRST),
-                signal::shutdown_requested,
-            );
+            let later = Instant::now() + BACKOFF_FIRST;
+            wait::pause(&ctx.shared.bell, later, Stop::Shutdown);
             continue;
         };
         match dial(ctx, &node) {
@@ -128,10 +126,7 @@ fn run(ctx: &Ctx) {
             }
             Err(e) => log::debug!("control channel: {e}"),
         }
-        let until = Instant::now() + backoff;
-        ctx.shared
-            .bell
-            .wait_until(Some(until), signal::shutdown_requested);
+        wait::pause(&ctx.shared.bell, Instant::now() + backoff, Stop::Shutdown);
         backoff = (backoff * 2).min(BACKOFF_CAP);
     }
 }
@@ -257,12 +252,16 @@ fn dial(ctx: &Ctx, node: &str) -> Result<WebSocket<Stream>, ChannelError> {
 
 /// Serves one connection until it ends, the node id changes or the agent stops.
 fn serve(mut ws: WebSocket<Stream>, ctx: &Ctx, node: &str) {
-    let Ok(bell) = signal::Doorbell::new() else {
+    let Ok(bell) = wait::Doorbell::new() else {
         return;
     };
-    let (tx, out_rx) = mpsc::sync_channel::<Frame>(OUTBOX);
-    let out = Out::new(tx, Arc::new(bell));
+    let queue = Arc::new(wait::Mailbox::bounded(OUTBOX));
+    // Sessions waiting for room in the queue get `Gone` once this connection ends.
+    let _closing = Closing(&queue);
+    let out = Out::new(queue.clone(), Arc::new(bell));
     ctx.reports.watch_node(out.bell.clone());
+    // A signal wakes the socket's poll too: the loop below closes at once on shutdown.
+    ctx.shared.bell.attach(&out.bell);
     let mut conn = Conn {
         last_read: Instant::now(),
         next_ping: Instant::now() + PING_EVERY,
@@ -278,7 +277,7 @@ fn serve(mut ws: WebSocket<Stream>, ctx: &Ctx, node: &str) {
             return;
         }
         conn.retry_held();
-        if !conn.write(&mut ws, &out_rx) || !conn.read(&mut ws, ctx, &out) {
+        if !conn.write(&mut ws, &queue) || !conn.read(&mut ws, ctx, &out) {
             return;
         }
         if conn.last_read.elapsed() > READ_DEADLINE {
@@ -289,6 +288,15 @@ fn serve(mut ws: WebSocket<Stream>, ctx: &Ctx, node: &str) {
             return;
         }
         conn.sleep(&ws, &out.bell);
+    }
+}
+
+/// Closes the outgoing queue when the connection's thread lets go of it, however it does.
+struct Closing<'a>(&'a wait::Mailbox<Frame>);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -310,7 +318,7 @@ impl Conn {
     /// Sends the ping when due, our own frames and every queued frame; false when the
     /// connection broke. A frame the socket has no room for yet stays in tungstenite's
     /// buffer (`unsent`).
-    fn write(&mut self, ws: &mut WebSocket<Stream>, queued: &Receiver<Frame>) -> bool {
+    fn write(&mut self, ws: &mut WebSocket<Stream>, queued: &wait::Mailbox<Frame>) -> bool {
         if self.unsent && !self.flush(ws) {
             return false;
         }
@@ -322,7 +330,7 @@ impl Conn {
             self.next_ping = Instant::now() + PING_EVERY;
             frames.push(Frame::new("ping", ""));
         }
-        frames.extend(queued.try_iter());
+        frames.extend(std::iter::from_fn(|| queued.try_recv()));
         for f in frames {
             let text = serde_json::to_string(&f).unwrap_or_default();
             match ws.write(Message::text(text)) {
@@ -473,7 +481,7 @@ impl Conn {
 
     /// Sleeps until the socket has something (unless an upload frame is held) or room (for
     /// a frame waiting), a session queued a frame or made room, or a deadline is due.
-    fn sleep(&self, ws: &WebSocket<Stream>, bell: &signal::Doorbell) {
+    fn sleep(&self, ws: &WebSocket<Stream>, bell: &wait::Doorbell) {
         let mut events = 0;
         if self.held.is_none() {
             events |= libc::POLLIN;
@@ -498,7 +506,7 @@ impl Conn {
             (ws.get_ref().tcp().as_raw_fd(), events),
             (bell.fd(), libc::POLLIN),
         ];
-        signal::poll_fds(&fds, wait);
+        wait::poll_fds(&fds, wait);
         bell.drain();
     }
 }

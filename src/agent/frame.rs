@@ -1,30 +1,29 @@
 //! The control channel's frames (protocol §1.10), and the queue sessions send theirs through
 //! to the socket thread.
 
-use crate::sys::signal;
+use crate::sys::wait;
 use crate::task::clean_text;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
 /// Where sessions queue frames for the socket: a bounded queue, and the doorbell that
 /// wakes the socket thread.
 #[derive(Clone)]
 pub struct Out {
-    tx: SyncSender<Frame>,
-    pub bell: Arc<signal::Doorbell>,
+    queue: Arc<wait::Mailbox<Frame>>,
+    pub bell: Arc<wait::Doorbell>,
 }
 
 impl Out {
-    pub fn new(tx: SyncSender<Frame>, bell: Arc<signal::Doorbell>) -> Out {
-        Out { tx, bell }
+    pub fn new(queue: Arc<wait::Mailbox<Frame>>, bell: Arc<wait::Doorbell>) -> Out {
+        Out { queue, bell }
     }
 
-    /// Waits for room in the queue; Err when the connection is gone.
+    /// Waits for room in the queue; Err when the connection is gone (the queue closed).
     pub fn send(&self, f: Frame) -> Result<(), Gone> {
-        let r = self.tx.send(f).map_err(|_| Gone);
+        let r = self.queue.send(f).map_err(|_| Gone);
         self.bell.ring();
         r
     }

@@ -31,7 +31,7 @@ const NO_NODE_YET: Duration = Duration::from_secs(1);
 pub struct Reports {
     node_id: Arc<Mutex<Option<String>>>,
     /// Rung when the node id changes (the control channel re-dials at once).
-    watchers: Arc<Mutex<Vec<Arc<crate::sys::signal::Doorbell>>>>,
+    watchers: Arc<Mutex<Vec<Arc<crate::sys::wait::Doorbell>>>>,
 }
 
 impl Reports {
@@ -47,7 +47,7 @@ impl Reports {
     }
 
     /// `bell` is rung whenever the node id changes.
-    pub fn watch_node(&self, bell: Arc<crate::sys::signal::Doorbell>) {
+    pub fn watch_node(&self, bell: Arc<crate::sys::wait::Doorbell>) {
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         watchers.retain(|b| Arc::strong_count(b) > 1);
         watchers.push(bell);

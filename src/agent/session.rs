@@ -14,8 +14,8 @@
 use crate::agent::frame::{Frame, Out};
 use crate::config::Config;
 use crate::sys::docker::Docker;
-use crate::sys::signal;
 use crate::sys::sync::random_u64;
+use crate::sys::{signal, wait};
 use crate::work::ctx::Shared;
 use crate::work::lifecycle;
 use std::cell::Cell;
@@ -95,9 +95,9 @@ struct State {
 /// One session's input, bounded by bytes, and the doorbell its thread sleeps on.
 pub struct Inbox {
     state: Mutex<State>,
-    bell: signal::Doorbell,
+    bell: wait::Doorbell,
     /// The socket thread's doorbell: rung when room appears after a `Full`, and at the end.
-    socket: Arc<signal::Doorbell>,
+    socket: Arc<wait::Doorbell>,
 }
 
 fn weight(f: &Frame) -> usize {
@@ -105,10 +105,10 @@ fn weight(f: &Frame) -> usize {
 }
 
 impl Inbox {
-    fn new(socket: Arc<signal::Doorbell>) -> std::io::Result<Inbox> {
+    fn new(socket: Arc<wait::Doorbell>) -> std::io::Result<Inbox> {
         Ok(Inbox {
             state: Mutex::default(),
-            bell: signal::Doorbell::new()?,
+            bell: wait::Doorbell::new()?,
             socket,
         })
     }
@@ -364,7 +364,7 @@ impl Run {
                 Some(t) => t.saturating_duration_since(now),
                 None => Duration::from_secs(3600),
             };
-            signal::poll_fds(&fds, wait);
+            wait::poll_fds(&fds, wait);
             self.inbox.bell.drain();
         };
         end
@@ -377,7 +377,7 @@ impl Run {
         watcher: std::thread::JoinHandle<()>,
     ) -> std::io::Result<std::process::ExitStatus> {
         while !signal::exited_unreaped(child.id()) {
-            signal::poll_fds(
+            wait::poll_fds(
                 &[(self.inbox.bell.fd(), libc::POLLIN)],
                 Duration::from_secs(3600),
             );
@@ -554,7 +554,7 @@ fn pump_pty(mut pty: File, out: &Out, session: &str) -> std::thread::JoinHandle<
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let fds = [(pty.as_raw_fd(), libc::POLLIN)];
-                    signal::poll_fds(&fds, Duration::from_secs(3600));
+                    wait::poll_fds(&fds, Duration::from_secs(3600));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -652,7 +652,7 @@ mod tests {
 
     #[test]
     fn the_inbox_is_bounded_by_bytes_and_rings_the_socket_when_room_appears() {
-        let socket = Arc::new(signal::Doorbell::new().unwrap());
+        let socket = Arc::new(wait::Doorbell::new().unwrap());
         let inbox = Inbox::new(socket.clone()).unwrap();
         let big = vec![7u8; INBOX_BYTES / 2];
         assert!(matches!(inbox.push(frame("cp_up_tar", &big)), Push::Queued));
@@ -666,7 +666,7 @@ mod tests {
         ));
         socket.drain();
         assert!(inbox.pop().is_some());
-        let rung = signal::poll_fds(&[(socket.fd(), libc::POLLIN)], Duration::ZERO);
+        let rung = wait::poll_fds(&[(socket.fd(), libc::POLLIN)], Duration::ZERO);
         assert_ne!(rung[0], 0, "room after a Full must wake the socket thread");
         assert!(matches!(inbox.push(frame("cp_up_tar", &big)), Push::Queued));
         // `close` gets through a full inbox.

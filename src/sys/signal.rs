@@ -118,69 +118,6 @@ pub fn kill_group(pgid: u32, sig: libc::c_int) {
     }
 }
 
-/// poll(2) on `(fd, events)` pairs for up to `wait`: each fd's returned events (0: none).
-pub fn poll_fds(fds: &[(i32, i16)], wait: std::time::Duration) -> Vec<i16> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&(fd, events)| libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        })
-        .collect();
-    let ms = wait.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: poll writes only the revents of the pollfds we own.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    pfds.iter()
-        .map(|p| if n > 0 { p.revents } else { 0 })
-        .collect()
-}
-
-/// A pipe that wakes a thread blocked in poll(2): `ring` writes a byte (never blocks),
-/// `drain` empties it.
-pub struct Doorbell {
-    r: std::os::fd::OwnedFd,
-    w: std::os::fd::OwnedFd,
-}
-
-impl Doorbell {
-    pub fn new() -> std::io::Result<Doorbell> {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: pipe2 fills the two descriptors we then own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created and are owned by nobody else.
-        let (r, w) = unsafe {
-            (
-                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
-                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
-            )
-        };
-        Ok(Doorbell { r, w })
-    }
-
-    pub fn fd(&self) -> i32 {
-        use std::os::fd::AsRawFd;
-        self.r.as_raw_fd()
-    }
-
-    pub fn ring(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a one-byte write from our buffer; a full pipe (EAGAIN) already rings.
-        unsafe {
-            libc::write(self.w.as_raw_fd(), [1u8].as_ptr().cast(), 1);
-        }
-    }
-
-    pub fn drain(&self) {
-        let mut buf = [0u8; 64];
-        // SAFETY: reads into our buffer from a non-blocking pipe until it is empty.
-        while unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-    }
-}
-
 /// True once child `pid` has exited, without reaping it (WNOWAIT): the zombie keeps the pid
 /// and its process-group number reserved until `Child::wait`.
 pub fn exited_unreaped(pid: u32) -> bool {

@@ -1,19 +1,20 @@
 //! How a thread of this agent waits. There are three ways, all here, and nothing else
-//! blocks a thread (no sleeping in short slices, no bare condvars or channels):
+//! blocks a thread (no sleeping in short slices, no bare condvars):
 //!
-//! * [`until`] / [`pause`] / [`next`]: state shared between threads (a build slot, an app's
-//!   lock, the running tasks, a queue of reports or log lines). The thread sleeps on the
+//! * [`until`] / [`pause`] / [`next_ready`]: state shared between threads (a build slot, an
+//!   app's lock, the running tasks, a queue of reports or log lines). The thread sleeps on the
 //!   [`Bell`] of that state; whoever changes the state rings that bell after the change. A
 //!   ring between the check and the sleep is never lost (the bell counts its rings).
 //! * [`Mailbox`]: values handed to one thread (a name lookup and its answer). A send or a
 //!   close wakes the receiver.
-//! * [`Doorbell`] in `poll(2)`: a thread that also waits for a file descriptor (the control
-//!   channel's socket). The descriptor or a ring wakes it.
+//! * [`Doorbell`] in [`poll_fds`]: a thread that also waits for file descriptors (the control
+//!   channel's socket, a session's pipes and PTY). The descriptors or a ring wake it.
 //!
 //! What ends a wait early is named where it waits, as a [`Stop`]:
 //!
 //! * [`Stop::Shutdown`]: the first SIGTERM/SIGINT. For loops that look for new work or report
-//!   on a schedule (the poll loop, the periodic reports, the control channel's re-dial).
+//!   on a schedule (the poll loop, the periodic reports, the control channel's re-dial and its
+//!   socket).
 //! * [`Stop::Cancel`]: the tasks' cancel, a second signal or SHUTDOWN_GRACE running out
 //!   ([`signal::force_cancel`]). For every wait inside a task (a build slot, an app's or a
 //!   dataset's lock, a drain, the pause between health probes): a canceled task never waits
@@ -23,11 +24,15 @@
 //!
 //! Signals ring only the agent's bell (`Shared::bell`, handed to `signal::watch`), so a wait
 //! with `Shutdown` or `Cancel` sleeps on that bell; it is also rung when a task ends and when
-//! a slot or lock is freed. A queue's own bell (outbox, log shipper) is rung by new work and
-//! by its close, and its waits use `Never`. Joining a thread is a wait too: only threads whose
-//! own waits end on the same stop are joined.
+//! a slot or lock is freed. A doorbell [`Bell::attach`]ed to it hears the same (the control
+//! channel's socket thread, which then closes on shutdown). A queue's own bell or doorbell
+//! (outbox, log shipper, a session's inbox) is rung by new work and by its close, and its
+//! waits use `Never`: they end when the queue's owner closes it (a session ends with its
+//! connection). Joining a thread is a wait too: only threads whose own waits end on the same
+//! stop are joined. The command runner (`sys::executor`) is the one exception: it checks the
+//! cancel and its limits on a tick while it reads a child's output.
 
-pub use crate::sys::bell::Bell;
+pub use crate::sys::bell::{poll_fds, Bell, Doorbell};
 use crate::sys::signal;
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -77,7 +82,7 @@ impl std::fmt::Display for Canceled {
 
 impl std::error::Error for Canceled {}
 
-/// What a [`next`] check found.
+/// What a [`next_ready`] check found.
 pub enum Check<T> {
     /// Done, with this.
     Ready(T),
@@ -98,15 +103,6 @@ pub fn next_ready<T>(bell: &Bell, mut check: impl FnMut() -> Check<T>) -> T {
     }
 }
 
-/// [`next_ready`] that also ends, with None, when `stop` happens first.
-pub fn next<T>(bell: &Bell, stop: Stop, mut check: impl FnMut() -> Check<T>) -> Option<T> {
-    next_ready(bell, || match check() {
-        Check::Ready(v) => Check::Ready(Some(v)),
-        Check::Sleep(_) if stop.requested() => Check::Ready(None),
-        Check::Sleep(deadline) => Check::Sleep(deadline),
-    })
-}
-
 /// Sleeps on `bell` until `ready()` holds, `stop` happens or `deadline` (None: none) passes.
 /// `ready` is asked first, so one that takes something (a slot) reports `Ready` when it did.
 pub fn until(
@@ -115,12 +111,16 @@ pub fn until(
     stop: Stop,
     mut ready: impl FnMut() -> bool,
 ) -> Woke {
-    let check = || match deadline {
-        _ if ready() => Check::Ready(Woke::Ready),
-        Some(d) if Instant::now() >= d => Check::Ready(Woke::TimedOut),
-        _ => Check::Sleep(deadline),
-    };
-    next(bell, stop, check).unwrap_or(Woke::Stopped)
+    let mut woke = Woke::TimedOut;
+    bell.wait_until(deadline, || {
+        woke = match () {
+            _ if ready() => Woke::Ready,
+            _ if stop.requested() => Woke::Stopped,
+            _ => return false,
+        };
+        true
+    });
+    woke
 }
 
 /// Sleeps until `deadline` unless `stop` happens first; true when it did.
@@ -128,48 +128,85 @@ pub fn pause(bell: &Bell, deadline: Instant, stop: Stop) -> bool {
     until(bell, Some(deadline), stop, || false) == Woke::Stopped
 }
 
-/// Values for one receiving thread, first in first out. Unbounded: senders never wait.
+/// Values for one receiving thread, first in first out. A bounded mailbox makes a sender
+/// wait for room (ended by a close: the receiver is gone); an unbounded one never does.
 pub struct Mailbox<T> {
     state: Mutex<(VecDeque<T>, bool)>,
+    /// Rung by a send, a take (room) and the close.
     bell: Bell,
+    cap: usize,
 }
 
 impl<T> Default for Mailbox<T> {
     fn default() -> Mailbox<T> {
-        Mailbox {
-            state: Mutex::new((VecDeque::new(), false)),
-            bell: Bell::default(),
-        }
+        Mailbox::bounded(usize::MAX)
     }
 }
 
 impl<T> Mailbox<T> {
-    /// Queues `v` and wakes the receiver; gives `v` back once the mailbox is closed.
-    pub fn send(&self, v: T) -> Result<(), T> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.1 {
-            return Err(v);
+    /// Holds at most `cap` values.
+    pub fn bounded(cap: usize) -> Mailbox<T> {
+        Mailbox {
+            state: Mutex::new((VecDeque::new(), false)),
+            bell: Bell::default(),
+            cap: cap.max(1),
         }
-        s.0.push_back(v);
-        drop(s);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<T>, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `v` (waiting for room) and wakes the receiver; gives `v` back once the mailbox
+    /// is closed.
+    pub fn send(&self, v: T) -> Result<(), T> {
+        let mut v = Some(v);
+        let sent = next_ready(&self.bell, || {
+            let mut s = self.lock();
+            match v.take() {
+                Some(v) if s.1 => Check::Ready(Err(v)),
+                Some(v) if s.0.len() < self.cap => {
+                    s.0.push_back(v);
+                    Check::Ready(Ok(()))
+                }
+                taken => {
+                    v = taken;
+                    Check::Sleep(None)
+                }
+            }
+        });
         self.bell.ring();
-        Ok(())
+        sent
     }
 
     /// The next value; None once `deadline` passed or the mailbox is closed and empty.
     pub fn recv(&self, deadline: Option<Instant>) -> Option<T> {
         let mut got = None;
         until(&self.bell, deadline, Stop::Never, || {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.lock();
             got = s.0.pop_front();
             got.is_some() || s.1
         });
+        if got.is_some() {
+            self.bell.ring();
+        }
         got
     }
 
-    /// No more sends; the receiver gets what is queued, then None.
+    /// The next value if one is queued, without waiting (for a thread that sleeps in
+    /// poll(2) and is woken by its doorbell).
+    pub fn try_recv(&self) -> Option<T> {
+        let got = self.lock().0.pop_front();
+        if got.is_some() {
+            self.bell.ring();
+        }
+        got
+    }
+
+    /// No more sends (waiting senders get their value back); the receiver gets what is
+    /// queued, then None.
     pub fn close(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.lock().1 = true;
         self.bell.ring();
     }
 }
@@ -226,6 +263,26 @@ mod tests {
         assert_eq!(mb.recv(far), None, "closed");
         assert!(t0.elapsed() < BOUND, "{:?}", t0.elapsed());
         assert_eq!(sender.join().unwrap(), Err(3));
+        let full = Arc::new(Mailbox::bounded(1));
+        full.send(1).unwrap();
+        let f = full.clone();
+        let t0 = Instant::now();
+        let blocked = std::thread::spawn(move || (f.send(2), Instant::now()));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!blocked.is_finished(), "no room: the sender waits");
+        assert_eq!(full.try_recv(), Some(1));
+        let (sent, at) = blocked.join().unwrap();
+        assert_eq!(sent, Ok(()));
+        assert!(at.duration_since(t0) < BOUND);
+        let f = full.clone();
+        let blocked = std::thread::spawn(move || f.send(3));
+        std::thread::sleep(Duration::from_millis(50));
+        full.close();
+        assert_eq!(
+            blocked.join().unwrap(),
+            Err(3),
+            "a close ends the wait for room"
+        );
         let empty = Mailbox::<u8>::default();
         let t0 = Instant::now();
         assert_eq!(empty.recv(Some(t0 + Duration::from_millis(50))), None);
