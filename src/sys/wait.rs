@@ -319,6 +319,14 @@ mod tests {
         let on_shutdown = waiter(Stop::Shutdown, far);
         let on_cancel = waiter(Stop::Cancel, far);
         let never = waiter(Stop::Never, Some(start + Duration::from_secs(1)));
+        // A thread in poll(2) on a doorbell attached to the bell (the control channel's).
+        let door = Arc::new(Doorbell::new().unwrap());
+        bell.attach(&door);
+        let d = door.clone();
+        let polling = std::thread::spawn(move || {
+            let rung = poll_fds(&[(d.fd(), libc::POLLIN)], FAR);
+            (rung[0] != 0, Instant::now())
+        });
         // A build slot and an app's lock, both held: their waiters end on the cancel.
         let slots = Arc::new(crate::sys::sync::Semaphore::new(1, bell.clone()));
         let _slot = slots.acquire().unwrap();
@@ -350,6 +358,11 @@ mod tests {
             at.duration_since(sent) < BOUND,
             "{:?}",
             at.duration_since(sent)
+        );
+        let (rung, at) = polling.join().unwrap();
+        assert!(
+            rung && at.duration_since(sent) < BOUND,
+            "the doorbell did not ring"
         );
         std::thread::sleep(Duration::from_millis(100));
         assert!(
