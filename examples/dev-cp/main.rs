@@ -14,9 +14,14 @@
 //! dev-cp task <id>            one task as JSON
 //! dev-cp logs <deployment>    the deployment's stored log
 //! dev-cp exec <container> [--node ID] -- <cmd>...   through a deploy agent's control channel
+//! dev-cp fault <route> <fault> <secs>   e.g. `fault logs 502 30`, `fault poll hang:20000 60`
+//! dev-cp fault clear | fault   end every fault | list the active ones
 //! ```
+//! Fault routes: poll, complete, logs, register, config, metrics, health, control, all; faults:
+//! a status 400-599, html, garbage, reset, hang:MS, slow:MS (see faults.rs).
 //! Client commands talk to `--url` or `$DEV_CP_URL` (default http://127.0.0.1:8080).
 
+mod faults;
 mod server;
 
 use serde_json::{json, Value};
@@ -31,7 +36,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "http://127.0.0.1:8080".into());
     let url = url.trim_end_matches('/').to_string();
     if args.is_empty() {
-        eprintln!("usage: dev-cp serve|build|deploy|tasks|task|deployments|nodes|stats|logs|exec (see examples/dev-cp/main.rs)");
+        eprintln!("usage: dev-cp serve|build|deploy|tasks|task|deployments|nodes|stats|logs|exec|fault (see examples/dev-cp/main.rs)");
         return ExitCode::from(2);
     }
     let cmd = args.remove(0);
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
             );
             request(&url, "GET", &path, None).map(|t| print!("{t}"))
         }
+        "fault" => fault(&url, &args),
         "deployments" | "nodes" | "stats" => get(&url, &format!("/dev/{cmd}"))
             .map(|v| println!("{}", serde_json::to_string_pretty(&v).unwrap())),
         _ => Err(format!(
@@ -135,6 +141,7 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
     let listener = TcpListener::bind(&listen).map_err(|e| format!("listen on {listen}: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     let srv = server::Server::serve(listener, version, &secret, opts);
+    faults::Faults::default().install(&srv, true);
     for (k, v) in config {
         if let Some(v) = v {
             srv.set_config(k, &v);
@@ -147,6 +154,17 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
     loop {
         std::thread::park();
     }
+}
+
+/// `fault ROUTE FAULT SECS`, `fault clear`, or `fault` (the active faults).
+fn fault(url: &str, args: &[String]) -> Result<(), String> {
+    let query = match args {
+        [] => String::new(),
+        [c] if c == "clear" => "?clear".into(),
+        [route, fault, secs] => format!("?route={route}&fault={fault}&secs={secs}"),
+        _ => return Err("fault ROUTE FAULT SECS | fault clear | fault".into()),
+    };
+    request(url, "GET", &format!("/dev/faults{query}"), None).map(|t| print!("{t}"))
 }
 
 fn enqueue(url: &str, cmd: &str, mut args: Vec<String>) -> Result<(), String> {

@@ -691,7 +691,8 @@ impl Docker<'_> {
         for f in &p.files {
             c = c.arg("-f").arg(f);
         }
-        c = c.arg("--project-directory").arg(&p.dir);
+        // What the CLI opens relative to its working dir (v1: seccomp profiles) is the project's.
+        c = c.arg("--project-directory").arg(&p.dir).current_dir(&p.dir);
         c = c.arg("--env-file").arg(&p.env_file).args(sub);
         if let Some(cfg) = &p.docker_config {
             c = c.env("DOCKER_CONFIG", cfg.to_string_lossy());
@@ -721,13 +722,15 @@ impl Docker<'_> {
         self.stream(&cmd, on_line)
     }
 
+    /// `compose up -d --no-recreate`: starts the containers [`Docker::compose_create`] made
+    /// (and connects v1's secondary networks, which it does only at start), recreating none.
     pub fn compose_up(
         &self,
         p: &Project,
         on_line: &mut dyn FnMut(&str),
     ) -> Result<(), DockerError> {
         let cmd = self
-            .compose_cmd(p, &["up", "-d", "--remove-orphans"])
+            .compose_cmd(p, &["up", "-d", "--no-recreate", "--remove-orphans"])
             .timeout(COMPOSE_UP_TIMEOUT, "compose up limit 10m");
         self.stream(&cmd, on_line)
     }
@@ -769,6 +772,17 @@ impl Docker<'_> {
         let mut args = vec!["volume", "inspect", "--format", "{{json .}}"];
         args.extend(names);
         json_stream("volumes from `docker volume inspect`", &self.out(&args)?)
+    }
+
+    /// The networks `names`: name and labels.
+    pub fn networks(&self, names: &[&str]) -> Result<Vec<NetworkInfo>, DockerError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let format = r#"{"Name":{{json .Name}},"Labels":{{json .Labels}}}"#;
+        let mut args = vec!["network", "inspect", "--format", format];
+        args.extend(names);
+        json_stream("networks from `docker network inspect`", &self.out(&args)?)
     }
 
     /// The id of the running container of `service` in compose project `project`, found by
@@ -829,7 +843,7 @@ impl Docker<'_> {
 }
 
 /// What [`Docker::project_containers`] reads of each container (one JSON object each).
-const CREATED_FORMAT: &str = r#"{"Id":{{json .Id}},"Name":{{json .Name}},"Status":{{json .State.Status}},"Service":{{json (index .Config.Labels "com.docker.compose.service")}},"HostConfig":{{json .HostConfig}},"Mounts":{{json .Mounts}}}"#;
+const CREATED_FORMAT: &str = r#"{"Id":{{json .Id}},"Name":{{json .Name}},"Status":{{json .State.Status}},"Service":{{json (index .Config.Labels "com.docker.compose.service")}},"HostConfig":{{json .HostConfig}},"Mounts":{{json .Mounts}},"Networks":{{json .NetworkSettings.Networks}}}"#;
 
 /// A container as the compose policy judges it: what it gets of the host.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -842,6 +856,8 @@ pub struct Created {
     pub service: String,
     pub host_config: HostConfig,
     pub mounts: Option<Vec<Mount>>,
+    /// The networks it is connected to, by name.
+    pub networks: Option<std::collections::BTreeMap<String, serde::de::IgnoredAny>>,
 }
 
 /// The parts of a container's `HostConfig` that reach beyond the container.
@@ -861,6 +877,8 @@ pub struct HostConfig {
     pub security_opt: Option<Vec<String>>,
     pub sysctls: Option<std::collections::BTreeMap<String, String>>,
     pub volumes_from: Option<Vec<String>>,
+    pub cgroup_parent: String,
+    pub oom_score_adj: i64,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -876,6 +894,9 @@ pub struct Mount {
     #[serde(rename = "Type")]
     pub kind: String,
     pub source: String,
+    pub destination: String,
+    #[serde(rename = "RW")]
+    pub rw: bool,
     pub name: Option<String>,
 }
 
@@ -886,6 +907,14 @@ pub struct VolumeInfo {
     pub name: String,
     pub driver: String,
     pub options: Option<std::collections::BTreeMap<String, String>>,
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// A network: who made it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NetworkInfo {
+    pub name: String,
     pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 

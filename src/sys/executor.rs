@@ -54,6 +54,8 @@ pub struct Cmd {
     pub idle_timeout: Option<Duration>,
     /// Name used in messages ("docker buildx build"); defaults to program + first word.
     pub label: Option<String>,
+    /// Working directory (the agent's own when None).
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Cmd {
@@ -104,6 +106,10 @@ impl Cmd {
     }
     pub fn label(mut self, l: impl Into<String>) -> Cmd {
         self.label = Some(l.into());
+        self
+    }
+    pub fn current_dir(mut self, d: impl Into<std::path::PathBuf>) -> Cmd {
+        self.dir = Some(d.into());
         self
     }
 
@@ -588,6 +594,9 @@ fn command(cmd: &Cmd) -> Command {
         .process_group(0);
     for k in SCRUBBED_ENV {
         c.env_remove(k);
+    }
+    if let Some(d) = &cmd.dir {
+        c.current_dir(d);
     }
     c.envs(cmd.env.iter().map(|(k, v)| (k, v)));
     c

@@ -10,14 +10,15 @@
 //! settings; cleanup works from labels, without the project's files.
 
 use crate::config::ComposePolicy;
-use crate::sys::docker::{ComposeCli, Docker, Project};
+use crate::sys::docker::{ComposeCli, Created, Docker, Project};
 use crate::sys::executor::{Deadline, Limits};
 use crate::task::{Invalid, Payload};
 use crate::work::builder;
 use crate::work::ctx::Ctx;
 use crate::work::error::TaskError;
 use crate::work::spec::{self, Auth, ComposeSpec, DeploySpec, Source};
-use crate::work::{deployer, policy, workspace};
+use crate::work::yaml::{self, Yaml};
+use crate::work::{deployer, policy, reads, workspace};
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -129,17 +130,35 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
         .as_ref()
         .map(|(d, path)| format!("{}:{path}:rw", d.display()));
     write_override(s, c, &work, mount.as_deref())?;
-    if ctx.cfg.compose_policy == ComposePolicy::Baseline {
-        let roots = std::iter::once(src).chain(ws.map(|(d, _)| d)).collect();
-        enforce(ctx, &project, c, roots, out)?;
-    }
+    let guard = match ctx.cfg.compose_policy {
+        ComposePolicy::Baseline => {
+            let ws = ws.map(|(d, _)| d);
+            let dirs = Dirs {
+                roots: std::iter::once(src).chain(ws.clone()).collect(),
+                writable: ws.into_iter().collect(),
+            };
+            Some(enforce(ctx, &project, c, dirs, out)?)
+        }
+        ComposePolicy::Off => None,
+    };
     // A single-container deployment of this app (before it became a compose project)
     // would keep serving and be reported next to the project.
     docker.remove(&project.name)?;
-    docker.compose_up(&project, out)?;
+    let started = docker
+        .compose_up(&project, out)
+        .map_err(TaskError::from)
+        .and_then(|()| {
+            guard
+                .as_ref()
+                .map_or(Ok(()), |g| g.recheck(ctx, &project, c))
+        });
     drop(_env);
     drop(_cfg);
-    healthy(ctx, &project, c.service, s.port)
+    let port = started.and_then(|()| healthy(ctx, &project, c.service, s.port));
+    if let (Err(_), Some(g)) = (&port, &guard) {
+        remove_all(ctx, &g.started);
+    }
+    port
 }
 
 /// The exposed service's host port once it is healthy.
@@ -164,52 +183,137 @@ fn healthy(ctx: &Ctx, project: &Project, service: &str, port: u16) -> Result<u16
     Ok(port)
 }
 
-/// The compose policy: the project's containers are created (not started) and judged as
-/// the engine will run them; the `up` that follows starts those very containers. When one
-/// breaks the policy, what this deploy created is removed (without its volumes: a service
-/// compose recreated keeps its anonymous volumes there) and nothing starts.
+/// Host dirs of the app, as the policy sees them.
+struct Dirs {
+    /// What the project may mount: its files and the workspace.
+    roots: Vec<PathBuf>,
+    /// What the app writes outside this deploy: the workspace.
+    writable: Vec<PathBuf>,
+}
+
+/// A project that passed the policy: the containers judged, and those of them `up` starts.
+struct Judged {
+    dirs: Dirs,
+    ids: Vec<String>,
+    started: Vec<String>,
+}
+
+/// The compose policy: the project's containers are created (not started) and judged as the
+/// engine will run them. When one breaks the policy, what this deploy created is removed
+/// (without its volumes: a service compose recreated keeps its anonymous volumes there) and
+/// nothing starts.
 fn enforce(
     ctx: &Ctx,
     p: &Project,
     c: &ComposeSpec,
-    roots: Vec<PathBuf>,
+    dirs: Dirs,
     out: &mut dyn FnMut(&str),
-) -> Result<(), TaskError> {
-    let docker = ctx.docker();
+) -> Result<Judged, TaskError> {
     ctx.say("Checking the project against the compose policy (DEPLOY_COMPOSE_POLICY=baseline)");
-    docker.compose_create(p, out)?;
+    ctx.docker().compose_create(p, out)?;
+    let (containers, refused) = judge(ctx, p, &dirs)?;
+    let not_running = |k: &&Created| k.status != "running";
+    let started: Vec<String> = containers
+        .iter()
+        .filter(not_running)
+        .map(|k| k.id.clone())
+        .collect();
+    if !refused.is_empty() {
+        let created: Vec<String> = containers
+            .iter()
+            .filter(|k| k.status == "created")
+            .map(|k| k.id.clone())
+            .collect();
+        remove_all(ctx, &created);
+        return Err(refusal(c, "nothing was started", &texts(&refused)));
+    }
+    Ok(Judged {
+        dirs,
+        ids: containers.into_iter().map(|k| k.id).collect(),
+        started,
+    })
+}
+
+impl Judged {
+    /// After `up`: the running project is the judged containers and nothing else (v1 has
+    /// connected their other networks only now), else what `up` started is removed.
+    fn recheck(&self, ctx: &Ctx, p: &Project, c: &ComposeSpec) -> Result<(), TaskError> {
+        let (now, refused) = judge(ctx, p, &self.dirs)?;
+        let extra: Vec<&Created> = now.iter().filter(|k| !self.ids.contains(&k.id)).collect();
+        let mut list: Vec<String> = refused.iter().map(|v| v.to_string()).collect();
+        list.extend(extra.iter().map(|k| {
+            format!(
+                "service {}: container {} was not there when checked",
+                k.service, k.name
+            )
+        }));
+        if list.is_empty() {
+            return Ok(());
+        }
+        remove_all(ctx, &extra.iter().map(|k| k.id.clone()).collect::<Vec<_>>());
+        Err(refusal(c, "what it started was removed", &list))
+    }
+}
+
+/// The project's containers as the engine has them, and how they break the policy.
+fn judge(
+    ctx: &Ctx,
+    p: &Project,
+    dirs: &Dirs,
+) -> Result<(Vec<Created>, Vec<policy::Violation>), TaskError> {
+    let docker = ctx.docker();
     let containers = docker.project_containers(&p.name)?;
-    let mut names: Vec<&str> = containers
+    let volumes = containers
         .iter()
         .flat_map(|k| k.mounts.iter().flatten())
         .filter(|m| m.kind == "volume")
-        .filter_map(|m| m.name.as_deref())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let volumes = docker.volumes(&names)?;
+        .filter_map(|m| m.name.as_deref());
+    let networks = containers.iter().flat_map(|k| {
+        let joined = k.networks.iter().flat_map(|n| n.keys());
+        joined.chain(std::iter::once(&k.host_config.network_mode))
+    });
+    let networks = networks.map(String::as_str).filter(|n| {
+        !["", "default", "bridge", "none", "host"].contains(n) && !n.starts_with("container:")
+    });
+    let volumes = docker.volumes(&sorted(volumes))?;
+    let networks = docker.networks(&sorted(networks))?;
     let rules = policy::Rules {
         project: &p.name,
-        roots,
+        roots: dirs.roots.clone(),
+        writable: dirs.writable.clone(),
         volumes: &volumes,
+        networks: &networks,
     };
-    let refused: Vec<String> = policy::judge(&containers, &rules)
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
-    if refused.is_empty() {
-        return Ok(());
-    }
-    for k in containers.iter().filter(|k| k.status == "created") {
-        if let Err(e) = docker.remove(&k.id) {
-            log::warn!("cannot remove refused container {}: {e}", k.name);
+    let refused = policy::judge(&containers, &rules);
+    Ok((containers, refused))
+}
+
+fn sorted<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = names.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn remove_all(ctx: &Ctx, ids: &[String]) {
+    for id in ids {
+        if let Err(e) = ctx.docker().remove(id) {
+            log::warn!("cannot remove container {id}: {e}");
         }
     }
-    Err(TaskError::Invalid(format!(
-        "compose file {} breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), nothing was started: {}",
+}
+
+fn texts(refused: &[policy::Violation]) -> Vec<String> {
+    refused.iter().map(|v| v.to_string()).collect()
+}
+
+/// The failed report of a project breaking the policy: every service and key.
+fn refusal(c: &ComposeSpec, done: &str, refused: &[String]) -> TaskError {
+    TaskError::Invalid(format!(
+        "compose file {} breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), {done}: {}",
         c.file.display(),
         refused.join("; ")
-    )))
+    ))
 }
 
 /// The project as every compose call names it.
@@ -284,16 +388,32 @@ fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), Tas
 
 /// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
 /// from `compose config` (the CLI's own parse of the staged file `p` names) with an empty
-/// `.env`, so no value is printed. Returns the exposed service's image.
+/// `.env`, so no value is printed. Under the compose policy, what the CLI would read of the
+/// host is judged first, and the networks it would join after. Returns the exposed
+/// service's image.
 fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError> {
     builder::file_in(&p.dir, &c.file, "compose_file_path")?;
-    let env = Remove(write_env(&p.dir, &[], p.cli)?);
-    let yaml = ctx.docker().compose_config(p).map_err(|e| {
-        TaskError::from(e).context(format!("compose file {} is not valid", c.file.display()))
-    })?;
-    drop(env);
-    let services = services(&yaml);
     let shown = c.file.display();
+    let policy = ctx.cfg.compose_policy == ComposePolicy::Baseline;
+    if policy {
+        let refused = reads::judge(&p.dir, &c.file).map_err(|e| TaskError::Invalid(e.0))?;
+        if !refused.is_empty() {
+            return Err(refusal(c, "nothing was started", &texts(&refused)));
+        }
+    }
+    let env = Remove(write_env(&p.dir, &[], p.cli)?);
+    let text = ctx
+        .docker()
+        .compose_config(p)
+        .map_err(|e| TaskError::from(e).context(format!("compose file {shown} is not valid")))?;
+    drop(env);
+    let config = yaml::load(&text).map_err(|e| {
+        TaskError::Invalid(format!(
+            "compose file {shown}: cannot read `compose config`: {}",
+            e.0
+        ))
+    })?;
+    let services = services(&config);
     for svc in &services {
         if svc.build {
             return Err(TaskError::Invalid(format!(
@@ -316,6 +436,10 @@ fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError
             names.join(", ")
         )));
     };
+    let refused = policy::config_networks(&config, &p.name);
+    if policy && !refused.is_empty() {
+        return Err(refusal(c, "nothing was started", &texts(&refused)));
+    }
     Ok(exposed.image.clone().unwrap_or_default())
 }
 
@@ -327,46 +451,18 @@ struct Service {
     build: bool,
 }
 
-/// The services of normalised `compose config` YAML (block style, both CLIs): the keys one
-/// level under top-level `services:`, and which of `image`/`build` each has. Anything
-/// deeper (environment values, multi-line strings) is skipped by its indentation.
-fn services(yaml: &str) -> Vec<Service> {
-    let mut out: Vec<Service> = Vec::new();
-    let (mut inside, mut svc_indent, mut key_indent) = (false, None, None);
-    for line in yaml.lines() {
-        let body = line.trim_start_matches(' ');
-        if body.trim().is_empty() || body.starts_with('#') {
-            continue;
-        }
-        let indent = line.len() - body.len();
-        if indent == 0 {
-            inside = body.trim_end() == "services:";
-            continue;
-        }
-        if !inside {
-            continue;
-        }
-        let key = body.split(':').next().unwrap_or("");
-        let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
-        let svc = *svc_indent.get_or_insert(indent);
-        if indent == svc {
-            key_indent = None;
-            out.push(Service {
-                name: key.to_string(),
-                image: None,
-                build: false,
-            });
-        } else if indent > svc && *key_indent.get_or_insert(indent) == indent {
-            if let Some(last) = out.last_mut() {
-                if key == "image" {
-                    let v = body.split_once(':').map_or("", |(_, v)| v).trim();
-                    last.image = Some(v.trim_matches(|c| c == '"' || c == '\'').to_string());
-                }
-                last.build |= key == "build";
-            }
-        }
-    }
-    out
+/// The services of `compose config`'s normalised YAML.
+fn services(config: &Yaml) -> Vec<Service> {
+    let all = yaml::entries(yaml::get(config, "services").unwrap_or(&Yaml::Null));
+    all.into_iter()
+        .map(|(name, s)| Service {
+            name: name.to_string(),
+            image: yaml::get(s, "image")
+                .and_then(Yaml::as_str)
+                .map(String::from),
+            build: yaml::get(s, "build").is_some(),
+        })
+        .collect()
 }
 
 /// A YAML double-quoted scalar.
@@ -548,12 +644,27 @@ pub fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
         let docker = ctx.docker();
         let work = work_dir(ctx, prefix);
         let src = work.join("src");
-        if src.join(&file).is_file() {
+        if src.join(&file).is_file() && may_read(ctx, &src, &file) {
             down(&docker, prefix, &src, &file, &work);
         }
         docker.remove_project(&format!("muvee-{prefix}"))?;
         remove_dir(&work)
     })
+}
+
+/// Whether the compose CLI may read the project's files again: the app may have changed them
+/// through a read-write mount since they were judged.
+fn may_read(ctx: &Ctx, src: &Path, file: &Path) -> bool {
+    if ctx.cfg.compose_policy == ComposePolicy::Off {
+        return true;
+    }
+    let refused = match reads::judge(src, file) {
+        Ok(v) if v.is_empty() => return true,
+        Ok(v) => texts(&v).join("; "),
+        Err(e) => e.0,
+    };
+    log::warn!("compose down of {}: skipped, {refused}", src.display());
+    false
 }
 
 fn down(docker: &Docker, prefix: &str, src: &Path, file: &Path, work: &Path) {
@@ -639,7 +750,7 @@ mod tests {
 
     #[test]
     fn normalised_config_yields_services_and_their_keys() {
-        let s = services(CONFIG);
+        let s = services(&yaml::load(CONFIG).unwrap());
         assert_eq!(
             s,
             vec![
@@ -656,7 +767,10 @@ mod tests {
             ]
         );
         let s = services(
-            "version: '3'\nservices:\n    'web':\n        build:\n            context: .\n",
+            &yaml::load(
+                "version: '3'\nservices:\n    'web':\n        build:\n            context: .\n",
+            )
+            .unwrap(),
         );
         assert_eq!(
             s,
@@ -692,7 +806,10 @@ mod tests {
         assert!(text(&r).contains("deploy failed"), "{}", text(&r));
         let calls = h.fake.calls();
         let pos = |p: &str| calls.iter().position(|c| c.contains(p)).unwrap();
-        assert!(pos(" config") < pos(" pull") && pos(" pull") < pos(" up -d --remove-orphans"));
+        assert!(
+            pos(" config") < pos(" pull")
+                && pos(" pull") < pos(" up -d --no-recreate --remove-orphans")
+        );
         assert!(pos("docker rm -f muvee-app") < pos(" up -d"));
         let work = h.cfg.data_dir.join("compose/app");
         let o = std::fs::read_to_string(work.join(OVERRIDE)).unwrap();
@@ -727,6 +844,30 @@ mod tests {
             pos(" up --no-start --remove-orphans").unwrap() < pos("docker rm -f 0123abcd").unwrap()
         );
         assert_eq!(pos(" up -d"), None, "{calls:#?}");
+    }
+
+    #[test]
+    fn a_container_that_appears_after_the_check_is_refused_and_what_up_started_removed() {
+        let h = node("cmp-recheck");
+        let judged = r#"{"Id":"aaaa","Name":"/muvee-app_app_1","Status":"created","Service":"app","HostConfig":{},"Mounts":[]}"#;
+        let extra = r#"{"Id":"bbbb","Name":"/muvee-app_evil_1","Status":"running","Service":"evil","HostConfig":{},"Mounts":[]}"#;
+        let ps = "docker ps -aq --filter label=com.docker.compose.project=muvee-app";
+        let inspect = "docker inspect --type container --format";
+        // After `up`: one more container than was judged.
+        h.fake.on(ps, Reply::Ok("aaaa\nbbbb\n".into()));
+        h.fake.on(inspect, Reply::Ok(format!("{judged}\n{extra}")));
+        h.fake.once(ps, Reply::Ok("aaaa\n".into()));
+        h.fake.once(inspect, Reply::Ok(judged.into()));
+        let r = h.with("deploy", payload(json!({})), deploy);
+        assert_eq!(
+            text(&r),
+            "compose file docker-compose.yml breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline), what it started was removed: service evil: container /muvee-app_evil_1 was not there when checked"
+        );
+        let calls = h.fake.calls();
+        let pos = |p: &str| calls.iter().position(|c| c.contains(p));
+        let up = pos(" up -d --no-recreate").unwrap();
+        assert!(up < pos("docker rm -f bbbb").unwrap(), "{calls:#?}");
+        assert!(up < pos("docker rm -f aaaa").unwrap(), "{calls:#?}");
     }
 
     #[test]
@@ -816,6 +957,24 @@ mod tests {
         assert!(cfg.contains(&BASE64.encode("u:pw-9f8e7d")), "{cfg}");
         assert!(!h.cfg.data_dir.join("compose/app/dockercfg").exists());
         assert!(h.fake.calls().iter().all(|c| !c.contains("pw-9f8e7d")));
+    }
+
+    #[test]
+    fn cleanup_never_has_the_cli_read_files_the_app_changed_to_name_host_files() {
+        let h = node("cmp-clean-changed");
+        let src = h.cfg.data_dir.join("compose/app/src");
+        std::fs::create_dir_all(&src).unwrap();
+        let changed = "services:\n  app:\n    image: i\n    env_file: /etc/shadow\n";
+        std::fs::write(src.join("docker-compose.yml"), changed).unwrap();
+        let p = json!({"mode": "compose", "domain_prefix": "app"});
+        assert!(h.with("cleanup", p.clone(), cleanup).is_ok());
+        assert!(h.fake.ran("docker-compose -p").is_empty());
+        assert!(!h.cfg.data_dir.join("compose/app").exists());
+        // The project's own files: `down` runs.
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("docker-compose.yml"), INLINE).unwrap();
+        assert!(h.with("cleanup", p, cleanup).is_ok());
+        assert!(!h.fake.ran("docker-compose -p").is_empty());
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod dispatch;
 pub mod error;
 pub mod lifecycle;
 pub mod policy;
+pub mod reads;
 pub mod reaper;
 pub mod spec;
 pub mod workspace;
+pub mod yaml;

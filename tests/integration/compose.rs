@@ -399,3 +399,340 @@ fn the_compose_policy_refuses_what_would_own_the_host_unless_turned_off() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), marker);
     assert_clean(&app);
 }
+
+/// An inline-YAML deploy of `app`, its workspace at `/ws`.
+fn inline(app: &App, project_id: &str, yaml: &str) -> Value {
+    json!({"mode": "compose", "deployment_id": "dep-pol", "project_id": project_id,
+           "domain_prefix": app.prefix, "inline_compose_yaml": yaml,
+           "expose_service": "app", "expose_port": 8080, "volume_mount_path": "/ws"})
+}
+
+/// Deploys `p`, which the policy must refuse with nothing left running; returns the reason.
+fn refused(app: &App, p: &Value, env: &[(&str, &str)]) -> String {
+    let (r, log) = app.run("deploy", p, env);
+    assert_eq!(r["status"], "failed", "{r}\n{log}");
+    let why = r["result"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("breaks the compose policy (DEPLOY_COMPOSE_POLICY=baseline)"),
+        "{why}"
+    );
+    let running = util::docker(
+        &[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=com.docker.compose.project={}", app.project()),
+        ],
+        &[],
+    );
+    assert!(running.stdout.is_empty(), "{why}");
+    why
+}
+
+fn contains_all(why: &str, parts: &[String]) {
+    for part in parts {
+        assert!(why.contains(part.as_str()), "{part:?} missing: {why}");
+    }
+}
+
+#[test]
+fn volume_driver_options_that_bind_a_host_path_are_refused() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // docker's local driver makes `o: bind` a bind of `device`, whatever the type says.
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    volumes:\n      - hostroot:/host\nvolumes:\n  hostroot:\n    driver_opts:\n      type: tmpfs\n      device: /\n      o: bind\n",
+        img.app
+    );
+    let why = refused(&app, &inline(&app, "p-vol", &yaml), &login);
+    contains_all(
+        &why,
+        &[format!(
+            "service app: `volumes` volume {}_hostroot mounts host path /, outside",
+            app.project()
+        )],
+    );
+    // A bind volume over the app's own workspace and a sized tmpfs are the app's.
+    let ws = app.volumes.join("p-vol");
+    std::fs::create_dir_all(&ws).unwrap();
+    let marker = unique_hex();
+    std::fs::write(ws.join("marker"), &marker).unwrap();
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    volumes:\n      - wsdata:/data\n      - scratch:/scratch\nvolumes:\n  wsdata:\n    driver_opts: {{type: none, device: {}, o: bind}}\n  scratch:\n    driver_opts: {{type: tmpfs, device: tmpfs, o: \"size=1m\"}}\n",
+        img.app,
+        ws.display()
+    );
+    let (r, log) = app.run("deploy", &inline(&app, "p-vol", &yaml), &login);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let out = util::docker(&["exec", &app.container("app"), "cat", "/data/marker"], &[]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), marker);
+    assert_clean(&app);
+}
+
+#[test]
+fn files_the_compose_cli_would_read_on_the_host_are_refused_by_service_and_key() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    let host = temp_dir("compose-hostfiles");
+    let secret = format!("HOST_SECRET={}", unique_hex());
+    let (env, ext, allow) = (
+        host.join("agent.env"),
+        host.join("base.yml"),
+        host.join("allow.json"),
+    );
+    std::fs::write(&env, &secret).unwrap();
+    std::fs::write(&ext, "services:\n  b:\n    privileged: true\n").unwrap();
+    std::fs::write(&allow, "{\"defaultAction\":\"SCMP_ACT_ALLOW\"}").unwrap();
+    let yaml = format!(
+        "services:\n  app:\n    image: {app}\n    env_file: [{env}]\n    secrets: [s]\n    security_opt: [\"seccomp={allow}\"]\n  side:\n    image: {idle}\n    extends: {{file: {ext}, service: b}}\nsecrets:\n  s:\n    file: {env}\nconfigs:\n  c:\n    file: {env}\n",
+        app = img.app,
+        idle = img.idle,
+        env = env.display(),
+        ext = ext.display(),
+        allow = allow.display()
+    );
+    let why = refused(&app, &inline(&app, "p-files", &yaml), &login);
+    let outside = |key: &str, p: &Path| {
+        format!(
+            "`{key}` reads host file {}, outside the project's files",
+            p.display()
+        )
+    };
+    contains_all(
+        &why,
+        &[
+            format!("service app: {}", outside("env_file", &env)),
+            format!(
+                "service app: `security_opt` sets seccomp profile {}; only docker's default is allowed",
+                allow.display()
+            ),
+            format!("service side: {}", outside("extends", &ext)),
+            format!("service app: `secrets` s reads host file {}", env.display()),
+            format!("top-level `configs` c reads host file {}", env.display()),
+        ],
+    );
+    assert!(
+        !why.contains(&secret) && !why.contains("`volumes`"),
+        "{why}"
+    );
+    // Refused before any compose call: nothing was created.
+    assert!(app.objects().is_empty(), "{:?}", app.objects());
+    assert_clean(&app);
+}
+
+#[test]
+fn a_mount_under_a_dir_the_app_writes_is_refused_and_a_failed_deploy_leaves_nothing_running() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // The app could replace ./hostroot with a symlink to / through /repo; a restart would
+    // then bind the host's root.
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    restart: always\n    volumes:\n      - ./:/repo\n      - ./hostroot:/host\n  side:\n    image: {}\n    volumes:\n      - /ws-sub:/x\n",
+        img.app, img.idle
+    );
+    let yaml = yaml.replace(
+        "/ws-sub",
+        &app.volumes.join("p-rw/sub").display().to_string(),
+    );
+    let why = refused(&app, &inline(&app, "p-rw", &yaml), &login);
+    let src = app.data.join(format!("compose/{}/src", app.prefix));
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap().display().to_string();
+    contains_all(
+        &why,
+        &[
+            format!(
+                "service app: `volumes` mounts host path {}/hostroot, inside {} which the app can write",
+                src.display(),
+                real(&src)
+            ),
+            format!(
+                "service side: `volumes` mounts host path {}/sub, inside {} which the app can write",
+                app.volumes.join("p-rw").display(),
+                real(&app.volumes.join("p-rw"))
+            ),
+        ],
+    );
+    // A deploy that fails its health check takes down what it started.
+    let yaml = format!(
+        "services:\n  app:\n    image: {}\n    restart: always\n",
+        img.idle
+    );
+    let mut env = login.to_vec();
+    env.push(("DEPLOY_HEALTH_TIMEOUT", "3s"));
+    let (r, log) = app.run("deploy", &inline(&app, "p-rw", &yaml), &env);
+    assert_eq!(r["status"], "failed", "{r}\n{log}");
+    assert!(containers_of(&app).is_empty(), "{:?}", containers_of(&app));
+    assert_clean(&app);
+}
+
+#[test]
+fn an_extends_file_the_app_can_write_is_refused() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // The workspace is the app's: it could swap this file between two compose runs.
+    let ws = app.volumes.join("p-toc");
+    std::fs::create_dir_all(&ws).unwrap();
+    let base = ws.join("base.yml");
+    std::fs::write(
+        &base,
+        format!("services:\n  app:\n    image: {}\n", img.app),
+    )
+    .unwrap();
+    let yaml = format!(
+        "services:\n  app:\n    extends:\n      file: {}\n      service: app\n",
+        base.display()
+    );
+    let why = refused(&app, &inline(&app, "p-toc", &yaml), &login);
+    contains_all(
+        &why,
+        &[format!(
+            "service app: `extends` reads host file {}, outside the project's files",
+            base.display()
+        )],
+    );
+    assert_clean(&app);
+}
+
+#[test]
+fn another_projects_network_is_refused() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let (victim, app) = (App::new(), App::new());
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    let yaml = format!("services:\n  app:\n    image: {}\n", img.app);
+    let (r, log) = victim.run("deploy", &inline(&victim, "p-victim", &yaml), &login);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let net = format!("{}_default", victim.project());
+    let joined = format!(
+        "services:\n  app:\n    image: {}\n    networks: [default, victim]\nnetworks:\n  victim:\n    external: true\n    name: {net}\n",
+        img.app
+    );
+    let why = refused(&app, &inline(&app, "p-net", &joined), &login);
+    contains_all(
+        &why,
+        &[format!(
+            "service app: `networks` joins network {net}, which this project does not create"
+        )],
+    );
+    // As `network_mode`, only the engine shows it.
+    let mode = format!(
+        "services:\n  app:\n    image: {}\n  side:\n    image: {}\n    network_mode: {net}\n",
+        img.app, img.idle
+    );
+    let why = refused(&app, &inline(&app, "p-net", &mode), &login);
+    contains_all(
+        &why,
+        &[format!(
+            "service side: `network_mode` joins network {net}, not one of this project"
+        )],
+    );
+    assert_clean(&app);
+    assert_clean(&victim);
+}
+
+#[test]
+fn a_repository_may_use_its_own_files_but_no_security_profile_of_its_own() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let project = util::new_uuid();
+    let root = temp_dir("compose-git-policy");
+    // Its own env file, extends file and second network are the app's; compose v1 connects
+    // that network only when it starts the container.
+    let good = format!(
+        "services:\n  app:\n    extends: {{file: deploy/base.yml, service: web}}\n    env_file: [deploy/app.env]\n    networks: [default, back]\n  side:\n    image: {}\n    network_mode: bridge\nnetworks:\n  back: {{}}\n",
+        img.idle
+    );
+    let base = format!("services:\n  web:\n    image: {}\n", img.app);
+    let bad = format!(
+        "services:\n  app:\n    image: {}\n    security_opt:\n      - apparmor=host-profile\n      - label=type:spc_t\n",
+        img.app
+    );
+    let seccomp = format!(
+        "services:\n  app:\n    image: {}\n    security_opt: [\"seccomp=deploy/allow.json\"]\n",
+        img.app
+    );
+    git_http::make_repo(
+        &root.join(format!("git/{project}.git")),
+        "main",
+        &[
+            ("good.yml", &good),
+            ("bad.yml", &bad),
+            ("seccomp.yml", &seccomp),
+            ("deploy/base.yml", &base),
+            ("deploy/app.env", "BODY=from-env-file\n"),
+            (
+                "deploy/allow.json",
+                "{\"defaultAction\":\"SCMP_ACT_ALLOW\"}",
+            ),
+        ],
+        &[],
+    );
+    let secret = format!("agent-secret-{}", unique_hex());
+    let server = GitHttp::start(&root, "agent", &secret);
+    let payload = |file: &str| {
+        json!({"mode": "compose", "deployment_id": "dep-c6", "project_id": project,
+               "domain_prefix": app.prefix, "git_url": format!("/git/{project}.git"),
+               "git_branch": "main", "compose_file_path": file, "expose_service": "app",
+               "expose_port": 8080, "git_username": "agent", "git_token": secret})
+    };
+    let env = [
+        ("CONTROL_PLANE_URL", server.url()),
+        ("DOCKER_CONFIG", img.login.display().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let why = refused(&app, &payload("seccomp.yml"), &env);
+    contains_all(
+        &why,
+        &["service app: `security_opt` sets seccomp profile deploy/allow.json; only docker's default is allowed".into()],
+    );
+    // Refused by the engine's view: a host AppArmor profile, a SELinux type of the host's.
+    let why = refused(&app, &payload("bad.yml"), &env);
+    contains_all(
+        &why,
+        &[
+            "service app: `security_opt` sets apparmor=host-profile".into(),
+            "service app: `security_opt` sets label=type:spc_t".into(),
+        ],
+    );
+    let (r, log) = app.run("deploy", &payload("good.yml"), &env);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let port = r["host_port"].as_u64().unwrap() as u16;
+    let page = util::http_get(port, "/").unwrap();
+    assert!(page.contains("body=from-env-file"), "{page}");
+    let nets = util::docker(
+        &[
+            "inspect",
+            "--format",
+            "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+            &app.container("app"),
+        ],
+        &[],
+    );
+    let p = app.project();
+    assert_eq!(
+        String::from_utf8_lossy(&nets.stdout).trim(),
+        format!("{p}_back {p}_default")
+    );
+    assert_clean(&app);
+}
