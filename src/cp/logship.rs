@@ -530,7 +530,12 @@ impl LogShipper {
             let _ = handle.join();
         } else if canceled() {
             let n = b.abandon();
-            log::warn!("canceled: {n} log lines of deployment {} not shipped; leaving the log shipper behind", self.deployment_id);
+            let level = if n > 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(level, "canceled: {n} log lines of deployment {} not shipped; leaving the log shipper behind", self.deployment_id);
         } else {
             b.discard();
             log::warn!("the log shipper did not stop in time; leaving it behind");
