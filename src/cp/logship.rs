@@ -14,11 +14,12 @@
 //! task.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
+use crate::cp::files;
 use crate::sys::bell::Bell;
 use crate::sys::signal;
 use crate::task::clean_text;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -219,14 +220,10 @@ impl Buf {
     /// with the spill marked broken, when it cannot be written.
     fn start_spill(&mut self) -> bool {
         let path = &self.conf.path;
-        let opened = std::fs::create_dir_all(path.parent().unwrap_or(path)).and_then(|()| {
-            let f = File::options()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .mode(0o600)
-                .open(path)?;
+        // A private dir (whatever the umask), and a fresh 0600 file never opened through a
+        // symlink.
+        let opened = files::private_dir(path.parent().unwrap_or(path)).and_then(|()| {
+            let f = files::create_private(path)?;
             f.write_all_at(self.mem.as_bytes(), 0)?;
             Ok(f)
         });

@@ -192,6 +192,18 @@ pub fn exited_unreaped(pid: u32) -> bool {
     }
 }
 
+/// True when process `pid` exists (kill with signal 0: EPERM means it does, as another
+/// user's).
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

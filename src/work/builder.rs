@@ -409,7 +409,7 @@ fn owner_id(ctx: &Ctx) -> Result<String, TaskError> {
     let id = format!("{:016x}", random_u64());
     let dir = owners_dir(&ctx.cfg.data_dir);
     let path = dir.join(format!("{id}.lock"));
-    let lock = std::fs::create_dir_all(&dir)
+    let lock = crate::cp::files::private_dir(&dir)
         .and_then(|()| FileLock::create(&path))
         .map_err(TaskError::io(path.display()))?;
     *owner = Some((id.clone(), lock));
