@@ -715,7 +715,12 @@ impl Worker {
                     .join(format!("{}.spill", task.id)),
                 max_bytes: self.cfg.log_spill_max,
             };
-            LogShipper::start(self.client.clone(), task.deployment_id.clone(), spill)
+            LogShipper::start(
+                self.client.clone(),
+                task.deployment_id.clone(),
+                spill,
+                self.shared.bell.clone(),
+            )
         });
         let short = &task.id[..task.id.len().min(8)];
         let out = |line: &str| {

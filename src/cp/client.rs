@@ -124,8 +124,14 @@ impl Client {
         &self.base
     }
 
-    /// GET without a body, POST with one (JSON bytes). Returns the parsed JSON body, or Null for 204.
-    fn call(&self, path: &str, body: Option<&[u8]>) -> Result<Value, CpError> {
+    /// GET without a body, POST with one (JSON bytes), within `timeout` when given (else
+    /// REQUEST_TIMEOUT). Returns the parsed JSON body, or Null for 204.
+    fn call(
+        &self,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<Value, CpError> {
         let url = self.base.join(path);
         let shown = url.split('?').next().unwrap_or(&url).to_string();
         let transport = |err: ureq::Error| CpError::Transport {
@@ -147,6 +153,9 @@ impl Client {
                     .header("Content-Type", "application/json");
                 if !self.secret.is_empty() {
                     req = req.header("X-Agent-Secret", self.secret.expose());
+                }
+                if let Some(t) = timeout {
+                    req = req.config().timeout_global(Some(t)).build();
                 }
                 req.send(bytes)
             }
@@ -198,20 +207,24 @@ impl Client {
 
     pub fn register(&self, node: &Node) -> Result<Node, CpError> {
         let path = "/api/agent/register";
-        let v = self.call(path, Some(&serde_json::to_vec(node).unwrap_or_default()))?;
+        let v = self.call(
+            path,
+            Some(&serde_json::to_vec(node).unwrap_or_default()),
+            None,
+        )?;
         self.typed(path, v)
     }
 
     pub fn config(&self) -> Result<AgentConfig, CpError> {
         let path = "/api/agent/config";
-        let v = self.call(path, None)?;
+        let v = self.call(path, None, None)?;
         self.typed(path, v)
     }
 
     /// Pending tasks, each still raw so one malformed task cannot fail the whole poll.
     pub fn poll(&self, node_id: &str) -> Result<Vec<Value>, CpError> {
         let path = format!("/api/agent/tasks?node_id={node_id}");
-        match self.call(&path, None)? {
+        match self.call(&path, None, None)? {
             Value::Array(items) => Ok(items),
             Value::Null => Ok(Vec::new()),
             other => self.typed(&path, other),
@@ -220,22 +233,37 @@ impl Client {
 
     /// `body` is a serialized [`crate::task::Completion`], stored verbatim in the outbox.
     pub fn complete(&self, task_id: &str, body: &[u8]) -> Result<(), CpError> {
-        self.call(&format!("/api/agent/tasks/{task_id}/complete"), Some(body))
-            .map(drop)
+        self.call(
+            &format!("/api/agent/tasks/{task_id}/complete"),
+            Some(body),
+            None,
+        )
+        .map(drop)
     }
 
-    pub fn append_log(&self, deployment_id: &str, text: &str) -> Result<(), CpError> {
+    /// Appends `text` to a deployment's log; the request ends within `timeout`.
+    pub fn append_log(
+        &self,
+        deployment_id: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<(), CpError> {
         let body = serde_json::to_vec(&serde_json::json!({ "line": text })).unwrap_or_default();
         self.call(
             &format!("/api/deployments/{deployment_id}/logs"),
             Some(&body),
+            Some(timeout),
         )
         .map(drop)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Result<(), CpError> {
-        self.call(path, Some(&serde_json::to_vec(body).unwrap_or_default()))
-            .map(drop)
+        self.call(
+            path,
+            Some(&serde_json::to_vec(body).unwrap_or_default()),
+            None,
+        )
+        .map(drop)
     }
 }
 

@@ -8,8 +8,9 @@
 //! plane is slower than the task, the backlog beyond 8 MiB of memory spills to a private
 //! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it, or when the spill cannot
 //! be written, lines are counted and one explicit marker says how many were dropped. Closing
-//! drains what is left while the control plane takes it, gives up once it stalls, and
-//! removes the spill. The March 2026 server has no such route (404): shipping stops for that
+//! drains what is left while the control plane takes it, gives up once it has taken nothing for
+//! 15 s (no request outlives that), and removes the spill; a cancel (second SIGTERM) stops
+//! waiting at once. The March 2026 server has no such route (404): shipping stops for that
 //! task.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
@@ -39,6 +40,8 @@ const LINGER: Duration = Duration::from_millis(50);
 const MEM_CAP: usize = 8 << 20;
 /// Closing gives up once the control plane has taken no batch for this long.
 const CLOSE_STALL: Duration = Duration::from_secs(15);
+/// How long closing waits past the give-up time for the thread to notice it.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a shipper keeps its backlog and how much of it may wait on disk.
 #[derive(Clone, Debug)]
@@ -83,6 +86,8 @@ enum Refusal {
     Full,
     /// The spill could not be written or read (an unwritable dir, a full disk).
     Failed,
+    /// The agent was canceled while they waited.
+    Canceled,
 }
 
 struct Buf {
@@ -169,6 +174,9 @@ impl Buf {
                 "[muvee-agent: {n} log lines dropped: the log spill {} failed ({}) while more than {MEM_CAP} bytes waited for the control plane]",
                 self.conf.path.display(),
                 self.spill_error
+            ),
+            Refusal::Canceled => format!(
+                "[muvee-agent: {n} log lines dropped: the agent was canceled (shutting down) while they waited for the control plane]"
             ),
         }
     }
@@ -323,6 +331,27 @@ impl Buf {
         self.closed_at.map(|c| c.max(self.last_ok) + CLOSE_STALL)
     }
 
+    /// How long the next request may take: once closed, none runs past the give-up time.
+    fn request_timeout(&self) -> Duration {
+        let left = self.give_up_at().map_or(REQUEST_TIMEOUT, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        left.clamp(Duration::from_millis(1), REQUEST_TIMEOUT)
+    }
+
+    /// Drops the backlog, counted in a marker the thread sends if it still can; returns how
+    /// many lines were dropped.
+    fn abandon(&mut self) -> u64 {
+        let mut n = memchr::memchr_iter(b'\n', self.mem.as_bytes()).count() as u64;
+        n += self.spill.as_ref().map_or(0, |s| s.lines - s.lines_read);
+        self.discard();
+        if n > 0 {
+            self.dropped += n;
+            self.refusal = Refusal::Canceled;
+        }
+        n
+    }
+
     fn given_up(&self) -> bool {
         let stalled = self.give_up_at().is_some_and(|t| Instant::now() >= t);
         stalled || (self.closed_at.is_some() && signal::cancel_requested())
@@ -386,7 +415,7 @@ fn read_spill(s: &mut SpillFile) -> std::io::Result<String> {
     }
 }
 
-/// The backlog, and the bell rung by a line for an idle thread, a close and the thread's end.
+/// The backlog, and its own bell: rung by a line for an idle thread and by close.
 type Shared = Arc<(Mutex<Buf>, Bell)>;
 
 fn lock(m: &Mutex<Buf>) -> MutexGuard<'_, Buf> {
@@ -396,26 +425,39 @@ fn lock(m: &Mutex<Buf>) -> MutexGuard<'_, Buf> {
 pub struct LogShipper {
     shared: Shared,
     handle: Option<JoinHandle<()>>,
+    /// Rung by a signal and when the thread ends: closing waits on it.
+    bell: Arc<Bell>,
+    deployment_id: String,
 }
 
 impl LogShipper {
-    pub fn start(client: Client, deployment_id: String, spill: Spill) -> LogShipper {
+    pub fn start(
+        client: Client,
+        deployment_id: String,
+        spill: Spill,
+        bell: Arc<Bell>,
+    ) -> LogShipper {
         let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Bell::default()));
-        let s2 = shared.clone();
+        let (s2, b2, id) = (shared.clone(), bell.clone(), deployment_id.clone());
         let handle = std::thread::Builder::new()
             .name("logship".into())
             .spawn(move || {
-                let _done = Done(&s2);
-                ship(&client, &deployment_id, &s2)
+                let _done = Done(&s2, &b2);
+                ship(&client, &id, &s2)
             })
             .ok();
-        LogShipper { shared, handle }
+        LogShipper {
+            shared,
+            handle,
+            bell,
+            deployment_id,
+        }
     }
 
     /// Queues one line (already scrubbed). Never blocks on the network.
     pub fn line(&self, line: &str) {
         let line = clean_text(line);
-        let (m, bell) = &*self.shared;
+        let (m, ready) = &*self.shared;
         let mut b = lock(m);
         if b.gone {
             return;
@@ -437,7 +479,7 @@ impl LogShipper {
         // Wake the thread only when it sleeps without a timeout, or a batch is full.
         if b.idle && (was_empty || b.backlog() >= BATCH_MIN) {
             b.idle = false;
-            bell.ring();
+            ready.ring();
         }
     }
 
@@ -450,24 +492,38 @@ impl LogShipper {
         let Some(handle) = self.handle.take() else {
             return;
         };
-        let (m, bell) = &*self.shared;
+        let (m, ready) = &*self.shared;
         lock(m).closed_at.get_or_insert_with(Instant::now);
-        bell.ring();
-        // The thread gives up by itself once stalled; a request under way ends within the
-        // client's timeout. Never wait longer than both, whatever the thread does.
-        let done = wait::next_ready(bell, || {
-            let b = lock(m);
-            let limit = b.give_up_at().map(|t| t + REQUEST_TIMEOUT);
-            match limit {
-                _ if b.done => Check::Ready(true),
-                Some(t) if Instant::now() >= t => Check::Ready(false),
-                _ => Check::Sleep(limit),
+        ready.ring();
+        // The thread gives up by itself once stalled, and no request runs past that time;
+        // never wait longer (but for a moment to see it end), whatever the thread does. A
+        // cancel stops the wait at once.
+        let canceled = || signal::cancel_requested();
+        loop {
+            let (done, limit) = {
+                let b = lock(m);
+                (b.done, b.give_up_at().map(|t| t + STOP_GRACE))
+            };
+            if done || canceled() || limit.is_some_and(|t| Instant::now() >= t) {
+                break;
             }
-        });
-        lock(m).discard();
-        if done {
+            wait::until(&self.bell, limit, Stop::Cancel, || lock(m).done);
+        }
+        let mut b = lock(m);
+        if b.done {
+            b.discard();
+            drop(b);
             let _ = handle.join();
+        } else if canceled() {
+            let n = b.abandon();
+            let level = if n > 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(level, "canceled: {n} log lines of deployment {} not shipped; leaving the log shipper behind", self.deployment_id);
         } else {
+            b.discard();
             log::warn!("the log shipper did not stop in time; leaving it behind");
         }
     }
@@ -480,13 +536,12 @@ impl Drop for LogShipper {
 }
 
 /// Marks the shipper thread ended, however it ends.
-struct Done<'a>(&'a Shared);
+struct Done<'a>(&'a Shared, &'a Bell);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        let (m, bell) = &**self.0;
-        lock(m).done = true;
-        bell.ring();
+        lock(&self.0 .0).done = true;
+        self.1.ring();
     }
 }
 
@@ -521,8 +576,8 @@ fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
 /// Waits until a batch is due: a full one, the oldest line LINGER old, or close. None once
 /// closed and drained. Sleeps without a timeout while nothing waits.
 fn wait_batch(shared: &Shared) -> Option<Batch> {
-    let (m, bell) = &**shared;
-    wait::next_ready(bell, || next_batch(&mut lock(m)))
+    let (m, ready) = &**shared;
+    wait::next_ready(ready, || next_batch(&mut lock(m)))
 }
 
 /// The batch that is due, None once closed and drained, else how long to sleep (marked
@@ -568,26 +623,29 @@ enum Sent {
 /// One batch, retried with backoff until it is delivered or closing has given up (read
 /// again on every retry: close may come while the route fails).
 fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Sent {
-    let (m, bell) = &**shared;
+    let (m, ready) = &**shared;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        let e = match client.append_log(deployment_id, text) {
+        let timeout = lock(m).request_timeout();
+        let e = match client.append_log(deployment_id, text, timeout) {
             Ok(()) => return Sent::Ok,
             Err(CpError::Status { code: 404, .. }) => return Sent::Gone,
             Err(e) => e,
         };
         let b = lock(m);
-        if b.given_up() {
+        if !b.given_up() {
+            log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
+            // Until the retry; close ends the wait (one more try, then the give-up clock).
+            let retry = Instant::now() + backoff.next_delay();
+            let until = b.give_up_at().map_or(retry, |g| g.min(retry));
+            let was_closed = b.closed_at.is_some();
+            drop(b);
+            let closing = || lock(m).closed_at.is_some() != was_closed;
+            wait::until(ready, Some(until), Stop::Never, closing);
+        }
+        if lock(m).given_up() {
             return Sent::GaveUp(e);
         }
-        log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
-        // Until the retry; close ends the wait (one more try, then the give-up clock).
-        let retry = Instant::now() + backoff.next_delay();
-        let until = b.give_up_at().map_or(retry, |g| g.min(retry));
-        let was_closed = b.closed_at.is_some();
-        drop(b);
-        let closing = || lock(m).closed_at.is_some() != was_closed;
-        wait::until(bell, Some(until), Stop::Never, closing);
     }
 }
 

@@ -739,7 +739,10 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
 /// agent warns once (not once per line) and the shipper lives on to drain the rest.
 #[test]
 fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
-    let Some(fs) = tmpfs_or_skip("faults-spill", test_name!()) else {
+    // Larger than the shipper's 8 MiB memory cap, so the spill holds lines before the disk
+    // fills: those must arrive too, whatever the printing and polling speeds.
+    let opts = "size=12m,nr_inodes=400";
+    let Some(fs) = sized_tmpfs_or_skip("faults-spill", test_name!(), opts) else {
         return;
     };
     let cp = builder_cp();
