@@ -9,8 +9,8 @@
 //! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it, or when the spill cannot
 //! be written, lines are counted and one explicit marker says how many were dropped. Closing
 //! drains what is left while the control plane takes it, gives up once it stalls, and
-//! removes the spill. The March 2026 server has no such route (404): shipping stops for that
-//! task.
+//! removes the spill. The March 2026 server has no such route (chi's plain `404 page not
+//! found`): shipping stops for that task. Any other 404 is retried like a 5xx.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::sys::signal;
@@ -582,7 +582,7 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
     loop {
         let e = match client.append_log(deployment_id, text) {
             Ok(()) => return Sent::Ok,
-            Err(CpError::Status { code: 404, .. }) => return Sent::Gone,
+            Err(e) if e.is_missing_route() => return Sent::Gone,
             Err(e) => e,
         };
         let mut b = lock(m);

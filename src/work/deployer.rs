@@ -387,7 +387,8 @@ fn retire(
 /// At start, before any status report: a deploy the previous agent process died in (it is
 /// reported failed) may have left its new container running next to the old one set aside;
 /// a status report would then route the app to the failed version. Its container goes and
-/// the old one gets its name back. `deployments` are the interrupted deploys' ids.
+/// the old one gets its name back, and its mount dir goes. `deployments` are the
+/// interrupted deploys' ids.
 pub fn reconcile(shared: &Shared, cfg: &Config, deployments: &[String]) {
     let docker = shared.docker(cfg);
     for dep in deployments.iter().filter(|d| valid_id(d)) {
@@ -405,6 +406,15 @@ pub fn reconcile(shared: &Shared, cfg: &Config, deployments: &[String]) {
                 continue;
             }
             restore_aside(&docker, &c.domain_prefix);
+        }
+        // Its mount dir: no container of the failed deployment is left to use it.
+        if docker
+            .ps_labelled("muvee.deployment_id", dep)
+            .is_ok_and(|r| r.is_empty())
+        {
+            if let Err(e) = datasets::remove_mounts(&cfg.data_dir, dep) {
+                log::warn!("{e}");
+            }
         }
     }
 }
