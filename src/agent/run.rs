@@ -107,6 +107,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
+    // A replaced container is retired only once the control plane has the new port.
+    shared.deliveries.track();
+    let told = shared.clone();
+    outbox.on_final_delivered(Box::new(move |id| told.report_delivered(id)));
     let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);

@@ -71,6 +71,8 @@ pub struct Outbox {
     dir: PathBuf,
     queue: Mutex<Queue>,
     changed: Condvar,
+    /// Told the task id of each final report the control plane accepted.
+    on_final: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
 }
 
 impl Outbox {
@@ -112,7 +114,13 @@ impl Outbox {
             dir,
             queue: Mutex::new(queue),
             changed: Condvar::new(),
+            on_final: std::sync::OnceLock::new(),
         })
+    }
+
+    /// `f` is told the task id of every final report accepted from now on (once set).
+    pub fn on_final_delivered(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+        let _ = self.on_final.set(f);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -316,6 +324,10 @@ impl Outbox {
         }
         log::debug!("reported task {task} {}", report.body.status);
         self.changed.notify_all();
+        drop(q);
+        if let Some(f) = self.on_final.get().filter(|_| report.body.is_final()) {
+            f(task);
+        }
     }
 
     fn failed(&self, i: usize, report: &Report, e: &CpError) {

@@ -152,3 +152,64 @@ fn no_child_of_the_reports_outlives_the_agent() {
         agent.calls().join("\n")
     );
 }
+
+/// app-keeps-answering (real engine): while the complete route answers 502, the control
+/// plane still routes to the old container's port: it keeps serving past DEPLOY_DRAIN, and
+/// is removed DEPLOY_DRAIN after the completed report was accepted.
+#[test]
+fn the_old_container_serves_until_the_new_port_was_reported() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    crate::deployer::images();
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let prefix = format!("itc-drain-{}", std::process::id());
+    let name = format!("muvee-{prefix}");
+    let _cleanup = util::RemoveContainers::named(&name);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&temp_dir("campaign-drain"))
+        .real_docker()
+        .env("DEPLOY_DRAIN", "1s")
+        .start();
+    let deploy = |dep: &str, body: &str| {
+        let p = serde_json::json!({"image_tag": crate::deployer::APP, "deployment_id": dep,
+            "project_id": "proj-drain", "domain_prefix": prefix, "container_port": 8080,
+            "env_vars": {"BODY": body}});
+        cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let first = wait_final(
+        &cp,
+        &deploy("d2000000-0000-4000-8000-000000000001", "old"),
+        120,
+    );
+    assert_eq!(first["status"], "completed", "{first}\n{}", agent.log());
+    let old_port = first["host_port"].as_u64().unwrap() as u16;
+    // Every report is refused (502) from now on, until the fault is cleared.
+    cp.inject("/api/agent/tasks/", Fault::status(502), 1_000_000);
+    let second = deploy("d2000000-0000-4000-8000-000000000002", "new");
+    // The second deploy's line (the first one's came before its report).
+    let said = "is healthy, listening on host port";
+    let before = agent.log().matches(said).count();
+    assert!(
+        util::poll(120, || agent.log().matches(said).count() > before),
+        "{}",
+        agent.log()
+    );
+    // Well past DEPLOY_DRAIN: the old port still answers.
+    std::thread::sleep(Duration::from_secs(6));
+    let answers = |port| util::http_get(port, "/").is_some_and(|b| b.contains("body=old"));
+    assert!(
+        answers(old_port),
+        "the old container was retired\n{}",
+        agent.log()
+    );
+    cp.clear_faults();
+    let r = wait_final(&cp, &second, 60);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(
+        util::poll(30, || !answers(old_port)),
+        "the old container outlived the report\n{}",
+        agent.log()
+    );
+}
