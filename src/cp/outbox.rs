@@ -72,8 +72,11 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     changed: Condvar,
     /// Told the task id of each final report the control plane accepted.
-    on_final: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_final: std::sync::OnceLock<Delivered>,
 }
+
+/// Told the task id of a final report the control plane accepted.
+pub type Delivered = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Outbox {
     /// Opens the outbox. A full disk that keeps its directory from being created is no
@@ -119,7 +122,7 @@ impl Outbox {
     }
 
     /// `f` is told the task id of every final report accepted from now on (once set).
-    pub fn on_final_delivered(&self, f: Box<dyn Fn(&str) + Send + Sync>) {
+    pub fn on_final_delivered(&self, f: Delivered) {
         let _ = self.on_final.set(f);
     }
 

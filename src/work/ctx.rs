@@ -160,6 +160,25 @@ impl Ctx<'_> {
 
 /// A task context over a scripted runner, for the roles' unit tests.
 #[cfg(test)]
+mod delivery_tests {
+    use super::Deliveries;
+
+    #[test]
+    fn only_a_tracked_agent_waits_and_a_release_is_per_task_or_app() {
+        let d = Deliveries::default();
+        assert!(!d.expect("t0", "app"), "run-task has nobody to tell");
+        d.track();
+        assert!(d.expect("t1", "app") && d.expect("t2", "web"));
+        assert!(!d.release(|t, _| t == "t9"));
+        assert!(d.release(|t, _| t == "t1"));
+        assert!(d.released("t1") && !d.released("t2"));
+        assert!(d.release(|_, p| p == "web"));
+        assert!(d.forget("t1") && d.forget("t2") && !d.forget("t1"));
+        assert!(!d.released("t1"));
+    }
+}
+
+#[cfg(test)]
 pub mod testing {
     use super::*;
     use crate::cli::Args;
