@@ -8,7 +8,11 @@
 #      the p99 latency of a quiet build's log lines (two a second)
 #   3. deploy through the agent vs the same docker commands by hand; redeploy downtime;
 #      bytes copied by a cached-dataset redeploy
-# BENCH_IDLE_SECS and BENCH_RUNS shorten or lengthen it.
+#   4. repeat work: a second build's git fetch and clone step against the first (git cache), a
+#      second builder node's build with and without the registry's layer cache, the bytes a
+#      dataset version differing in one file of 1,000 copies and keeps on disk
+# BENCH_IDLE_SECS and BENCH_RUNS shorten or lengthen it; BENCH_PARTS (e.g. "deploy caches")
+# runs some parts only: idle, build, deploy, caches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE_SECS=${BENCH_IDLE_SECS:-120}
@@ -27,7 +31,12 @@ printf '%s' "$MUVEE_TEST_REGISTRY_PASSWORD" | docker login "$MUVEE_TEST_REGISTRY
 now() { date +%s.%N; }
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.3f}')" "$1" "$2"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+timed() { local s; s=$(now); "$@"; python3 -c "print($(now)-$s)"; }
+quiet() { "$@" >/dev/null; }
+part() { [[ " ${BENCH_PARTS:-idle build deploy caches} " == *" $1 "* ]]; }
+project=be000000-0000-4000-8000-000000000001
 
+if part idle; then
 echo "== 1. size and idle cost"
 # The shipped artifact is the static build; fall back to the release build without musl.
 size_bin=$agent
@@ -37,8 +46,10 @@ echo "binary: $size_bin $(stat -c %s "$size_bin") bytes ($(file -b "$size_bin" |
 # shapes, one write per response with TCP_NODELAY (headers and body in two writes would meet
 # Nagle and the client's delayed ACK: a 40 ms stall and an extra wake-up per call that no real
 # control plane causes), counters for log requests, bytes and lines.
+fi
 cargo build --release --locked --quiet --example dev-cp
 dev_cp=$PWD/target/release/examples/dev-cp
+if part idle; then
 port_file=$work/cp.port
 rm -f "$port_file"
 "$dev_cp" serve --listen 127.0.0.1:0 --secret bench --port-file "$port_file" 2>/dev/null &
@@ -65,9 +76,12 @@ python3 -c "import sys; t,s,hz=float(sys.argv[1]),float(sys.argv[2]),float(sys.a
 python3 -c "import sys; t,w,s=float(sys.argv[1]),float(sys.argv[2]),float(sys.argv[3]); print(f'idle: {t*60/s:.1f} CPU ticks/min (target < 2), {w/s:.2f} wake-ups/s (target <= 1; a poll every 5 s, heartbeat and statuses every 30 s, health every 2 min)')" \
   "$((t1 - t0))" "$((w1 - w0))" "$(python3 -c "print($s1-$s0)")"
 
+fi
+
 # Everything below runs the same docker CLI both ways: Debian's 20.10 client with BuildKit.
 docker_cli=${BENCH_DOCKER_CLI:-/usr/bin/docker}
 export DOCKER_CLI=$docker_cli
+if part build; then
 echo
 echo "== 2. build: agent vs the same commands by hand ($docker_cli, BuildKit, median of $RUNS)"
 repo=$work/repo
@@ -80,7 +94,6 @@ RUN i=0; while [ \$i -lt 4000000 ]; do i=\$((i+1)); done; echo built
 DOCKERFILE
 git -C "$repo" init -q -b main
 commit() { date +%s%N >"$repo/stamp"; git -C "$repo" add -A; git -C "$repo" -c user.name=b -c user.email=b@b commit -qm "$1"; }
-project=be000000-0000-4000-8000-000000000001
 payload() { printf '{"git_url":"file://%s","git_branch":"main","dockerfile_path":"%s","deployment_id":"be000000-0000-4000-8000-0000000000d1","project_id":"%s","domain_prefix":"bench"}' "$repo" "$1" "$project"; }
 agent_build() { # $1 dockerfile
   payload "$1" | NODE_ROLE=builder DATA_DIR=$work/build REGISTRY_ADDR=$MUVEE_TEST_REGISTRY \
@@ -95,8 +108,6 @@ raw_build() { # $1 dockerfile; what the agent runs, typed by hand
   "$DOCKER_CLI" push "$tag" | cat >/dev/null
 }
 buildkit=1 extra=
-timed() { local s; s=$(now); "$@"; python3 -c "print($(now)-$s)"; }
-quiet() { "$@" >/dev/null; }
 a=(); r=()
 for i in $(seq "$RUNS"); do
   commit "agent $i"; a+=("$(timed agent_build Dockerfile)")
@@ -200,9 +211,10 @@ commit "quiet"; read -r _ req _ _ _ status p99 n _ <<<"$(loop_build 0 98 Dockerf
 printf 'log line latency of a quiet build (2 lines/s): p99 %s ms over %s lines (target <= 250); %s requests (%s)\n' \
   "$p99" "$n" "$req" "$status"
 export DOCKER_CLI=$docker_cli
+fi
 
-echo
-echo "== 3. deploy"
+# The app the deploys of parts 3 and 4 start.
+if part deploy || part caches; then
 image=$MUVEE_TEST_REGISTRY/$project:bench
 "$docker_cli" tag "$MUVEE_TEST_BASE_IMAGE" "$image.base" >/dev/null
 app=$work/app
@@ -221,6 +233,11 @@ raw_deploy() { # docker run, find the port, wait until it answers: what a user n
 }
 cleanup_apps() { "$docker_cli" rm -f muvee-bench-raw muvee-bench-agent >/dev/null 2>&1 || true; }
 trap 'cleanup_apps; rm -rf "$work"; [ -n "${cp_pid:-}" ] && kill "$cp_pid" 2>/dev/null; true' EXIT
+fi
+
+if part deploy; then
+echo
+echo "== 3. deploy"
 a=(); r=()
 for i in $(seq "$RUNS"); do
   cleanup_apps
@@ -269,3 +286,120 @@ after=$(du -sb "$objects" | cut -f1)
 syncs=$(grep -c 'copying version' "$work/agent-deploy.log" || true)
 echo "dataset: first deploy copied $((mid - ${before:-0})) bytes, cached redeploy copied $((after - mid)) bytes (rsync runs: $syncs)"
 cleanup_apps
+fi
+
+if part caches; then
+echo
+echo "== 4. repeat work (median of $RUNS)"
+# A repository with 100 MB of history that git cannot compress away (random text): 2,000
+# files of 10 KiB at HEAD; each earlier commit rewrote 500 of them.
+big=$work/big
+python3 - "$big" "$MUVEE_TEST_BASE_IMAGE" <<'PY'
+import base64, os, random, subprocess, sys
+d, base = sys.argv[1], sys.argv[2]
+def git(*a):
+    subprocess.run(["git", "-C", d, "-c", "gc.auto=0", "-c", "user.name=b", "-c", "user.email=b@b", *a], check=True)
+def write(i):
+    os.makedirs(f"{d}/src/{i % 40}", exist_ok=True)
+    open(f"{d}/src/{i % 40}/f{i}.txt", "wb").write(base64.encodebytes(os.urandom(7500)))
+os.makedirs(d)
+git("init", "-q", "-b", "main")
+open(f"{d}/Dockerfile", "w").write(f"FROM {base}\nCOPY version.txt /version.txt\n")
+open(f"{d}/version.txt", "w").write("0\n")
+for i in range(2000):
+    write(i)
+n = 0
+while True:
+    git("add", "-A"); git("commit", "-qm", f"history {n}"); n += 1
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(f"{d}/.git/objects") for f in fs)
+    if size >= 100 << 20:  # loose objects: what the history takes compressed
+        break
+    for i in random.sample(range(2000), 500):
+        write(i)
+# Packed, as a git server keeps its repositories.
+git("repack", "-adq")
+PY
+history=$(du -sb "$big/.git/objects" | cut -f1)
+head_bytes=$(du -sb --exclude=.git "$big" | cut -f1)
+big_payload() { printf '{"git_url":"file://%s","git_branch":"main","deployment_id":"be000000-0000-4000-8000-0000000000d4","project_id":"be000000-0000-4000-8000-000000000004"}' "$big"; }
+git_build() { # $1 DATA_DIR; prints: bytes fetched, clone step seconds
+  big_payload | NODE_ROLE=builder DATA_DIR=$1 REGISTRY_ADDR=$MUVEE_TEST_REGISTRY \
+    "$agent" run-task --type build >/dev/null 2>"$work/git-build.log"
+  sed -n 's/.*Git cache: fetched \([0-9]*\) bytes; clone step \([0-9.]*\)s.*/\1 \2/p' "$work/git-build.log"
+}
+b1=(); t1=(); b2=(); t2=(); th=()
+for i in $(seq "$RUNS"); do
+  rm -rf "$work/gitnode" "$work/hand"
+  th+=("$(timed git clone -q --depth=1 --branch main -- "file://$big" "$work/hand")")
+  read -r b t <<<"$(git_build "$work/gitnode")"; b1+=("$b"); t1+=("$t")
+  echo "$i" >"$big/version.txt"
+  git -C "$big" -c user.name=b -c user.email=b@b commit -qam "one file $i"
+  read -r b t <<<"$(git_build "$work/gitnode")"; b2+=("$b"); t2+=("$t")
+done
+hand_pack=$(du -sb "$work/hand/.git/objects" | cut -f1)
+mb1=$(median "${b1[@]}"); mt1=$(median "${t1[@]}"); mb2=$(median "${b2[@]}"); mt2=$(median "${t2[@]}")
+printf 'git cache, %s bytes of history (%s at HEAD): first build fetched %s bytes, clone step %.2fs (git clone --depth=1 by hand: %s bytes, %.2fs)\n' \
+  "$history" "$head_bytes" "$mb1" "$mt1" "$hand_pack" "$(median "${th[@]}")"
+printf '  second build after a one-file commit: fetched %s bytes, ratio %s (target <= 0.05); clone step %.2fs, ratio %s (target <= 0.20)\n' \
+  "$mb2" "$(ratio "$mb2" "$mb1")" "$mt2" "$(ratio "$mt2" "$mt1")"
+
+# A second builder node: the same commit built with an empty local build cache (the engine's
+# build cache pruned, the project's images removed), once with the layers the first node left
+# in the registry and once for a project that has none there. The prune is engine-wide:
+# other builds on this engine lose their cache too (never their images).
+dep=$work/dep
+mkdir -p "$dep"
+cat >"$dep/Dockerfile" <<DOCKERFILE
+FROM $MUVEE_TEST_BASE_IMAGE
+# The dependency layer, most of the build's time (pip install, npm ci ...).
+RUN i=0; while [ \$i -lt 6000000 ]; do i=\$((i+1)); done; echo deps >/deps.txt
+COPY stamp /stamp
+DOCKERFILE
+date +%s%N >"$dep/stamp"
+git -C "$dep" init -q -b main && git -C "$dep" add -A && git -C "$dep" -c user.name=b -c user.email=b@b commit -qm dep
+dep_build() { # $1 node, $2 project
+  printf '{"git_url":"file://%s","git_branch":"main","deployment_id":"be000000-0000-4000-8000-0000000000d5","project_id":"%s"}' "$dep" "$2" |
+    NODE_ROLE=builder DATA_DIR=$work/$1 REGISTRY_ADDR=$MUVEE_TEST_REGISTRY "$agent" run-task --type build >/dev/null 2>"$work/dep-$1.log"
+}
+fresh_node() { # $1 project: no image of it here, no build cache
+  "$docker_cli" images --format '{{.Repository}}:{{.Tag}}' "$MUVEE_TEST_REGISTRY/$1" | xargs -r "$docker_cli" rmi -f >/dev/null
+  "$docker_cli" builder prune -af >/dev/null
+}
+w=(); wo=(); cached=0
+for i in $(seq "$RUNS"); do
+  # Projects new to the registry (it keeps what earlier bench runs pushed).
+  with=$(python3 -c 'import uuid; print(uuid.uuid4())') without=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  dep_build node-a "$with"
+  fresh_node "$with"
+  w+=("$(timed dep_build node-b "$with")")
+  step=$(sed -n 's/^\(#[0-9]*\) \[.*RUN i=0.*/\1/p' "$work/dep-node-b.log" | head -n1)
+  grep -q 'importing cache manifest' "$work/dep-node-b.log" && grep -q "^$step CACHED" "$work/dep-node-b.log" && cached=$((cached + 1))
+  fresh_node "$without"
+  wo+=("$(timed dep_build node-c "$without")")
+  fresh_node "$with"; fresh_node "$without"
+  rm -rf "$work/node-a" "$work/node-b" "$work/node-c"
+done
+mw=$(median "${w[@]}"); mwo=$(median "${wo[@]}")
+printf 'second builder node, empty build cache: %.2fs with the registry layer cache, %.2fs without, ratio %s (target <= 0.50; dependency step CACHED in %s of %s)\n' \
+  "$mw" "$mwo" "$(ratio "$mw" "$mwo")" "$cached" "$RUNS"
+
+# Dataset v2 differs from v1 in 1 file of 1,000 (20 KiB each, 20 MiB in all).
+set_dir=$work/share/versions
+python3 - "$set_dir" <<'PY'
+import os, sys
+os.makedirs(sys.argv[1])
+for i in range(1000):
+    open(f"{sys.argv[1]}/f{i}", "wb").write(os.urandom(20 << 10))
+PY
+ds_id=da000000-0000-4000-8000-000000000002
+ds() { printf '[{"id":"%s","name":"set","nfs_path":"versions","version":%s,"mount_mode":"dependency"}]' "$ds_id" "$1"; }
+copied() { sed -n 's/.*Dataset set: cached [0-9]* bytes, \([0-9]*\) of them copied.*/\1/p' "$work/agent-deploy.log" | tail -n1; }
+agent_deploy bench-agent de000000-0000-4000-8000-0000000000c1 "$(ds 1)" >/dev/null
+v1=$(du -sb "$work/deploy/objects/$ds_id" | cut -f1); c1=$(copied)
+head -c $((20 << 10)) /dev/urandom >"$set_dir/f500"
+agent_deploy bench-agent de000000-0000-4000-8000-0000000000c2 "$(ds 2)" >/dev/null
+both=$(du -sb "$work/deploy/objects/$ds_id" | cut -f1); c2=$(copied)
+printf 'dataset v2, 1 file of 1,000 changed (20 MiB): copied %s bytes (v1: %s; target <= %s), disk used by v1 and v2 %s bytes, ratio %s of v1 (target <= 1.05)\n' \
+  "$c2" "$c1" "$((21 << 10))" "$both" "$(ratio "$both" "$v1")"
+cleanup_apps
+fi

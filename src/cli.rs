@@ -13,6 +13,10 @@ pub struct Args {
     /// control plane base URL, http or https [CONTROL_PLANE_URL, default http://localhost:8080]
     #[argh(option)]
     pub control_plane_url: Option<String>,
+    /// PEM bundle of the CAs an https control plane's certificate chains to, instead of the
+    /// built-in Mozilla roots [CONTROL_PLANE_CA_FILE]
+    #[argh(option)]
+    pub control_plane_ca_file: Option<String>,
     /// file holding the shared agent secret (there is no flag for the value itself, so it never
     /// shows in argv) [AGENT_SECRET]
     #[argh(option)]
@@ -29,6 +33,9 @@ pub struct Args {
     /// dataset cache budget, bytes or 100G-style [MAX_STORAGE, default 100G]
     #[argh(option)]
     pub max_storage: Option<String>,
+    /// builder: git cache budget, 0 turns the cache off [GIT_CACHE_MAX, default 20G]
+    #[argh(option)]
+    pub git_cache_max: Option<String>,
     /// log a task may keep on disk while the control plane is slow [LOG_SPILL_MAX, default 256M]
     #[argh(option)]
     pub log_spill_max: Option<String>,

@@ -14,10 +14,14 @@ pub struct Config {
     pub role: Option<Role>,
     pub control_plane_url: String,
     pub agent_secret: String,
+    /// CONTROL_PLANE_CA_FILE: the roots for https (HTTP client and control channel alike).
+    pub ca_file: Option<PathBuf>,
     pub host_ip: Option<String>,
     pub node_name: String,
     pub data_dir: PathBuf,
     pub max_storage: u64,
+    /// Budget of the builder's git cache; 0 turns it off (builds clone shallowly).
+    pub git_cache_max: u64,
     pub log_spill_max: u64,
     pub poll_interval: Duration,
     pub heartbeat_interval: Duration,
@@ -158,10 +162,19 @@ impl Config {
                 "http://localhost:8080",
             ))?,
             agent_secret: agent_secret(a, env)?,
+            ca_file: pick(&a.control_plane_ca_file, env, "CONTROL_PLANE_CA_FILE")
+                .map(PathBuf::from),
             host_ip: pick(&a.host_ip, env, "HOST_IP").map(|s| s.trim().to_string()),
             node_name: pick(&a.node_name, env, "NODE_NAME").unwrap_or_else(hostname),
             data_dir: PathBuf::from(s.text(&a.data_dir, "DATA_DIR", "/muvee/data")),
             max_storage: s.parsed(&a.max_storage, "MAX_STORAGE", 100 << 30, parse_size, SIZE)?,
+            git_cache_max: s.parsed(
+                &a.git_cache_max,
+                "GIT_CACHE_MAX",
+                20 << 30,
+                parse_size,
+                SIZE,
+            )?,
             log_spill_max: s.parsed(
                 &a.log_spill_max,
                 "LOG_SPILL_MAX",

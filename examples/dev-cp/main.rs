@@ -7,6 +7,7 @@
 //! dev-cp serve [--listen 127.0.0.1:8080] [--secret S] [--registry ADDR] [--registry-user U]
 //!              [--registry-password P] [--dataset-nfs-base-path DIR] [--volume-nfs-base-path DIR]
 //!              [--march] [--chain-interval-ms 5000] [--log-delay-ms 0] [--port-file F]
+//!              [--tls-cert CHAIN.pem --tls-key KEY.pem]   (https on --listen: tls.rs)
 //! dev-cp build <git_url> [--branch B] [--prefix P] [--port N] [--memory M]
 //!              [--dataset NAME=NFS_PATH[@VERSION]] [--env K=V]...   (then the chained deploy)
 //! dev-cp deploy <image> [same options]
@@ -23,6 +24,7 @@
 
 mod faults;
 mod server;
+mod tls;
 
 use serde_json::{json, Value};
 use std::net::TcpListener;
@@ -135,11 +137,29 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
         .map(|(k, f)| (*k, take_opt(&mut args, f)))
         .collect();
     let port_file = take_opt(&mut args, "--port-file");
+    let tls = match (
+        take_opt(&mut args, "--tls-cert"),
+        take_opt(&mut args, "--tls-key"),
+    ) {
+        (Some(c), Some(k)) => Some(read_tls(&c, &k)?),
+        (None, None) => None,
+        _ => return Err("serve: --tls-cert and --tls-key go together".into()),
+    };
     if !args.is_empty() {
         return Err(format!("serve: unknown arguments {args:?}"));
     }
-    let listener = TcpListener::bind(&listen).map_err(|e| format!("listen on {listen}: {e}"))?;
-    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    // With TLS the server itself listens on a loopback port behind the https front.
+    let plain = if tls.is_some() {
+        "127.0.0.1:0"
+    } else {
+        listen.as_str()
+    };
+    let listener = TcpListener::bind(plain).map_err(|e| format!("listen on {plain}: {e}"))?;
+    let mut port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some((chain, key)) = tls {
+        port = tls::TlsFront::start(&listen, chain, key, format!("127.0.0.1:{port}"))?.port;
+    }
     let srv = server::Server::serve(listener, version, &secret, opts);
     faults::Faults::default().install(&srv, true);
     for (k, v) in config {
@@ -150,10 +170,40 @@ fn serve(mut args: Vec<String>) -> Result<(), String> {
     if let Some(f) = port_file {
         std::fs::write(&f, format!("{port}\n")).map_err(|e| format!("write {f}: {e}"))?;
     }
-    eprintln!("dev-cp: {version:?} server's agent API on http://127.0.0.1:{port} (secret {secret:?}), dev routes under /dev/");
+    eprintln!("dev-cp: {version:?} server's agent API on {scheme}://127.0.0.1:{port} (secret {secret:?}), dev routes under /dev/");
     loop {
         std::thread::park();
     }
+}
+
+/// The certificate chain and private key of `--tls-cert` and `--tls-key` (PEM).
+type Tls = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn read_tls(cert: &str, key: &str) -> Result<Tls, String> {
+    use ureq::tls::PemItem;
+    let read = |f: &str| std::fs::read(f).map_err(|e| format!("read {f}: {e}"));
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let mut chain = Vec::new();
+    for item in ureq::tls::parse_pem(&cert_pem) {
+        if let Ok(PemItem::Certificate(c)) = item {
+            chain.push(c.der().to_vec().into());
+        }
+    }
+    let key = ureq::tls::parse_pem(&key_pem)
+        .find_map(|i| match i {
+            Ok(PemItem::PrivateKey(k)) => {
+                rustls::pki_types::PrivateKeyDer::try_from(k.der().to_vec()).ok()
+            }
+            _ => None,
+        })
+        .ok_or_else(|| format!("{key}: no private key"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert}: no certificate"));
+    }
+    Ok((chain, key))
 }
 
 /// `fault ROUTE FAULT SECS`, `fault clear`, or `fault` (the active faults).

@@ -9,6 +9,7 @@
 
 use crate::config::{ComposePolicy, Config, DataDir};
 use crate::cp::client::{self, Client};
+use crate::cp::tls::Roots;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::{Cmd, Runner};
 use crate::sys::redact;
@@ -324,20 +325,17 @@ fn loopback(addr: &str) -> bool {
 /// `check` only: the control plane accepts the secret; its config for the checks after it.
 pub fn control_plane(cfg: &Config) -> (Check, Option<AgentConfig>) {
     let url = &cfg.control_plane_url;
-    match Client::new(url, &cfg.agent_secret).config() {
+    let client = Roots::load(cfg.ca_file.as_deref())
+        .map(|roots| Client::new(url, &cfg.agent_secret, &roots))
+        .map_err(|e| e.to_string());
+    match client.and_then(|c| c.config().map_err(|e| e.to_string())) {
         Ok(c) => {
             let msg = format!("{url} reachable, secret accepted");
             (Check::ok("control_plane", "control plane", &msg), Some(c))
         }
         Err(e) => {
             let fix = "check CONTROL_PLANE_URL and AGENT_SECRET";
-            let c = Check::problem(
-                "control_plane",
-                "control plane",
-                Status::Error,
-                &e.to_string(),
-                fix,
-            );
+            let c = Check::problem("control_plane", "control plane", Status::Error, &e, fix);
             (c, None)
         }
     }

@@ -3,7 +3,9 @@
 //! periodic reports (statuses, metrics, health, reaping) and the control channel's sessions.
 
 pub mod control;
+pub mod frame;
 pub mod health;
 pub mod metrics;
 pub mod reports;
 pub mod run;
+pub mod session;

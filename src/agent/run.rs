@@ -7,15 +7,17 @@ use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::files;
 use crate::cp::journal::Journal;
 use crate::cp::logship::{LogShipper, Spill};
-use crate::cp::outbox::Outbox;
+use crate::cp::outbox::{self, Flushed, Outbox};
+use crate::cp::tls::Roots;
 use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
-use crate::sys::sync::FileLock;
+use crate::sys::sync::{self, FileLock};
 use crate::sys::{disk, redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::dispatch;
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -45,6 +47,8 @@ struct Agent {
     /// Task threads alive (shutdown waits for them; some may wait for a lock, holding no slot).
     running: Arc<AtomicUsize>,
     reports: Reports,
+    /// Invalid task IDs already logged: the server lists them at every poll.
+    invalid_ids: HashSet<String>,
 }
 
 /// Why the agent could not start.
@@ -87,6 +91,13 @@ impl From<ConfigError> for StartError {
     }
 }
 
+/// The HTTP client, and the TLS roots it uses (the control channel uses them too).
+fn client(cfg: &Config) -> Result<(Client, Roots), ConfigError> {
+    let roots = Roots::load(cfg.ca_file.as_deref()).map_err(|e| ConfigError(e.0))?;
+    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret, &roots);
+    Ok((client, roots))
+}
+
 pub fn run(cfg: Config) -> Result<(), StartError> {
     let role = cfg
         .role
@@ -111,7 +122,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     shared.deliveries.track();
     let told = shared.clone();
     outbox.on_final_delivered(Box::new(move |id| told.report_delivered(id)));
-    let client = Client::new(&cfg.control_plane_url, &cfg.agent_secret);
+    let (client, roots) = client(&cfg)?;
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
 
@@ -119,10 +130,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // not race the scan that reports its task interrupted.
     let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
-    {
+    for n in 0..outbox::SENDERS {
         let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
         std::thread::Builder::new()
-            .name("outbox".into())
+            .name(format!("outbox-{n}"))
             .spawn(move || ob.run_sender(&c, &|id| j.is_saved_done(id)))
             .map_err(StartError::Thread)?;
     }
@@ -152,6 +163,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         journal_failing: false,
         running: Arc::default(),
         reports: Reports::default(),
+        invalid_ids: HashSet::new(),
     };
     if role == Role::Deploy {
         crate::work::deployer::reconcile(&agent.shared, &agent.cfg, &interrupted);
@@ -168,6 +180,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
             agent.cfg.clone(),
             agent.shared.clone(),
             agent.reports.clone(),
+            roots,
         );
     }
     agent.main_loop();
@@ -187,22 +200,18 @@ fn host_ip(cfg: &Config) -> String {
 
 /// One agent per DATA_DIR: an exclusive lock on the directory itself (no file to create,
 /// so it works on a full disk; released by the kernel however the process ends), and our
-/// pid in `state/agent.pid` for the message another agent prints.
+/// pid in `state/agent.pid` for the message another agent prints. DATA_DIR/state is made a
+/// private, real directory (not a symlink) first.
 fn lock_data_dir(cfg: &Config) -> Result<Option<FileLock>, StartError> {
     let dir = &cfg.data_dir;
     let state = dir.join("state");
     let pid_file = state.join("agent.pid");
-    match FileLock::try_open(dir) {
-        Ok(Some(lock)) => {
-            let _ = files::private_dir(&state);
-            let _ = files::write_atomic(&pid_file, format!("{}\n", std::process::id()).as_bytes());
-            Ok(Some(lock))
-        }
+    let lock = match FileLock::try_open(dir) {
+        Ok(Some(lock)) => Some(lock),
         Ok(None) => {
-            let pid = std::fs::read_to_string(&pid_file).ok();
-            Err(StartError::Busy {
+            return Err(StartError::Busy {
                 path: dir.clone(),
-                holder: pid.map(|p| p.trim().to_string()).filter(|p| !p.is_empty()),
+                holder: lock_holder(dir, &pid_file).map(|p| p.to_string()),
             })
         }
         Err(e) => {
@@ -211,9 +220,23 @@ fn lock_data_dir(cfg: &Config) -> Result<Option<FileLock>, StartError> {
                 "cannot lock DATA_DIR {} ({e}); make sure no other agent uses it",
                 dir.display()
             );
-            Ok(None)
+            None
         }
-    }
+    };
+    let _ = files::private_dir(&state);
+    let _ = files::write_atomic(&pid_file, format!("{}\n", std::process::id()).as_bytes());
+    Ok(lock)
+}
+
+/// The pid of the agent holding DATA_DIR's lock: the kernel's word (`/proc/locks`), else
+/// `state/agent.pid` if that process lives (the holder may not have written it yet: a stale
+/// pid from a killed agent is never named).
+fn lock_holder(dir: &std::path::Path, pid_file: &std::path::Path) -> Option<u32> {
+    sync::flock_holder(dir).or_else(|| {
+        let pid = files::read(pid_file).ok()?;
+        let pid: u32 = std::str::from_utf8(&pid).ok()?.trim().parse().ok()?;
+        signal::alive(pid).then_some(pid)
+    })
 }
 
 fn log_start(cfg: &Config, role: Role, host_ip: &str) {
@@ -244,22 +267,23 @@ fn recover(journal: &Journal, outbox: &Outbox) -> Vec<String> {
 fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
     let mut deploys = Vec::new();
     for e in journal.interrupted() {
-        if !outbox.has_final(&e.id) {
-            log::warn!(
-                "task {} ({}) was running when the agent stopped; reporting it failed",
-                e.id,
-                e.kind
-            );
-            outbox.push(&e.id, &Completion::failed("agent restarted during task"));
-            if matches!(Kind::parse(&e.kind, ""), Kind::Deploy(_)) {
-                deploys.push(e.deployment_id.clone());
-            }
+        if outbox.has_final(&e.id) {
+            finish_journal(journal, &e.id);
+            continue;
         }
-        if let Err(err) = journal.finish(&e.id) {
-            log::error!(
-                "cannot mark task {} finished in the journal (retried): {err}",
-                e.id
-            );
+        log::warn!(
+            "task {} ({}) was running when the agent stopped; reporting it failed",
+            e.id,
+            e.kind
+        );
+        finish(
+            outbox,
+            journal,
+            &e.id,
+            &Completion::failed("agent restarted during task"),
+        );
+        if matches!(Kind::parse(&e.kind, ""), Kind::Deploy(_)) {
+            deploys.push(e.deployment_id.clone());
         }
     }
     deploys
@@ -313,6 +337,9 @@ impl Agent {
                     self.cfg.poll_interval
                 }
                 Err(e) => {
+                    if e.status().map_or(true, |s| s == 401) {
+                        self.outbox.unreachable();
+                    }
                     let d = backoff.next_delay();
                     match &e {
                         CpError::Unauthorized { .. } => {
@@ -341,9 +368,8 @@ impl Agent {
         if self.node_id.is_none() || Instant::now() >= *next_heartbeat {
             self.heartbeat(config_loaded)?;
             *next_heartbeat = Instant::now() + self.cfg.heartbeat_interval;
+            self.outbox.reachable();
         }
-        // The control plane answers: waiting reports go now, unsaved journal entries too.
-        self.outbox.reachable();
         self.journal.retry_unsaved();
         if !self.room_for_tasks() {
             return Ok(());
@@ -367,6 +393,8 @@ impl Agent {
             }
             other => other?,
         };
+        // The control plane answers: waiting reports go now.
+        self.outbox.reachable();
         for raw in tasks {
             if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
                 break;
@@ -484,7 +512,11 @@ impl Agent {
             .unwrap_or("")
             .to_string();
         if !valid_id(&id) {
-            log::error!("ignoring a task with an invalid ID {id:?}");
+            let raw_id = raw.get("ID").or_else(|| raw.get("id"));
+            let shown = raw_id.map_or_else(|| "(none)".to_string(), |v| v.to_string());
+            if self.invalid_ids.len() < 1000 && self.invalid_ids.insert(shown.clone()) {
+                log::error!("ignoring a task with an invalid ID {shown} (logged once per ID)");
+            }
             return;
         }
         let (task, malformed) = match serde_json::from_value::<Task>(raw) {
@@ -607,17 +639,37 @@ impl Agent {
         }
         self.reports.join();
         self.shared.retiring.wait(None);
-        if !self.outbox.wait_empty(Instant::now() + FINAL_FLUSH) {
-            log::warn!("control plane unreachable: undelivered reports stay queued in {} for the next start", self.cfg.data_dir.join("state/outbox").display());
+        if let Flushed::Left { queued, unwritten } =
+            self.outbox.wait_empty(Instant::now() + FINAL_FLUSH)
+        {
+            let dir = self.cfg.data_dir.join("state/outbox");
+            if queued > unwritten {
+                log::warn!(
+                    "{} undelivered report(s) stay queued in {} for the next start",
+                    queued - unwritten,
+                    dir.display()
+                );
+            }
+            if unwritten > 0 {
+                log::error!("{unwritten} undelivered report(s) could not be written to {} (full?) and are lost; a task whose final report is among them is reported failed at the next start", dir.display());
+            }
         }
         log::info!("stopped");
     }
 }
 
 /// The final report first, then the journal: a crash in between re-reports the same
-/// outcome (the queued report wins over "interrupted" at the next start).
+/// outcome (the queued report wins over "interrupted" at the next start). A final report
+/// that cannot be written (no reserve, a full disk) is not sent before it is; the journal
+/// keeps the task running meanwhile, so a restart before then reports it failed rather
+/// than forget it.
 fn finish(outbox: &Outbox, journal: &Journal, id: &str, c: &Completion) {
-    outbox.push(id, c);
+    if outbox.push(id, c) {
+        finish_journal(journal, id);
+    }
+}
+
+fn finish_journal(journal: &Journal, id: &str) {
     if let Err(e) = journal.finish(id) {
         log::error!("cannot mark task {id} finished in the journal (retried at each poll): {e}");
     }
@@ -646,7 +698,12 @@ impl Worker {
                     .join(format!("{}.spill", task.id)),
                 max_bytes: self.cfg.log_spill_max,
             };
-            LogShipper::start(self.client.clone(), task.deployment_id.clone(), spill)
+            LogShipper::start(
+                self.client.clone(),
+                task.deployment_id.clone(),
+                spill,
+                self.shared.bell.clone(),
+            )
         });
         let short = &task.id[..task.id.len().min(8)];
         let out = |line: &str| {

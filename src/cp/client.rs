@@ -4,6 +4,7 @@
 //! Clones share one connection pool and one name-lookup thread.
 
 use crate::cp::resolver::Lookups;
+use crate::cp::tls::Roots;
 use crate::cp::wire::Node;
 use crate::task::AgentConfig;
 use serde::de::DeserializeOwned;
@@ -79,12 +80,13 @@ impl fmt::Display for CpError {
 }
 
 impl Client {
-    pub fn new(base: &str, secret: &str) -> Client {
+    pub fn new(base: &str, secret: &str, roots: &Roots) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(5)))
             .timeout_global(Some(REQUEST_TIMEOUT))
             .http_status_as_error(false)
             .user_agent(concat!("muvee-agent/", env!("CARGO_PKG_VERSION")))
+            .tls_config(roots.ureq())
             .build();
         let agent = ureq::Agent::with_parts(
             config,
@@ -102,8 +104,14 @@ impl Client {
         &self.base
     }
 
-    /// GET without a body, POST with one (JSON bytes). Returns the parsed JSON body, or Null for 204.
-    fn call(&self, path: &str, body: Option<&[u8]>) -> Result<Value, CpError> {
+    /// GET without a body, POST with one (JSON bytes), within `timeout` when given (else
+    /// REQUEST_TIMEOUT). Returns the parsed JSON body, or Null for 204.
+    fn call(
+        &self,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<Value, CpError> {
         let url = format!("{}{}", self.base, path);
         let shown = url.split('?').next().unwrap_or(&url).to_string();
         let transport = |e: ureq::Error| CpError::Transport {
@@ -125,6 +133,9 @@ impl Client {
                     .header("Content-Type", "application/json");
                 if !self.secret.is_empty() {
                     req = req.header("X-Agent-Secret", &self.secret);
+                }
+                if let Some(t) = timeout {
+                    req = req.config().timeout_global(Some(t)).build();
                 }
                 req.send(bytes)
             }
@@ -176,20 +187,24 @@ impl Client {
 
     pub fn register(&self, node: &Node) -> Result<Node, CpError> {
         let path = "/api/agent/register";
-        let v = self.call(path, Some(&serde_json::to_vec(node).unwrap_or_default()))?;
+        let v = self.call(
+            path,
+            Some(&serde_json::to_vec(node).unwrap_or_default()),
+            None,
+        )?;
         self.typed(path, v)
     }
 
     pub fn config(&self) -> Result<AgentConfig, CpError> {
         let path = "/api/agent/config";
-        let v = self.call(path, None)?;
+        let v = self.call(path, None, None)?;
         self.typed(path, v)
     }
 
     /// Pending tasks, each still raw so one malformed task cannot fail the whole poll.
     pub fn poll(&self, node_id: &str) -> Result<Vec<Value>, CpError> {
         let path = format!("/api/agent/tasks?node_id={node_id}");
-        match self.call(&path, None)? {
+        match self.call(&path, None, None)? {
             Value::Array(items) => Ok(items),
             Value::Null => Ok(Vec::new()),
             other => self.typed(&path, other),
@@ -198,22 +213,37 @@ impl Client {
 
     /// `body` is a serialized [`crate::task::Completion`], stored verbatim in the outbox.
     pub fn complete(&self, task_id: &str, body: &[u8]) -> Result<(), CpError> {
-        self.call(&format!("/api/agent/tasks/{task_id}/complete"), Some(body))
-            .map(drop)
+        self.call(
+            &format!("/api/agent/tasks/{task_id}/complete"),
+            Some(body),
+            None,
+        )
+        .map(drop)
     }
 
-    pub fn append_log(&self, deployment_id: &str, text: &str) -> Result<(), CpError> {
+    /// Appends `text` to a deployment's log; the request ends within `timeout`.
+    pub fn append_log(
+        &self,
+        deployment_id: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<(), CpError> {
         let body = serde_json::to_vec(&serde_json::json!({ "line": text })).unwrap_or_default();
         self.call(
             &format!("/api/deployments/{deployment_id}/logs"),
             Some(&body),
+            Some(timeout),
         )
         .map(drop)
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Result<(), CpError> {
-        self.call(path, Some(&serde_json::to_vec(body).unwrap_or_default()))
-            .map(drop)
+        self.call(
+            path,
+            Some(&serde_json::to_vec(body).unwrap_or_default()),
+            None,
+        )
+        .map(drop)
     }
 }
 

@@ -1,27 +1,62 @@
-//! Files of DATA_DIR/state (journal, outbox): private to the agent's user (directories 0700,
-//! files 0600, whatever the umask), written whole or not at all, and space reserved ahead
-//! for what must be written when a task ends, so a full disk cannot keep it from being
-//! recorded.
+//! Files of DATA_DIR/state (journal, outbox, log spills, marks): private to the agent's user
+//! (directories 0700, files 0600, whatever the umask), written whole or not at all, never
+//! through a symlink planted in the agent's way, and space reserved ahead for what must be
+//! written when a task ends, so a full disk cannot keep it from being recorded.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-/// Creates `dir` (and missing parents) 0700, and makes an existing one 0700.
+/// Creates `dir` (and missing parents) 0700, and makes an existing one 0700. `dir` itself is
+/// a real directory afterwards: a symlink found in its place (which would send the agent's
+/// files, and its chmod, elsewhere) is removed, never followed. Parents are the operator's
+/// (DATA_DIR may well be a symlink) and are followed.
 pub fn private_dir(dir: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        let target = fs::read_link(dir).unwrap_or_default();
+        log::warn!(
+            "{} was a symlink (to {}): replaced by a private directory",
+            dir.display(),
+            target.display()
+        );
+        fs::remove_file(dir)?;
+    }
     DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    // Opened without following: a symlink raced in since is refused, not chmod'ed.
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)?;
+    d.set_permissions(fs::Permissions::from_mode(0o700))
 }
 
-/// Creates (or truncates) a file readable by the agent's user only.
+/// Creates a new file readable and writable by the agent's user only. Whatever was at
+/// `path` (a stale temp file, a planted symlink) is removed first, and the file is created
+/// exclusively (O_EXCL never follows a symlink), so nothing outside is ever truncated.
 pub fn create_private(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     OpenOptions::new()
+        .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// Reads a state file; a symlink in its place is an error (ELOOP), not followed.
+pub fn read(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
+    Ok(data)
 }
 
 /// Writes a file so that a crash leaves either the old or the new content, never half; a
@@ -76,15 +111,23 @@ pub fn reserve(path: &Path, size: usize) -> io::Result<()> {
 /// renamed: no new block or inode is needed, so this works on a full disk). Without a
 /// reserve big enough, as [`write_atomic`].
 pub fn write_reserved(reserve: &Path, path: &Path, data: &[u8]) -> io::Result<()> {
-    let f = match OpenOptions::new().write(true).open(reserve) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return write_atomic(path, data),
+    let opened = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(reserve);
+    let mut f = match opened {
+        Ok(f) if f.metadata()?.is_file() => f,
+        // No reserve, or something else in its place (a symlink: ELOOP) that is not ours
+        // to overwrite.
+        Ok(_) => return write_atomic(path, data),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ELOOP)) => {
+            return write_atomic(path, data)
+        }
         Err(e) => return Err(e),
     };
     if f.metadata()?.len() < data.len() as u64 {
         return write_atomic(path, data);
     }
-    let mut f = f;
     f.write_all(data)?;
     f.set_len(data.len() as u64)?;
     f.sync_all()?;
@@ -116,6 +159,41 @@ mod tests {
         // No reserve (or one too small): an ordinary atomic write.
         write_reserved(&dir.join("r"), &dir.join("z"), b"z").unwrap();
         assert_eq!(fs::read(dir.join("z")).unwrap(), b"z");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// Symlinks planted where the agent writes are replaced or refused, never followed: the
+    /// files and directory they point to keep their content and mode.
+    #[test]
+    fn symlinks_in_the_state_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let d = temp_dir("files-symlinks");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let elsewhere = d.join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = d.join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let state = d.join("state");
+        fs::create_dir(&state).unwrap();
+        symlink(&elsewhere, state.join("outbox")).unwrap();
+        private_dir(&state.join("outbox")).unwrap();
+        assert!(!fs::symlink_metadata(state.join("outbox"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(mode(&elsewhere), 0o755);
+        // A temp name, a reserve and a file read: none goes through the link.
+        for name in ["x.tmp", "r", "y"] {
+            symlink(&victim, state.join(name)).unwrap();
+        }
+        write_atomic(&state.join("x"), b"new").unwrap();
+        assert!(read(&state.join("y")).is_err());
+        write_reserved(&state.join("r"), &state.join("z"), b"z").unwrap();
+        reserve(&state.join("r"), 100).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(state.join("x")).unwrap(), b"new");
+        assert_eq!(fs::metadata(state.join("r")).unwrap().len(), 100);
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -93,9 +93,7 @@ impl Journal {
         if path.exists() {
             return Ok(false);
         }
-        if !self.dir.is_dir() {
-            files::private_dir(&self.dir)?;
-        }
+        files::private_dir(&self.dir)?;
         let reserve = self.reserve_path(&task.id);
         files::reserve(&reserve, RESERVE)?;
         let entry = JournalEntry {
@@ -163,7 +161,7 @@ impl Journal {
     }
 
     fn read(&self, id: &str) -> Option<JournalEntry> {
-        let on_disk = fs::read(self.path(id)).ok();
+        let on_disk = files::read(&self.path(id)).ok();
         on_disk.and_then(|b| serde_json::from_slice(&b).ok())
     }
 
@@ -197,7 +195,7 @@ impl Journal {
         };
         let read = |p: &Path| -> Option<JournalEntry> {
             let id = p.file_stem()?.to_str()?.to_string();
-            let e = fs::read(p)
+            let e = files::read(p)
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
             Some(e.unwrap_or(JournalEntry {

@@ -8,15 +8,18 @@
 //! plane is slower than the task, the backlog beyond 8 MiB of memory spills to a private
 //! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it, or when the spill cannot
 //! be written, lines are counted and one explicit marker says how many were dropped. Closing
-//! drains what is left while the control plane takes it, gives up once it stalls, and
-//! removes the spill. The March 2026 server has no such route (chi's plain `404 page not
+//! drains what is left while the control plane takes it, gives up once it has taken nothing for
+//! 15 s (no request outlives that), and removes the spill; a cancel (second SIGTERM) stops
+//! waiting at once. The March 2026 server has no such route (chi's plain `404 page not
 //! found`): shipping stops for that task. Any other 404 is retried like a 5xx.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
+use crate::cp::files;
+use crate::sys::bell::Bell;
 use crate::sys::signal;
 use crate::task::clean_text;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -37,6 +40,8 @@ const LINGER: Duration = Duration::from_millis(50);
 const MEM_CAP: usize = 8 << 20;
 /// Closing gives up once the control plane has taken no batch for this long.
 const CLOSE_STALL: Duration = Duration::from_secs(15);
+/// How long closing waits past the give-up time for the thread to notice it.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a shipper keeps its backlog and how much of it may wait on disk.
 #[derive(Clone, Debug)]
@@ -81,6 +86,8 @@ enum Refusal {
     Full,
     /// The spill could not be written or read (an unwritable dir, a full disk).
     Failed,
+    /// The agent was canceled while they waited.
+    Canceled,
 }
 
 struct Buf {
@@ -168,6 +175,9 @@ impl Buf {
                 self.conf.path.display(),
                 self.spill_error
             ),
+            Refusal::Canceled => format!(
+                "[muvee-agent: {n} log lines dropped: the agent was canceled (shutting down) while they waited for the control plane]"
+            ),
         }
     }
 
@@ -210,14 +220,10 @@ impl Buf {
     /// with the spill marked broken, when it cannot be written.
     fn start_spill(&mut self) -> bool {
         let path = &self.conf.path;
-        let opened = std::fs::create_dir_all(path.parent().unwrap_or(path)).and_then(|()| {
-            let f = File::options()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .mode(0o600)
-                .open(path)?;
+        // A private dir (whatever the umask), and a fresh 0600 file never opened through a
+        // symlink.
+        let opened = files::private_dir(path.parent().unwrap_or(path)).and_then(|()| {
+            let f = files::create_private(path)?;
             f.write_all_at(self.mem.as_bytes(), 0)?;
             Ok(f)
         });
@@ -325,6 +331,27 @@ impl Buf {
         self.closed_at.map(|c| c.max(self.last_ok) + CLOSE_STALL)
     }
 
+    /// How long the next request may take: once closed, none runs past the give-up time.
+    fn request_timeout(&self) -> Duration {
+        let left = self.give_up_at().map_or(REQUEST_TIMEOUT, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        left.clamp(Duration::from_millis(1), REQUEST_TIMEOUT)
+    }
+
+    /// Drops the backlog, counted in a marker the thread sends if it still can; returns how
+    /// many lines were dropped.
+    fn abandon(&mut self) -> u64 {
+        let mut n = memchr::memchr_iter(b'\n', self.mem.as_bytes()).count() as u64;
+        n += self.spill.as_ref().map_or(0, |s| s.lines - s.lines_read);
+        self.discard();
+        if n > 0 {
+            self.dropped += n;
+            self.refusal = Refusal::Canceled;
+        }
+        n
+    }
+
     fn given_up(&self) -> bool {
         let stalled = self.give_up_at().is_some_and(|t| Instant::now() >= t);
         stalled || (self.closed_at.is_some() && signal::cancel_requested())
@@ -409,20 +436,33 @@ fn wait<'a>(cv: &Condvar, b: MutexGuard<'a, Buf>, until: Option<Instant>) -> Mut
 pub struct LogShipper {
     shared: Shared,
     handle: Option<JoinHandle<()>>,
+    /// Rung by a signal and when the thread ends: closing waits on it.
+    bell: Arc<Bell>,
+    deployment_id: String,
 }
 
 impl LogShipper {
-    pub fn start(client: Client, deployment_id: String, spill: Spill) -> LogShipper {
+    pub fn start(
+        client: Client,
+        deployment_id: String,
+        spill: Spill,
+        bell: Arc<Bell>,
+    ) -> LogShipper {
         let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Condvar::new()));
-        let s2 = shared.clone();
+        let (s2, b2, id) = (shared.clone(), bell.clone(), deployment_id.clone());
         let handle = std::thread::Builder::new()
             .name("logship".into())
             .spawn(move || {
-                let _done = Done(&s2);
-                ship(&client, &deployment_id, &s2)
+                let _done = Done(&s2, &b2);
+                ship(&client, &id, &s2)
             })
             .ok();
-        LogShipper { shared, handle }
+        LogShipper {
+            shared,
+            handle,
+            bell,
+            deployment_id,
+        }
     }
 
     /// Queues one line (already scrubbed). Never blocks on the network.
@@ -464,24 +504,37 @@ impl LogShipper {
             return;
         };
         let (m, cv) = &*self.shared;
-        let mut b = lock(m);
-        b.closed_at.get_or_insert_with(Instant::now);
+        lock(m).closed_at.get_or_insert_with(Instant::now);
         cv.notify_all();
-        // The thread gives up by itself once stalled; a request under way ends within the
-        // client's timeout. Never wait longer than both, whatever the thread does.
+        // The thread gives up by itself once stalled, and no request runs past that time;
+        // never wait longer (but for a moment to see it end), whatever the thread does. A
+        // cancel stops the wait at once.
+        let canceled = || signal::cancel_requested();
         loop {
-            let limit = b.give_up_at().map(|t| t + REQUEST_TIMEOUT);
-            if b.done || limit.is_some_and(|t| Instant::now() >= t) {
+            let (done, limit) = {
+                let b = lock(m);
+                (b.done, b.give_up_at().map(|t| t + STOP_GRACE))
+            };
+            if done || canceled() || limit.is_some_and(|t| Instant::now() >= t) {
                 break;
             }
-            b = wait(cv, b, limit);
+            self.bell.wait_until(limit, || lock(m).done || canceled());
         }
-        let done = b.done;
-        b.discard();
-        drop(b);
-        if done {
+        let mut b = lock(m);
+        if b.done {
+            b.discard();
+            drop(b);
             let _ = handle.join();
+        } else if canceled() {
+            let n = b.abandon();
+            let level = if n > 0 {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(level, "canceled: {n} log lines of deployment {} not shipped; leaving the log shipper behind", self.deployment_id);
         } else {
+            b.discard();
             log::warn!("the log shipper did not stop in time; leaving it behind");
         }
     }
@@ -494,13 +547,12 @@ impl Drop for LogShipper {
 }
 
 /// Marks the shipper thread ended, however it ends.
-struct Done<'a>(&'a Shared);
+struct Done<'a>(&'a Shared, &'a Bell);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        let (m, cv) = &**self.0;
-        lock(m).done = true;
-        cv.notify_all();
+        lock(&self.0 .0).done = true;
+        self.1.ring();
     }
 }
 
@@ -580,22 +632,25 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
     let (m, cv) = &**shared;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        let e = match client.append_log(deployment_id, text) {
+        let timeout = lock(m).request_timeout();
+        let e = match client.append_log(deployment_id, text, timeout) {
             Ok(()) => return Sent::Ok,
             Err(e) if e.is_missing_route() => return Sent::Gone,
             Err(e) => e,
         };
         let mut b = lock(m);
+        if !b.given_up() {
+            log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
+            // Until the retry; close ends the wait (one more try, then the give-up clock).
+            let retry = Instant::now() + backoff.next_delay();
+            let until = b.give_up_at().map_or(retry, |g| g.min(retry));
+            let was_closed = b.closed_at.is_some();
+            while Instant::now() < until && b.closed_at.is_some() == was_closed {
+                b = wait(cv, b, Some(until));
+            }
+        }
         if b.given_up() {
             return Sent::GaveUp(e);
-        }
-        log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
-        // Until the retry; close ends the wait (one more try, then the give-up clock).
-        let retry = Instant::now() + backoff.next_delay();
-        let until = b.give_up_at().map_or(retry, |g| g.min(retry));
-        let was_closed = b.closed_at.is_some();
-        while Instant::now() < until && b.closed_at.is_some() == was_closed {
-            b = wait(cv, b, Some(until));
         }
     }
 }

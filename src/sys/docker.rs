@@ -159,6 +159,9 @@ pub struct BuildSpec<'a> {
     pub secrets: &'a [(String, PathBuf)],
     /// Names passed as `--build-arg NAME` (docker copies the value from its environment).
     pub build_args: &'a [&'a str],
+    /// The project's layer cache tag (BuildKit modes): the image it names is the cache
+    /// source, and this build's image, with inline cache metadata, becomes it.
+    pub cache: Option<&'a str>,
 }
 
 pub struct Docker<'a> {
@@ -277,28 +280,39 @@ impl<'a> Docker<'a> {
     }
 
     pub fn state(&self, name: &str) -> Result<State, DockerError> {
-        let format = "{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}} {{.State.OOMKilled}}";
-        let out = self.out(&["inspect", "--format", format, name])?;
+        let out = self.out(&["inspect", "--format", STATE_FORMAT, name])?;
         let f: Vec<&str> = out.split_whitespace().collect();
-        let state = match f[..] {
-            [status, restarts, code, oom] => {
-                restarts
-                    .parse()
-                    .ok()
-                    .zip(code.parse().ok())
-                    .map(|(restarts, exit_code)| State {
-                        status: status.to_string(),
-                        restarts,
-                        exit_code,
-                        oom_killed: oom == "true",
-                    })
-            }
-            _ => None,
-        };
-        state.ok_or(DockerError::Unreadable {
+        parse_state(&f).ok_or(DockerError::Unreadable {
             what: "the container state".into(),
             got: out,
         })
+    }
+
+    /// The state and the host port of `container_port` (IPv4 preferred) in one call: what
+    /// each health probe needs.
+    pub fn health(
+        &self,
+        name: &str,
+        container_port: u16,
+    ) -> Result<(State, (u16, bool)), DockerError> {
+        let format = format!("{STATE_FORMAT} {{{{json .NetworkSettings.Ports}}}}");
+        let out = self.out(&["inspect", "--format", &format, name])?;
+        let f: Vec<&str> = out.trim().splitn(5, ' ').collect();
+        let state =
+            parse_state(f.get(..4).unwrap_or_default()).ok_or_else(|| DockerError::Unreadable {
+                what: "the container state".into(),
+                got: out.clone(),
+            })?;
+        if state.status != "running" {
+            // A stopped container publishes nothing: its state is the answer.
+            return Ok((state, (0, true)));
+        }
+        let port = f.get(4).and_then(|j| published(j, container_port));
+        let port = port.ok_or_else(|| DockerError::Unreadable {
+            what: format!("the host port of {container_port}/tcp from `docker inspect`"),
+            got: f.get(4).unwrap_or(&"").to_string(),
+        })?;
+        Ok((state, port))
     }
 
     /// Host ports published for `spec` (e.g. `8080/tcp`), or for every port.
@@ -306,22 +320,6 @@ impl<'a> Docker<'a> {
         let mut args = vec!["port", name];
         args.extend(spec);
         Ok(host_ports(&self.out(&args)?))
-    }
-
-    /// The host port of `container_port`, preferring IPv4: (port, bound on IPv4).
-    pub fn host_port(&self, name: &str, container_port: u16) -> Result<(u16, bool), DockerError> {
-        let spec = format!("{container_port}/tcp");
-        let out = self.out(&["port", name, &spec])?;
-        let ports = host_ports(&out);
-        ports
-            .iter()
-            .find(|p| p.1)
-            .or(ports.first())
-            .copied()
-            .ok_or(DockerError::Unreadable {
-                what: "the host port from `docker port`".into(),
-                got: out,
-            })
     }
 
     /// The last lines the container printed (best effort, for error messages).
@@ -380,6 +378,18 @@ impl<'a> Docker<'a> {
             .args(["--platform", "linux/amd64", "-f"])
             .arg(s.dockerfile)
             .args(["-t", s.tag]);
+        if let (Some(cache), false) = (s.cache, s.mode == BuildMode::Legacy) {
+            c = c.args(["-t", cache]);
+            c = match s.mode {
+                BuildMode::Buildx => c
+                    .arg("--cache-from")
+                    .arg(format!("type=registry,ref={cache}"))
+                    .args(["--cache-to", "type=inline"]),
+                _ => c
+                    .args(["--cache-from", cache])
+                    .args(["--build-arg", "BUILDKIT_INLINE_CACHE=1"]),
+            };
+        }
         c = match s.mode {
             BuildMode::Buildx => c.arg("--push"),
             // Failed legacy builds otherwise leave their intermediate containers behind.
@@ -636,11 +646,28 @@ pub struct Project {
 
 impl Docker<'_> {
     /// `docker exec -ti CONTAINER CMD...` for a control channel session, which runs it under
-    /// a PTY of its own (not through the executor: it is interactive).
-    pub fn exec_tty(&self, container: &str, cmd: &[String]) -> std::process::Command {
+    /// a PTY of its own (not through the executor: it is interactive). `marker` goes into the
+    /// process's environment, so [`Docker::kill_marked`] finds it and what it started.
+    pub fn exec_tty(&self, container: &str, cmd: &[String], marker: &str) -> std::process::Command {
         let mut c = std::process::Command::new(self.cli);
-        c.args(["exec", "-ti", container]).args(cmd);
+        c.args(["exec", "-ti", "-e", marker, container]).args(cmd);
         c
+    }
+
+    /// Kills, inside `container`, every process whose environment holds `marker` (NAME=value)
+    /// and the process group it leads: docker leaves an exec'd process running when its
+    /// client goes. Needs `sh` and `grep` in the container. (`grep -F` and `kill --` are not
+    /// used: busybox's `-F` stops at the NULs of `environ`, and its `kill` refuses `--`.)
+    pub fn kill_marked(&self, container: &str, marker: &str) -> Result<(), DockerError> {
+        const SCRIPT: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; \
+            grep -qs \"$0\" \"$d/environ\" && kill -9 \"-$p\" \"$p\"; done 2>/dev/null; true";
+        let cmd = self
+            .cmd(&["exec", container, "sh", "-c", SCRIPT, marker])
+            .timeout(Duration::from_secs(20), "docker exec kill timeout");
+        self.runner
+            .output(&cmd)
+            .map(drop)
+            .map_err(DockerError::from_exec)
     }
 
     /// `docker cp - CONTAINER:PATH` (up: a tar on stdin) or `docker cp CONTAINER:PATH -`
@@ -933,6 +960,37 @@ fn json_stream<T: serde::de::DeserializeOwned>(
         })
 }
 
+const STATE_FORMAT: &str =
+    "{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}} {{.State.OOMKilled}}";
+
+/// The fields of [`STATE_FORMAT`].
+fn parse_state(f: &[&str]) -> Option<State> {
+    let [status, restarts, code, oom] = f else {
+        return None;
+    };
+    Some(State {
+        status: status.to_string(),
+        restarts: restarts.parse().ok()?,
+        exit_code: code.parse().ok()?,
+        oom_killed: *oom == "true",
+    })
+}
+
+/// The host port `{{json .NetworkSettings.Ports}}` publishes `container_port`/tcp on:
+/// (port, bound on IPv4), IPv4 preferred.
+fn published(json: &str, container_port: u16) -> Option<(u16, bool)> {
+    let ports: serde_json::Value = serde_json::from_str(json).ok()?;
+    let bindings = ports.get(format!("{container_port}/tcp"))?.as_array()?;
+    let found: Vec<(u16, bool)> = bindings
+        .iter()
+        .filter_map(|b| {
+            let port = b["HostPort"].as_str()?.parse().ok().filter(|p| *p != 0)?;
+            Some((port, !b["HostIp"].as_str().unwrap_or("").contains(':')))
+        })
+        .collect();
+    found.iter().find(|p| p.1).or(found.first()).copied()
+}
+
 /// The `docker ps` columns [`parse_ps_row`] reads.
 const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}\t{{.Label \"com.docker.compose.project\"}}";
 
@@ -1041,6 +1099,22 @@ mod tests {
         assert_eq!(first_v4("127.0.0.1:5000\r\n"), Some((5000, true)));
         assert_eq!(first_v4(""), None);
         assert_eq!(first_v4("Error: No public port '8080/tcp'"), None);
+    }
+
+    #[test]
+    fn published_ports_from_inspect_prefer_ipv4() {
+        let j = r#"{"8080/tcp":[{"HostIp":"::","HostPort":"33001"},{"HostIp":"0.0.0.0","HostPort":"33000"}],"9/udp":null}"#;
+        assert_eq!(published(j, 8080), Some((33000, true)));
+        assert_eq!(
+            published(r#"{"8080/tcp":[{"HostIp":"::","HostPort":"7"}]}"#, 8080),
+            Some((7, false))
+        );
+        assert_eq!(published(j, 9), None);
+        assert_eq!(published("{}", 8080), None);
+        assert_eq!(published("null", 8080), None);
+        let st = parse_state(&["running", "0", "0", "false"]).unwrap();
+        assert_eq!((st.status.as_str(), st.restarts), ("running", 0));
+        assert!(parse_state(&["running", "x", "0", "false"]).is_none());
     }
 
     #[test]

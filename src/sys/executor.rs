@@ -654,17 +654,36 @@ fn pieces(line: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Where a newline-less stream is cut: at the last multiple of MAX_LINE before its end (so
-/// at least one byte of look-ahead), moved back so that no secret or URL user info (each
-/// piece is scrubbed on its own) and no UTF-8 character is split; 0 while there is no such
-/// place yet.
-fn long_line_cut(pending: &[u8]) -> usize {
+/// at least one byte of look-ahead), moved back a little so that no secret or URL user info
+/// (each piece is scrubbed on its own) and no UTF-8 character is split, or masked where no
+/// such place is near. What stays pending is then under MAX_LINE + 4 KiB: a line of any
+/// length streams in bounded memory.
+fn long_line_cut(pending: &[u8]) -> redact::Cut {
     let at = (pending.len() - 1) / MAX_LINE * MAX_LINE;
     let mut cut = redact::safe_cut(pending, at);
-    let floor = cut.saturating_sub(3);
-    while cut > floor && pending[cut] & 0xC0 == 0x80 {
-        cut -= 1;
+    if cut.mask.is_none() {
+        let floor = cut.at.saturating_sub(3);
+        while cut.at > floor && pending[cut.at] & 0xC0 == 0x80 {
+            cut.at -= 1;
+        }
     }
     cut
+}
+
+/// Takes the line (or lines) before `cut` out of `pending`, ending in '\n', and masks what
+/// the cut splits on both sides.
+fn take_lines(pending: &mut Vec<u8>, cut: redact::Cut) -> Vec<u8> {
+    let rest = pending.split_off(cut.at);
+    let mut chunk = std::mem::replace(pending, rest);
+    if let Some((lo, hi)) = cut.mask {
+        chunk.truncate(lo);
+        chunk.extend_from_slice(b"***");
+        pending.splice(..hi - cut.at, *b"***");
+    }
+    if chunk.last() != Some(&b'\n') {
+        chunk.push(b'\n');
+    }
+    chunk
 }
 
 /// Reads a pipe in large chunks and sends the complete lines of each; invalid UTF-8 is
@@ -688,20 +707,16 @@ fn spawn_reader(
             };
             pending.extend_from_slice(&buf[..n]);
             let cut = match memchr::memrchr(b'\n', &pending) {
-                Some(i) => i + 1,
+                Some(i) => redact::Cut {
+                    at: i + 1,
+                    mask: None,
+                },
                 // A newline-less stream is cut into lines of about MAX_LINE, counted from
                 // the start of the line whatever the read sizes were.
-                None if pending.len() > MAX_LINE => match long_line_cut(&pending) {
-                    0 => continue,
-                    cut => cut,
-                },
+                None if pending.len() > MAX_LINE => long_line_cut(&pending),
                 None => continue,
             };
-            let rest = pending.split_off(cut);
-            let mut chunk = std::mem::replace(&mut pending, rest);
-            if chunk.last() != Some(&b'\n') {
-                chunk.push(b'\n');
-            }
+            let chunk = take_lines(&mut pending, cut);
             if !send(chunk) {
                 return;
             }
@@ -783,6 +798,40 @@ mod tests {
                 "\u{e9}\u{20ac}".into()
             ]
         );
+    }
+
+    #[test]
+    fn a_line_of_urls_everywhere_streams_in_pieces_and_masks_a_secret_across_a_cut() {
+        let task = redact::Scope::new();
+        task.add("tok-url-3c4d5e6f7a");
+        let dir = crate::sys::fake::temp_dir("url-chain");
+        // The first cut falls inside the token (a `://` every 16 bytes before it); the
+        // script waits for the test to see pieces, so no piece waits for the line's end.
+        let chain = "yes 'a://bbbbbbbbbbbb' | tr -d '\\n' | head -c";
+        let wait = |f: &str| format!("until [ -e {}/{f} ]; do sleep 0.02; done", dir.display());
+        let cmd = sh(&format!(
+            "{chain} 16379; printf 'tok-url-3c4d5e6f7a@host/x'; {}; {chain} 2000000; {}; \
+             echo; echo END",
+            wait("1"),
+            wait("2")
+        ))
+        .timeout(Duration::from_secs(60), "TEST_TIMEOUT");
+        let (mut lines, mut bytes) = (Vec::<String>::new(), 0);
+        run(&cmd, &mut |_, l| {
+            bytes += l.len();
+            let seen = if bytes >= 1_900_000 { "2" } else { "1" };
+            std::fs::write(dir.join(seen), "").unwrap();
+            lines.push(l.to_string());
+        })
+        .unwrap();
+        assert!(lines[0].ends_with("a***"), "{}", &lines[0][16300..]);
+        assert!(lines[1].starts_with("***/xa://bbbb"), "{}", &lines[1][..40]);
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE));
+        assert!(lines.len() > 100, "{} pieces", lines.len());
+        assert!(!lines
+            .iter()
+            .any(|l| l.contains("tok-") || l.contains("3c4d5e")));
+        assert_eq!(lines.last().map(String::as_str), Some("END"));
     }
 
     #[test]

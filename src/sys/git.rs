@@ -1,6 +1,6 @@
-//! The git CLI calls of the builder: a shallow clone and reading HEAD. Credentials reach git
-//! only through its environment (an `http.extraHeader` via GIT_CONFIG_*, an ssh command
-//! naming a key file), never argv.
+//! The git CLI calls: a shallow clone, and the fetch/checkout of the builder's git cache.
+//! Credentials reach git only through its environment (an `http.extraHeader` via
+//! GIT_CONFIG_*, an ssh command naming a key file), never argv or a config file.
 
 use crate::sys::executor::{Cmd, ExecError, Limits, Runner};
 use std::path::Path;
@@ -8,6 +8,8 @@ use std::path::Path;
 pub struct Git<'a> {
     runner: &'a dyn Runner,
     env: Vec<(String, String)>,
+    /// Settings for every call, passed as GIT_CONFIG_KEY_n/VALUE_n (never written to disk).
+    config: Vec<(String, String)>,
 }
 
 impl<'a> Git<'a> {
@@ -21,19 +23,19 @@ impl<'a> Git<'a> {
         Git {
             runner,
             env: env.map(|(k, v)| (k.into(), v.into())).to_vec(),
+            config: Vec::new(),
         }
     }
 
-    /// An HTTP header for every request, e.g. `Authorization: Basic …`.
-    pub fn header(mut self, header: &str) -> Git<'a> {
-        for (k, v) in [
-            ("GIT_CONFIG_COUNT", "1"),
-            ("GIT_CONFIG_KEY_0", "http.extraHeader"),
-            ("GIT_CONFIG_VALUE_0", header),
-        ] {
-            self.env.push((k.into(), v.into()));
-        }
+    /// A setting for every call of this Git (`-c` without argv).
+    pub fn config(mut self, key: &str, value: &str) -> Git<'a> {
+        self.config.push((key.into(), value.into()));
         self
+    }
+
+    /// An HTTP header for every request, e.g. `Authorization: Basic …`.
+    pub fn header(self, header: &str) -> Git<'a> {
+        self.config("http.extraHeader", header)
     }
 
     /// The command git runs for ssh transports (GIT_SSH_COMMAND).
@@ -45,7 +47,19 @@ impl<'a> Git<'a> {
     fn cmd(&self) -> Cmd {
         let mut c = Cmd::new("git");
         c.env.clone_from(&self.env);
+        if !self.config.is_empty() {
+            c = c.env("GIT_CONFIG_COUNT", self.config.len().to_string());
+            for (i, (k, v)) in self.config.iter().enumerate() {
+                c = c
+                    .env(format!("GIT_CONFIG_KEY_{i}"), k)
+                    .env(format!("GIT_CONFIG_VALUE_{i}"), v);
+            }
+        }
         c
+    }
+
+    fn in_repo(&self, dir: &Path) -> Cmd {
+        self.cmd().arg("-C").arg(dir)
     }
 
     /// `git clone --depth=1 [--branch B] -- URL DEST`; an empty branch is the default one.
@@ -70,15 +84,123 @@ impl<'a> Git<'a> {
         self.runner.run(&c, &mut |_, l| on_line(l)).map(drop)
     }
 
+    /// `git init -q DIR` with `origin` set to `url` (which holds no credentials).
+    pub fn init(&self, dir: &Path, url: &str, limits: Limits) -> Result<(), ExecError> {
+        let c = self.cmd().args(["init", "-q"]).arg(dir).limits(limits);
+        self.runner.output(&c)?;
+        let c = self
+            .in_repo(dir)
+            .args(["config", "remote.origin.url", url])
+            .limits(limits)
+            .label("git config");
+        self.runner.output(&c).map(drop)
+    }
+
+    /// The remote's default branch (`git ls-remote --symref URL HEAD`); None when its HEAD
+    /// is detached (or names a branch we would not pass on).
+    pub fn default_branch(&self, url: &str, limits: Limits) -> Result<Option<String>, ExecError> {
+        let c = self
+            .cmd()
+            .args(["ls-remote", "--symref", "--", url, "HEAD"])
+            .limits(limits)
+            .label("git ls-remote");
+        let out = self.runner.output(&c)?.stdout;
+        Ok(out.lines().find_map(|l| {
+            let (target, name) = l.strip_prefix("ref: ")?.split_once('\t')?;
+            let branch = target.strip_prefix("refs/heads/")?;
+            (name == "HEAD" && valid_ref_name(branch)).then(|| branch.to_string())
+        }))
+    }
+
+    /// `git -C REPO fetch -q --depth=1 --no-tags -- URL +refs/heads/B:refs/remotes/origin/B`:
+    /// only the objects REPO lacks travel (its commits are the negotiation's haves).
+    pub fn fetch_branch(
+        &self,
+        repo: &Path,
+        url: &str,
+        branch: &str,
+        limits: Limits,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ExecError> {
+        let c = self
+            .in_repo(repo)
+            .args(["fetch", "-q", "--depth=1", "--no-tags", "--", url])
+            .arg(format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"))
+            .limits(limits)
+            .label("git fetch");
+        self.runner.run(&c, &mut |_, l| on_line(l)).map(drop)
+    }
+
+    /// `git -C REPO checkout -q -f -B B refs/remotes/origin/B`: the work tree and branch B
+    /// become exactly the fetched commit (files git tracks; it rewrites only what changed).
+    pub fn checkout_fetched(
+        &self,
+        repo: &Path,
+        branch: &str,
+        limits: Limits,
+    ) -> Result<(), ExecError> {
+        let c = self
+            .in_repo(repo)
+            .args(["checkout", "-q", "-f", "-B", branch])
+            .arg(format!("refs/remotes/origin/{branch}"))
+            .limits(limits)
+            .label("git checkout");
+        self.runner.output(&c).map(drop)
+    }
+
+    /// `git -C REPO update-index -q --refresh`: records unchanged files as clean.
+    pub fn refresh_index(&self, repo: &Path, limits: Limits) -> Result<(), ExecError> {
+        let c = self
+            .in_repo(repo)
+            .args(["update-index", "-q", "--refresh"])
+            .limits(limits)
+            .label("git update-index");
+        self.runner.output(&c).map(drop)
+    }
+
     /// The full commit id of HEAD in `dir`.
     pub fn head(&self, dir: &Path, limits: Limits) -> Result<String, ExecError> {
         let c = self
-            .cmd()
-            .arg("-C")
-            .arg(dir)
+            .in_repo(dir)
             .args(["rev-parse", "HEAD"])
             .limits(limits)
             .label("git rev-parse");
         Ok(self.runner.output(&c)?.stdout.trim().to_string())
+    }
+}
+
+/// `git check-ref-format` rules, plus: must not start with '-'.
+pub fn valid_ref_name(b: &str) -> bool {
+    b.len() <= 255
+        && !b.starts_with('-')
+        && !b.starts_with('/')
+        && !b.ends_with('/')
+        && !b.ends_with('.')
+        && b != "@"
+        && !b.contains("..")
+        && !b.contains("@{")
+        && !b.contains("//")
+        && !b
+            .chars()
+            .any(|c| c.is_control() || c == ' ' || "~^:?*[\\".contains(c))
+        && b.split('/')
+            .all(|c| !c.starts_with('.') && !c.ends_with(".lock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branch_names() {
+        for ok in ["main", "feature/x-1", "v1.2.3", "release_2026"] {
+            assert!(valid_ref_name(ok), "{ok}");
+        }
+        for bad in [
+            "-b", "a..b", "a b", "a:b", "x.lock", ".hidden", "a/", "/a", "a//b", "@", "a@{1}",
+            "a~1", "a^", "a\\b", "a.",
+        ] {
+            assert!(!valid_ref_name(bad), "{bad}");
+        }
     }
 }

@@ -11,3 +11,4 @@ pub mod redact;
 pub mod rsync;
 pub mod signal;
 pub mod sync;
+pub mod tree;

@@ -174,26 +174,72 @@ pub fn scrub(line: &str) -> Cow<'_, str> {
 
 /// How far back a cut looks for a URL whose user info it would split.
 const URL_SPAN: usize = 2048;
+/// How far a cut may move back from where it was due, and in how many steps: output that
+/// holds a secret or a URL every few bytes must not hold the whole line back.
+const CUT_BACK: usize = 4096;
+const CUT_STEPS: usize = 8;
+
+/// Where a line too long to keep whole is cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub at: usize,
+    /// There was no clean place near: bytes `[mask.0, at)` and `[at, mask.1)` hold what the
+    /// cut splits (a secret, URL user info) and must be masked on both sides.
+    pub mask: Option<(usize, usize)>,
+}
 
 /// Where a line too long to keep whole may be cut, at or before `at`, so that no registered
 /// secret and no URL user info is split in two: each piece is scrubbed on its own, and the
 /// two halves of a token match nothing. `bytes` is the line from its start; what follows
-/// `at` is look-ahead, and a secret that may run on past its end counts as split. 0: no such
-/// place yet (wait for more of the line).
-pub fn safe_cut(bytes: &[u8], at: usize) -> usize {
+/// `at` is look-ahead, and a secret that may run on past its end counts as split. The cut
+/// moves back at most CUT_BACK bytes in CUT_STEPS steps; when no clean place is that near,
+/// it stays at `at` and says what to mask.
+pub fn safe_cut(bytes: &[u8], at: usize) -> Cut {
     let set = SECRETS.read().unwrap_or_else(|e| e.into_inner());
-    let mut cut = at.min(bytes.len());
-    loop {
-        let mut moved = spanning(bytes, cut, b"://").unwrap_or(cut);
-        moved = moved.min(url_spanning(bytes, cut).unwrap_or(cut));
-        for (_, s) in set.keys() {
-            moved = moved.min(spanning(bytes, cut, s.as_bytes()).unwrap_or(cut));
+    let at = at.min(bytes.len());
+    let floor = at.saturating_sub(CUT_BACK);
+    let mut cut = at;
+    for _ in 0..CUT_STEPS {
+        match split_by(bytes, cut, set.keys().map(|(_, s)| s.as_bytes())) {
+            None => {
+                return Cut {
+                    at: cut,
+                    mask: None,
+                }
+            }
+            Some((lo, _)) if lo == 0 || lo < floor => break,
+            Some((lo, _)) => cut = lo,
         }
-        if moved == cut || moved == 0 {
-            return moved;
-        }
-        cut = moved;
     }
+    let mask = split_by(bytes, at, set.keys().map(|(_, s)| s.as_bytes()));
+    Cut { at, mask }
+}
+
+/// The span (start, end) of everything a cut at `cut` would split: `://`, URL authorities
+/// and `secrets`; None when nothing is.
+fn split_by<'a>(
+    bytes: &[u8],
+    cut: usize,
+    secrets: impl Iterator<Item = &'a [u8]>,
+) -> Option<(usize, usize)> {
+    let mut span: Option<(usize, usize)> = None;
+    let mut add = |start: usize, end: usize| {
+        let (lo, hi) = span.unwrap_or((start, end));
+        span = Some((lo.min(start), hi.max(end).min(bytes.len())));
+    };
+    if let Some(i) = spanning(bytes, cut, b"://") {
+        add(i, i + 3);
+    }
+    if let Some(p) = url_spanning(bytes, cut) {
+        let end = bytes[cut..].iter().position(authority_ends);
+        add(p, end.map_or(bytes.len(), |e| cut + e));
+    }
+    for s in secrets {
+        if let Some(i) = spanning(bytes, cut, s) {
+            add(i, i + s.len());
+        }
+    }
+    span
 }
 
 /// The start of an occurrence of `pat` that `cut` would split, or that may (it runs on past
@@ -210,9 +256,12 @@ fn spanning(bytes: &[u8], cut: usize, pat: &[u8]) -> Option<usize> {
 fn url_spanning(bytes: &[u8], cut: usize) -> Option<usize> {
     let lo = cut.saturating_sub(URL_SPAN);
     let p = lo + memmem::rfind(&bytes[lo..cut], b"://")?;
-    let authority = &bytes[p + 3..cut];
-    let ends = |b: &u8| b.is_ascii_whitespace() || matches!(b, b'/' | b'"' | b'\'');
-    (!authority.iter().any(ends)).then_some(p)
+    (!bytes[p + 3..cut].iter().any(authority_ends)).then_some(p)
+}
+
+/// What ends a URL's authority (user info included), as [`mask_userinfo`] sees it.
+fn authority_ends(b: &u8) -> bool {
+    b.is_ascii_whitespace() || matches!(b, b'/' | b'"' | b'\'')
 }
 
 /// `https://user:tok@host/x` → `https://***@host/x`; None when nothing needs masking.
@@ -272,19 +321,45 @@ mod tests {
         let task = Scope::new();
         task.add("tok-9c2e77aa51");
         let line = format!("{}tok-9c2e77aa51 tail", " ".repeat(100));
+        let clean = |at| Cut { at, mask: None };
         // Inside the token: the cut goes before it.
-        assert_eq!(safe_cut(line.as_bytes(), 105), 100);
+        assert_eq!(safe_cut(line.as_bytes(), 105), clean(100));
         // A prefix of the token at the end may continue: before it too.
-        assert_eq!(safe_cut(&line.as_bytes()[..106], 106), 100);
-        assert_eq!(safe_cut(line.as_bytes(), 114), 114);
-        assert_eq!(safe_cut(line.as_bytes(), 50), 50);
-        // Starting the line: no place before it.
-        assert_eq!(safe_cut(b"tok-9c2e77aa51", 5), 0);
+        assert_eq!(safe_cut(&line.as_bytes()[..106], 106), clean(100));
+        assert_eq!(safe_cut(line.as_bytes(), 114), clean(114));
+        assert_eq!(safe_cut(line.as_bytes(), 50), clean(50));
+        // Starting the line: no place before it, the token is masked on both sides.
+        let forced = Cut {
+            at: 5,
+            mask: Some((0, 14)),
+        };
+        assert_eq!(safe_cut(b"tok-9c2e77aa51", 5), forced);
         let url = format!("{}https://bob:pw@git.example/x", "x".repeat(50));
-        assert_eq!(safe_cut(url.as_bytes(), 62), 55);
-        assert_eq!(safe_cut(url.as_bytes(), 56), 55);
-        assert_eq!(safe_cut(url.as_bytes(), 75), 55);
-        assert_eq!(safe_cut(url.as_bytes(), 77), 77);
+        assert_eq!(safe_cut(url.as_bytes(), 62), clean(55));
+        assert_eq!(safe_cut(url.as_bytes(), 56), clean(55));
+        assert_eq!(safe_cut(url.as_bytes(), 75), clean(55));
+        assert_eq!(safe_cut(url.as_bytes(), 77), clean(77));
+    }
+
+    #[test]
+    fn a_cut_among_urls_everywhere_stays_near_and_masks_what_it_splits() {
+        let task = Scope::new();
+        task.add("tok-4d5e6f7a8b");
+        // A `://` every 16 bytes: no clean place near, the cut stays where it was due.
+        let chain = "a://bbbbbbbbbbbb".repeat(1 << 16);
+        let t0 = std::time::Instant::now();
+        for at in (1..64).map(|i| i << 14) {
+            let cut = safe_cut(chain.as_bytes(), at);
+            let (lo, hi) = cut.mask.expect("a mask");
+            assert_eq!(cut.at, at);
+            assert!(at - lo <= 16 && hi - at <= 16, "{cut:?}");
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        // A token across such a cut lies within the mask.
+        let line = format!("{}tok-4d5e6f7a8b@host/x", &chain[..1 << 14]);
+        let cut = safe_cut(line.as_bytes(), (1 << 14) + 5);
+        let (lo, hi) = cut.mask.expect("a mask");
+        assert!(lo <= 1 << 14 && hi >= (1 << 14) + 14, "{cut:?}");
     }
 
     #[test]

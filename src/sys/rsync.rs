@@ -5,16 +5,21 @@ use crate::sys::executor::{Cmd, ExecError, Runner};
 use std::path::Path;
 use std::time::Duration;
 
-/// `rsync -a --delete SRC/ DST/`: DST becomes an exact copy of SRC's contents.
+/// `rsync -a --delete [--link-dest=PREV] SRC/ DST/`: DST becomes an exact copy of SRC's
+/// contents; a file PREV holds unchanged (size, mtime, mode) becomes a hard link to PREV's.
 pub fn mirror(
     runner: &dyn Runner,
     src: &Path,
     dst: &Path,
+    link_dest: Option<&Path>,
     (limit, setting): (Duration, &'static str),
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), ExecError> {
-    let cmd = Cmd::new("rsync")
-        .args(["-a", "--delete"])
+    let mut cmd = Cmd::new("rsync").args(["-a", "--delete"]);
+    if let Some(prev) = link_dest {
+        cmd = cmd.arg(format!("--link-dest={}", prev.display()));
+    }
+    let cmd = cmd
         .arg(format!("{}/", src.display()))
         .arg(format!("{}/", dst.display()))
         .timeout(limit, setting);

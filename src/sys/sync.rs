@@ -193,8 +193,13 @@ impl FileLock {
     /// Creates `path` already locked: the lock is taken on a temp name and the file renamed
     /// into place, so nobody can see it unlocked.
     pub fn create(path: &std::path::Path) -> std::io::Result<FileLock> {
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension(format!("tmp-{}", random_u64()));
-        let f = std::fs::File::create(&tmp)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         let mut lock = FileLock::take(f)?.ok_or_else(|| std::io::Error::other("lock is taken"))?;
         std::fs::rename(&tmp, path)?;
         lock.owned = Some(path.to_path_buf());
@@ -206,10 +211,50 @@ impl FileLock {
         FileLock::take(std::fs::File::open(path)?)
     }
 
+    /// The lock of `path`, created when missing: waits for it (`wait`), or None when it is
+    /// taken. A holder may delete the file (see [`FileLock::delete`]); a lock won on a
+    /// deleted file is let go and taken again on the new one.
+    pub fn at(path: &std::path::Path, wait: bool) -> std::io::Result<Option<FileLock>> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)?;
+            let Some(lock) = FileLock::flock(f, wait)? else {
+                return Ok(None);
+            };
+            let (held, now) = (lock._file.metadata()?, std::fs::metadata(path));
+            if now.is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
+                return Ok(Some(lock));
+            }
+        }
+    }
+
+    /// Deletes the locked file (taken with [`FileLock::at`]) before letting it go.
+    pub fn delete(self, path: &std::path::Path) {
+        let _ = std::fs::remove_file(path);
+    }
+
     fn take(f: std::fs::File) -> std::io::Result<Option<FileLock>> {
+        FileLock::flock(f, false)
+    }
+
+    fn flock(f: std::fs::File, wait: bool) -> std::io::Result<Option<FileLock>> {
         use std::os::unix::io::AsRawFd;
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
         // SAFETY: flock on a descriptor we own.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let r = loop {
+            let r = unsafe { libc::flock(f.as_raw_fd(), op) };
+            if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break r;
+            }
+        };
         if r == 0 {
             return Ok(Some(FileLock {
                 _file: f,
@@ -221,6 +266,28 @@ impl FileLock {
             e => Err(e),
         }
     }
+}
+
+/// The pid of the process holding a `flock` on `path`, as the kernel lists it in
+/// `/proc/locks`; None when none is listed or its pid is not visible (another pid
+/// namespace shows 0).
+pub fn flock_holder(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let dev = m.dev();
+    // glibc's major()/minor(): /proc/locks prints them in hex, the inode in decimal.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let id = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // `1: FLOCK  ADVISORY  WRITE 12923 00:5c:2 0 EOF`; waiters have `->` after the number.
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let held = f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str());
+        held.then(|| f.get(4)?.parse().ok())
+            .flatten()
+            .filter(|pid| *pid > 0)
+    })
 }
 
 /// A random u64 without a rand crate: RandomState is seeded per process and per call.
@@ -286,5 +353,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         drop(held);
         assert!(waiter.join().unwrap());
+    }
+
+    /// The kernel names the process holding a directory's lock; a free one has no holder.
+    #[test]
+    fn the_holder_of_a_lock_is_read_from_the_kernel() {
+        let d = crate::sys::fake::temp_dir("flock-holder");
+        assert_eq!(flock_holder(&d), None);
+        let lock = FileLock::try_open(&d).unwrap().unwrap();
+        assert_eq!(flock_holder(&d), Some(std::process::id()));
+        drop(lock);
+        assert_eq!(flock_holder(&d), None);
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -9,12 +9,13 @@
 use crate::config::Config;
 use crate::sys::docker::{BuildMode, BuildSpec};
 use crate::sys::executor::{Deadline, Limits};
-use crate::sys::git::Git;
+use crate::sys::git::{valid_ref_name, Git};
 use crate::sys::redact::Scope;
 use crate::sys::sync::{random_u64, FileLock};
 use crate::task::{Invalid, Payload};
 use crate::work::ctx::{Ctx, Shared};
 use crate::work::error::TaskError;
+use crate::work::gitcache;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use percent_encoding::percent_decode_str;
@@ -24,6 +25,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+/// The tag of each project's layer cache (the image of its last build).
+const CACHE_TAG: &str = "buildcache";
 
 /// Proxy variables handed to builds (values come from our environment, see `build_args`).
 const PROXY_VARS: &[&str] = &[
@@ -247,24 +251,6 @@ fn split_userinfo(url: &str) -> (String, Option<(String, String)>) {
     (format!("{scheme}://{host}{path}"), Some((u, p)))
 }
 
-/// `git check-ref-format` rules, plus: must not start with '-'.
-fn valid_ref_name(b: &str) -> bool {
-    b.len() <= 255
-        && !b.starts_with('-')
-        && !b.starts_with('/')
-        && !b.ends_with('/')
-        && !b.ends_with('.')
-        && b != "@"
-        && !b.contains("..")
-        && !b.contains("@{")
-        && !b.contains("//")
-        && !b
-            .chars()
-            .any(|c| c.is_control() || c == ' ' || "~^:?*[\\".contains(c))
-        && b.split('/')
-            .all(|c| !c.starts_with('.') && !c.ends_with(".lock"))
-}
-
 /// A path inside the repository (`dockerfile_path`, `compose_file_path`): relative with no
 /// `..`; empty means `default`.
 pub fn relative_path(s: &str, field: &str, default: &str) -> Result<PathBuf, Invalid> {
@@ -409,7 +395,7 @@ fn owner_id(ctx: &Ctx) -> Result<String, TaskError> {
     let id = format!("{:016x}", random_u64());
     let dir = owners_dir(&ctx.cfg.data_dir);
     let path = dir.join(format!("{id}.lock"));
-    let lock = std::fs::create_dir_all(&dir)
+    let lock = crate::cp::files::private_dir(&dir)
         .and_then(|()| FileLock::create(&path))
         .map_err(TaskError::io(path.display()))?;
     *owner = Some((id.clone(), lock));
@@ -419,6 +405,11 @@ fn owner_id(ctx: &Ctx) -> Result<String, TaskError> {
 /// Removes the build dirs (clones, keys, secret files) of agent processes that are gone:
 /// their lock is free, or they never had one (older agents named dirs by PID).
 pub fn sweep_stale(data_dir: &Path, own: &str) {
+    // The dirs first: an agent takes its lock before it makes a dir, so every dir listed here
+    // has its owner's lock in the list below (listed the other way round, another process
+    // starting meanwhile would lose its new dir).
+    let root = data_dir.join("builds");
+    let dirs: Vec<String> = names(&root).collect();
     let owners = owners_dir(data_dir);
     let locks: Vec<String> = names(&owners)
         .filter_map(|n| n.strip_suffix(".lock").map(String::from))
@@ -431,8 +422,7 @@ pub fn sweep_stale(data_dir: &Path, own: &str) {
             )
     };
     let (live, dead): (Vec<&String>, Vec<&String>) = locks.iter().partition(|id| alive(id));
-    let root = data_dir.join("builds");
-    for name in names(&root) {
+    for name in dirs {
         let id = name.split('-').next().unwrap_or("");
         if id != own && !live.iter().any(|l| l.as_str() == id) {
             log::info!("removing a stale build dir {}", root.join(&name).display());
@@ -496,9 +486,11 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     }
     let dir = BuildDir::create(ctx, &job.project)?;
     let src = dir.0.join("src");
-    let sha12 = checkout(ctx, &job, &dir, &src, limits)?;
+    let (sha12, fresh) = checkout(ctx, &job, &dir, &src, limits)?;
     let dockerfile = dockerfile_in(&src, &job.dockerfile)?;
     let tag = format!("{registry}/{}:{sha12}", job.project);
+    // A moving tag per project: the image the last build pushed, whichever node built it.
+    let cache = format!("{registry}/{}:{CACHE_TAG}", job.project);
     ctx.say(&format!("Building image {tag} with {}...", mode.describe()));
     let secret_files = job
         .secrets
@@ -519,8 +511,13 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
         tag: &tag,
         secrets: &secret_files,
         build_args: &build_args,
+        cache: Some(&cache),
     };
-    let digest = build_and_push(ctx, &spec, limits)?;
+    let digest = build_and_push(ctx, &spec, limits);
+    if let Some(f) = fresh {
+        f.settle(ctx);
+    }
+    let digest = digest?;
     match digest {
         Some(d) => ctx.say(&format!("Successfully pushed {tag} (digest {d})")),
         None => ctx.say(&format!("Successfully pushed {tag}")),
@@ -528,15 +525,23 @@ pub fn build(ctx: &Ctx) -> Result<String, TaskError> {
     Ok(tag)
 }
 
-/// Clones the job's branch into `src` and returns the commit's first 12 hex digits.
+/// Checks the job's branch out into `src` (through the git cache unless GIT_CACHE_MAX is 0)
+/// and returns the commit's first 12 hex digits, and a new cache entry to settle.
 fn checkout(
     ctx: &Ctx,
     job: &Job,
     dir: &BuildDir,
     src: &Path,
     limits: Limits,
-) -> Result<String, TaskError> {
-    let git = clone_source(ctx, &job.git, &dir.0, src, limits)?;
+) -> Result<(String, Option<gitcache::Fresh>), TaskError> {
+    let mut fresh = None;
+    let git = if ctx.cfg.git_cache_max == 0 {
+        clone_source(ctx, &job.git, &dir.0, src, limits)?
+    } else {
+        let git = git_for(ctx, &job.git, &dir.0)?;
+        fresh = gitcache::checkout(ctx, git, &job.git.url, &job.git.branch, src, limits)?;
+        Git::new(&*ctx.shared.runner)
+    };
     let sha = git.head(src, limits)?;
     let sha12 = sha
         .get(..12)
@@ -545,7 +550,7 @@ fn checkout(
             TaskError::Failed(format!("git rev-parse HEAD: unexpected output {sha:?}"))
         })?;
     ctx.say(&format!("Commit: {sha12}"));
-    Ok(sha12.to_string())
+    Ok((sha12.to_string(), fresh))
 }
 
 /// Clones `source` shallowly into `dest`; an SSH key goes to a 0600 file in the private
@@ -557,6 +562,16 @@ pub fn clone_source<'a>(
     dest: &Path,
     limits: Limits,
 ) -> Result<Git<'a>, TaskError> {
+    let git = git_for(ctx, source, key_dir)?;
+    git.clone_shallow(&source.url, &source.branch, dest, limits, &mut |l| {
+        (ctx.out)(l)
+    })?;
+    Ok(git)
+}
+
+/// Git with `source`'s credentials (an SSH key goes to a 0600 file in the private `key_dir`,
+/// which the caller removes), after saying what it clones.
+fn git_for<'a>(ctx: &'a Ctx, source: &GitSource, key_dir: &Path) -> Result<Git<'a>, TaskError> {
     let mut git = Git::new(&*ctx.shared.runner);
     if let Some(h) = &source.auth_header {
         git = git.header(h);
@@ -577,9 +592,6 @@ pub fn clone_source<'a>(
         &source.branch
     };
     ctx.say(&format!("Cloning {}@{shown_branch}...", source.url));
-    git.clone_shallow(&source.url, &source.branch, dest, limits, &mut |l| {
-        (ctx.out)(l)
-    })?;
     Ok(git)
 }
 
@@ -596,6 +608,13 @@ fn build_and_push(
         digest = docker.build_step(docker.push_cmd(spec.tag), limits, out)?;
         if digest.is_none() {
             digest = docker.repo_digest(spec.tag, limits);
+        }
+    }
+    if let (Some(cache), BuildMode::BuildKit) = (spec.cache, spec.mode) {
+        // Only a manifest travels (the layers are there); without it the next build on
+        // another node just has less cache.
+        if let Err(e) = docker.build_step(docker.push_cmd(cache), limits, out) {
+            ctx.say(&format!("The layer cache tag {cache} was not pushed: {e}"));
         }
     }
     Ok(digest)
@@ -635,8 +654,9 @@ mod tests {
     const PROJECT: &str = "7a7a7a7a-0000-4000-8000-000000000007";
 
     /// A builder host where every step succeeds (BuildKit without buildx, unless `buildx`).
+    /// It clones without the git cache (the integration tests run that with real git).
     fn host(name: &str, buildx: bool) -> Harness {
-        let mut h = Harness::new(name, &[("NODE_ROLE", "builder")]);
+        let mut h = Harness::new(name, &[("NODE_ROLE", "builder"), ("GIT_CACHE_MAX", "0")]);
         h.cp.registry_addr = "reg.example:5000".into();
         let f = &h.fake;
         let probe = if buildx {
@@ -695,7 +715,15 @@ mod tests {
             pos("git clone --depth=1 --branch main -- https://git.example/a.git") < pos("git -C")
         );
         assert!(pos("git -C") < pos("docker build --platform linux/amd64 -f"));
+        let cache = format!("reg.example:5000/{PROJECT}:buildcache");
+        let build = h.fake.ran("docker build --platform");
+        let inline = format!("-t {cache} --cache-from {cache} --build-arg BUILDKIT_INLINE_CACHE=1");
+        assert!(
+            build[0].contains(&format!("-t {tag} {inline} /")),
+            "{build:?}"
+        );
         assert!(pos("docker build --platform") < pos(&format!("docker push {tag}")));
+        assert!(pos(&format!("docker push {tag}")) < pos(&format!("docker push {cache}")));
         assert!(h.said().contains(&format!(
             "Successfully pushed {tag} (digest sha256:{})",
             "a".repeat(64)
@@ -704,8 +732,29 @@ mod tests {
         let h = host("bld-buildx", true);
         let tag = build_with(&h, json!({})).unwrap();
         let build = h.fake.ran("docker buildx build");
-        assert!(build[0].contains(&format!("-t {tag} --push")), "{build:?}");
+        let from = format!("--cache-from type=registry,ref={cache} --cache-to type=inline");
+        let want = format!("-t {tag} -t {cache} {from} --push /");
+        assert!(build[0].contains(&want), "{build:?}");
         assert!(h.fake.ran("docker push").is_empty());
+    }
+
+    #[test]
+    fn a_failed_push_of_the_cache_tag_does_not_fail_the_build() {
+        let h = host("bld-cache-push", false);
+        let cache = format!("reg.example:5000/{PROJECT}:buildcache");
+        h.fake.on(
+            &format!("docker push {cache}"),
+            Reply::Fail(1, "denied: quota".into()),
+        );
+        let tag = build_with(&h, json!({})).unwrap();
+        assert!(h.said().contains(&format!("Successfully pushed {tag}")));
+        let said = format!("The layer cache tag {cache} was not pushed: docker push exited 1");
+        assert!(h.said().contains(&said), "{}", h.said());
+        // The legacy builder takes no cache arguments and pushes no cache tag.
+        let h = host("bld-cache-legacy", false);
+        h.fake.on("docker build --help", Reply::Ok("legacy".into()));
+        build_with(&h, json!({})).unwrap();
+        assert!(!h.fake.calls().join("\n").contains("buildcache"));
     }
 
     #[test]
@@ -887,19 +936,6 @@ mod tests {
             )
         );
         assert_eq!(crate::sys::redact::scrub("tok-url-5e6f"), "***");
-    }
-
-    #[test]
-    fn branch_names() {
-        for ok in ["main", "feature/x-1", "v1.2.3", "release_2026"] {
-            assert!(valid_ref_name(ok), "{ok}");
-        }
-        for bad in [
-            "-b", "a..b", "a b", "a:b", "x.lock", ".hidden", "a/", "/a", "a//b", "@", "a@{1}",
-            "a~1", "a^", "a\\b", "a.",
-        ] {
-            assert!(!valid_ref_name(bad), "{bad}");
-        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! mid-task, whose report then says `failed: agent restarted during task`, and the server
 //! never sends it again) tells the reaper the app's containers belong to nobody.
 
+use crate::cp::files;
 use std::path::{Path, PathBuf};
 
 fn dir(data_dir: &Path) -> PathBuf {
@@ -12,8 +13,8 @@ fn dir(data_dir: &Path) -> PathBuf {
 
 /// Marks `prefix` (a validated DNS label) as being cleaned up.
 pub fn begin(data_dir: &Path, prefix: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir(data_dir))?;
-    std::fs::write(dir(data_dir).join(prefix), b"")
+    files::private_dir(&dir(data_dir))?;
+    files::create_private(&dir(data_dir).join(prefix)).map(drop)
 }
 
 /// The cleanup of `prefix` finished, or a deploy brought the app back.

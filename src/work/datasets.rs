@@ -5,10 +5,12 @@
 //! finished sync, and counts as cached only once its marker `v<version>.complete` exists
 //! (written and fsync'd last, once the copy's data is on disk; eviction removes it first,
 //! then renames the dir out of the cache before deleting it). A cached version is used
-//! without touching its source. Its mtime is the LRU clock.
+//! without touching its source. Its mtime is the LRU clock. A new version is synced with a
+//! cached one as rsync's link target: unchanged files are hard links, shared by both, and
+//! the cache's size counts them once.
 
 use crate::config::Config;
-use crate::sys::rsync;
+use crate::sys::{rsync, tree};
 use crate::task::valid_id;
 use crate::task::{AgentConfig, Invalid, Payload};
 use crate::work::ctx::{CacheBook, Ctx, Shared};
@@ -108,7 +110,7 @@ impl CacheBook {
 
     /// Walks the cache (at start, on a thread of its own) unless a newer figure exists.
     pub fn measure(&self, data_dir: &Path) {
-        let bytes = dir_bytes(&objects_dir(data_dir));
+        let bytes = tree::usage(&objects_dir(data_dir)).total;
         self.total
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -145,18 +147,6 @@ impl CacheBook {
             }
         }
     }
-}
-
-pub fn dir_bytes(p: &Path) -> u64 {
-    let Ok(md) = std::fs::symlink_metadata(p) else {
-        return 0;
-    };
-    if !md.is_dir() {
-        return md.len();
-    }
-    std::fs::read_dir(p)
-        .map(|rd| rd.flatten().map(|e| dir_bytes(&e.path())).sum())
-        .unwrap_or(0)
 }
 
 /// Removes a retired deployment's mount dir (symlinks only; the cache stays).
@@ -383,20 +373,44 @@ fn ensure(ctx: &Ctx, d: &Dataset, target: &Path) -> Result<bool, TaskError> {
         let tmp = dir.join(format!(".v{}.tmp-{}", d.version, std::process::id()));
         let what = format!("cannot create {}", tmp.display());
         std::fs::create_dir(&tmp).map_err(TaskError::io(what))?;
+        // Pinned so that eviction keeps it while rsync links to it.
+        let prev = link_target(dir, d.version);
+        let book = &ctx.shared.cache;
+        let linked = match &prev {
+            Some((v, p)) => {
+                book.pin(p);
+                format!(" (files unchanged since version {v} are linked, not copied)")
+            }
+            None => String::new(),
+        };
         ctx.say(&format!(
-            "Dataset {}: copying version {} from {}",
+            "Dataset {}: copying version {} from {}{linked}",
             d.name,
             d.version,
             d.source.display()
         ));
-        if let Err(e) = sync_into(ctx, d, &tmp, target) {
+        let synced = sync_into(
+            ctx,
+            d,
+            &tmp,
+            target,
+            prev.as_ref().map(|(_, p)| p.as_path()),
+        );
+        if let Some((_, p)) = &prev {
+            book.unpin(std::slice::from_ref(p));
+        }
+        if let Err(e) = synced {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
         touch(target);
-        let bytes = dir_bytes(target);
-        ctx.shared.cache.grew(bytes);
-        ctx.say(&format!("Dataset {}: cached {bytes} bytes", d.name));
+        // The cache grew by the copies; linked files were there already.
+        let u = tree::usage(target);
+        book.grew(u.exclusive);
+        ctx.say(&format!(
+            "Dataset {}: cached {} bytes, {} of them copied",
+            d.name, u.total, u.exclusive
+        ));
         Ok(true)
     })
 }
@@ -423,10 +437,32 @@ fn remove_stale_temps(dir: &Path) {
     }
 }
 
-/// rsync into `tmp`, then the atomic rename that makes the version exist.
-fn sync_into(ctx: &Ctx, d: &Dataset, tmp: &Path, target: &Path) -> Result<(), TaskError> {
+/// The newest other cached version of the dataset in `dir`: (version, its dir).
+fn link_target(dir: &Path, version: u64) -> Option<(u64, PathBuf)> {
+    let rd = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    rd.filter_map(|e| {
+        let n = e
+            .file_name()
+            .to_str()?
+            .strip_prefix('v')?
+            .parse::<u64>()
+            .ok()?;
+        (n != version && is_cached(&e.path())).then(|| (n, e.path()))
+    })
+    .max()
+}
+
+/// rsync into `tmp` (linking what `prev` holds unchanged), then the atomic rename that
+/// makes the version exist.
+fn sync_into(
+    ctx: &Ctx,
+    d: &Dataset,
+    tmp: &Path,
+    target: &Path,
+    prev: Option<&Path>,
+) -> Result<(), TaskError> {
     let limit = (SYNC_TIMEOUT, "dataset sync limit 6h");
-    rsync::mirror(&*ctx.shared.runner, &d.source, tmp, limit, &mut |l| {
+    rsync::mirror(&*ctx.shared.runner, &d.source, tmp, prev, limit, &mut |l| {
         (ctx.out)(l)
     })
     .map_err(|e| TaskError::from(e).context(format!("dataset `{}`", d.name)))?;
@@ -522,19 +558,25 @@ pub fn evict(cfg: &Config, shared: &Shared, say: &dyn Fn(&str)) -> Result<(), Ta
 /// The cache's size and every cached version dir with its own, least recently used first,
 /// in one walk.
 fn survey(root: &Path) -> (u64, Vec<(PathBuf, u64)>) {
-    let mut total = 0;
-    let mut versions: Vec<(SystemTime, PathBuf, u64)> = Vec::new();
+    let mut entries: Vec<(PathBuf, Option<SystemTime>)> = Vec::new();
     for ds in std::fs::read_dir(root).into_iter().flatten().flatten() {
         for v in std::fs::read_dir(ds.path()).into_iter().flatten().flatten() {
-            let bytes = dir_bytes(&v.path());
-            total += bytes;
             let is_dir = v.file_type().is_ok_and(|t| t.is_dir());
-            if is_dir && v.file_name().to_string_lossy().starts_with('v') {
-                let t = v.metadata().and_then(|m| m.modified());
-                versions.push((t.unwrap_or(SystemTime::UNIX_EPOCH), v.path(), bytes));
-            }
+            let version = is_dir && v.file_name().to_string_lossy().starts_with('v');
+            let t = v.metadata().and_then(|m| m.modified()).ok();
+            entries.push((v.path(), t.filter(|_| version)));
         }
     }
+    // Each inode once; a version's bytes are what deleting it frees (files another version
+    // links stay). Two versions sharing files are each counted without them: evicting both
+    // frees more than counted, which at worst evicts one version more than needed.
+    let paths: Vec<PathBuf> = entries.iter().map(|(p, _)| p.clone()).collect();
+    let (total, freed) = tree::usages(&paths);
+    let mut versions: Vec<(SystemTime, PathBuf, u64)> = entries
+        .into_iter()
+        .zip(freed)
+        .filter_map(|((p, t), bytes)| Some((t?, p, bytes)))
+        .collect();
     versions.sort();
     let versions = versions.into_iter().map(|(_, p, b)| (p, b)).collect();
     (total, versions)

@@ -21,11 +21,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// How long an old container waits for its replacement's report to be accepted before it
 /// is removed anyway (the outbox parks a report refused for 2 h; this is beyond any outage
 /// it rides out with the app reachable).
 const UNDELIVERED_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// Health probes start 20 ms apart and double up to 250 ms: an app that is up at once is
+/// noticed at once, a slow one costs a probe (and a `docker inspect`) four times a second.
+fn probe_delays() -> impl Iterator<Item = Duration> {
+    let next = |d: &Duration| Some((*d * 2).min(Duration::from_millis(250)));
+    std::iter::successors(Some(Duration::from_millis(20)), next)
+}
 
 /// `deploy`: replaces the app's container; returns the new host port. The slow parts (the
 /// pull, up to 30 min; the dataset sync, up to 6 h) come first, outside the app's lock: the
@@ -281,8 +287,9 @@ fn restore(ctx: &Ctx, s: &DeploySpec, name: &str, o: &Old) -> Result<(), TaskErr
         docker.start(name)?;
         let until = Instant::now() + ctx.cfg.deploy_health_timeout;
         let port = s.fixed_port.unwrap_or_default();
+        let mut delays = probe_delays();
         while !http_answers(port, true) && Instant::now() < until {
-            std::thread::sleep(PROBE_EVERY);
+            std::thread::sleep(delays.next().unwrap_or_default());
         }
     }
     Ok(())
@@ -327,19 +334,15 @@ fn start(ctx: &Ctx, s: &DeploySpec, name: &str, volumes: Vec<String>) -> Result<
 pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result<u16, TaskError> {
     let docker = ctx.docker();
     let deadline = Instant::now() + ctx.cfg.deploy_health_timeout;
-    let mut port = None;
+    let mut delays = probe_delays();
     loop {
-        let st = docker.state(name)?;
+        let (st, (p, v4)) = docker.health(name, container_port)?;
         if st.status != "running" || st.restarts != 0 {
             return Err(TaskError::Failed(format!(
                 "the container is {} (exit code {}, restarted {} times)",
                 st.status, st.exit_code, st.restarts
             )));
         }
-        let (p, v4) = match port {
-            Some(p) => p,
-            None => *port.insert(docker.host_port(name, container_port)?),
-        };
         if http_answers(p, v4) {
             return Ok(p);
         }
@@ -352,7 +355,7 @@ pub(crate) fn wait_healthy(ctx: &Ctx, name: &str, container_port: u16) -> Result
         if signal::cancel_requested() {
             return Err(TaskError::Canceled);
         }
-        std::thread::sleep(PROBE_EVERY);
+        std::thread::sleep(delays.next().unwrap_or_default());
     }
 }
 
@@ -528,6 +531,11 @@ mod tests {
         port
     }
 
+    /// `docker inspect` of a running container publishing 8080/tcp on `port`.
+    fn running_on(port: u16) -> String {
+        format!(r#"running 0 0 false {{"8080/tcp":[{{"HostIp":"0.0.0.0","HostPort":"{port}"}}]}}"#)
+    }
+
     /// A node where `muvee-app` runs and every docker call succeeds.
     fn node(name: &str, app_port: u16) -> Harness {
         let h = Harness::new(
@@ -540,12 +548,7 @@ mod tests {
             "docker ps -a --filter name=muvee-app",
             Reply::Ok(ROW.into()),
         );
-        f.on(
-            "docker inspect --format",
-            Reply::Ok("running 0 0 false".into()),
-        );
-        let port = format!("0.0.0.0:{app_port}");
-        f.on("docker port muvee-app 8080/tcp", Reply::Ok(port));
+        f.on("docker inspect --format", Reply::Ok(running_on(app_port)));
         f.on("docker logs", Reply::Ok("app log line".into()));
         h
     }
@@ -575,6 +578,12 @@ mod tests {
             .iter()
             .position(|c| c.starts_with(prefix))
             .unwrap_or_else(|| panic!("{prefix:?} never ran: {calls:#?}"))
+    }
+
+    #[test]
+    fn health_probes_start_at_20ms_and_back_off_to_250ms() {
+        let ms: Vec<u128> = probe_delays().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [20, 40, 80, 160, 250, 250, 250]);
     }
 
     #[test]
@@ -610,9 +619,9 @@ mod tests {
              "deploy failed: docker run exited 125: bad flag; the previous container keeps serving", true),
             ("health", "docker inspect --format", Reply::Ok("restarting 1 3 false".into()),
              "deploy failed: the container is restarting (exit code 3, restarted 1 times); the previous container keeps serving\nlast log lines of the new container:\napp log line", true),
-            ("port", "docker port muvee-app 8080/tcp", Reply::Ok(String::new()),
-             "deploy failed: cannot read the host port from `docker port`: \"\"", true),
-            ("http", "docker port muvee-app 8080/tcp", Reply::Ok(format!("0.0.0.0:{closed}")),
+            ("port", "docker inspect --format", Reply::Ok("running 0 0 false {}".into()),
+             "deploy failed: cannot read the host port of 8080/tcp from `docker inspect`: \"{}\"", true),
+            ("http", "docker inspect --format", Reply::Ok(running_on(closed)),
              &*format!("deploy failed: no HTTP answer on host port {closed} within 1s (DEPLOY_HEALTH_TIMEOUT)").leak(), true),
         ];
         for (step, prefix, reply, expect, ran) in cases {

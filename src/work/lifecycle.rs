@@ -7,6 +7,7 @@
 //! agent uses, `muvee-<prefix>`. Tasks that change the container (restart, pause, unpause)
 //! take the app's deploy lock, so they never interleave with a replacement or a cleanup.
 
+use crate::config::Config;
 use crate::sys::docker::{Docker, DockerError, PsRow};
 use crate::task::{go_escape, Payload};
 use crate::work::ctx::Ctx;
@@ -167,6 +168,44 @@ fn missing(prefix: &str) -> impl FnOnce(DockerError) -> TaskError + '_ {
 pub fn resolve(docker: &Docker, prefix: &str) -> Result<String, TaskError> {
     let rows = docker.ps_filter(true, &format!("label=muvee.domain_prefix={prefix}"))?;
     Ok(pick(&rows, prefix))
+}
+
+/// The container a control channel session may reach: app `prefix`'s (picked as `resolve`
+/// picks), else the one named exactly `name`, and only among this node's apps: labelled
+/// `muvee.managed=true` and `muvee.node=<NODE_NAME>`, or the container of compose project
+/// `muvee-<prefix>` (compose sets no `muvee.node`) when this node staged that project.
+/// None: nothing of ours answers to it.
+pub fn node_container(
+    docker: &Docker,
+    cfg: &Config,
+    prefix: &str,
+    name: &str,
+) -> Result<Option<String>, TaskError> {
+    let ours: Vec<PsRow> = docker
+        .managed()?
+        .into_iter()
+        .filter(|r| of_this_node(r, cfg))
+        .collect();
+    if !prefix.is_empty() {
+        let app: Vec<PsRow> = ours
+            .into_iter()
+            .filter(|r| r.domain_prefix == prefix)
+            .collect();
+        return Ok((!app.is_empty()).then(|| pick(&app, prefix)));
+    }
+    Ok(ours.into_iter().find(|r| r.name == name).map(|r| r.name))
+}
+
+fn of_this_node(r: &PsRow, cfg: &Config) -> bool {
+    let p = r.domain_prefix.as_str();
+    let label = p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if p.is_empty() || !label || p.starts_with('-') {
+        return false;
+    }
+    if !r.node.is_empty() {
+        return r.node == cfg.node_name;
+    }
+    r.compose_project == format!("muvee-{p}") && cfg.data_dir.join("compose").join(p).is_dir()
 }
 
 fn pick(rows: &[PsRow], prefix: &str) -> String {
@@ -345,6 +384,34 @@ mod tests {
     use serde_json::json;
 
     const PS_LABEL: &str = "docker ps -a --filter label=muvee.domain_prefix=app";
+
+    #[test]
+    fn a_session_reaches_only_this_nodes_apps() {
+        let h = Harness::new("node-container", &[("NODE_NAME", "n1")]);
+        let rows = [
+            "c1\tmuvee-app\trunning\tapp\td\t80\tn1\t",
+            "c2\tmuvee-else\trunning\telse\td\t80\tn2\t",
+            "c3\tmuvee-shop-web-1\trunning\tshop\td\t80\t\tmuvee-shop",
+            "c4\tmuvee-old-web-1\trunning\told\td\t80\t\tmuvee-old",
+        ];
+        let ps = "docker ps -a --filter label=muvee.managed=true";
+        h.fake.on(ps, Reply::Ok(rows.join("\n") + "\n"));
+        // This node staged compose project `shop`, not `old`.
+        std::fs::create_dir_all(h.cfg.data_dir.join("compose/shop")).unwrap();
+        let docker = h.shared.docker(&h.cfg);
+        let find =
+            |prefix: &str, name: &str| node_container(&docker, &h.cfg, prefix, name).unwrap();
+        assert_eq!(find("app", "").as_deref(), Some("muvee-app"));
+        assert_eq!(find("", "muvee-app").as_deref(), Some("muvee-app"));
+        assert_eq!(
+            find("shop", "muvee-shop").as_deref(),
+            Some("muvee-shop-web-1")
+        );
+        assert_eq!(find("else", "muvee-else"), None);
+        assert_eq!(find("", "muvee-else"), None);
+        assert_eq!(find("old", "muvee-old"), None);
+        assert_eq!(find("", "registry"), None);
+    }
 
     fn row(id: &str, name: &str, running: bool) -> String {
         let state = if running { "running" } else { "exited" };

@@ -1,5 +1,6 @@
 //! The work a task does: dispatch by type, the builder and deploy roles (deploys, lifecycle
-//! tasks, workspaces, reaping), the dataset cache.
+//! tasks, workspaces, reaping), the dataset and
+//! git caches.
 
 pub mod builder;
 pub mod cleanups;
@@ -9,6 +10,7 @@ pub mod datasets;
 pub mod deployer;
 pub mod dispatch;
 pub mod error;
+pub mod gitcache;
 pub mod lifecycle;
 pub mod policy;
 pub mod reads;

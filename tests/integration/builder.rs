@@ -14,6 +14,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod caches;
+
 fn dockerfile(body: &str) -> String {
     format!("FROM {}\n{body}\n", util::base_image())
 }
@@ -71,8 +73,13 @@ impl Run {
 /// Runs a build. `login`: pass the test registry's credentials (flags + REGISTRY_PASSWORD),
 /// so the agent logs in before building.
 fn run_build(payload: &Value, env: &[(&str, &str)], login: bool) -> Run {
+    run_build_in(&temp_dir("bdata"), payload, env, login)
+}
+
+/// [`run_build`] with a given DATA_DIR (builds that share the git cache).
+fn run_build_in(data: &Path, payload: &Value, env: &[(&str, &str)], login: bool) -> Run {
     let reg = util::registry();
-    let data = temp_dir("bdata");
+    let data = data.to_path_buf();
     let dcfg = temp_dir("bdcfg");
     let (d, c) = (data.display().to_string(), dcfg.display().to_string());
     let mut all: Vec<(&str, &str)> = vec![("DATA_DIR", &d), ("DOCKER_CONFIG", &c)];
@@ -357,7 +364,9 @@ fn token_repo_over_http_basic_auth_keeps_the_token_out_of_argv_logs_and_files() 
     for a in &argvs {
         assert!(!a.contains(&token) && !a.contains(&basic), "argv leak: {a}");
     }
-    assert!(argvs.iter().any(|a| a.contains("git clone --depth=1")));
+    assert!(argvs
+        .iter()
+        .any(|a| a.contains("fetch -q --depth=1 --no-tags")));
     assert!(!run.stderr.contains(&token) && !run.stderr.contains(&basic));
     assert!(util::files_containing(&run.data, &token).is_empty());
     assert_pushed_and_runs(&run, "/src.txt", "from-http");
@@ -381,7 +390,7 @@ fn wrong_token_fails_at_git_clone_without_leaking_it() {
     let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
-        run.result().starts_with("git clone exited 128"),
+        run.result().starts_with("git fetch exited 128"),
         "{}",
         run.dump()
     );
@@ -538,7 +547,7 @@ fn wrong_branch_fails_at_git_clone() {
     );
     run.assert_failed();
     let r = run.result();
-    assert!(r.starts_with("git clone exited 128"), "{}", run.dump());
+    assert!(r.starts_with("git fetch exited 128"), "{}", run.dump());
     assert!(r.contains("no-such-branch"), "{r}");
     assert!(
         !shims.calls().iter().any(|l| is_build_call(l)),
@@ -743,10 +752,28 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
             "buildx" => head_args(&["buildx", "build"]),
             _ => head_args(&["build"]),
         };
+        // The project's layer cache: its tag is a cache source and becomes this image.
+        let cache = format!("{}/{project}:buildcache", reg.addr);
+        let from = format!("type=registry,ref={cache}");
         match mode {
-            "buildx" => want.push("--push".into()),
-            "legacy" => want.push("--force-rm".into()),
-            _ => {}
+            "buildx" => want.extend(strs(&[
+                "-t",
+                &cache,
+                "--cache-from",
+                &from,
+                "--cache-to",
+                "type=inline",
+                "--push",
+            ])),
+            "buildkit" => want.extend(strs(&[
+                "-t",
+                &cache,
+                "--cache-from",
+                &cache,
+                "--build-arg",
+                "BUILDKIT_INLINE_CACHE=1",
+            ])),
+            _ => want.push("--force-rm".into()),
         }
         if mode != "legacy" {
             want.extend(strs(&secrets));
@@ -771,7 +798,15 @@ fn buildx_buildkit_and_legacy_argv_via_path_shim() {
             _ => {
                 let bk = if mode == "buildkit" { "1" } else { "0" };
                 assert!(all.contains(&format!("env DOCKER_BUILDKIT={bk}")), "{all}");
-                assert_eq!(calls.last(), Some(&push), "{all}");
+                let pushes: Vec<&String> = calls
+                    .iter()
+                    .filter(|l| l.starts_with("docker\tpush"))
+                    .collect();
+                let cache_push = format!("docker\tpush\t{cache}");
+                match mode {
+                    "buildkit" => assert_eq!(pushes, [&push, &cache_push], "{all}"),
+                    _ => assert_eq!(pushes, [&push], "{all}"),
+                }
                 let d = "b".repeat(64);
                 assert!(run.stderr.contains(&format!("(digest sha256:{d})")));
             }
@@ -825,7 +860,7 @@ fn ssh_key_goes_to_a_private_file_with_trust_on_first_use() {
     let run = run_build(&p, &shims.env(), false);
     run.assert_failed();
     assert!(
-        run.result().starts_with("git clone exited 128")
+        run.result().starts_with("git fetch exited 128")
             && run.result().contains("Connection refused"),
         "{}",
         run.dump()

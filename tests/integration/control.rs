@@ -4,64 +4,103 @@
 
 use crate::deployer::{images, IDLE};
 use crate::dev_cp::DevCp;
-use crate::fake_cp::{frame_data, ControlConn, FakeCp, Version};
+use crate::fake_cp::{frame_data, ControlConn, FakeCp, Upgrade, Version};
 use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, require_docker, temp_dir, test_name, RemoveContainers};
 use serde_json::json;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../../examples/dev-cp/tls.rs"]
+mod tls;
 
 /// `docker exec -ti` sizes the container's TTY just after the process starts: wait for it.
 const WAIT_SIZE: &str = "i=0; while [ $i -lt 100 ]; do s=$(stty size 2>/dev/null); [ -n \"$s\" ] && [ \"$s\" != \"0 0\" ] && break; i=$((i+1)); sleep 0.1; done; echo \"size=$s\"; exit 3";
 const FRAME_WAIT: Duration = Duration::from_secs(20);
 
-/// A deploy agent on today's control plane, and the container its sessions reach.
+/// A deploy agent on today's control plane, and the container its sessions reach (an app
+/// of the agent's node).
 struct Bed {
     cp: FakeCp,
     container: String,
-    _agent: TestAgent,
+    agent: TestAgent,
     _cleanup: RemoveContainers,
 }
 
-/// A running container of ours (prefix: its name without `muvee-`), removed when the guard
-/// is dropped.
-fn idle_container() -> (String, RemoveContainers) {
-    images();
-    let container = format!(
-        "muvee-itx-{}-{}",
+/// A NODE_NAME of its own for each test's agent.
+fn node_name() -> String {
+    format!(
+        "itx-node-{}-{}",
         std::process::id(),
         &util::unique_hex()[..6]
-    );
+    )
+}
+
+/// A running app container `muvee-<prefix>` of node `node` (labelled as the deployer labels
+/// its containers), or with no labels at all; removed when the guard is dropped.
+fn app_container(prefix: &str, node: Option<&str>) -> (String, RemoveContainers) {
+    images();
+    let container = format!("muvee-{prefix}");
     let cleanup = RemoveContainers::named(&container);
-    util::sh(Command::new(util::docker_cli()).args([
-        "run",
-        "-d",
-        "--name",
-        &container,
-        "--label",
-        &format!("muvee.domain_prefix={}", &container[6..]),
-        IDLE,
-    ]));
+    let mut args = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--name".into(),
+        container.clone(),
+    ];
+    if let Some(node) = node {
+        for l in [
+            "muvee.managed=true".to_string(),
+            format!("muvee.node={node}"),
+            format!("muvee.domain_prefix={prefix}"),
+        ] {
+            args.extend(["--label".into(), l]);
+        }
+    }
+    args.push(IDLE.into());
+    util::sh(Command::new(util::docker_cli()).args(&args));
     (container, cleanup)
+}
+
+/// A running container of node `node`'s app (prefix: its name without `muvee-`).
+fn idle_container(node: &str) -> (String, RemoveContainers) {
+    let prefix = format!("itx-{}-{}", std::process::id(), &util::unique_hex()[..6]);
+    app_container(&prefix, Some(node))
 }
 
 impl Bed {
     fn start() -> Bed {
-        let (container, cleanup) = idle_container();
+        Bed::start_with(None, &[])
+    }
+
+    /// `url`: the agent's CONTROL_PLANE_URL instead of the fake control plane's (a front).
+    fn start_with(url: Option<&str>, env: &[(&str, &str)]) -> Bed {
+        let node = node_name();
+        let (container, cleanup) = idle_container(&node);
         let cp = FakeCp::start(Version::Today, SECRET);
         let agent = TestAgent::builder("deploy")
             .cp(&cp)
             .real_docker()
             .env("POLL_INTERVAL", "1s")
-            .start();
+            .env("NODE_NAME", &node);
+        let agent = match url {
+            Some(u) => agent.url(u),
+            None => agent,
+        };
+        let agent = agent.envs(env).start();
         Bed {
             cp,
             container,
-            _agent: agent,
+            agent,
             _cleanup: cleanup,
         }
+    }
+
+    fn prefix(&self) -> &str {
+        &self.container[6..]
     }
 
     /// The agent's next control connection within `secs` (the server said `hello`).
@@ -106,7 +145,7 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
     assert_eq!(ws.target(), format!("/api/agent/control?node_id={node}"));
 
     // echo: output, exit 0 sends no code; by domain prefix.
-    let prefix = &bed.container[6..];
+    let prefix = bed.prefix();
     ws.send(
         &json!({"type": "open_exec", "session": "s1", "domain_prefix": prefix,
                 "container": format!("muvee-{prefix}"), "cmd": ["echo", "hello-pty"]}),
@@ -236,13 +275,19 @@ fn cp_up_and_down_round_trip_a_directory_and_the_channel_reconnects() {
         "alpha\n"
     );
 
-    // A missing path: docker's error text on stderr and its exit code.
+    // A missing path: as the Go agent, `cp_end` first (muveectl closes its untar on it and
+    // only then reads the exit code), then docker's error text on stderr, then exit 1.
     ws.open_cp("d2", &bed.container, "/no/such", "down")
         .unwrap();
     let d2 = ws.outcome("d2", FRAME_WAIT).expect("d2 ended");
-    assert!(!d2.output.is_empty() && d2.end["code"] != 0, "{}", d2.end);
+    assert_eq!(d2.kinds, ["cp_end", "stdio", "exit"], "{}", d2.end);
+    assert!(
+        String::from_utf8_lossy(&d2.output).contains("/no/such"),
+        "{d2:?}"
+    );
+    assert_eq!(d2.end["code"], 1, "{}", d2.end);
 
-    // The server drops the connection: the agent dials again (backoff reset by hello).
+    // The server drops the connection: the agent dials again.
     ws.disconnect();
     let ws = bed.accept(10);
     ws.open_exec("r1", &bed.container, &["true"]).unwrap();
@@ -259,11 +304,13 @@ fn the_dev_cp_binary_execs_through_the_agents_control_channel() {
     if !require_docker(test_name!()) {
         return;
     }
-    let (container, _cleanup) = idle_container();
+    let node = node_name();
+    let (container, _cleanup) = idle_container(&node);
     let server = DevCp::serve(SECRET, &[]);
     let _agent = TestAgent::builder("deploy")
         .url(&server.url)
         .real_docker()
+        .env("NODE_NAME", &node)
         .start();
     let c = container.as_str();
     let mut last = (false, String::new());
@@ -278,4 +325,376 @@ fn the_dev_cp_binary_execs_through_the_agents_control_channel() {
     assert!(ok && text.contains("hi"), "{text}");
     let (ok, text) = server.cli(&["exec", c, "echo", "hi"]);
     assert!(!ok && text.contains("exec: give <container>"), "{text}");
+}
+
+/// `docker top`: the processes running in `container`, one per line.
+fn top(container: &str) -> String {
+    let out = util::docker(&["top", container], &[]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// `tar -C dir -cf - name`.
+fn tar_of(dir: &Path, name: &str) -> Vec<u8> {
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args(["-cf", "-", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn exec_and_cp_reach_only_this_nodes_apps() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let bed = Bed::start();
+    let ws = bed.accept(20);
+    // An app of another node on the same engine, and a container muvee knows nothing of
+    // (another installation's, the registry).
+    let hex = util::unique_hex();
+    let other = format!("itx-{}-{}-other", std::process::id(), &hex[..6]);
+    let plain = format!("itx-{}-{}-plain", std::process::id(), &hex[..6]);
+    let _other = app_container(&other, Some("some-other-node"));
+    let _plain = app_container(&plain, None);
+    let refused = [
+        json!({"type": "open_exec", "session": "x1", "container": format!("muvee-{plain}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_exec", "session": "x2", "domain_prefix": other, "container": format!("muvee-{other}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_exec", "session": "x3", "container": format!("muvee-{other}"), "cmd": ["echo", "ran"]}),
+        json!({"type": "open_cp", "session": "x4", "container": format!("muvee-{plain}"), "path": "/etc/hostname", "direction": "down"}),
+        json!({"type": "open_cp", "session": "x5", "domain_prefix": plain, "container": format!("muvee-{plain}"), "path": "/tmp", "direction": "up"}),
+    ];
+    for open in refused {
+        let s = open["session"].as_str().unwrap().to_string();
+        ws.send(&open).unwrap();
+        let o = ws.outcome(&s, FRAME_WAIT).expect("ended");
+        assert_eq!(o.kinds, ["error"], "{s}: {o:?}");
+        let msg = o.end["msg"].as_str().unwrap();
+        assert!(msg.contains("this node's apps"), "{s}: {msg}");
+    }
+    // This node's app, by its prefix and by its container's name.
+    ws.send(
+        &json!({"type": "open_exec", "session": "o1", "domain_prefix": bed.prefix(),
+                    "container": bed.container, "cmd": ["echo", "ours"]}),
+    )
+    .unwrap();
+    let o1 = ws.outcome("o1", FRAME_WAIT).expect("o1 ended");
+    assert!(
+        String::from_utf8_lossy(&o1.output).contains("ours"),
+        "{o1:?}"
+    );
+    ws.open_exec("o2", &bed.container, &["true"]).unwrap();
+    let o2 = ws.outcome("o2", FRAME_WAIT).expect("o2 ended");
+    assert_eq!(o2.end, json!({"type": "exit", "session": "o2"}));
+}
+
+#[test]
+fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let bed = Bed::start();
+    let ws = bed.accept(20);
+    let c = bed.container.as_str();
+    // A plain process, and one with a child of its own.
+    ws.open_exec("k1", c, &["sleep", "7777"]).unwrap();
+    ws.open_exec("k2", c, &["sh", "-c", "sleep 7778; echo never"])
+        .unwrap();
+    let both = || top(c).contains("sleep 7777") && top(c).contains("sleep 7778");
+    assert!(util::poll(20, both), "{}", top(c));
+    // One at a time: `outcome` drops the other sessions' frames.
+    for s in ["k1", "k2"] {
+        ws.close_session(s).unwrap();
+        let o = ws.outcome(s, FRAME_WAIT).expect("ended");
+        assert_eq!(o.end["code"], -1, "{}", o.end);
+    }
+    let t = top(c);
+    assert!(
+        !t.contains("sleep 7777") && !t.contains("sleep 7778"),
+        "left running after close:\n{t}"
+    );
+
+    // The channel drops (the control plane went away): the same.
+    ws.open_exec("k3", c, &["sleep", "7779"]).unwrap();
+    assert!(
+        util::poll(20, || top(c).contains("sleep 7779")),
+        "{}",
+        top(c)
+    );
+    ws.disconnect();
+    assert!(
+        util::poll(15, || !top(c).contains("sleep 7779")),
+        "left running after the channel dropped:\n{}",
+        top(c)
+    );
+}
+
+#[test]
+fn big_or_unread_input_ends_the_session_with_an_error_and_memory_stays_bounded() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let docker = slow_docker();
+    let bed = Bed::start_with(None, &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let ws = bed.accept(20);
+    let c = bed.container.as_str();
+
+    // 20 frames of 4 MiB into a program that reads nothing: each is refused at once.
+    ws.open_exec("b1", c, &["sleep", "7781"]).unwrap();
+    let big = vec![b'x'; 4 << 20];
+    for _ in 0..20 {
+        ws.stdin("b1", &big).unwrap();
+    }
+    let b1 = ws.outcome("b1", FRAME_WAIT).expect("b1 ended");
+    assert_eq!(b1.end["type"], "error", "{}", b1.end);
+    assert!(
+        b1.end["msg"].as_str().unwrap().contains("larger than"),
+        "{}",
+        b1.end
+    );
+
+    // Frames that fit, faster than the program reads them (it reads none).
+    let deaf = docker.with_file_name("deaf-exec");
+    std::fs::write(&deaf, "").unwrap();
+    ws.open_exec("b2", c, &["sleep", "7782"]).unwrap();
+    let mib = vec![b'y'; 1 << 20];
+    for _ in 0..16 {
+        ws.stdin("b2", &mib).unwrap();
+    }
+    let b2 = ws.outcome("b2", FRAME_WAIT).expect("b2 ended");
+    assert_eq!(b2.end["type"], "error", "{}", b2.end);
+    assert!(
+        b2.end["msg"].as_str().unwrap().contains("faster than"),
+        "{}",
+        b2.end
+    );
+    std::fs::remove_file(&deaf).unwrap();
+    let peak = peak_rss_kib(bed.agent.child.id());
+    assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
+    // The first session was ended: its process too.
+    assert!(
+        util::poll(15, || !top(c).contains("sleep 7781")),
+        "{}",
+        top(c)
+    );
+
+    // At most 16 sessions at once: the 17th is refused, and closing one makes room.
+    for i in 0..17 {
+        ws.open_exec(&format!("m{i}"), c, &["sleep", "7783"])
+            .unwrap();
+    }
+    let m16 = ws.outcome("m16", FRAME_WAIT).expect("m16 ended");
+    assert_eq!(m16.kinds, ["error"], "{}", m16.end);
+    assert!(
+        m16.end["msg"].as_str().unwrap().contains("16"),
+        "{}",
+        m16.end
+    );
+    ws.close_session("m0").unwrap();
+    assert_eq!(
+        ws.outcome("m0", FRAME_WAIT).expect("m0 ended").end["code"],
+        -1
+    );
+    ws.open_exec("m17", c, &["echo", "room"]).unwrap();
+    let m17 = ws.outcome("m17", FRAME_WAIT).expect("m17 ended");
+    assert!(
+        String::from_utf8_lossy(&m17.output).contains("room"),
+        "{m17:?}"
+    );
+    // The others' exits come in any order.
+    let mut open: Vec<String> = (1..16).map(|i| format!("m{i}")).collect();
+    for s in &open {
+        ws.close_session(s).unwrap();
+    }
+    while let Some(f) = ws.recv(FRAME_WAIT) {
+        if f["type"] == "exit" {
+            assert_eq!(f["code"], -1, "{f}");
+            open.retain(|s| f["session"] != s.as_str());
+        }
+        if open.is_empty() {
+            break;
+        }
+    }
+    assert!(open.is_empty(), "no exit for {open:?}");
+}
+
+/// A docker CLI that is the real one, made slow where a test asks: `ps` sleeps 10 s while the
+/// file `slow-ps` exists next to it (a slow daemon), `cp - …` takes its input at about
+/// 2 MiB/s (a container whose disk is slower than the network), and while `deaf-exec` exists
+/// `exec -ti …` is a program here that never reads its input (flooding a real container's
+/// TTY wedges docker 20.10 when the container is removed later: seen on the test engine).
+fn slow_docker() -> PathBuf {
+    let dir = temp_dir("slow-docker");
+    let script = format!(
+        "#!/bin/sh\n\
+         real={real}\n\
+         if [ \"$1\" = ps ] && [ -e {dir}/slow-ps ]; then sleep 10; fi\n\
+         if [ \"$1 $2\" = \"exec -ti\" ] && [ -e {dir}/deaf-exec ]; then exec sleep 600; fi\n\
+         if [ \"$1\" = cp ] && [ \"$2\" = - ]; then\n\
+           while n=$(dd bs=65536 count=1 iflag=fullblock 2>/dev/null | tee /dev/fd/3 | wc -c) && [ \"$n\" -gt 0 ]; do sleep 0.03; done 3>&1 | \"$real\" \"$@\"\n\
+           exit $?\n\
+         fi\n\
+         exec \"$real\" \"$@\"\n",
+        real = crate::test_agent::which(&util::docker_cli()),
+        dir = dir.display()
+    );
+    let path = dir.join("docker");
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn an_upload_into_a_slow_container_slows_down_instead_of_failing() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let docker = slow_docker();
+    let bed = Bed::start_with(None, &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let ws = bed.accept(20);
+    // 16 MiB, sent as fast as the socket takes it: twice what the Go agent's 256-frame inbox
+    // held.
+    let src = temp_dir("cp-slow");
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(src.join("big.bin"), &blob).unwrap();
+    let tar = tar_of(&src, "big.bin");
+    let t0 = Instant::now();
+    ws.open_cp("u1", &bed.container, "/tmp", "up").unwrap();
+    ws.upload("u1", &tar).unwrap();
+    let u1 = ws.outcome("u1", Duration::from_secs(60)).expect("u1 ended");
+    assert_eq!(
+        u1.end,
+        json!({"type": "exit", "session": "u1"}),
+        "{:?}",
+        u1.kinds
+    );
+    let took = t0.elapsed();
+    assert!(
+        took > Duration::from_secs(4),
+        "the throttle did not hold: {took:?}"
+    );
+    let sum = |cmd: &mut Command| util::sh(cmd).split_whitespace().next().unwrap().to_string();
+    let here = sum(Command::new("sha256sum").arg(src.join("big.bin")));
+    let there = sum(Command::new(util::docker_cli()).args([
+        "exec",
+        &bed.container,
+        "sha256sum",
+        "/tmp/big.bin",
+    ]));
+    assert_eq!(here, there);
+    let peak = peak_rss_kib(bed.agent.child.id());
+    assert!(peak < 64 * 1024, "agent peak RSS {peak} KiB");
+}
+
+#[test]
+fn a_slow_docker_daemon_does_not_stop_other_sessions() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let docker = slow_docker();
+    let bed = Bed::start_with(None, &[("DOCKER_CLI", docker.to_str().unwrap())]);
+    let ws = bed.accept(20);
+    ws.open_exec("a", &bed.container, &["sh"]).unwrap();
+    ws.stdin("a", b"echo one-$((1+1))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "a", "one-2", FRAME_WAIT) {
+        panic!("a: no one-2: {seen:?}");
+    }
+    // From now on every `docker ps` takes 10 s: a session opened by prefix resolves slowly...
+    std::fs::write(docker.with_file_name("slow-ps"), "").unwrap();
+    ws.send(
+        &json!({"type": "open_exec", "session": "b", "domain_prefix": bed.prefix(),
+                    "container": bed.container, "cmd": ["true"]}),
+    )
+    .unwrap();
+    // ... while the open session answers at once.
+    ws.stdin("a", b"echo two-$((2+2))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "a", "two-4", Duration::from_secs(4)) {
+        panic!("a: no two-4 within 4 s while b resolved: {seen:?}");
+    }
+    let b = ws.outcome("b", FRAME_WAIT).expect("b ended");
+    assert_eq!(b.end, json!({"type": "exit", "session": "b"}));
+    std::fs::remove_file(docker.with_file_name("slow-ps")).unwrap();
+}
+
+#[test]
+fn a_server_that_says_hello_and_closes_is_not_redialled_every_second() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let bed = Bed::start();
+    let first = bed.accept(20);
+    bed.cp.control().set_upgrade(Upgrade::HelloThenClose);
+    first.disconnect();
+    let dials = || bed.cp.requests_to("/api/agent/control").len();
+    let before = dials();
+    std::thread::sleep(Duration::from_secs(8));
+    // Backoff 1, 2, 4 s: dials at about 1, 3 and 7 s (a reset on hello: one a second).
+    let n = dials() - before;
+    assert!((2..=3).contains(&n), "{n} dials in 8 s");
+}
+
+#[test]
+fn an_https_control_plane_gets_exec_over_wss_with_its_own_ca() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_file = temp_dir("tls-ca").join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    // The fake control plane behind an https front: the agent registers, polls and dials
+    // the control channel through it.
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let front = tls::TlsFront::start(
+        "127.0.0.1:0",
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        format!("127.0.0.1:{}", cp.port()),
+    )
+    .unwrap();
+    let node = node_name();
+    let (container, _cleanup) = idle_container(&node);
+    let agent = TestAgent::builder("deploy")
+        .url(&format!("https://localhost:{}", front.port))
+        .real_docker()
+        .env("NODE_NAME", &node)
+        .env("CONTROL_PLANE_CA_FILE", ca_file.to_str().unwrap())
+        .start();
+    let Some(ws) = cp.control().accept(Duration::from_secs(20)) else {
+        panic!(
+            "the agent never dialled the control channel over wss:\n{}",
+            agent.log()
+        );
+    };
+    ws.open_exec("t1", &container, &["echo", "over-tls"])
+        .unwrap();
+    let t1 = ws.outcome("t1", FRAME_WAIT).expect("t1 ended");
+    assert!(
+        String::from_utf8_lossy(&t1.output).contains("over-tls"),
+        "{t1:?}"
+    );
+    assert_eq!(t1.end, json!({"type": "exit", "session": "t1"}));
 }

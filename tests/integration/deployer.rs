@@ -631,6 +631,79 @@ fn a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted() {
     assert_eq!(mounted(&app), 201);
 }
 
+/// A new version differing in one file takes hard links to the cached one for the rest:
+/// the copy and the disk space are that file's; the cache budget counts shared files once;
+/// evicting the old version leaves the new one whole.
+#[test]
+fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
+    if !require_docker("a_new_dataset_version_links_unchanged_files_to_the_cached_one") {
+        return;
+    }
+    images();
+    let mut app = App::new("itd-link");
+    app.set("DEPLOY_DRAIN", "0s");
+    let id = uniq("dsl");
+    let src = app.share.join("l");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..100 {
+        std::fs::write(src.join(format!("f{i}")), vec![i as u8; 20 * 1024]).unwrap();
+    }
+    std::fs::write(src.join("file.txt"), "version-1\n").unwrap();
+    let deploy = |app: &App, dep: &str, version: u64| {
+        let mut p = app.payload(dep, APP, "l");
+        p["datasets"] = json!([{"id": id, "name": "set", "nfs_path": "l", "version": version, "mount_mode": "dependency"}]);
+        app.deploy_ok(&p)
+    };
+    let objects = app.data.join("objects").join(&id);
+    deploy(&app, "dep-l1", 1);
+    let v1 = disk_bytes(&[&objects.join("v1")]);
+    assert!(v1 > 100 * 20 * 1024, "{v1}");
+    // Version 2: one file differs. The budget holds v1 and v2 only if shared files count once.
+    std::fs::write(src.join("file.txt"), "version-2, a little longer\n").unwrap();
+    app.set("MAX_STORAGE", &(v1 + v1 / 20).to_string());
+    let (port, r) = deploy(&app, "dep-l2", 2);
+    assert!(
+        r.log.contains("unchanged since version 1 are linked"),
+        "{}",
+        r.log
+    );
+    assert!(r.log.contains(" bytes, 27 of them copied"), "{}", r.log);
+    assert!(body(port).contains("version-2"));
+    let ino = |p: PathBuf| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    assert_eq!(ino(objects.join("v1/f7")), ino(objects.join("v2/f7")));
+    let both = disk_bytes(&[&objects.join("v1"), &objects.join("v2")]);
+    assert!(both <= v1 + v1 / 20, "{both} > {v1} + 5%");
+    assert!(objects.join("v1.complete").is_file(), "evicted: {}", r.log);
+    // Below both: v1 (mounted by nothing now) goes, v2 stays whole.
+    app.set("MAX_STORAGE", &(v1 - 1).to_string());
+    let (port, r) = deploy(&app, "dep-l3", 2);
+    assert!(r.log.contains("version 2 is cached"), "{}", r.log);
+    assert!(!objects.join("v1").exists() && objects.join("v2.complete").is_file());
+    assert!(body(port).contains("version-2"));
+    let ls = docker_ok(&["exec", &app.container(), "ls", "/data/set"]);
+    assert_eq!(ls.lines().count(), 101, "{ls}");
+    let f7 = docker_ok(&["exec", &app.container(), "md5sum", "/data/set/f7"]);
+    let want = util::sh(Command::new("md5sum").arg(src.join("f7")));
+    assert_eq!(f7.split(' ').next(), want.split(' ').next());
+}
+
+/// Bytes of the files under `roots`, each inode once (as `du` counts them).
+fn disk_bytes(roots: &[&Path]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<PathBuf> = roots.iter().map(|p| p.to_path_buf()).collect();
+    let mut total = 0;
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        } else if seen.insert((md.dev(), md.ino())) {
+            total += md.len();
+        }
+    }
+    total
+}
+
 /// rsync writes without fsync: the copy's data reaches the disk (syncfs on its filesystem)
 /// before the completion marker is created, so a power loss cannot leave a version marked
 /// complete with missing data. Seen with strace around a real deploy.

@@ -145,7 +145,11 @@ impl Drop for Tmpfs {
 }
 
 fn tmpfs_or_skip(name: &str, test: &str) -> Option<Tmpfs> {
-    let t = Tmpfs::mount(name, "size=4m,nr_inodes=400");
+    sized_tmpfs_or_skip(name, test, "size=4m,nr_inodes=400")
+}
+
+fn sized_tmpfs_or_skip(name: &str, test: &str, opts: &str) -> Option<Tmpfs> {
+    let t = Tmpfs::mount(name, opts);
     if t.is_none() {
         assert!(
             std::env::var("MUVEE_REQUIRE_DOCKER").as_deref() != Ok("1"),
@@ -220,7 +224,7 @@ fn a_full_disk_loses_no_task_and_no_report() {
         final_b["result"]
             .as_str()
             .unwrap()
-            .contains("git clone exited 128"),
+            .contains("git fetch exited 128"),
         "{final_b}"
     );
     std::fs::remove_file(&filler).unwrap();
@@ -237,6 +241,22 @@ fn a_full_disk_loses_no_task_and_no_report() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(statuses(&cp, &b), ["running", "failed"], "B reported again");
     assert_eq!(statuses(&cp, &a), ["running", "failed"], "A reported again");
+}
+
+/// A DOCKER_CLI for the real engine whose `docker <command>` waits while the returned gate
+/// file exists (created here).
+fn gated_docker(dir: &Path, command: &str) -> (PathBuf, PathBuf) {
+    let gate = dir.join("gate");
+    let docker = dir.join("docker-gated");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = {command} ]; then while [ -e '{}' ]; do sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
+        gate.display(),
+        crate::test_agent::which(&util::docker_cli())
+    );
+    std::fs::write(&docker, script).unwrap();
+    util::sh(Command::new("chmod").arg("+x").arg(&docker));
+    std::fs::write(&gate, "").unwrap();
+    (docker, gate)
 }
 
 /// State a previous run left in `dir/data` (the agent's DATA_DIR in these tests).
@@ -262,11 +282,13 @@ impl Planted {
     /// A report queued in the outbox, `seq` its place.
     fn report(&self, seq: u64, id: &str, body: Value) {
         let r = json!({"task_id": id, "body": body});
-        std::fs::write(
-            self.outbox.join(format!("{seq:020}-{id}.json")),
-            r.to_string(),
-        )
-        .unwrap();
+        self.report_file(seq, id, &r.to_string());
+    }
+
+    /// A report file with this content (e.g. cut short by a crash).
+    fn report_file(&self, seq: u64, id: &str, content: &str) {
+        let path = self.outbox.join(format!("{seq:020}-{id}.json"));
+        std::fs::write(path, content).unwrap();
     }
 }
 
@@ -677,15 +699,7 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
     let name = format!("muvee-{prefix}");
     let _cleanup = RemoveContainers::named(&name);
     // `docker run` waits while the gate exists: the disk fills up while the task runs.
-    let gate = dir.join("gate");
-    let docker = dir.join("docker-gated");
-    let script = format!(
-        "#!/bin/sh\nif [ \"$1\" = run ]; then while [ -e '{}' ]; do sleep 0.05; done; fi\nexec '{}' \"$@\"\n",
-        gate.display(),
-        crate::test_agent::which(&util::docker_cli())
-    );
-    std::fs::write(&docker, script).unwrap();
-    util::sh(Command::new("chmod").arg("+x").arg(&docker));
+    let (docker, gate) = gated_docker(&dir, "run");
     let data = fs.0.join("data");
     let env = [
         ("DOCKER_CLI", docker.to_str().unwrap()),
@@ -695,7 +709,6 @@ fn a_full_disk_never_undoes_a_reported_deploy() {
     ];
     let node = TestAgent::builder("deploy").cp(&cp).dir(&dir).envs(&env);
     let agent = node.start();
-    std::fs::write(&gate, "").unwrap();
     let dep = "d1000000-0000-4000-8000-0000000000f1";
     let p = json!({"image_tag": crate::deployer::APP, "deployment_id": dep, "project_id": "proj-full",
                    "domain_prefix": prefix, "container_port": 8080, "env_vars": {"BODY": "served"}});
@@ -755,7 +768,11 @@ fn a_full_disk_under_the_log_spill_counts_the_lines_it_drops() {
     };
     let full = "No space left on device";
     let log = fail_the_route_until_the_spill_fails(&cp, start, DEP_A, 600_000, full);
-    assert!(numbers(&log).len() > 400_000, "the spill was drained too");
+    let got = numbers(&log).len();
+    assert!(
+        got > 400_000,
+        "the spill was drained too: {got} lines delivered"
+    );
     assert!(files(&data.join("state/logs")).is_empty());
 }
 
@@ -857,4 +874,324 @@ fn a_busy_app_holds_back_no_other_apps_work() {
         assert_eq!(wait_final(&cp, t, 60)["status"], "completed");
     }
     assert_eq!(wait_final(&cp, &a2, 60)["status"], "completed");
+}
+
+/// Two tasks of an earlier run whose reports get no answer (`fault` on their routes) and a
+/// restart: the agent polls all the same, and a new task's reports go out at once beside
+/// them. Returns the two stuck tasks and when the agent started.
+fn reports_without_answer_after_a_restart(
+    fault: Fault,
+    name: &str,
+) -> (FakeCp, TestAgent, Vec<String>, Instant) {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir(name);
+    let node = TestAgent::builder("deploy").cp(&cp).dir(&dir);
+    drop(start_registered(&cp, &node));
+    let node_id = cp.node_id_for_role("deploy").unwrap();
+    let state = Planted::new(&dir);
+    let mut stuck = Vec::new();
+    for n in 0..2 {
+        let x = cp.add_task(&node_id, "cleanup", "", json!({"domain_prefix": "myapp"}));
+        state.entry(&x, "done", now_secs());
+        state.report(2 * n + 1, &x, json!({"status": "running"}));
+        state.report(2 * n + 2, &x, json!({"status": "completed"}));
+        let route = format!("/api/agent/tasks/{x}/complete");
+        cp.inject(&route, fault.clone(), 1_000_000);
+        stuck.push(x);
+    }
+    let polls = |cp: &FakeCp| cp.requests_to("/api/agent/tasks?node_id=").len();
+    let before = polls(&cp);
+    let started = Instant::now();
+    let agent = start_registered(&cp, &node);
+    // A first try of each old task's report (a hang ends at the client's 20 s timeout).
+    cp.wait_for("a poll after the restart", Duration::from_secs(45), |cp| {
+        polls(cp) > before
+    });
+    let b = cp.add_task_for_role("deploy", "cleanup", "", json!({"domain_prefix": "other"}));
+    wait_final(&cp, &b, 10);
+    assert_eq!(statuses(&cp, &b), ["running", "completed"]);
+    for x in &stuck {
+        assert!(statuses(&cp, x).is_empty(), "{x} got through the fault");
+    }
+    (cp, agent, stuck, started)
+}
+
+/// Issue 16 follow-up (HIGH): reports whose requests are reset hold back neither polling
+/// after a restart nor any other task's reports. Each is retried on its own growing delay
+/// (not at every poll, a warning each time) and arrives once the fault ends.
+#[test]
+fn reset_reports_hold_back_no_other_task_nor_polling_after_a_restart() {
+    let (cp, agent, stuck, started) =
+        reports_without_answer_after_a_restart(Fault::Reset, "faults-reset");
+    std::thread::sleep(
+        (started + Duration::from_secs(15)).saturating_duration_since(Instant::now()),
+    );
+    let route = format!("/api/agent/tasks/{}/complete", stuck[0]);
+    let tries = cp.requests_to(&route).len();
+    // 1, 2, 4, 8 s apart: 5 tries in 15 s (a report retried at every poll: about 40).
+    assert!((1..=8).contains(&tries), "{tries} tries in 15 s");
+    let warned = format!("running report of task {} got no answer", stuck[0]);
+    assert!(agent.log().matches(&warned).count() <= 2, "{}", agent.log());
+    cp.clear_faults();
+    for x in &stuck {
+        wait_final(&cp, x, 45);
+        assert_eq!(statuses(&cp, x), ["running", "completed"]);
+    }
+}
+
+/// The same with requests that hang until the agent's 20 s timeout: the new task's reports
+/// go out while both stuck reports wait for an answer.
+#[test]
+fn hanging_reports_hold_back_no_other_task_nor_polling_after_a_restart() {
+    let hang = Fault::Hang(Duration::from_secs(600));
+    reports_without_answer_after_a_restart(hang, "faults-hang");
+}
+
+/// Issue 16 follow-up (HIGH, real engine): a `runtime_logs` result three times the 64 KiB
+/// reserved for its report, on a disk that is full when the task ends, the report refused
+/// and the agent stopped before the fault ends. The report written is the one sent: cut to
+/// the reserve, with a marker; after the restart exactly one final report arrives.
+#[test]
+fn a_final_report_too_big_for_a_full_disk_is_cut_to_its_reserve_and_sent_once() {
+    let test = test_name!();
+    if !util::require_docker(test) {
+        return;
+    }
+    let Some(fs) = tmpfs_or_skip("faults-big-final", test) else {
+        return;
+    };
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("faults-big-final-agent");
+    let prefix = format!("itf-bigfinal-{}", std::process::id());
+    let name = format!("muvee-{prefix}");
+    let _cleanup = RemoveContainers::named(&name);
+    let line = "a line the app printed, long enough to count";
+    let app = format!("yes '{line}' | head -n 4000; exec sleep 3600");
+    let run = [
+        "run",
+        "-d",
+        "--name",
+        &name,
+        &util::base_image(),
+        "sh",
+        "-c",
+        &app,
+    ];
+    assert!(util::docker(&run, &[]).status.success());
+    let printed = || util::docker(&["logs", &name], &[]).stdout.len();
+    assert!(util::poll(30, || printed() == 4000 * (line.len() + 1)));
+    // `docker logs` waits while the gate exists: the disk fills up while the task runs.
+    let (docker, gate) = gated_docker(&dir, "logs");
+    let data = fs.0.join("data");
+    let env = [
+        ("DOCKER_CLI", docker.to_str().unwrap()),
+        ("DATA_DIR", data.to_str().unwrap()),
+        ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ];
+    let node = TestAgent::builder("deploy").cp(&cp).dir(&dir).envs(&env);
+    let mut agent = start_registered(&cp, &node);
+    let p = json!({"domain_prefix": prefix});
+    let task = cp.add_task_for_role("deploy", "runtime_logs", "", p);
+    cp.wait_for("running", Duration::from_secs(30), |cp| {
+        statuses(cp, &task) == ["running"]
+    });
+    let route = format!("/api/agent/tasks/{task}/complete");
+    let page = "<html>503 Service Unavailable</html>".to_string();
+    cp.inject(&route, Fault::Status(503, "text/html", page), 1_000_000);
+    let fillers = fs.fill_all();
+    std::fs::remove_file(&gate).unwrap();
+    cp.wait_for("a refused final report", Duration::from_secs(60), |cp| {
+        cp.requests_to(&route).iter().any(|r| r.fault.is_some())
+    });
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(60)).is_some());
+    let stopped = agent.log();
+    drop(agent);
+    remove_all(&fillers);
+    cp.clear_faults();
+    let agent = start_registered(&cp, &node);
+    let done = wait_final(&cp, &task, 30);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        statuses(&cp, &task),
+        ["running", "completed"],
+        "{}",
+        agent.log()
+    );
+    let result = done["result"].as_str().unwrap();
+    assert!(result.starts_with(&format!("{line}\n{line}\n")), "{result}");
+    assert!(
+        result.ends_with("[cut by muvee-agent: DATA_DIR was full when the task ended]\n"),
+        "{result}"
+    );
+    assert!(
+        result.len() > 60 << 10 && result.len() < 64 << 10,
+        "{}",
+        result.len()
+    );
+    // The stop said what was true: the report stayed queued, none was unwritten.
+    assert!(
+        stopped.contains("1 undelivered report(s) stay queued")
+            && !stopped.contains("cannot write"),
+        "{stopped}"
+    );
+}
+
+/// Issue 16 follow-up: a queued report file cut short (a crash on a filesystem without
+/// ordered data) does not lose its task's outcome: the file names the task, which is
+/// reported `failed` with the reason, unless a final report of it is still queued.
+#[test]
+fn a_damaged_report_file_becomes_a_failed_report_of_its_task() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("faults-damaged");
+    let node = TestAgent::builder("deploy").cp(&cp).dir(&dir);
+    drop(start_registered(&cp, &node));
+    let node_id = cp.node_id_for_role("deploy").unwrap();
+    let [x, y] =
+        ["a", "b"].map(|p| cp.add_task(&node_id, "cleanup", "", json!({"domain_prefix": p})));
+    let state = Planted::new(&dir);
+    // x's final report was cut short; y's running report was, its final report was not.
+    state.entry(&x, "done", now_secs());
+    state.entry(&y, "done", now_secs());
+    state.report_file(1, &x, "");
+    state.report_file(2, &y, r#"{"task_id":"#);
+    state.report(3, &y, json!({"status": "completed"}));
+    let agent = start_registered(&cp, &node);
+    let final_x = wait_final(&cp, &x, 20);
+    assert_eq!(final_x["status"], "failed", "{}", agent.log());
+    let why = final_x["result"].as_str().unwrap();
+    assert!(
+        why.contains("queued report of this task was damaged"),
+        "{why}"
+    );
+    wait_final(&cp, &y, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(statuses(&cp, &x), ["failed"]);
+    assert_eq!(statuses(&cp, &y), ["completed"]);
+}
+
+/// Issue 16 follow-up: two agents started at the same instant. The winner holds the lock
+/// but has not written its pid yet (here: this test process holds it), and agent.pid still
+/// names an agent killed earlier: the loser names the holder the kernel lists, never the
+/// stale pid.
+#[test]
+fn a_second_agent_names_the_lock_holder_not_a_stale_pid_file() {
+    use std::os::unix::io::AsRawFd;
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("faults-stale-pid");
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("state")).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let stale = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(data.join("state/agent.pid"), format!("{stale}\n")).unwrap();
+    let held = std::fs::File::open(&data).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    let r = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, 0);
+    let mut agent = TestAgent::builder("deploy").cp(&cp).dir(&dir).start();
+    let status = agent.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", agent.log());
+    let want = format!("in use by another muvee-agent (pid {})", std::process::id());
+    assert!(agent.log().contains(&want), "{}", agent.log());
+    drop(held);
+}
+
+/// Issue 16 follow-up: symlinks planted in DATA_DIR/state are never followed: the outbox
+/// directory pointing elsewhere is replaced (the other directory keeps its mode and gets no
+/// report), and a temp name or a reserve pointing at a file leaves that file as it was.
+#[test]
+fn symlinks_planted_in_the_state_are_never_followed() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("faults-symlinks");
+    let node = TestAgent::builder("deploy").cp(&cp).dir(&dir);
+    drop(start_registered(&cp, &node));
+    let node_id = cp.node_id_for_role("deploy").unwrap();
+    let task = cp.add_task(&node_id, "cleanup", "", json!({"domain_prefix": "myapp"}));
+    let state = dir.join("data/state");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("keep"), "keep").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victims = [dir.join("victim1"), dir.join("victim2")];
+    for v in &victims {
+        std::fs::write(v, "precious").unwrap();
+    }
+    std::fs::remove_dir_all(state.join("outbox")).unwrap();
+    symlink(&elsewhere, state.join("outbox")).unwrap();
+    symlink(&victims[0], state.join("agent.tmp")).unwrap();
+    symlink(&victims[1], state.join(format!("tasks/{task}.reserve"))).unwrap();
+    let agent = start_registered(&cp, &node);
+    assert_eq!(wait_final(&cp, &task, 30)["status"], "completed");
+    assert_eq!(format!("{:o}", mode(&elsewhere)), "755");
+    assert_eq!(files(&elsewhere), [("keep".to_string(), 4)]);
+    for v in &victims {
+        assert_eq!(std::fs::read_to_string(v).unwrap(), "precious");
+    }
+    let outbox = std::fs::symlink_metadata(state.join("outbox")).unwrap();
+    assert!(outbox.is_dir(), "{}", agent.log());
+}
+
+/// Issue 16 follow-up: with umask 000 and DATA_DIR full at start (no state directory could
+/// be made then), what is made once space returns is private all the same: the log spill
+/// directory and file, the build owners' directory and lock.
+#[test]
+fn state_made_after_a_full_start_is_private_under_umask_000() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = test_name!();
+    let Some(fs) = sized_tmpfs_or_skip("faults-umask", test, "size=64m,nr_inodes=400") else {
+        return;
+    };
+    let cp = builder_cp();
+    let dir = temp_dir("faults-umask-agent");
+    let data = fs.0.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let fillers = fs.fill_all();
+    let env = [
+        ("FAKE_GIT_LINES", "450000"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("DATA_DIR", data.to_str().unwrap()),
+    ];
+    let umask_000 = ["sh", "-c", "umask 000 && exec \"$0\""];
+    let node = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .wrapped_in(&umask_000);
+    let agent = start_registered(&cp, &node);
+    remove_all(&fillers);
+    // The log route stalls while the build prints 12 MB: the backlog spills to disk.
+    cp.inject("/api/deployments/", Fault::Hang(Duration::from_secs(12)), 1);
+    let task = chatty_build(&cp, DEP_A);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.permissions().mode() & 0o777);
+    let logs = data.join("state/logs");
+    let mut spill = None;
+    let spilled = util::poll(60, || {
+        let found = files(&logs)
+            .into_iter()
+            .find(|(n, _)| n.ends_with(".spill"));
+        spill = found.and_then(|(n, _)| mode(&logs.join(n)).ok());
+        spill.is_some()
+    });
+    assert!(spilled, "{}", agent.log());
+    assert_eq!(spill.map(|m| format!("{m:o}")).unwrap(), "600");
+    let owners = data.join("state/build-owners");
+    for d in [
+        &data.join("state"),
+        &logs,
+        &owners,
+        &data.join("state/tasks"),
+    ] {
+        assert_eq!(format!("{:o}", mode(d).unwrap()), "700", "{}", d.display());
+    }
+    for (lock, _) in files(&owners) {
+        assert_eq!(
+            format!("{:o}", mode(&owners.join(&lock)).unwrap()),
+            "600",
+            "{lock}"
+        );
+    }
+    assert_eq!(wait_final(&cp, &task, 180)["status"], "failed");
 }

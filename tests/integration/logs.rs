@@ -8,7 +8,7 @@ use crate::fake_cp::{FakeCp, Fault, Version};
 use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, temp_dir};
 use serde_json::json;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn builder_cp() -> FakeCp {
     let cp = FakeCp::start(Version::Today, SECRET);
@@ -192,6 +192,112 @@ fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
     assert!(why.contains("git clone") && why.contains("128"), "{why}");
     assert!(!agent.log().contains("did not stop"), "{}", agent.log());
     assert!(agent.log().contains("gave up shipping"));
+}
+
+/// When the final report of `task` reached the control plane.
+fn final_report_at(cp: &FakeCp, task: &str) -> SystemTime {
+    let reports = cp.requests_to(&format!("/api/agent/tasks/{task}/complete"));
+    let last = reports.iter().rev().find(|r| {
+        r.json()
+            .is_some_and(|c| c["status"] == "failed" || c["status"] == "completed")
+    });
+    last.expect("a final report").at
+}
+
+/// The log route fails fast for a while, then hangs: no request outlives the give-up time,
+/// so the final report arrives 15 s after the task's last line (not 20 s after the last
+/// retry began, as when each request had the client's full timeout).
+#[test]
+fn a_hanging_log_route_holds_the_final_report_at_most_15_s() {
+    let cp = builder_cp();
+    let page = "<html>502 Bad Gateway</html>".to_string();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Status(502, "text/html", page),
+        5,
+    );
+    let hang = Fault::Hang(Duration::from_secs(60));
+    cp.inject("/api/deployments/", hang, 1_000_000);
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f4";
+    let dir = temp_dir("logs-hang");
+    let env = [("FAKE_GIT_LINES", "50"), ("FAKE_GIT_EXIT", "128")];
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    // The task ends right after its lines: the first log request is the close.
+    let closed = cp.requests_to(&log_route(dep))[0].at;
+    let held = final_report_at(&cp, &task).duration_since(closed).unwrap();
+    let tries = cp.requests_to(&log_route(dep)).len();
+    assert!(tries >= 6, "{tries} log requests");
+    assert!(
+        held >= Duration::from_secs(14) && held < Duration::from_secs(17),
+        "final report {held:?} after close"
+    );
+}
+
+/// Two SIGTERMs while a build runs and its log request hangs: the agent does not wait for
+/// the request, reports the task canceled and exits within seconds.
+#[test]
+fn a_double_sigterm_does_not_wait_for_a_hanging_log_request() {
+    let cp = builder_cp();
+    cp.inject(
+        "/api/deployments/",
+        Fault::Hang(Duration::from_secs(60)),
+        1_000_000,
+    );
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f5";
+    let dir = temp_dir("logs-cancel");
+    let env = [("FAKE_GIT_TICKS", "120"), ("FAKE_GIT_EXIT", "0")];
+    let mut agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    cp.wait_for("a hanging log request", Duration::from_secs(30), |cp| {
+        !cp.requests_to(&log_route(dep)).is_empty()
+    });
+    // A few more ticks wait behind the hanging request.
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    agent.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let status = agent.wait_exit(Duration::from_secs(60));
+    let took = t0.elapsed();
+    assert!(status.is_some(), "still running\n{}", agent.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "exit {took:?} after the second SIGTERM\n{}",
+        agent.log()
+    );
+    let c = wait_final(&cp, &task, 1);
+    assert_eq!(c["status"], "failed");
+    assert!(
+        c["result"]
+            .as_str()
+            .unwrap()
+            .contains("canceled: agent shutting down"),
+        "{c}"
+    );
+    // The ticks behind the hanging request are dropped and counted, not waited for.
+    let log = agent.log();
+    let unshipped = log
+        .lines()
+        .find(|l| l.contains("log lines of deployment") && l.contains("not shipped"))
+        .and_then(|l| {
+            l.split("canceled: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        });
+    assert!(unshipped.is_some_and(|n| n > 0), "{log}");
 }
 
 /// DATA_DIR/state/logs cannot be created and the route fails while a build prints 12.6 MB:

@@ -1,0 +1,134 @@
+//! The control channel's frames (protocol §1.10), and the queue sessions send theirs through
+//! to the socket thread.
+
+use crate::sys::signal;
+use crate::task::clean_text;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+/// Where sessions queue frames for the socket: a bounded queue, and the doorbell that
+/// wakes the socket thread.
+#[derive(Clone)]
+pub struct Out {
+    tx: SyncSender<Frame>,
+    pub bell: Arc<signal::Doorbell>,
+}
+
+impl Out {
+    pub fn new(tx: SyncSender<Frame>, bell: Arc<signal::Doorbell>) -> Out {
+        Out { tx, bell }
+    }
+
+    /// Waits for room in the queue; Err when the connection is gone.
+    pub fn send(&self, f: Frame) -> Result<(), Gone> {
+        let r = self.tx.send(f).map_err(|_| Gone);
+        self.bell.ring();
+        r
+    }
+}
+
+/// The connection a frame was for has ended.
+#[derive(Debug)]
+pub struct Gone;
+
+/// One text frame (§1.10): every field but `type` is left out when empty, as Go's
+/// `omitempty` does, so `code:0` never appears.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Frame {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub session: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub domain_prefix: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub stream: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub data: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cols: u16,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rows: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sig: String,
+    #[serde(skip_serializing_if = "is_zero_i")]
+    pub code: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub msg: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub direction: String,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
+}
+
+fn is_zero_i(n: &i64) -> bool {
+    *n == 0
+}
+
+impl Frame {
+    pub fn new(kind: &str, session: &str) -> Frame {
+        Frame {
+            kind: kind.into(),
+            session: session.into(),
+            ..Frame::default()
+        }
+    }
+
+    pub fn with_data(kind: &str, session: &str, bytes: &[u8]) -> Frame {
+        Frame {
+            data: BASE64.encode(bytes),
+            ..Frame::new(kind, session)
+        }
+    }
+
+    /// Text that may carry docker's output: made storable (no NUL or control characters).
+    pub fn error(session: &str, msg: &str) -> Frame {
+        Frame {
+            msg: clean_text(msg).into_owned(),
+            ..Frame::new("error", session)
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        BASE64.decode(&self.data).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_leave_out_empty_fields_as_go_does() {
+        let exit = Frame::new("exit", "s1");
+        assert_eq!(
+            serde_json::to_string(&exit).unwrap(),
+            r#"{"type":"exit","session":"s1"}"#
+        );
+        let f: Frame = serde_json::from_str(
+            r#"{"type":"open_exec","session":"a","container":"muvee-x","cmd":["sh"],"cols":120,"rows":40,"extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!((f.cols, f.rows, f.cmd.len()), (120, 40, 1));
+        let e = Frame {
+            code: -1,
+            ..Frame::new("exit", "a")
+        };
+        assert!(serde_json::to_string(&e).unwrap().contains(r#""code":-1"#));
+        assert_eq!(Frame::error("a", "bad\0byte").msg, "bad\u{fffd}byte");
+    }
+}
