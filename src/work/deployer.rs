@@ -379,7 +379,8 @@ fn http_answers(port: u16, v4: bool) -> bool {
 }
 
 /// Removes `victims` on a background thread, `drain` after the task `awaited`'s report was
-/// accepted (or at once, with nothing awaited and no drain), then the mount dirs of deployments they belonged to, then evicts the cache if it is over.
+/// accepted (nothing awaited: `drain` from now), then the mount dirs of deployments they
+/// belonged to, then evicts the cache if it is over.
 fn retire(
     cfg: &Config,
     shared: &Arc<Shared>,
