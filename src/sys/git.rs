@@ -128,7 +128,15 @@ impl<'a> Git<'a> {
     ) -> Result<(), ExecError> {
         let c = self
             .in_repo(repo)
-            .args(["fetch", "-q", "--depth=1", "--no-tags", "--prune", "--", url])
+            .args([
+                "fetch",
+                "-q",
+                "--depth=1",
+                "--no-tags",
+                "--prune",
+                "--",
+                url,
+            ])
             .arg(format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"))
             .limits(limits)
             .label("git fetch");
