@@ -58,8 +58,12 @@ impl<'a> Git<'a> {
         c
     }
 
+    /// A call on the repository whose work tree is `dir`, and on no other: git never walks
+    /// up to an enclosing repository, even when `dir/.git` is broken (it refuses instead).
     fn in_repo(&self, dir: &Path) -> Cmd {
-        self.cmd().arg("-C").arg(dir)
+        // Relative to `dir`, where -C puts git before it reads them.
+        let c = self.cmd().env("GIT_DIR", ".git").env("GIT_WORK_TREE", ".");
+        c.arg("-C").arg(dir)
     }
 
     /// `git clone --depth=1 [--branch B] -- URL DEST`; an empty branch is the default one.
@@ -112,7 +116,7 @@ impl<'a> Git<'a> {
         }))
     }
 
-    /// `git -C REPO fetch -q --depth=1 --no-tags -- URL +refs/heads/B:refs/remotes/origin/B`:
+    /// `git -C REPO fetch -q --depth=1 --no-tags --prune -- URL +refs/heads/B:refs/remotes/origin/B`:
     /// only the objects REPO lacks travel (its commits are the negotiation's haves).
     pub fn fetch_branch(
         &self,
@@ -124,15 +128,24 @@ impl<'a> Git<'a> {
     ) -> Result<(), ExecError> {
         let c = self
             .in_repo(repo)
-            .args(["fetch", "-q", "--depth=1", "--no-tags", "--", url])
+            .args([
+                "fetch",
+                "-q",
+                "--depth=1",
+                "--no-tags",
+                "--prune",
+                "--",
+                url,
+            ])
             .arg(format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"))
             .limits(limits)
             .label("git fetch");
         self.runner.run(&c, &mut |_, l| on_line(l)).map(drop)
     }
 
-    /// `git -C REPO checkout -q -f -B B refs/remotes/origin/B`: the work tree and branch B
-    /// become exactly the fetched commit (files git tracks; it rewrites only what changed).
+    /// `git -C REPO checkout -q -f --no-track -B B refs/remotes/origin/B`: the work tree and
+    /// branch B become exactly the fetched commit (files git tracks; it rewrites only what
+    /// changed). No tracking section: the config names no branch.
     pub fn checkout_fetched(
         &self,
         repo: &Path,
@@ -141,7 +154,7 @@ impl<'a> Git<'a> {
     ) -> Result<(), ExecError> {
         let c = self
             .in_repo(repo)
-            .args(["checkout", "-q", "-f", "-B", branch])
+            .args(["checkout", "-q", "-f", "--no-track", "-B", branch])
             .arg(format!("refs/remotes/origin/{branch}"))
             .limits(limits)
             .label("git checkout");

@@ -5,8 +5,9 @@ use crate::sys::executor::{Cmd, ExecError, Runner};
 use std::path::Path;
 use std::time::Duration;
 
-/// `rsync -a --delete [--link-dest=PREV] SRC/ DST/`: DST becomes an exact copy of SRC's
-/// contents; a file PREV holds unchanged (size, mtime, mode) becomes a hard link to PREV's.
+/// `rsync -a --delete [--checksum --link-dest=PREV] SRC/ DST/`: DST becomes an exact copy of
+/// SRC's contents; a file PREV holds with the same content (compared by checksum: a rewrite
+/// keeping size and mtime must not be linked), mode and mtime becomes a hard link to PREV's.
 pub fn mirror(
     runner: &dyn Runner,
     src: &Path,
@@ -17,7 +18,9 @@ pub fn mirror(
 ) -> Result<(), ExecError> {
     let mut cmd = Cmd::new("rsync").args(["-a", "--delete"]);
     if let Some(prev) = link_dest {
-        cmd = cmd.arg(format!("--link-dest={}", prev.display()));
+        cmd = cmd
+            .arg("--checksum")
+            .arg(format!("--link-dest={}", prev.display()));
     }
     let cmd = cmd
         .arg(format!("{}/", src.display()))

@@ -19,8 +19,10 @@ use crate::work::gitcache;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use percent_encoding::percent_decode_str;
+use std::ffi::OsString;
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::Write;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -54,6 +56,21 @@ pub struct GitSource {
     /// `Authorization: Basic ...` for HTTP(S) clones.
     auth_header: Option<String>,
     ssh_key: Option<String>,
+}
+
+impl GitSource {
+    /// Everything the clone authenticates with (None: nothing), for the git cache to keep
+    /// builds with different credentials apart.
+    fn credentials(&self) -> Option<String> {
+        match (&self.auth_header, &self.ssh_key) {
+            (None, None) => None,
+            (h, k) => Some(format!(
+                "{}\0{}",
+                h.as_deref().unwrap_or(""),
+                k.as_deref().unwrap_or("")
+            )),
+        }
+    }
 }
 
 /// A validated build payload.
@@ -539,7 +556,9 @@ fn checkout(
         clone_source(ctx, &job.git, &dir.0, src, limits)?
     } else {
         let git = git_for(ctx, &job.git, &dir.0)?;
-        fresh = gitcache::checkout(ctx, git, &job.git.url, &job.git.branch, src, limits)?;
+        let cred = gitcache::fingerprint(job.git.credentials().as_deref());
+        let repo = (job.git.url.as_str(), cred.as_str());
+        fresh = gitcache::checkout(ctx, git, repo, &job.git.branch, src, limits)?;
         Git::new(&*ctx.shared.runner)
     };
     let sha = git.head(src, limits)?;
@@ -572,6 +591,7 @@ pub fn clone_source<'a>(
 /// Git with `source`'s credentials (an SSH key goes to a 0600 file in the private `key_dir`,
 /// which the caller removes), after saying what it clones.
 fn git_for<'a>(ctx: &'a Ctx, source: &GitSource, key_dir: &Path) -> Result<Git<'a>, TaskError> {
+    refuse_data_dir(&source.url, &ctx.cfg.data_dir)?;
     let mut git = Git::new(&*ctx.shared.runner);
     if let Some(h) = &source.auth_header {
         git = git.header(h);
@@ -593,6 +613,52 @@ fn git_for<'a>(ctx: &'a Ctx, source: &GitSource, key_dir: &Path) -> Result<Git<'
     };
     ctx.say(&format!("Cloning {}@{shown_branch}...", source.url));
     Ok(git)
+}
+
+/// A `file://` URL naming a path inside DATA_DIR (the git cache of other builds, datasets,
+/// keys) is refused: a build reads only what its own URL and credentials reach.
+fn refuse_data_dir(url: &str, data_dir: &Path) -> Result<(), TaskError> {
+    let Some(rest) = url
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("file://"))
+        .map(|_| &url[7..])
+    else {
+        return Ok(());
+    };
+    // git ignores a host part, decodes %XX and also tries PATH.git.
+    let path = &rest[rest.find('/').unwrap_or(rest.len())..];
+    let path = PathBuf::from(OsString::from_vec(percent_decode_str(path).collect()));
+    let mut with_git = path.clone().into_os_string();
+    with_git.push(".git");
+    let data = resolved(data_dir);
+    let inside = [path.clone(), with_git.into()]
+        .iter()
+        .any(|p| resolved(p).starts_with(&data));
+    if inside || path.components().any(|c| c == Component::ParentDir) {
+        return Err(TaskError::Invalid(format!(
+            "payload field `git_url`: {url:?} is refused: a local repository must be outside the agent's DATA_DIR and its path must not contain '..'"
+        )));
+    }
+    Ok(())
+}
+
+/// `p` with symlinks and `..` resolved as far as it exists; the rest appended as given.
+fn resolved(p: &Path) -> PathBuf {
+    let mut head = p.to_path_buf();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(real) = head.canonicalize() {
+            return tail.iter().rev().fold(real, |acc, n| acc.join(n));
+        }
+        match (head.file_name().map(|n| n.to_os_string()), head.parent()) {
+            (Some(n), Some(parent)) => {
+                tail.push(n);
+                head = parent.to_path_buf();
+            }
+            // Nothing left that exists (a relative path, or `..`): what was given.
+            _ => return p.to_path_buf(),
+        }
+    }
 }
 
 /// Builds (and with buildx pushes) the image; otherwise pushes it. Returns the digest.
@@ -643,6 +709,39 @@ fn proxy_build_args(ctx: &Ctx) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_url_into_data_dir_is_refused() {
+        let d = crate::sys::fake::temp_dir("refuse-data-dir");
+        let (data, other) = (d.join("data"), d.join("repos"));
+        std::fs::create_dir_all(data.join("git/k/repo")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(&data, other.join("via-link")).unwrap();
+        let refused = |u: String| match refuse_data_dir(&u, &data) {
+            Err(TaskError::Invalid(m)) => m.contains("`git_url`"),
+            _ => false,
+        };
+        let (dd, od) = (data.display(), other.display());
+        for u in [
+            format!("file://{dd}/git/k/repo"),
+            format!("FILE://localhost{dd}/git/k/repo"),
+            format!("file://{dd}/git/k/re%70o"),
+            format!("file://{dd}/git/k/not-yet"),
+            format!("file://{dd}"),
+            format!("file://{od}/via-link/git/k/repo"),
+            format!("file://{od}/../data/git/k/repo"),
+        ] {
+            assert!(refused(u.clone()), "{u}");
+        }
+        for u in [
+            format!("file://{od}/app.git"),
+            format!("file://{dd}-other/app.git"),
+            format!("https://h{dd}/git/k/repo"),
+        ] {
+            assert!(refuse_data_dir(&u, &data).is_ok(), "{u}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
     use crate::sys::fake::Reply;
     use crate::work::ctx::testing::Harness;
     use crate::work::dispatch;

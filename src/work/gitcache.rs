@@ -1,13 +1,15 @@
-//! The builder's git cache: one repository per clone URL under DATA_DIR/git, kept between
-//! builds. A build fetches with its own credentials every time (a build whose credentials
+//! The builder's git cache: one repository per clone URL and credential under DATA_DIR/git,
+//! kept between builds (builds with other credentials never share its objects). A build fetches with its own credentials every time (a build whose credentials
 //! cannot fetch fails, whatever the cache holds), receives only the objects the cache lacks
 //! (its commits are the negotiation's haves; `--depth=1` keeps a first fetch as small as
 //! today's shallow clone), checks the commit out in the cache's work tree, where git rewrites
-//! only the files that changed, and takes a copy made of hard links into its private dir.
+//! only the files that changed, and takes a copy made of hard links into its private dir,
+//! whose only ref is the branch built.
 //!
 //! ```text
 //! git/<key>.lock    flock: one build or eviction per repository at a time, across processes
-//! git/<key>/source  the URL it caches, written last: an entry without it is incomplete
+//! git/<key>/source  the URL and credential fingerprint it caches, written last: an entry
+//!                   without it is incomplete
 //! git/<key>/repo/   the repository and its work tree; no credentials in its config
 //! git/.<key>.*      a rebuild or a deletion in progress
 //! ```
@@ -26,12 +28,13 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-/// Checks `branch` of `url` (the default one when empty) out into `dest` (which must not exist) through the cache. A new entry
-/// comes back as [`Fresh`], to settle once the build is over.
+/// Checks `branch` of `url` (the default one when empty) out into `dest` (which must not
+/// exist) through the entry of `url` and `cred` (see [`fingerprint`]). A new entry comes back
+/// as [`Fresh`], to settle once the build is over.
 pub fn checkout(
     ctx: &Ctx,
     git: Git,
-    url: &str,
+    (url, cred): (&str, &str),
     branch: &str,
     dest: &Path,
     limits: Limits,
@@ -51,19 +54,21 @@ pub fn checkout(
         b => b.to_string(),
     };
     let root = cache_root(&ctx.cfg.data_dir)?;
-    let key = key(url);
+    let source = format!("{url}\n{cred}\n");
+    let key = key(&source);
     let lock_path = root.join(format!("{key}.lock"));
     let lock = FileLock::at(&lock_path, true).map_err(TaskError::io(lock_path.display()))?;
     let entry = Entry {
         git: &git,
         url,
+        source: &source,
         branch: &branch,
         limits,
     };
     let (fetched, fresh) = entry.update(ctx, &root, &key)?;
     let repo = root.join(&key).join("repo");
-    let fetch_head = Path::new(".git/FETCH_HEAD"); // git rewrites it in place
-    tree::link_copy(&repo, dest, &|rel| rel == fetch_head).map_err(TaskError::io(format!(
+    let head = git.head(&repo, limits)?;
+    copy_branch(&repo, dest, &branch, &head).map_err(TaskError::io(format!(
         "cannot copy {} to {}",
         repo.display(),
         dest.display()
@@ -79,7 +84,7 @@ pub fn checkout(
     }
     Ok(fresh.then(|| Fresh {
         repo,
-        url: url.to_string(),
+        source,
         at: Instant::now(),
     }))
 }
@@ -100,7 +105,7 @@ fn cache_settings(git: Git) -> Git {
 /// touches only what changed.
 pub struct Fresh {
     repo: PathBuf,
-    url: String,
+    source: String,
     at: Instant,
 }
 
@@ -118,7 +123,7 @@ impl Fresh {
         let Ok(Some(_lock)) = FileLock::at(&lock_path, false) else {
             return;
         };
-        if std::fs::read_to_string(dir.join("source")).is_ok_and(|s| s == self.url) {
+        if std::fs::read_to_string(dir.join("source")).is_ok_and(|s| s == self.source) {
             let git = cache_settings(Git::new(&*ctx.shared.runner));
             let limits = Limits {
                 deadline: None,
@@ -139,19 +144,48 @@ fn cache_root(data_dir: &Path) -> Result<PathBuf, TaskError> {
     Ok(root)
 }
 
-/// The entry name of a URL: 64-bit FNV-1a in hex. A collision only costs a rebuild: the
-/// entry's `source` must be the URL itself.
-fn key(url: &str) -> String {
-    let h = url.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{h:016x}")
+/// Which credentials a build fetches with, as an entry's second name: `anonymous`, or the
+/// SHA-256 of what it sends (an `Authorization` header, an SSH key), never the secret itself.
+pub fn fingerprint(secret: Option<&str>) -> String {
+    match secret {
+        None => "anonymous".into(),
+        Some(s) => format!("cred-{}", sha256_hex(&format!("muvee-git-cache\0{s}"))),
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The entry name of a `source`: 64 bits of its SHA-256 in hex. A collision only costs a
+/// rebuild: the entry's `source` file must match.
+fn key(source: &str) -> String {
+    sha256_hex(source)[..16].to_string()
+}
+
+/// Makes `dest` a hard-link copy of the entry `repo` with `branch` (at `head`) as its only
+/// ref: no other branch, remote-tracking ref, reflog or FETCH_HEAD reaches the build.
+fn copy_branch(repo: &Path, dest: &Path, branch: &str, head: &str) -> std::io::Result<()> {
+    let git = Path::new(".git");
+    let dropped = ["FETCH_HEAD", "ORIG_HEAD", "packed-refs", "logs"].map(|n| git.join(n));
+    let refs = git.join("refs");
+    tree::link_copy(repo, dest, &|rel| {
+        dropped.iter().any(|d| d == rel) || (rel.starts_with(&refs) && rel != refs)
+    })?;
+    let ref_path = dest.join(".git/refs/heads").join(branch);
+    if let Some(dir) = ref_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dest.join(".git/refs/tags"))?;
+    std::fs::write(ref_path, format!("{head}\n"))
 }
 
 /// One repository's fetch and checkout, done in the cache entry or a new one.
 struct Entry<'a> {
     git: &'a Git<'a>,
     url: &'a str,
+    source: &'a str,
     branch: &'a str,
     limits: Limits,
 }
@@ -161,7 +195,7 @@ impl Entry<'_> {
     /// the object bytes fetched, and whether the entry is new.
     fn update(&self, ctx: &Ctx, root: &Path, key: &str) -> Result<(u64, bool), TaskError> {
         let dir = root.join(key);
-        let cached = std::fs::read_to_string(dir.join("source")).is_ok_and(|s| s == self.url);
+        let cached = std::fs::read_to_string(dir.join("source")).is_ok_and(|s| s == self.source);
         if cached {
             match self.fetch_checkout(ctx, &dir.join("repo")) {
                 Ok(n) => return Ok((n, false)),
@@ -199,7 +233,7 @@ impl Entry<'_> {
         self.git.init(&repo, self.url, self.limits)?;
         let n = self.fetch_checkout(ctx, &repo)?;
         let src = dir.join("source");
-        std::fs::write(&src, self.url).map_err(TaskError::io(src.display()))?;
+        std::fs::write(&src, self.source).map_err(TaskError::io(src.display()))?;
         Ok(n)
     }
 

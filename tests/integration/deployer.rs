@@ -631,8 +631,8 @@ fn a_cached_dataset_needs_no_source_and_an_incomplete_copy_is_never_mounted() {
     assert_eq!(mounted(&app), 201);
 }
 
-/// A new version differing in one file takes hard links to the cached one for the rest:
-/// the copy and the disk space are that file's; the cache budget counts shared files once;
+/// A new version differing in two files (one with the same size and mtime as before) takes
+/// hard links to the cached one for the rest: the copy and the disk space are those files'; the cache budget counts shared files once;
 /// evicting the old version leaves the new one whole.
 #[test]
 fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
@@ -649,6 +649,15 @@ fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
         std::fs::write(src.join(format!("f{i}")), vec![i as u8; 20 * 1024]).unwrap();
     }
     std::fs::write(src.join("file.txt"), "version-1\n").unwrap();
+    // Rewritten below with the same size and mtime: rsync's quick check would link it.
+    let same = src.join("same.txt");
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let write_same = |text: &str| {
+        std::fs::write(&same, text).unwrap();
+        let f = std::fs::File::options().write(true).open(&same).unwrap();
+        f.set_modified(mtime).unwrap();
+    };
+    write_same("version-1\n");
     let deploy = |app: &App, dep: &str, version: u64| {
         let mut p = app.payload(dep, APP, "l");
         p["datasets"] = json!([{"id": id, "name": "set", "nfs_path": "l", "version": version, "mount_mode": "dependency"}]);
@@ -660,6 +669,7 @@ fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
     assert!(v1 > 100 * 20 * 1024, "{v1}");
     // Version 2: one file differs. The budget holds v1 and v2 only if shared files count once.
     std::fs::write(src.join("file.txt"), "version-2, a little longer\n").unwrap();
+    write_same("version-2\n");
     app.set("MAX_STORAGE", &(v1 + v1 / 20).to_string());
     let (port, r) = deploy(&app, "dep-l2", 2);
     assert!(
@@ -667,8 +677,10 @@ fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
         "{}",
         r.log
     );
-    assert!(r.log.contains(" bytes, 27 of them copied"), "{}", r.log);
+    assert!(r.log.contains(" bytes, 37 of them copied"), "{}", r.log);
     assert!(body(port).contains("version-2"));
+    let seen = docker_ok(&["exec", &app.container(), "cat", "/data/set/same.txt"]);
+    assert_eq!(seen.trim(), "version-2");
     let ino = |p: PathBuf| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
     assert_eq!(ino(objects.join("v1/f7")), ino(objects.join("v2/f7")));
     let both = disk_bytes(&[&objects.join("v1"), &objects.join("v2")]);
@@ -681,7 +693,7 @@ fn a_new_dataset_version_links_unchanged_files_to_the_cached_one() {
     assert!(!objects.join("v1").exists() && objects.join("v2.complete").is_file());
     assert!(body(port).contains("version-2"));
     let ls = docker_ok(&["exec", &app.container(), "ls", "/data/set"]);
-    assert_eq!(ls.lines().count(), 101, "{ls}");
+    assert_eq!(ls.lines().count(), 102, "{ls}");
     let f7 = docker_ok(&["exec", &app.container(), "md5sum", "/data/set/f7"]);
     let want = util::sh(Command::new("md5sum").arg(src.join("f7")));
     assert_eq!(f7.split(' ').next(), want.split(' ').next());

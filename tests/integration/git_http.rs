@@ -17,20 +17,33 @@ pub struct GitHttp {
 impl GitHttp {
     /// Serves the bare repos under `root` (URL path = path under root) to `user:pass` only.
     pub fn start(root: &Path, user: &str, pass: &str) -> GitHttp {
+        GitHttp::start_views(&[(user, pass, root)])
+    }
+
+    /// One view per user: `user:pass` sees the repos under its own root at the same URLs.
+    pub fn start_views(views: &[(&str, &str, &Path)]) -> GitHttp {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let expected = format!(
-            "Basic {}",
-            crate::util::base64(format!("{user}:{pass}").as_bytes())
+        let views: Arc<Vec<View>> = Arc::new(
+            views
+                .iter()
+                .map(|(user, pass, root)| View {
+                    auth: format!(
+                        "Basic {}",
+                        crate::util::base64(format!("{user}:{pass}").as_bytes())
+                    ),
+                    user: user.to_string(),
+                    root: root.to_path_buf(),
+                })
+                .collect(),
         );
-        let (root, seen2, user) = (root.to_path_buf(), seen.clone(), user.to_string());
+        let seen2 = seen.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (root, seen, expected, user) =
-                    (root.clone(), seen2.clone(), expected.clone(), user.clone());
+                let (views, seen) = (views.clone(), seen2.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &root, &seen, &expected, &user);
+                    let _ = serve(conn, &views, &seen);
                 });
             }
         });
@@ -46,12 +59,16 @@ impl GitHttp {
     }
 }
 
+struct View {
+    auth: String,
+    user: String,
+    root: std::path::PathBuf,
+}
+
 fn serve(
     conn: TcpStream,
-    root: &Path,
+    views: &[View],
     seen: &Mutex<Vec<(String, String)>>,
-    expected_auth: &str,
-    user: &str,
 ) -> std::io::Result<()> {
     let mut r = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -87,12 +104,12 @@ fn serve(
         .unwrap()
         .push((request_line.clone(), auth.clone()));
     let mut out = conn;
-    if auth != expected_auth {
+    let Some(View { user, root, .. }) = views.iter().find(|v| v.auth == auth) else {
         return out.write_all(
             b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\n\
               Content-Length: 0\r\nConnection: close\r\n\r\n",
         );
-    }
+    };
     let mut parts = request_line.split(' ');
     let method = parts.next().unwrap_or("GET");
     let target = parts.next().unwrap_or("/");

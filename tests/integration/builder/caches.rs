@@ -3,7 +3,7 @@
 
 use super::{
     assert_pushed_and_runs, dockerfile, file_url, payload, registry_get, repo_with, require_cli,
-    run_build, run_build_in, Kind, Shims,
+    run_build, run_build_in, Kind, Run, Shims,
 };
 use crate::git_http::{self, GitHttp};
 use crate::util::{self, new_uuid, temp_dir, unique_hex};
@@ -256,7 +256,7 @@ fn the_git_cache_stays_within_git_cache_max_and_can_be_turned_off() {
     let (repos, other) = cache_entries(&data);
     assert_eq!(repos.len(), 1, "{repos:?} {other:?}");
     let source = std::fs::read_to_string(repos[0].parent().unwrap().join("source")).unwrap();
-    assert_eq!(source, file_url(&b));
+    assert_eq!(source, format!("{}\nanonymous\n", file_url(&b)));
     assert_eq!(other.len(), 1, "{other:?}");
     // GIT_CACHE_MAX=0: the shallow clone of old, nothing kept.
     env.push(("GIT_CACHE_MAX", "0"));
@@ -327,4 +327,150 @@ fn a_second_builder_node_takes_the_layers_from_the_registry() {
     assert!(!log.contains(&reg.password));
     assert_pushed_and_runs(&second, "/app.txt", "two");
     util::docker(&["rmi", "-f", &cache], &[]);
+}
+
+/// `git ARGS` in the repository `dir` (its own .git only); (success, stdout).
+fn git_in(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("git")
+        .env("GIT_DIR", dir.join(".git"))
+        .env("GIT_WORK_TREE", dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success(), stdout)
+}
+
+/// The build context of a build run with the shims, as the image would get it.
+fn built_context(data: &Path, shims: &Shims, p: &serde_json::Value) -> (Run, PathBuf, String) {
+    let keep = temp_dir("kept-context").join("ctx");
+    let keep_s = keep.display().to_string();
+    let mut env = shims.env().to_vec();
+    env.extend([("SHIM_MODE", "buildkit"), ("SHIM_KEEP", keep_s.as_str())]);
+    let run = run_build_in(data, p, &env, false);
+    run.assert_completed();
+    let refs = git_in(&keep, &["for-each-ref", "--format=%(refname)"]).1;
+    (run, keep, refs)
+}
+
+#[test]
+fn builds_with_other_credentials_share_no_objects_and_a_build_sees_only_its_branch() {
+    // Alice's view of app.git has the branch `payroll`; Bob's, at the same URL, only `main`.
+    let root = temp_dir("views");
+    let alice_bare = root.join("alice/app.git");
+    let df = dockerfile("COPY . /src");
+    git_http::make_repo(&alice_bare, "main", &[("Dockerfile", &df)], &["payroll"]);
+    let bob_bare = root.join("bob/app.git");
+    let out = Command::new("git")
+        .args(["clone", "-q", "--bare", "--single-branch", "-b", "main"])
+        .args([&alice_bare, &bob_bare])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let payroll = commit_to(&alice_bare, "payroll", &[("salaries.txt", b"TOP-SECRET")]);
+    let (ta, tb) = (
+        format!("tok-a-{}", unique_hex()),
+        format!("tok-b-{}", unique_hex()),
+    );
+    let server = GitHttp::start_views(&[
+        ("alice", &ta, &root.join("alice")),
+        ("bob", &tb, &root.join("bob")),
+    ]);
+    let url = format!("{}/app.git", server.url());
+    let shims = Shims::new(&["docker"]);
+    let data = temp_dir("bdata");
+    let as_user = |user: &str, token: &str, branch: &str| {
+        let mut p = payload(&url, branch, &new_uuid());
+        p["git_username"] = json!(user);
+        p["git_token"] = json!(token);
+        p
+    };
+    let (_, ctx, refs) = built_context(&data, &shims, &as_user("alice", &ta, "payroll"));
+    assert_eq!(refs, "refs/heads/payroll");
+    assert_eq!(
+        std::fs::read(ctx.join("salaries.txt")).unwrap(),
+        b"TOP-SECRET"
+    );
+    // Bob: his own entry, so none of Alice's objects; only his branch.
+    let (run, ctx, refs) = built_context(&data, &shims, &as_user("bob", &tb, "main"));
+    assert_eq!(refs, "refs/heads/main", "{}", run.dump());
+    assert!(!git_in(&ctx, &["cat-file", "-e", &payroll]).0);
+    assert!(!ctx.join(".git/logs").exists() && !ctx.join(".git/packed-refs").exists());
+    let config = std::fs::read_to_string(ctx.join(".git/config")).unwrap();
+    assert!(!config.contains("payroll"), "{config}");
+    assert_eq!(cache_entries(&data).0.len(), 2);
+    // Alice deletes the branch; her next build of main shows no trace of it through refs.
+    let out = Command::new("git")
+        .arg("--git-dir")
+        .arg(&alice_bare)
+        .args(["branch", "-D", "payroll"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (run, ctx, refs) = built_context(&data, &shims, &as_user("alice", &ta, "main"));
+    assert_eq!(refs, "refs/heads/main", "{}", run.dump());
+    assert!(!git_in(&ctx, &["rev-parse", "--verify", "-q", "payroll"]).0);
+    assert!(!ctx.join("salaries.txt").exists());
+    // Same credentials, same entry.
+    assert_eq!(cache_entries(&data).0.len(), 2);
+    // No build reads an entry directly, without credentials.
+    let (repos, _) = cache_entries(&data);
+    for repo in repos {
+        let p = payload(&format!("file://{}", repo.display()), "main", &new_uuid());
+        let run = run_build_in(&data, &p, &shims.env(), false);
+        run.assert_failed();
+        assert!(run.result().contains("`git_url`"), "{}", run.dump());
+    }
+}
+
+#[test]
+fn a_broken_entry_inside_an_enclosing_git_repository_is_rebuilt_and_the_repository_untouched() {
+    let (bare, head) = repo_with("RUN true", &[("which.txt", "one")]);
+    // DATA_DIR inside someone's work tree, with a commit and a file of theirs.
+    let outer = temp_dir("outer");
+    assert!(git_in(&outer, &["init", "-q", "-b", "mine"]).0);
+    std::fs::write(outer.join("precious.txt"), "precious").unwrap();
+    assert!(git_in(&outer, &["add", "precious.txt"]).0);
+    let out = Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+        .current_dir(&outer)
+        .args(["commit", "-qm", "mine"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mine = git_in(&outer, &["rev-parse", "HEAD"]).1;
+    let data = outer.join("data");
+    let shims = Shims::new(&["docker"]);
+    let p = payload(&file_url(&bare), "main", &new_uuid());
+    let (run, ctx, _) = built_context(&data, &shims, &p);
+    assert!(run.tag().ends_with(&head[..12]), "{}", run.dump());
+    assert_eq!(
+        std::fs::read_to_string(ctx.join("which.txt")).unwrap(),
+        "one"
+    );
+    let (repos, _) = cache_entries(&data);
+    std::fs::remove_file(repos[0].join(".git/HEAD")).unwrap();
+    let (run, ctx, refs) = built_context(&data, &shims, &p);
+    assert!(run.tag().ends_with(&head[..12]), "{}", run.dump());
+    assert!(
+        run.stderr.contains("fetching into a new cache entry"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(refs, "refs/heads/main");
+    assert_eq!(
+        std::fs::read_to_string(ctx.join("which.txt")).unwrap(),
+        "one"
+    );
+    // The enclosing repository: same commit, same branch, its file, nothing else tracked.
+    assert_eq!(git_in(&outer, &["rev-parse", "HEAD"]).1, mine);
+    assert_eq!(
+        git_in(&outer, &["for-each-ref", "--format=%(refname)"]).1,
+        "refs/heads/mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outer.join("precious.txt")).unwrap(),
+        "precious"
+    );
+    assert_eq!(git_in(&outer, &["status", "--porcelain"]).1, "?? data/");
 }
