@@ -142,13 +142,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // not race the scan that reports its task interrupted.
     let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
-    for n in 0..outbox::SENDERS {
-        let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
-        std::thread::Builder::new()
-            .name(format!("outbox-{n}"))
-            .spawn(move || ob.run_sender(&c, &|id| j.is_saved_done(id)))
-            .map_err(StartError::Thread)?;
-    }
+    start_senders(&outbox, &client, &journal)?;
     // Log spills of tasks that ended with the previous process: their reports say failed.
     let logs = cfg.data_dir.join("state/logs");
     let _ = std::fs::remove_dir_all(&logs);
@@ -192,6 +186,22 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     }
     agent.main_loop();
     agent.shut_down();
+    Ok(())
+}
+
+/// The outbox's sender threads.
+fn start_senders(
+    outbox: &Arc<Outbox>,
+    client: &Client,
+    journal: &Arc<Journal>,
+) -> Result<(), StartError> {
+    for n in 0..outbox::SENDERS {
+        let (ob, c, j) = (outbox.clone(), client.clone(), journal.clone());
+        std::thread::Builder::new()
+            .name(format!("outbox-{n}"))
+            .spawn(move || ob.run_sender(&c, &|id| j.is_saved_done(id)))
+            .map_err(StartError::Thread)?;
+    }
     Ok(())
 }
 
