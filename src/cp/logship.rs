@@ -632,17 +632,21 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
             Err(e) if e.is_missing_route() => return Sent::Gone,
             Err(e) => e,
         };
-        let b = lock(m);
-        if !b.given_up() {
-            log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
+        let (until, was_closed) = {
+            let b = lock(m);
+            if b.given_up() {
+                return Sent::GaveUp(e);
+            }
             // Until the retry; close ends the wait (one more try, then the give-up clock).
             let retry = Instant::now() + backoff.next_delay();
-            let until = b.give_up_at().map_or(retry, |g| g.min(retry));
-            let was_closed = b.closed_at.is_some();
-            drop(b);
-            let closing = || lock(m).closed_at.is_some() != was_closed;
-            wait::until(ready, Some(until), Stop::Never, closing);
-        }
+            (
+                b.give_up_at().map_or(retry, |g| g.min(retry)),
+                b.closed_at.is_some(),
+            )
+        };
+        log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
+        let closing = || lock(m).closed_at.is_some() != was_closed;
+        wait::until(ready, Some(until), Stop::Never, closing);
         if lock(m).given_up() {
             return Sent::GaveUp(e);
         }
