@@ -367,11 +367,12 @@ impl Conn {
             match ws.read() {
                 Ok(Message::Text(t)) => {
                     self.last_read = Instant::now();
-                    let Ok(f) = serde_json::from_str::<Frame>(t.as_str()) else {
-                        log::debug!("control channel: a frame that is not ours");
-                        continue;
-                    };
-                    self.handle(f, ctx, out);
+                    match Frame::parse(t.as_str()) {
+                        Ok(f) => self.handle(f, ctx, out),
+                        // An `error` ends the session for the server: end it here too.
+                        Err(Some(e)) => self.end(&e.session, &e.msg),
+                        Err(None) => log::debug!("control channel: a frame that is not ours"),
+                    }
                 }
                 Ok(Message::Close(_)) => return false,
                 Ok(_) => self.last_read = Instant::now(),
