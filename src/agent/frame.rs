@@ -153,8 +153,10 @@ mod tests {
 
     #[test]
     fn malformed_frames_answer_their_session_and_sizes_saturate() {
-        let f = Frame::parse(r#"{"type":"open_exec","session":"m2","cmd":["sh"],"cols":70000,"rows":-3}"#)
-            .unwrap();
+        let f = Frame::parse(
+            r#"{"type":"open_exec","session":"m2","cmd":["sh"],"cols":70000,"rows":-3}"#,
+        )
+        .unwrap();
         assert_eq!((f.cols, f.rows), (u16::MAX, 0));
         let e = Frame::parse(r#"{"type":"open_exec","session":"m3","cmd":"sh"}"#).unwrap_err();
         let e = e.expect("an error frame for m3");
@@ -163,7 +165,10 @@ mod tests {
         let e = Frame::parse(r#"{"type":"resize","session":"m4","cols":"wide"}"#).unwrap_err();
         assert_eq!(e.map(|e| e.session), Some("m4".into()));
         // No session to answer: a number, missing, or not JSON at all.
-        assert_eq!(Frame::parse(r#"{"type":"open_exec","session":7}"#), Err(None));
+        assert_eq!(
+            Frame::parse(r#"{"type":"open_exec","session":7}"#),
+            Err(None)
+        );
         assert_eq!(Frame::parse(r#"{"type":7}"#), Err(None));
         assert_eq!(Frame::parse("not json"), Err(None));
     }

@@ -391,11 +391,7 @@ fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), Tas
 /// `.env`, so no value is printed. Under the compose policy, what the CLI would read of the
 /// host is judged first, and the labels and networks it sets after. Returns the exposed
 /// service's image and the names of all services.
-fn validate(
-    ctx: &Ctx,
-    c: &ComposeSpec,
-    p: &Project,
-) -> Result<(String, Vec<String>), TaskError> {
+fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<(String, Vec<String>), TaskError> {
     builder::file_in(&p.dir, &c.file, "compose_file_path")?;
     let shown = c.file.display();
     let policy = ctx.cfg.compose_policy == ComposePolicy::Baseline;

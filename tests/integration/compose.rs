@@ -773,17 +773,30 @@ fn only_the_agent_labels_services_and_it_labels_every_one_with_the_app_and_node(
     let staged = app.data.join("compose").join(&app.prefix);
     for service in ["app", "side"] {
         let l = labels(&app.container(service));
-        assert_eq!(l["muvee.domain_prefix"], app.prefix.as_str(), "{service}: {l}");
+        assert_eq!(
+            l["muvee.domain_prefix"],
+            app.prefix.as_str(),
+            "{service}: {l}"
+        );
         assert_eq!(l["muvee.node"], "node-lbl", "{service}: {l}");
         assert_eq!(l["muvee.managed"], "true", "{service}: {l}");
-        let team = if service == "side" { json!("a") } else { Value::Null };
+        let team = if service == "side" {
+            json!("a")
+        } else {
+            Value::Null
+        };
         assert_eq!(l["team"], team, "{service}: {l}");
         // The control channel's ownership rule relies on where compose ran.
-        let dir = l["com.docker.compose.project.working_dir"].as_str().unwrap();
+        let dir = l["com.docker.compose.project.working_dir"]
+            .as_str()
+            .unwrap();
         let real = |p: &Path| std::fs::canonicalize(p).unwrap();
         assert!(real(Path::new(dir)).starts_with(real(&staged)), "{l}");
     }
     assert_eq!(labels(&app.container("app"))["muvee.expose_port"], "8080");
-    assert_eq!(labels(&app.container("side"))["muvee.expose_port"], Value::Null);
+    assert_eq!(
+        labels(&app.container("side"))["muvee.expose_port"],
+        Value::Null
+    );
     assert_clean(&app);
 }
