@@ -400,7 +400,8 @@ impl Conn {
         self.sessions.retain(|_, s| !s.inbox.ended());
         let id = f.session.clone();
         if self.sessions.contains_key(&id) {
-            return self.fail(&id, "a session with this id is already open");
+            // The server ends a session on its `error`: the running one must not outlive it.
+            return self.end(&id, "a session with this id is already open; both ended");
         }
         if self.sessions.len() >= MAX_SESSIONS {
             let msg = format!("this node already runs {MAX_SESSIONS} exec/cp sessions; close one");

@@ -524,6 +524,23 @@ fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
         "left running after close:\n{t}"
     );
 
+    // A second open with a running session's id: the server ends the session on the
+    // `error`, so the running process must not outlive it.
+    ws.open_exec("k5", c, &["sleep", "7784"]).unwrap();
+    assert!(
+        util::poll(20, || top(c).contains("sleep 7784")),
+        "{}",
+        top(c)
+    );
+    ws.open_exec("k5", c, &["echo", "second"]).unwrap();
+    let o = ws.outcome("k5", FRAME_WAIT).expect("ended");
+    assert_eq!(o.kinds, ["error"], "{o:?}");
+    assert!(
+        util::poll(15, || !top(c).contains("sleep 7784")),
+        "left running after a duplicate open:\n{}",
+        top(c)
+    );
+
     // The channel drops (the control plane went away): the same.
     ws.open_exec("k3", c, &["sleep", "7779"]).unwrap();
     assert!(
