@@ -369,7 +369,7 @@ impl Conn {
                     self.last_read = Instant::now();
                     match Frame::parse(t.as_str()) {
                         Ok(f) => self.handle(f, ctx, out),
-                        // An `error` ends the session for the server: end it here too.
+                        // The `error` ends the session at the server: end it here too.
                         Err(Some(e)) => self.end(&e.session, &e.msg),
                         Err(None) => log::debug!("control channel: a frame that is not ours"),
                     }

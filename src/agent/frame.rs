@@ -31,6 +31,13 @@ impl Out {
     }
 }
 
+/// A frame that could not be read, of `session`: what its `error` says.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed {
+    pub session: String,
+    pub msg: String,
+}
+
 /// The connection a frame was for has ended.
 #[derive(Debug)]
 pub struct Gone;
@@ -114,11 +121,14 @@ impl Frame {
 
     /// A text message from the control plane. Err: it is not a frame of ours, with the
     /// `error` to answer when it names a session (so the CLI waiting on it hears why).
-    pub fn parse(text: &str) -> Result<Frame, Option<Frame>> {
+    pub fn parse(text: &str) -> Result<Frame, Option<Malformed>> {
         serde_json::from_str(text).map_err(|e| {
             let v: serde_json::Value = serde_json::from_str(text).ok()?;
             let session = v.get("session")?.as_str().filter(|s| !s.is_empty())?;
-            Some(Frame::error(session, &format!("malformed frame: {e}")))
+            Some(Malformed {
+                session: session.into(),
+                msg: format!("malformed frame: {e}"),
+            })
         })
     }
 
@@ -159,8 +169,8 @@ mod tests {
         .unwrap();
         assert_eq!((f.cols, f.rows), (u16::MAX, 0));
         let e = Frame::parse(r#"{"type":"open_exec","session":"m3","cmd":"sh"}"#).unwrap_err();
-        let e = e.expect("an error frame for m3");
-        assert_eq!((e.kind.as_str(), e.session.as_str()), ("error", "m3"));
+        let e = e.expect("an error for m3");
+        assert_eq!(e.session, "m3");
         assert!(e.msg.starts_with("malformed frame: "), "{}", e.msg);
         let e = Frame::parse(r#"{"type":"resize","session":"m4","cols":"wide"}"#).unwrap_err();
         assert_eq!(e.map(|e| e.session), Some("m4".into()));
