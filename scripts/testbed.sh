@@ -130,14 +130,18 @@ ensure_base_image() {
 
 # --- registry -----------------------------------------------------------------
 reg_code() { curl -s -o /dev/null -m 3 -w '%{http_code}' "$@" || true; }
+# With the registry password from a config on stdin, never in argv (tests sample every
+# process's argv for secrets, this script's included).
+reg_code_auth() { printf 'user = "%s:%s"\n' "$REG_USER" "$REG_PASS" | reg_code -K - "$@"; }
 registry_ok() {
   [ "$(reg_code "http://$REGISTRY/v2/")" = 401 ] &&
-    [ "$(reg_code -u "$REG_USER:$REG_PASS" "http://$REGISTRY/v2/")" = 200 ]
+    [ "$(reg_code_auth "http://$REGISTRY/v2/")" = 200 ]
 }
 
 write_registry_config() {
   mkdir -p "$STATE/registry" "$LOGS"
-  htpasswd -Bbc "$STATE/htpasswd" "$REG_USER" "$REG_PASS" 2>/dev/null # -B: bcrypt, the only hash registry accepts
+  # -B: bcrypt, the only hash registry accepts; -i: the password from stdin, not argv
+  echo "$REG_PASS" | htpasswd -Bic "$STATE/htpasswd" "$REG_USER" 2>/dev/null
   # A fixed http secret avoids the "generated random secret" warning and keeps
   # resumable uploads valid across restarts.
   [ -s "$STATE/http-secret" ] || od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/http-secret"
@@ -199,7 +203,7 @@ with_login() {
 
 ensure_registry_image() {
   local code
-  code=$(reg_code -u "$REG_USER:$REG_PASS" -I \
+  code=$(reg_code_auth -I \
     -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
     "http://$REGISTRY/v2/${BASE_IMAGE%:*}/manifests/${BASE_IMAGE##*:}")
   # Re-push when the local image was just rebuilt, so both stay identical.

@@ -297,11 +297,10 @@ fn agent_secret(a: &Args, env: Env) -> Result<String, ConfigError> {
 const SIZE: &str = "bytes or a size like 100G";
 
 fn parse_role(s: &str) -> Option<Option<Role>> {
-    match s {
-        "builder" => Some(Some(Role::Builder)),
-        "deploy" => Some(Some(Role::Deploy)),
-        _ => None,
-    }
+    [Role::Builder, Role::Deploy]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .map(Some)
 }
 
 fn parse_compose_policy(s: &str) -> Option<ComposePolicy> {

@@ -3,6 +3,7 @@
 //! Deploy role: the apps' container statuses and container metrics (`docker stats`).
 
 use crate::sys::docker::{Docker, PsRow, StatsRow};
+use crate::work::reaper;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -87,24 +88,20 @@ pub fn node_metrics(node_id: &str, data_dir: &Path, cpu: &mut CpuSampler) -> Val
     })
 }
 
-/// The apps' current containers: running, named exactly `muvee-<prefix>` (by our label, or
-/// by name for containers of the Go agent, which labels nothing). Containers set aside
-/// during a replacement are not apps. Each with its domain prefix.
-pub fn current_apps(docker: &Docker) -> Option<Vec<(String, PsRow)>> {
+/// The apps' current containers this node owns: running, named exactly `muvee-<prefix>`,
+/// labelled with our NODE_NAME (`reaper::ours`; another installation's apps on the same
+/// engine are not ours to report), or the exposed service of a compose project
+/// `muvee-<prefix>` (our override labels it, without a node). Containers set aside during a
+/// replacement are not apps. Each with its domain prefix.
+pub fn current_apps(docker: &Docker, node: &str) -> Option<Vec<(String, PsRow)>> {
     let list = docker.ps(false, "muvee-").ok()?;
     let mut out = Vec::new();
     for c in list {
-        let prefix = match c.domain_prefix.as_str() {
-            // Unlabelled services of a compose project are not apps of their own.
-            "" if !c.compose_project.is_empty() => continue,
-            "" => c.name.strip_prefix("muvee-").unwrap_or(""),
-            label => label,
-        };
-        // The app's container, or the exposed service of its compose project (the only
-        // one there we label); never a container set aside by a replacement.
+        let prefix = c.domain_prefix.clone();
         let main = format!("muvee-{prefix}");
-        if !prefix.is_empty() && (c.name == main || c.compose_project == main) {
-            out.push((prefix.to_string(), c));
+        let compose = c.node.is_empty() && c.compose_project == main;
+        if reaper::ours(&c, node) && c.name == main || !prefix.is_empty() && compose {
+            out.push((prefix, c));
         }
     }
     Some(out)
@@ -232,14 +229,17 @@ mod tests {
         let rows = [
             "a1\tmuvee-app\trunning\tapp\td1\t8080\tn\t",
             "b2\tmuvee-app-old-a1\trunning\tapp\td0\t8080\tn\t",
-            "c3\tmuvee-shop_web_1\trunning\tshop\td2\t80\tn\tmuvee-shop",
+            "c3\tmuvee-shop_web_1\trunning\tshop\td2\t80\t\tmuvee-shop",
             "d4\tmuvee-shop_db_1\trunning\t\t\t\t\tmuvee-shop",
+            // Another node's app, and a container nobody labelled.
+            "e5\tmuvee-foo\trunning\tfoo\td3\t8080\tother\t",
+            "f6\tmuvee-bar\trunning\t\t\t\t\t",
         ];
         fake.on("docker ps --filter name=muvee-", Reply::Ok(rows.join("\n")));
         fake.on("docker inspect", Reply::Ok("running 2 0 false".into()));
         fake.on("docker port", Reply::Ok("0.0.0.0:32768".into()));
         let docker = Docker::new("docker", &*fake);
-        let apps = current_apps(&docker).unwrap();
+        let apps = current_apps(&docker, "n").unwrap();
         let s = container_statuses(&docker, &apps);
         let prefixes: Vec<&str> = s.iter().map(|v| v.domain_prefix.as_str()).collect();
         assert_eq!(prefixes, ["app", "shop"], "{s:?}");

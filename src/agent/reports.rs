@@ -1,6 +1,8 @@
 //! The agent's periodic reports besides the heartbeat, on one thread of their own (a node
 //! with many apps needs a few docker calls per app, which must not delay polling):
 //!
+//! * both roles, every HEARTBEAT_INTERVAL once registered: node metrics (§1.8); here, not on
+//!   the agent loop, so a stalled metrics route never delays polling;
 //! * deploy role, every HEARTBEAT_INTERVAL: container statuses, then container metrics
 //!   (§1.6, §1.7); nothing to report, no request;
 //! * both roles: the health report (§1.9), the checks of `muvee-agent check`, first 10 s after
@@ -11,6 +13,7 @@
 use crate::agent::{health, metrics};
 use crate::config::Config;
 use crate::cp::client::{Client, CpError};
+use crate::sys::docker::Docker;
 use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
 use crate::sys::signal;
 use crate::task::AgentConfig;
@@ -30,6 +33,8 @@ const NO_NODE_YET: Duration = Duration::from_secs(1);
 #[derive(Clone, Default)]
 pub struct Reports {
     node_id: Arc<Mutex<Option<String>>>,
+    /// The reports thread, joined at shutdown: no child of its outlives the agent.
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     /// Rung when the node id changes (the control channel re-dials at once).
     watchers: Arc<Mutex<Vec<Arc<crate::sys::signal::Doorbell>>>>,
 }
@@ -51,6 +56,14 @@ impl Reports {
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         watchers.retain(|b| Arc::strong_count(b) > 1);
         watchers.push(bell);
+    }
+
+    /// Waits for the reports thread to end (it does at shutdown, its commands killed).
+    pub fn join(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 
     /// The node id of the last registration (None before the first).
@@ -79,14 +92,18 @@ pub fn spawn(src: Sources) -> Reports {
     let spawned = std::thread::Builder::new()
         .name("reports".into())
         .spawn(move || run(&src, &handle));
-    if let Err(e) = spawned {
-        log::error!("cannot start the reports thread (statuses, metrics, health, reaping): {e}");
+    match spawned {
+        Ok(t) => *reports.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(t),
+        Err(e) => {
+            log::error!("cannot start the reports thread (statuses, metrics, health, reaping): {e}")
+        }
     }
     reports
 }
 
 /// When each report is due next; None: never again.
 struct Due {
+    node: Option<Instant>,
     statuses: Option<Instant>,
     health: Option<Instant>,
     reap: Option<Instant>,
@@ -97,16 +114,18 @@ fn run(src: &Sources, reports: &Reports) {
     let deploy = src.role == Role::Deploy;
     let reap_every = reaper::interval(src.cfg.reap_grace);
     let mut due = Due {
+        node: Some(start),
         statuses: deploy.then(|| start + src.cfg.heartbeat_interval),
         health: Some(start + HEALTH_FIRST.min(src.cfg.heartbeat_interval)),
         reap: deploy.then(|| start + reap_every),
     };
     let mut reaper = Reaper::default();
+    let mut cpu = metrics::CpuSampler::default();
     let probes = Mutex::default();
     let mut empty_at = None;
     let is_due = |at: Option<Instant>| at.is_some_and(|t| Instant::now() >= t);
     loop {
-        let Some(next) = [due.statuses, due.health, due.reap]
+        let Some(next) = [due.node, due.statuses, due.health, due.reap]
             .into_iter()
             .flatten()
             .min()
@@ -120,6 +139,9 @@ fn run(src: &Sources, reports: &Reports) {
             .wait_until(Some(next), signal::shutdown_requested)
         {
             return;
+        }
+        if is_due(due.node) {
+            due.node = Some(Instant::now() + node_metrics(src, reports, &mut cpu));
         }
         if is_due(due.statuses) {
             statuses_and_metrics(src, &mut empty_at);
@@ -145,8 +167,9 @@ fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
     if *empty_at == Some(tasks) {
         return;
     }
-    let docker = src.shared.docker(&src.cfg);
-    let Some(apps) = metrics::current_apps(&docker) else {
+    let runner = AtShutdown(&*src.shared.runner);
+    let docker = Docker::new(&src.cfg.docker_cli, &runner);
+    let Some(apps) = metrics::current_apps(&docker, &src.cfg.node_name) else {
         return;
     };
     *empty_at = apps.is_empty().then_some(tasks);
@@ -166,6 +189,31 @@ fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
     let body = metrics::container_metrics(&apps, &rows);
     if !body.is_empty() {
         post(src, "/api/agent/container-metrics", &body);
+    }
+}
+
+/// Posts the node's metrics once registered; returns when to look again.
+fn node_metrics(src: &Sources, reports: &Reports, cpu: &mut metrics::CpuSampler) -> Duration {
+    let Some(node) = reports.node_id() else {
+        return NO_NODE_YET;
+    };
+    post(
+        src,
+        "/api/agent/node-metrics",
+        &metrics::node_metrics(&node, &src.cfg.data_dir, cpu),
+    );
+    src.cfg.heartbeat_interval
+}
+
+/// Runs the reports' commands so that SIGTERM kills them (their process group): the
+/// agent joins this thread when it stops, and no `docker stats` outlives it.
+struct AtShutdown<'a>(&'a dyn Runner);
+
+impl Runner for AtShutdown<'_> {
+    fn run(&self, cmd: &Cmd, on_line: &mut dyn FnMut(Stream, &str)) -> Result<Output, ExecError> {
+        let mut cmd = cmd.clone();
+        cmd.stop_at_shutdown = true;
+        self.0.run(&cmd, on_line)
     }
 }
 
@@ -220,7 +268,7 @@ fn health_report(
     };
     let cp = src.cp.read().unwrap_or_else(|e| e.into_inner()).clone();
     let runner = CachedProbes {
-        runner: &*src.shared.runner,
+        runner: &AtShutdown(&*src.shared.runner),
         seen: probes,
     };
     let checks = health::report(&src.cfg, &runner, &cp);
@@ -235,7 +283,7 @@ fn health_report(
 fn after_health(sent: &Result<(), CpError>) -> Option<Duration> {
     match sent {
         Ok(()) => Some(HEALTH_EVERY),
-        Err(e) if e.status() == Some(404) => {
+        Err(e) if e.is_missing_route() => {
             log::debug!("the control plane has no health-report route (March 2026 server); not sending health reports");
             None
         }
@@ -260,6 +308,12 @@ mod tests {
         assert_eq!(after_health(&Ok(())), Some(HEALTH_EVERY));
         assert_eq!(after_health(&Err(status(404))), None);
         assert_eq!(after_health(&Err(status(500))), Some(HEALTH_EVERY));
+        let json_404 = CpError::Status {
+            url: "u".into(),
+            code: 404,
+            body: r#"{"error":"not found"}"#.into(),
+        };
+        assert_eq!(after_health(&Err(json_404)), Some(HEALTH_EVERY));
         let down = CpError::Transport {
             url: "u".into(),
             err: "connection refused".into(),

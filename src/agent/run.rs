@@ -1,7 +1,6 @@
 //! The foreground agent: register, heartbeat, poll, run tasks on bounded worker threads,
 //! report through the outbox, and shut down in two stages on SIGTERM/SIGINT.
 
-use crate::agent::metrics;
 use crate::agent::reports::{self, Reports};
 use crate::config::{Config, ConfigError, DataDir};
 use crate::cp::client::{Backoff, Client, CpError};
@@ -43,9 +42,10 @@ struct Agent {
     outbox_flushed: bool,
     /// DATA_DIR was full at the last look: no task is taken.
     disk_full: bool,
+    /// The last journal claim failed (logged once until one succeeds).
+    journal_failing: bool,
     /// Task threads alive (shutdown waits for them; some may wait for a lock, holding no slot).
     running: Arc<AtomicUsize>,
-    cpu: metrics::CpuSampler,
     reports: Reports,
     /// Invalid task IDs already logged: the server lists them at every poll.
     invalid_ids: HashSet<String>,
@@ -118,6 +118,10 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     };
     let journal = Arc::new(Journal::open(&cfg.data_dir).map_err(io_err)?);
     let outbox = Arc::new(Outbox::open(&cfg.data_dir).map_err(io_err)?);
+    // A replaced container is retired only once the control plane has the new port.
+    shared.deliveries.track();
+    let told = shared.clone();
+    outbox.on_final_delivered(Box::new(move |id| told.report_delivered(id)));
     let (client, roots) = client(&cfg)?;
     let host_ip = host_ip(&cfg);
     log_start(&cfg, role, &host_ip);
@@ -156,8 +160,8 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         logged_in: None,
         outbox_flushed: false,
         disk_full: false,
+        journal_failing: false,
         running: Arc::default(),
-        cpu: metrics::CpuSampler::default(),
         reports: Reports::default(),
         invalid_ids: HashSet::new(),
     };
@@ -459,11 +463,6 @@ impl Agent {
             Err(e) => return Err(e),
         }
         self.registry_login();
-        let m = metrics::node_metrics(&registered.id, &self.cfg.data_dir, &mut self.cpu);
-        if let Err(e) = self.client.post("/api/agent/node-metrics", &m) {
-            log::debug!("node metrics not accepted: {e}");
-        }
-
         Ok(())
     }
 
@@ -530,16 +529,24 @@ impl Agent {
                 (t, Some(Rejection::Malformed(e)))
             }
         };
-        match self.journal.claim(&task) {
+        let claimed = self.journal.claim(&task);
+        // Logged when it starts and stops failing, not at every poll of every pending task.
+        match (&claimed, self.journal_failing) {
+            (Err(e), false) => log::error!(
+                "cannot record task {id} in the journal, leaving it (and tasks after it) for later: {e}"
+            ),
+            (Err(e), true) => log::debug!("cannot record task {id} in the journal: {e}"),
+            (Ok(_), true) => log::info!("the journal records tasks again"),
+            (Ok(_), false) => {}
+        }
+        self.journal_failing = claimed.is_err();
+        match claimed {
             Ok(true) => {}
             Ok(false) => {
                 log::debug!("task {id} was already taken; skipping");
                 return;
             }
-            Err(e) => {
-                log::error!("cannot record task {id} in the journal, leaving it for later: {e}");
-                return;
-            }
+            Err(_) => return,
         }
         if let Err(e) = self.outbox.reserve(&id) {
             self.journal.unclaim(&id);
@@ -630,6 +637,7 @@ impl Agent {
                 log::error!("tasks did not stop after cancel; exiting anyway");
             }
         }
+        self.reports.join();
         self.shared.retiring.wait(None);
         if let Flushed::Left { queued, unwritten } =
             self.outbox.wait_empty(Instant::now() + FINAL_FLUSH)

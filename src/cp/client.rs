@@ -48,6 +48,11 @@ impl CpError {
     pub fn is_unknown_node(&self) -> bool {
         matches!(self, CpError::Status { code: 500, body, .. } if body.contains("node") && body.contains("not found"))
     }
+    /// The March 2026 server's answer for a route it does not have: chi's plain
+    /// `404 page not found`. Any other 404 (a proxy's, a JSON error) may pass.
+    pub fn is_missing_route(&self) -> bool {
+        matches!(self, CpError::Status { code: 404, body, .. } if body == "404 page not found")
+    }
     pub fn status(&self) -> Option<u16> {
         match self {
             CpError::Status { code, .. } | CpError::NotJson { code, .. } => Some(*code),

@@ -10,8 +10,8 @@
 //! be written, lines are counted and one explicit marker says how many were dropped. Closing
 //! drains what is left while the control plane takes it, gives up once it has taken nothing for
 //! 15 s (no request outlives that), and removes the spill; a cancel (second SIGTERM) stops
-//! waiting at once. The March 2026 server has no such route (404): shipping stops for that
-//! task.
+//! waiting at once. The March 2026 server has no such route (chi's plain `404 page not
+//! found`): shipping stops for that task. Any other 404 is retried like a 5xx.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
@@ -635,7 +635,7 @@ fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Se
         let timeout = lock(m).request_timeout();
         let e = match client.append_log(deployment_id, text, timeout) {
             Ok(()) => return Sent::Ok,
-            Err(CpError::Status { code: 404, .. }) => return Sent::Gone,
+            Err(e) if e.is_missing_route() => return Sent::Gone,
             Err(e) => e,
         };
         let mut b = lock(m);

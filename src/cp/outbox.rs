@@ -108,7 +108,12 @@ pub struct Outbox {
     dir: PathBuf,
     queue: Mutex<Queue>,
     changed: Condvar,
+    /// Told the task id of each final report the control plane accepted.
+    on_final: std::sync::OnceLock<Delivered>,
 }
+
+/// Told the task id of a final report the control plane accepted.
+pub type Delivered = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Outbox {
     /// Opens the outbox. A full disk that keeps its directory from being created is no
@@ -159,6 +164,7 @@ impl Outbox {
             dir,
             queue: Mutex::new(queue),
             changed: Condvar::new(),
+            on_final: std::sync::OnceLock::new(),
         };
         for task in unreadable {
             if !outbox.has_final(&task) {
@@ -167,6 +173,11 @@ impl Outbox {
             }
         }
         Ok(outbox)
+    }
+
+    /// `f` is told the task id of every final report accepted from now on (once set).
+    pub fn on_final_delivered(&self, f: Delivered) {
+        let _ = self.on_final.set(f);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -432,6 +443,10 @@ impl Outbox {
             );
         }
         log::debug!("reported task {task} {}", report.body.status);
+        drop(q);
+        if let Some(f) = self.on_final.get().filter(|_| report.body.is_final()) {
+            f(task);
+        }
     }
 
     fn failed(&self, seq: u64, report: &Report, e: &CpError) {

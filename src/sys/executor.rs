@@ -56,6 +56,9 @@ pub struct Cmd {
     pub label: Option<String>,
     /// Working directory (the agent's own when None).
     pub dir: Option<std::path::PathBuf>,
+    /// Killed at the first SIGTERM, not only at cancel: the periodic reports' commands,
+    /// which must not outlive the agent.
+    pub stop_at_shutdown: bool,
 }
 
 impl Cmd {
@@ -542,7 +545,8 @@ impl<'a> Running<'a> {
 
     /// The first limit this call has hit: cancel, then the deadline, then the idle timeout.
     fn limit_hit(&self) -> Option<Ending> {
-        if signal::cancel_requested() {
+        let stop = self.cmd.stop_at_shutdown && signal::shutdown_requested();
+        if stop || signal::cancel_requested() {
             Some(Ending::Canceled)
         } else if let Some(d) = self.cmd.deadline.filter(Deadline::passed) {
             Some(Ending::Timeout(d))

@@ -25,6 +25,8 @@ pub struct Shared {
     pub locks: KeyedLocks,
     /// Old containers draining after a replacement, by domain prefix.
     pub retiring: Jobs,
+    /// Which deploys' final reports the control plane took (their old containers wait).
+    pub deliveries: Deliveries,
     /// How this host builds images: probed once, at start or at the first build.
     pub build_mode: OnceLock<BuildMode>,
     /// Numbers this process's build dirs.
@@ -47,6 +49,7 @@ impl Shared {
             bell,
             locks: KeyedLocks::default(),
             retiring: Jobs::default(),
+            deliveries: Deliveries::default(),
             build_mode: OnceLock::new(),
             build_seq: AtomicUsize::new(0),
             tasks_started: AtomicUsize::new(0),
@@ -57,6 +60,64 @@ impl Shared {
 
     pub fn docker<'a>(&'a self, cfg: &'a Config) -> Docker<'a> {
         Docker::new(&cfg.docker_cli, &*self.runner)
+    }
+
+    /// The control plane accepted task `task_id`'s final report (the agent tells).
+    pub fn report_delivered(&self, task_id: &str) {
+        if self.deliveries.release(|t, _| t == task_id) {
+            self.bell.ring();
+        }
+    }
+}
+
+/// Retirements waiting until the control plane has the new port: the old container serves
+/// until the deploy's final report was accepted. Only an agent, whose outbox tells, tracks
+/// them; `run-task` and the unit tests do not wait.
+#[derive(Default)]
+pub struct Deliveries {
+    tracked: std::sync::atomic::AtomicBool,
+    /// Task id → (domain prefix, released).
+    awaited: Mutex<Vec<(String, String, bool)>>,
+}
+
+impl Deliveries {
+    pub fn track(&self) {
+        self.tracked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A retirement of `prefix` waits for `task_id`'s report; false when nothing tells.
+    pub fn expect(&self, task_id: &str, prefix: &str) -> bool {
+        if !self.tracked.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        a.push((task_id.into(), prefix.into(), false));
+        true
+    }
+
+    /// Releases the waits `which(task, prefix)` picks; true if any.
+    pub fn release(&self, which: impl Fn(&str, &str) -> bool) -> bool {
+        let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        let mut any = false;
+        for e in a.iter_mut().filter(|e| which(&e.0, &e.1)) {
+            e.2 = true;
+            any = true;
+        }
+        any
+    }
+
+    pub fn released(&self, task_id: &str) -> bool {
+        let a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        a.iter().any(|(t, _, r)| t == task_id && *r)
+    }
+
+    /// The retirement ended; returns whether it was released.
+    pub fn forget(&self, task_id: &str) -> bool {
+        let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        let released = a.iter().any(|(t, _, r)| t == task_id && *r);
+        a.retain(|(t, _, _)| t != task_id);
+        released
     }
 }
 
@@ -98,6 +159,25 @@ impl Ctx<'_> {
 }
 
 /// A task context over a scripted runner, for the roles' unit tests.
+#[cfg(test)]
+mod delivery_tests {
+    use super::Deliveries;
+
+    #[test]
+    fn only_a_tracked_agent_waits_and_a_release_is_per_task_or_app() {
+        let d = Deliveries::default();
+        assert!(!d.expect("t0", "app"), "run-task has nobody to tell");
+        d.track();
+        assert!(d.expect("t1", "app") && d.expect("t2", "web"));
+        assert!(!d.release(|t, _| t == "t9"));
+        assert!(d.release(|t, _| t == "t1"));
+        assert!(d.released("t1") && !d.released("t2"));
+        assert!(d.release(|_, p| p == "web"));
+        assert!(d.forget("t1") && d.forget("t2") && !d.forget("t1"));
+        assert!(!d.released("t1"));
+    }
+}
+
 #[cfg(test)]
 pub mod testing {
     use super::*;

@@ -3,8 +3,8 @@
 //! Unlike the Go agent (which removes the running container first, W-12), a replacement
 //! never interrupts the app: the old container is renamed aside and keeps serving until
 //! the new one answers HTTP; on any failure the new one is removed and the old one renamed
-//! back. The old one is removed after DEPLOY_DRAIN, in the background, because the control
-//! plane only switches Traefik to the new port once it has our report.
+//! back. The old one is removed in the background, DEPLOY_DRAIN after the control plane
+//! accepted the deploy's completed report: it switches Traefik to the new port only then.
 
 use crate::config::Config;
 use crate::sys::docker::{Docker, PsRow, RunSpec};
@@ -20,6 +20,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long an old container waits for its replacement's report to be accepted before it
+/// is removed anyway (the outbox parks a report refused for 2 h; this is beyond any outage
+/// it rides out with the app reachable).
+const UNDELIVERED_MAX: Duration = Duration::from_secs(6 * 3600);
 
 /// Health probes start 20 ms apart and double up to 250 ms: an app that is up at once is
 /// noticed at once, a slow one costs a probe (and a `docker inspect`) four times a second.
@@ -103,6 +108,7 @@ struct Old {
 /// The replacement, under the app's lock.
 fn replace(ctx: &Ctx, s: &DeploySpec, mounts: &datasets::Mounts) -> Result<u16, TaskError> {
     // A previous deploy of this app may still be draining its old container.
+    stop_awaiting(ctx.shared, s.prefix);
     ctx.shared.retiring.wait(Some(s.prefix));
     // The app is wanted here again: a cleanup that never finished must not reap it.
     cleanups::end(&ctx.cfg.data_dir, s.prefix).map_err(TaskError::io("DATA_DIR/state/cleanups"))?;
@@ -198,11 +204,44 @@ fn retire_old(ctx: &Ctx, s: &DeploySpec, old: Option<Old>, leftovers: Vec<PsRow>
     }
     if !drain.is_zero() {
         ctx.say(&format!(
-            "The previous container is removed after {} (DEPLOY_DRAIN).",
+            "The previous container is removed {} (DEPLOY_DRAIN) after the control plane has taken this deploy's report.",
             fmt_duration(drain)
         ));
     }
-    retire(ctx.cfg, ctx.shared, s, victims, drain);
+    let awaited = (drain > Duration::ZERO && ctx.shared.deliveries.expect(&ctx.task.id, s.prefix))
+        .then(|| ctx.task.id.clone());
+    retire(ctx.cfg, ctx.shared, s, victims, awaited, drain);
+}
+
+/// A newer deploy or a cleanup of `prefix`: its retirements stop waiting for reports.
+fn stop_awaiting(shared: &Shared, prefix: &str) {
+    if shared.deliveries.release(|_, p| p == prefix) {
+        shared.bell.ring();
+    }
+}
+
+/// Waits until the deploy's final report was accepted (the control plane routes to the new
+/// port only then), at most UNDELIVERED_MAX. False: keep the old container, the agent stops
+/// before the report went out (the next deploy or cleanup of the app, or the reaper once the
+/// new container runs, removes it).
+fn wait_delivered(shared: &Shared, task: &str, prefix: &str) -> bool {
+    let cap = Instant::now() + UNDELIVERED_MAX;
+    let deliveries = &shared.deliveries;
+    shared.bell.wait_until(Some(cap), || {
+        deliveries.released(task) || signal::shutdown_requested()
+    });
+    if deliveries.forget(task) {
+        return true;
+    }
+    if signal::shutdown_requested() {
+        log::info!("keeping the previous container of {prefix}: the control plane has not taken the report of task {task} yet");
+        return false;
+    }
+    log::warn!(
+        "the report of task {task} was not accepted within {}; removing the previous container of {prefix} anyway",
+        fmt_duration(UNDELIVERED_MAX)
+    );
+    true
 }
 
 /// Removes the failed new container and puts the old one back; the error says what
@@ -339,13 +378,15 @@ fn http_answers(port: u16, v4: bool) -> bool {
         && &head == b"HTTP/"
 }
 
-/// Removes `victims` after `drain` on a background thread (the report goes out first), then
-/// the mount dirs of deployments they belonged to, then evicts the cache if it is over.
+/// Removes `victims` on a background thread, `drain` after the task `awaited`'s report was
+/// accepted (nothing awaited: `drain` from now), then the mount dirs of deployments they
+/// belonged to, then evicts the cache if it is over.
 fn retire(
     cfg: &Config,
     shared: &Arc<Shared>,
     s: &DeploySpec,
     victims: Vec<PsRow>,
+    awaited: Option<String>,
     drain: Duration,
 ) {
     let jobs = shared.clone();
@@ -356,7 +397,13 @@ fn retire(
         .filter(|d| !d.is_empty() && d != s.deployment_id)
         .collect();
     deps.dedup();
+    let (app, task) = (s.prefix.to_string(), awaited.clone());
     let work = move || {
+        if let Some(task) = &task {
+            if !wait_delivered(&shared, task, &app) {
+                return;
+            }
+        }
         let end = Instant::now() + drain;
         shared.bell.wait_until(Some(end), signal::cancel_requested);
         let docker = shared.docker(&cfg);
@@ -380,6 +427,9 @@ fn retire(
         .retiring
         .spawn(prefix, format!("retire-{prefix}"), work)
     {
+        if let Some(t) = &awaited {
+            jobs.deliveries.forget(t);
+        }
         log::warn!(
             "cannot start a thread to remove the previous container: {e}; the next deploy or cleanup of {prefix} removes it"
         );
@@ -389,7 +439,8 @@ fn retire(
 /// At start, before any status report: a deploy the previous agent process died in (it is
 /// reported failed) may have left its new container running next to the old one set aside;
 /// a status report would then route the app to the failed version. Its container goes and
-/// the old one gets its name back. `deployments` are the interrupted deploys' ids.
+/// the old one gets its name back, and its mount dir goes. `deployments` are the
+/// interrupted deploys' ids.
 pub fn reconcile(shared: &Shared, cfg: &Config, deployments: &[String]) {
     let docker = shared.docker(cfg);
     for dep in deployments.iter().filter(|d| valid_id(d)) {
@@ -407,6 +458,15 @@ pub fn reconcile(shared: &Shared, cfg: &Config, deployments: &[String]) {
                 continue;
             }
             restore_aside(&docker, &c.domain_prefix);
+        }
+        // Its mount dir: no container of the failed deployment is left to use it.
+        if docker
+            .ps_labelled("muvee.deployment_id", dep)
+            .is_ok_and(|r| r.is_empty())
+        {
+            if let Err(e) = datasets::remove_mounts(&cfg.data_dir, dep) {
+                log::warn!("{e}");
+            }
         }
     }
 }
@@ -429,6 +489,7 @@ fn restore_aside(docker: &Docker, prefix: &str) {
 /// of the deployments they ran; containers that do not exist are success.
 pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
     let docker = ctx.docker();
+    stop_awaiting(ctx.shared, prefix);
     ctx.exclusive(&lock_key(prefix), || {
         let (current, leftovers) = app_containers(&docker, prefix)?;
         // By name too: containers of the Go agent carry no labels.

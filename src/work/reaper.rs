@@ -116,13 +116,16 @@ fn remove_mounts(cfg: &Config, rows: &[PsRow], gone: &PsRow) {
     }
 }
 
+/// A container of an app this node started: labelled with `node` and a domain prefix (the
+/// listing it comes from filters on `muvee.managed=true` or checks it).
+pub fn ours(c: &PsRow, node: &str) -> bool {
+    c.node == node && !c.domain_prefix.is_empty()
+}
+
 /// The containers among `rows` that nothing owns, by the rules of the module comment.
 /// `cleaning`: prefixes whose cleanup never finished.
 pub fn unowned<'a>(rows: &'a [PsRow], node: &str, cleaning: &[String]) -> Vec<&'a PsRow> {
-    let ours: Vec<&PsRow> = rows
-        .iter()
-        .filter(|c| c.node == node && !c.domain_prefix.is_empty())
-        .collect();
+    let ours: Vec<&PsRow> = rows.iter().filter(|c| ours(c, node)).collect();
     let mut out = Vec::new();
     for c in &ours {
         let p = c.domain_prefix.as_str();

@@ -998,6 +998,9 @@ fn deploy_node_reports_container_statuses_with_host_port() {
             .output();
     };
     rm();
+    // This node's apps (NODE_NAME is the dir's name): only those are reported.
+    let dir = temp_dir("agent-statuses");
+    let node = dir.file_name().unwrap().to_str().unwrap().to_string();
     for n in [&name, &aside] {
         util::sh(Command::new(&docker).args([
             "run",
@@ -1008,6 +1011,10 @@ fn deploy_node_reports_container_statuses_with_host_port() {
             "0:8080",
             "--label",
             &format!("muvee.domain_prefix={prefix}"),
+            "--label",
+            "muvee.managed=true",
+            "--label",
+            &format!("muvee.node={node}"),
             "--label",
             "muvee.expose_port=8080",
             &util::base_image(),
@@ -1025,7 +1032,6 @@ fn deploy_node_reports_container_statuses_with_host_port() {
         .unwrap();
 
     let cp = FakeCp::start(Version::Today, SECRET);
-    let dir = temp_dir("agent-statuses");
     let _agent = TestAgent::builder("deploy")
         .cp(&cp)
         .dir(&dir)

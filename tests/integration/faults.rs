@@ -384,6 +384,10 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(5)).unwrap();
     drop(agent);
+    // What a deploy with datasets leaves: the deployment's mount dir (its links).
+    let mounts = dir.join("data/mounts").join(dep2);
+    std::fs::create_dir_all(&mounts).unwrap();
+    std::os::unix::fs::symlink("/nonexistent", mounts.join("ds")).unwrap();
 
     let posted_before = cp.posted("/api/agent/container-statuses").len();
     let _agent = deploy_node.start();
@@ -409,6 +413,10 @@ fn kill_9_during_a_deploys_health_wait_is_reconciled_at_start() {
         "the failed deployment's container still runs"
     );
     assert!(util::http_get(port, "/").is_some_and(|b| b.contains("body=old")));
+    assert!(
+        !mounts.exists(),
+        "the failed deployment's mount dir is left"
+    );
 }
 
 const PLANTED: &str = "7e570000-0000-4000-8000-0000000000a7";

@@ -2,6 +2,7 @@
 
 mod agent;
 mod builder;
+mod campaign;
 mod compose;
 mod control;
 mod deployer;

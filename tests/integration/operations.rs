@@ -456,6 +456,16 @@ fn deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers() {
     app.plant(&unlabelled, &[], &[], sleep);
     let foreign = format!("{name}-old-aaaaaaaaaaaa");
     app.plant(&foreign, &app.labels("another-node"), &[], sleep);
+    // Apps of other installations on the same engine: another node's, and a plain container
+    // whose name looks like an app's. Neither is reported.
+    let (theirs, plain) = (Ops::new("theirs"), Ops::new("plain"));
+    theirs.plant(
+        &theirs.name(),
+        &theirs.labels("another-node"),
+        &publish,
+        sleep,
+    );
+    plain.plant(&plain.name(), &[], &publish, sleep);
 
     let cp = FakeCp::start(Version::Today, SECRET);
     let path = ("PATH", "/usr/local/bin:/usr/bin:/bin");
@@ -497,6 +507,16 @@ fn deploy_node_reports_metrics_and_health_and_reaps_only_its_leftovers() {
             .any(|s| s["domain_prefix"] == app.prefix.as_str())
     };
     assert!(statuses.iter().any(listed), "{statuses:?}");
+    let all = format!(
+        "{statuses:?} {:?}",
+        cp.posted("/api/agent/container-metrics")
+    );
+    for other in [&theirs.prefix, &plain.prefix] {
+        assert!(
+            !all.contains(&format!("\"{other}\"")),
+            "{other} reported: {all}"
+        );
+    }
 
     cp.wait_for("a health report", Duration::from_secs(20), |cp| {
         !cp.requests_to("/api/agent/health-report").is_empty()

@@ -1,0 +1,215 @@
+//! Promises the fault campaign (examples/chaos) found broken, each replayed against the fake
+//! control plane's fault layer (and the real engine where a container is involved).
+
+use crate::agent::{chatty_build, wait_final};
+use crate::fake_cp::{FakeCp, Fault, Version};
+use crate::test_agent::{TestAgent, SECRET};
+use crate::util::{self, temp_dir};
+use std::time::Duration;
+
+fn builder_cp() -> FakeCp {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    cp.set_config("registry_addr", "127.0.0.1:5000");
+    cp
+}
+
+const POLLS: &str = "/api/agent/tasks?";
+
+/// polls-and-takes: a node-metrics route that never answers (beyond the client's 20 s
+/// timeout) does not stop polling, nor taking tasks.
+#[test]
+fn a_stalled_node_metrics_route_never_stops_polling() {
+    let cp = builder_cp();
+    cp.inject(
+        "/api/agent/node-metrics",
+        Fault::Hang(Duration::from_secs(60)),
+        1_000,
+    );
+    let dir = temp_dir("campaign-metrics");
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_GIT_EXIT", "128")
+        .start();
+    cp.wait_for("a stalled metrics post", Duration::from_secs(30), |cp| {
+        !cp.requests_to("/api/agent/node-metrics").is_empty()
+    });
+    // Two heartbeats (2 s) later, polls (every 200 ms) still go on.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cp.requests_to(POLLS).len();
+    std::thread::sleep(Duration::from_secs(5));
+    let polled = cp.requests_to(POLLS).len() - before;
+    assert!(polled >= 5, "{polled} polls in 5 s\n{}", agent.log());
+    let task = chatty_build(&cp, "c0ffee00-1234-4abc-9def-0000000000c1");
+    assert_eq!(wait_final(&cp, &task, 10)["status"], "failed");
+}
+
+/// logs-delivered: one 404 that is not the March server's plain page (here a JSON error)
+/// is retried like a 5xx: every line of the build arrives.
+#[test]
+fn a_transient_404_on_the_log_route_loses_no_line() {
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000c2";
+    cp.inject(
+        &format!("/api/deployments/{dep}/logs"),
+        Fault::status(404),
+        1,
+    );
+    let dir = temp_dir("campaign-log404");
+    let env = [("FAKE_GIT_LINES", "2000"), ("FAKE_GIT_EXIT", "128")];
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    let nums = crate::logs::numbers(&log);
+    assert_eq!(nums, (1..=2000).collect::<Vec<u64>>(), "{}", agent.log());
+    let refused = cp.requests_to(&format!("/api/deployments/{dep}/logs"));
+    assert_eq!(refused[0].status, Some(404), "the fault was not hit");
+}
+
+/// minor: a journal that cannot record tasks (its directory is gone, the disk has room) is
+/// logged once, not at every poll of every pending task; once it can again, tasks run.
+#[test]
+fn a_failing_journal_is_logged_once_per_change() {
+    let cp = builder_cp();
+    let dir = temp_dir("campaign-journal");
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_GIT_EXIT", "128")
+        .start();
+    cp.wait_for("a poll", Duration::from_secs(30), |cp| {
+        !cp.requests_to(POLLS).is_empty()
+    });
+    let tasks = dir.join("data/state/tasks");
+    std::fs::remove_dir_all(&tasks).unwrap();
+    std::fs::write(&tasks, b"not a directory").unwrap();
+    let a = chatty_build(&cp, "c0ffee00-1234-4abc-9def-0000000000c3");
+    let b = chatty_build(&cp, "c0ffee00-1234-4abc-9def-0000000000c4");
+    let errors = || {
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("in the journal"))
+            .count()
+    };
+    assert!(util::poll(10, || errors() > 0), "{}", agent.log());
+    let before = cp.requests_to(POLLS).len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(cp.requests_to(POLLS).len() > before + 3, "polling stopped");
+    assert_eq!(errors(), 1, "{}", agent.log());
+    std::fs::remove_file(&tasks).unwrap();
+    std::fs::create_dir(&tasks).unwrap();
+    assert_eq!(wait_final(&cp, &a, 30)["status"], "failed");
+    assert_eq!(wait_final(&cp, &b, 30)["status"], "failed");
+    assert!(agent.log().contains("the journal records tasks again"));
+}
+
+/// Whether `pid` runs (a zombie, reparented to the test as subreaper, does not).
+fn alive(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    !stat.is_empty() && !state.starts_with('Z') && !state.starts_with('X')
+}
+
+/// nothing-left: the periodic reports' commands (here every docker call hangs for 60 s)
+/// are killed at SIGTERM; none outlives the agent.
+#[test]
+fn no_child_of_the_reports_outlives_the_agent() {
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let dir = temp_dir("campaign-children");
+    let node = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let row = format!("a1\tmuvee-app\trunning\tapp\td1\t8080\t{node}\t");
+    let mut agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&dir)
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .env("FAKE_DOCKER_OUT", &row)
+        .env("FAKE_DOCKER_SLEEP", "60")
+        .start();
+    let pids = || std::fs::read_to_string(dir.join("pids")).unwrap_or_default();
+    assert!(
+        util::poll(30, || pids().lines().any(alive)),
+        "no report ran docker\n{}",
+        agent.log()
+    );
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait_exit(Duration::from_secs(30));
+    assert!(exit.is_some_and(|s| s.success()), "{}", agent.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let left: Vec<String> = pids()
+        .lines()
+        .filter(|p| alive(p))
+        .map(String::from)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "still running: {left:?}\n{}",
+        agent.calls().join("\n")
+    );
+}
+
+/// app-keeps-answering (real engine): while the complete route answers 502, the control
+/// plane still routes to the old container's port: it keeps serving past DEPLOY_DRAIN, and
+/// is removed DEPLOY_DRAIN after the completed report was accepted.
+#[test]
+fn the_old_container_serves_until_the_new_port_was_reported() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    crate::deployer::images();
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let prefix = format!("itc-drain-{}", std::process::id());
+    let name = format!("muvee-{prefix}");
+    let _cleanup = util::RemoveContainers::named(&name);
+    let agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .dir(&temp_dir("campaign-drain"))
+        .real_docker()
+        .env("DEPLOY_DRAIN", "1s")
+        .start();
+    let deploy = |dep: &str, body: &str| {
+        let p = serde_json::json!({"image_tag": crate::deployer::APP, "deployment_id": dep,
+            "project_id": "proj-drain", "domain_prefix": prefix, "container_port": 8080,
+            "env_vars": {"BODY": body}});
+        cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let first = wait_final(
+        &cp,
+        &deploy("d2000000-0000-4000-8000-000000000001", "old"),
+        120,
+    );
+    assert_eq!(first["status"], "completed", "{first}\n{}", agent.log());
+    let old_port = first["host_port"].as_u64().unwrap() as u16;
+    // Every report is refused (502) from now on, until the fault is cleared.
+    cp.inject("/api/agent/tasks/", Fault::status(502), 1_000_000);
+    let second = deploy("d2000000-0000-4000-8000-000000000002", "new");
+    // The second deploy's line (the first one's came before its report).
+    let said = "is healthy, listening on host port";
+    let before = agent.log().matches(said).count();
+    assert!(
+        util::poll(120, || agent.log().matches(said).count() > before),
+        "{}",
+        agent.log()
+    );
+    // Well past DEPLOY_DRAIN: the old port still answers.
+    std::thread::sleep(Duration::from_secs(6));
+    let answers = |port| util::http_get(port, "/").is_some_and(|b| b.contains("body=old"));
+    assert!(
+        answers(old_port),
+        "the old container was retired\n{}",
+        agent.log()
+    );
+    cp.clear_faults();
+    let r = wait_final(&cp, &second, 60);
+    assert_eq!(r["status"], "completed", "{r}");
+    assert!(
+        util::poll(30, || !answers(old_port)),
+        "the old container outlived the report\n{}",
+        agent.log()
+    );
+}
