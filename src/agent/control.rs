@@ -370,11 +370,12 @@ impl Conn {
             match ws.read() {
                 Ok(Message::Text(t)) => {
                     self.last_read = Instant::now();
-                    let Ok(f) = serde_json::from_str::<Frame>(t.as_str()) else {
-                        log::debug!("control channel: a frame that is not ours");
-                        continue;
-                    };
-                    self.handle(f, ctx, out);
+                    match Frame::parse(t.as_str()) {
+                        Ok(f) => self.handle(f, ctx, out),
+                        // The `error` ends the session at the server: end it here too.
+                        Err(Some(e)) => self.end(&e.session, &e.msg),
+                        Err(None) => log::debug!("control channel: a frame that is not ours"),
+                    }
                 }
                 Ok(Message::Close(_)) => return false,
                 Ok(_) => self.last_read = Instant::now(),
@@ -402,7 +403,8 @@ impl Conn {
         self.sessions.retain(|_, s| !s.inbox.ended());
         let id = f.session.clone();
         if self.sessions.contains_key(&id) {
-            return self.fail(&id, "a session with this id is already open");
+            // The server ends a session on its `error`: the running one must not outlive it.
+            return self.end(&id, "a session with this id is already open; both ended");
         }
         if self.sessions.len() >= MAX_SESSIONS {
             let msg = format!("this node already runs {MAX_SESSIONS} exec/cp sessions; close one");

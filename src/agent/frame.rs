@@ -5,7 +5,8 @@ use crate::sys::wait;
 use crate::task::clean_text;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::sync::Arc;
 
 /// Where sessions queue frames for the socket: a bounded queue, and the doorbell that
@@ -27,6 +28,13 @@ impl Out {
         self.bell.ring();
         r
     }
+}
+
+/// A frame that could not be read, of `session`: what its `error` says.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed {
+    pub session: String,
+    pub msg: String,
 }
 
 /// The connection a frame was for has ended.
@@ -52,9 +60,9 @@ pub struct Frame {
     pub stream: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub data: String,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "is_zero", deserialize_with = "saturated")]
     pub cols: u16,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(skip_serializing_if = "is_zero", deserialize_with = "saturated")]
     pub rows: u16,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub sig: String,
@@ -68,6 +76,14 @@ pub struct Frame {
     pub path: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub direction: String,
+}
+
+/// A terminal size: any JSON number, held to 0..=65535 (a PTY cannot be larger).
+fn saturated<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    let n = serde_json::Value::deserialize(d)?
+        .as_f64()
+        .ok_or_else(|| D::Error::custom("a terminal size is a number"))?;
+    Ok(n.clamp(0.0, f64::from(u16::MAX)) as u16)
 }
 
 fn is_zero(n: &u16) -> bool {
@@ -102,6 +118,19 @@ impl Frame {
         }
     }
 
+    /// A text message from the control plane. Err: it is not a frame of ours, with the
+    /// `error` to answer when it names a session (so the CLI waiting on it hears why).
+    pub fn parse(text: &str) -> Result<Frame, Option<Malformed>> {
+        serde_json::from_str(text).map_err(|e| {
+            let v: serde_json::Value = serde_json::from_str(text).ok()?;
+            let session = v.get("session")?.as_str().filter(|s| !s.is_empty())?;
+            Some(Malformed {
+                session: session.into(),
+                msg: format!("malformed frame: {e}"),
+            })
+        })
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         BASE64.decode(&self.data).unwrap_or_default()
     }
@@ -129,5 +158,27 @@ mod tests {
         };
         assert!(serde_json::to_string(&e).unwrap().contains(r#""code":-1"#));
         assert_eq!(Frame::error("a", "bad\0byte").msg, "bad\u{fffd}byte");
+    }
+
+    #[test]
+    fn malformed_frames_answer_their_session_and_sizes_saturate() {
+        let f = Frame::parse(
+            r#"{"type":"open_exec","session":"m2","cmd":["sh"],"cols":70000,"rows":-3}"#,
+        )
+        .unwrap();
+        assert_eq!((f.cols, f.rows), (u16::MAX, 0));
+        let e = Frame::parse(r#"{"type":"open_exec","session":"m3","cmd":"sh"}"#).unwrap_err();
+        let e = e.expect("an error for m3");
+        assert_eq!(e.session, "m3");
+        assert!(e.msg.starts_with("malformed frame: "), "{}", e.msg);
+        let e = Frame::parse(r#"{"type":"resize","session":"m4","cols":"wide"}"#).unwrap_err();
+        assert_eq!(e.map(|e| e.session), Some("m4".into()));
+        // No session to answer: a number, missing, or not JSON at all.
+        assert_eq!(
+            Frame::parse(r#"{"type":"open_exec","session":7}"#),
+            Err(None)
+        );
+        assert_eq!(Frame::parse(r#"{"type":7}"#), Err(None));
+        assert_eq!(Frame::parse("not json"), Err(None));
     }
 }

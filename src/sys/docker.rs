@@ -107,6 +107,8 @@ pub struct PsRow {
     pub expose_port: String,
     /// The compose project the container belongs to (`muvee-<prefix>` for ours), or "".
     pub compose_project: String,
+    /// `com.docker.compose.project.working_dir`: where compose ran for it, or "".
+    pub compose_dir: String,
     /// `muvee.node`: the NODE_NAME of the agent that started it (empty before that label).
     pub node: String,
 }
@@ -665,12 +667,24 @@ impl Docker<'_> {
     }
 
     /// Kills, inside `container`, every process whose environment holds `marker` (NAME=value)
-    /// and the process group it leads: docker leaves an exec'd process running when its
-    /// client goes. Needs `sh` and `grep` in the container. (`grep -F` and `kill --` are not
-    /// used: busybox's `-F` stops at the NULs of `environ`, and its `kill` refuses `--`.)
+    /// and all it started: processes whose parent, group or session is one of those, found
+    /// again and again (each found one is stopped first, so it forks no more) until none is
+    /// new, then all killed at once — before a parent dies, so a child that dropped the
+    /// marker and left its group (`setsid env -i ...`) is still found by its parent. What
+    /// escapes: a process that dropped the marker and whose parent died before the close
+    /// (a double-forked daemon, re-parented to the container's PID 1). Needs `sh`, `grep`
+    /// and `kill` in the container. (`grep -F` and `kill --` are not used: busybox's `-F`
+    /// stops at the NULs of `environ`, and its `kill` refuses `--`.)
     pub fn kill_marked(&self, container: &str, marker: &str) -> Result<(), DockerError> {
-        const SCRIPT: &str = "for d in /proc/[0-9]*; do p=${d#/proc/}; \
-            grep -qs \"$0\" \"$d/environ\" && kill -9 \"-$p\" \"$p\"; done 2>/dev/null; true";
+        const SCRIPT: &str = "exec 2>/dev/null; m=' '; for d in /proc/[0-9]*; do \
+            grep -qs \"$0\" \"$d/environ\" && m=\"$m${d#/proc/} \"; done; \
+            [ \"$m\" = ' ' ] && exit 0; \
+            while :; do n=$m; for d in /proc/[0-9]*; do p=${d#/proc/}; \
+            case \"$n\" in *\" $p \"*) continue;; esac; [ \"$p\" = $$ ] && continue; \
+            read -r s < \"$d/stat\" || continue; set -- ${s##*)}; \
+            case \"$n\" in *\" $2 \"*|*\" $3 \"*|*\" $4 \"*) n=\"$n$p \";; esac; done; \
+            kill -STOP $n; [ \"$n\" = \"$m\" ] && break; m=$n; done; \
+            kill -9 $m; true";
         let cmd = self
             .cmd(&["exec", container, "sh", "-c", SCRIPT, marker])
             .timeout(Duration::from_secs(20), "docker exec kill timeout");
@@ -1002,11 +1016,12 @@ fn published(json: &str, container_port: u16) -> Option<(u16, bool)> {
 }
 
 /// The `docker ps` columns [`parse_ps_row`] reads.
-const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}\t{{.Label \"com.docker.compose.project\"}}";
+const PS_FORMAT: &str = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"muvee.domain_prefix\"}}\t{{.Label \"muvee.deployment_id\"}}\t{{.Label \"muvee.expose_port\"}}\t{{.Label \"muvee.node\"}}\t{{.Label \"com.docker.compose.project\"}}\t{{.Label \"com.docker.compose.project.working_dir\"}}";
 
 fn parse_ps_row(line: &str) -> Option<PsRow> {
     let f: Vec<&str> = line.split('\t').collect();
-    let (&[id, name, state, prefix, dep, port], node, project) = (f.get(..6)?, f.get(6), f.get(7))
+    let (&[id, name, state, prefix, dep, port], node, project, dir) =
+        (f.get(..6)?, f.get(6), f.get(7), f.get(8))
     else {
         return None;
     };
@@ -1019,6 +1034,7 @@ fn parse_ps_row(line: &str) -> Option<PsRow> {
         expose_port: port.into(),
         compose_project: project.map_or(String::new(), |p| p.to_string()),
         node: node.map_or(String::new(), |n| n.to_string()),
+        compose_dir: dir.map_or(String::new(), |d| d.to_string()),
     })
 }
 

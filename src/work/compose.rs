@@ -101,7 +101,7 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
     let work = work_dir(ctx, s.prefix);
     private_dir(&work)?;
     write_file(&work, CLI_ENV, "")?;
-    let (src, image) = stage(ctx, s, c, cli, &work)?;
+    let (src, image, names) = stage(ctx, s, c, cli, &work)?;
     let mut project = project(cli, s.prefix, &src, &c.file, &work);
     let _env = Remove(write_env(&src, &s.env, cli)?);
     let _cfg = if c.auths.is_empty() {
@@ -129,7 +129,7 @@ fn up(ctx: &Ctx, s: &DeploySpec, c: &ComposeSpec) -> Result<u16, TaskError> {
     let mount = ws
         .as_ref()
         .map(|(d, path)| format!("{}:{path}:rw", d.display()));
-    write_override(s, c, &work, mount.as_deref())?;
+    write_override(ctx, s, c, &names, &work, mount.as_deref())?;
     let guard = match ctx.cfg.compose_policy {
         ComposePolicy::Baseline => {
             let ws = ws.map(|(d, _)| d);
@@ -337,7 +337,7 @@ fn stage(
     c: &ComposeSpec,
     cli: ComposeCli,
     work: &Path,
-) -> Result<(PathBuf, String), TaskError> {
+) -> Result<(PathBuf, String, Vec<String>), TaskError> {
     let next = work.join("next");
     remove_dir(&next)?;
     let p = Project {
@@ -345,8 +345,8 @@ fn stage(
         ..project(cli, s.prefix, &next, &c.file, work)
     };
     let fetched = fetch(ctx, c, work, &next).and_then(|()| validate(ctx, c, &p));
-    let image = match fetched {
-        Ok(image) => image,
+    let (image, names) = match fetched {
+        Ok(v) => v,
         Err(e) => {
             let _ = remove_dir(&next);
             return Err(e);
@@ -356,7 +356,7 @@ fn stage(
     remove_dir(&src)?;
     let err = TaskError::io(format!("cannot move {} into place", next.display()));
     std::fs::rename(&next, &src).map_err(err)?;
-    Ok((src, image))
+    Ok((src, image, names))
 }
 
 fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), TaskError> {
@@ -389,9 +389,9 @@ fn fetch(ctx: &Ctx, c: &ComposeSpec, work: &Path, dest: &Path) -> Result<(), Tas
 /// Every service has `image:` and no `build:`, and `expose_service` is one of them; read
 /// from `compose config` (the CLI's own parse of the staged file `p` names) with an empty
 /// `.env`, so no value is printed. Under the compose policy, what the CLI would read of the
-/// host is judged first, and the networks it would join after. Returns the exposed
-/// service's image.
-fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError> {
+/// host is judged first, and the labels and networks it sets after. Returns the exposed
+/// service's image and the names of all services.
+fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<(String, Vec<String>), TaskError> {
     builder::file_in(&p.dir, &c.file, "compose_file_path")?;
     let shown = c.file.display();
     let policy = ctx.cfg.compose_policy == ComposePolicy::Baseline;
@@ -435,11 +435,13 @@ fn validate(ctx: &Ctx, c: &ComposeSpec, p: &Project) -> Result<String, TaskError
             names.join(", ")
         )));
     };
-    let refused = policy::config_networks(&config, &p.name);
+    let mut refused = policy::config_labels(&config);
+    refused.extend(policy::config_networks(&config, &p.name));
     if policy && !refused.is_empty() {
         return Err(refusal(c, "nothing was started", &texts(&refused)));
     }
-    Ok(exposed.image.clone().unwrap_or_default())
+    let names = services.iter().map(|s| s.name.clone()).collect();
+    Ok((exposed.image.clone().unwrap_or_default(), names))
 }
 
 /// A service as `compose config` prints it.
@@ -470,10 +472,13 @@ fn yaml_quote(s: &str) -> String {
 }
 
 /// `muvee.override.yml`: the exposed service's published port (random unless fixed), our
-/// labels, the workspace volume and the memory limit.
+/// labels, the workspace volume and the memory limit; every service gets the ownership
+/// labels (app, node), so none carries another app's or node's whatever its file says.
 fn write_override(
+    ctx: &Ctx,
     s: &DeploySpec,
     c: &ComposeSpec,
+    names: &[String],
     work: &Path,
     mount: Option<&str>,
 ) -> Result<(), TaskError> {
@@ -482,18 +487,29 @@ fn write_override(
         Some(f) => format!("{f}:{}", s.port),
         None => s.port.to_string(),
     };
-    let mut y = format!(
-        "services:\n  {}:\n    ports:\n      - {}\n",
+    let owner = [
+        ("muvee.domain_prefix", s.prefix),
+        ("muvee.managed", "true"),
+        ("muvee.node", ctx.cfg.node_name.as_str()),
+    ];
+    let mut y = String::from("services:\n");
+    for name in names.iter().filter(|n| *n != c.service) {
+        y.push_str(&format!("  {}:\n    labels:\n", q(name)));
+        for (k, v) in owner {
+            y.push_str(&format!("      {}: {}\n", q(k), q(v)));
+        }
+    }
+    y.push_str(&format!(
+        "  {}:\n    ports:\n      - {}\n    labels:\n",
         q(c.service),
         q(&publish)
-    );
-    y.push_str("    labels:\n");
-    for (k, v) in [
-        ("muvee.domain_prefix", s.prefix),
-        ("muvee.expose_port", &s.port.to_string()),
+    ));
+    let port = s.port.to_string();
+    let exposed = [
+        ("muvee.expose_port", port.as_str()),
         ("muvee.deployment_id", s.deployment_id),
-        ("muvee.managed", "true"),
-    ] {
+    ];
+    for (k, v) in owner.iter().chain(&exposed) {
         y.push_str(&format!("      {}: {}\n", q(k), q(v)));
     }
     if let Some(mount) = mount {

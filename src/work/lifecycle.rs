@@ -17,6 +17,7 @@ use crate::work::spec;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The most log text a `runtime_logs` result carries (today's agent: 1 MiB).
 pub const LOG_CAP: usize = 1 << 20;
@@ -173,8 +174,10 @@ pub fn resolve(docker: &Docker, prefix: &str) -> Result<String, TaskError> {
 /// The container a control channel session may reach: app `prefix`'s (picked as `resolve`
 /// picks), else the one named exactly `name`, and only among this node's apps: labelled
 /// `muvee.managed=true` and `muvee.node=<NODE_NAME>`, or the container of compose project
-/// `muvee-<prefix>` (compose sets no `muvee.node`) when this node staged that project.
-/// None: nothing of ours answers to it.
+/// `muvee-<prefix>` (older deploys set no `muvee.node` there) when this node staged that
+/// project. A compose container counts for app `p` only in project `muvee-<p>` run from
+/// DATA_DIR/compose/<p>, whatever its `muvee.*` labels say: a tenant writes those of its
+/// own services. None: nothing of ours answers to it.
 pub fn node_container(
     docker: &Docker,
     cfg: &Config,
@@ -202,15 +205,32 @@ fn of_this_node(r: &PsRow, cfg: &Config) -> bool {
     if p.is_empty() || !label || p.starts_with('-') {
         return false;
     }
+    let staged = cfg.data_dir.join("compose").join(p);
+    if !r.compose_project.is_empty() && !compose_of(r, p, &staged) {
+        return false;
+    }
     if !r.node.is_empty() {
         return r.node == cfg.node_name;
     }
-    r.compose_project == format!("muvee-{p}") && cfg.data_dir.join("compose").join(p).is_dir()
+    !r.compose_project.is_empty() && staged.is_dir()
+}
+
+/// `r` is a container of app `p`'s compose project: named `muvee-<p>`, run from under
+/// `staged` (compose CLIs before 1.25 leave the working dir out).
+fn compose_of(r: &PsRow, p: &str, staged: &Path) -> bool {
+    let real = |d: &Path| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
+    let dir = Path::new(&r.compose_dir);
+    r.compose_project == format!("muvee-{p}")
+        && (r.compose_dir.is_empty() || real(dir).starts_with(real(staged)))
 }
 
 fn pick(rows: &[PsRow], prefix: &str) -> String {
     let main = format!("muvee-{prefix}");
-    let rank = |c: &&PsRow| (c.name == main, !is_aside_of(c, prefix), c.running);
+    // Every service of a compose app carries its label; the exposed one its port too.
+    let rank = |c: &&PsRow| {
+        let exposed = !c.expose_port.is_empty();
+        (c.name == main, !is_aside_of(c, prefix), exposed, c.running)
+    };
     // max_by_key keeps the last of equals; docker lists the newest first.
     let best = rows.iter().rev().max_by_key(rank);
     best.map_or(main.clone(), |c| c.name.clone())

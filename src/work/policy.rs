@@ -317,6 +317,30 @@ pub fn config_networks(config: &Yaml, project: &str) -> Vec<Violation> {
     out
 }
 
+/// Labels under `muvee.` that a service of the normalised config sets itself: they are the
+/// agent's proof of ownership (which app, which node), so only our override may set them.
+pub fn config_labels(config: &Yaml) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (service, s) in yaml::entries(yaml::get(config, "services").unwrap_or(&Yaml::Null)) {
+        let keys: Vec<&str> = match yaml::get(s, "labels") {
+            Some(m @ Yaml::Hash(_)) => yaml::entries(m).into_iter().map(|(k, _)| k).collect(),
+            Some(list) => yaml::strings(list, "")
+                .into_iter()
+                .map(|l| l.split_once('=').map_or(l, |(k, _)| k))
+                .collect(),
+            None => vec![],
+        };
+        for key in keys.into_iter().filter(|k| k.trim().starts_with("muvee.")) {
+            out.push(Violation {
+                service: service.into(),
+                key: "labels",
+                what: format!("sets {key}, a label only the agent sets"),
+            });
+        }
+    }
+    out
+}
+
 /// Host paths the project's containers can write: the workspace, read-write bind mounts,
 /// and the dirs of local bind volumes (those inside `roots`: the others are refused anyway).
 fn writable(containers: &[Created], rules: &Rules, roots: &[PathBuf]) -> Vec<PathBuf> {
@@ -880,6 +904,22 @@ mod tests {
                 "service b: `networks` joins network muvee-q_default, which this project does not create",
                 "service b: `networks` joins network muvee-q_default, which this project does not create",
                 "service c: `networks` joins network w, which this project does not create",
+            ]
+        );
+    }
+
+    #[test]
+    fn services_may_not_set_the_agents_labels() {
+        let config = yaml::load(
+            "services:\n  a: {image: i, labels: {muvee.domain_prefix: victim, app: x}}\n  b: {image: i, labels: [\"muvee.node=n1\", \"other=1\", muvee.managed]}\n  c: {image: i, labels: {muvee_x: y}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            texts(config_labels(&config)),
+            [
+                "service a: `labels` sets muvee.domain_prefix, a label only the agent sets",
+                "service b: `labels` sets muvee.node, a label only the agent sets",
+                "service b: `labels` sets muvee.managed, a label only the agent sets",
             ]
         );
     }

@@ -736,3 +736,67 @@ fn a_repository_may_use_its_own_files_but_no_security_profile_of_its_own() {
     );
     assert_clean(&app);
 }
+
+#[test]
+fn only_the_agent_labels_services_and_it_labels_every_one_with_the_app_and_node() {
+    if !require(test_name!()) {
+        return;
+    }
+    let img = pushed();
+    let app = App::new();
+    let login = [("DOCKER_CONFIG", img.login.to_str().unwrap())];
+    // Another tenant's services claiming the victim's app and this node (map and list forms).
+    let yaml = format!(
+        "services:\n  app:\n    image: {app}\n    labels:\n      muvee.domain_prefix: victim\n  side:\n    image: {idle}\n    labels: [\"muvee.node=node-lbl\", \"team=a\"]\n",
+        app = img.app,
+        idle = img.idle
+    );
+    let why = refused(&app, &inline(&app, "p-lbl", &yaml), &login);
+    contains_all(
+        &why,
+        &[
+            "service app: `labels` sets muvee.domain_prefix, a label only the agent sets".into(),
+            "service side: `labels` sets muvee.node, a label only the agent sets".into(),
+        ],
+    );
+    assert!(!why.contains("team"), "{why}");
+    // With the policy off, our override still wins on every service.
+    let mut env = login.to_vec();
+    env.extend([("DEPLOY_COMPOSE_POLICY", "off"), ("NODE_NAME", "node-lbl")]);
+    let yaml = yaml.replace("muvee.node=node-lbl", "muvee.node=elsewhere");
+    let (r, log) = app.run("deploy", &inline(&app, "p-lbl", &yaml), &env);
+    assert_eq!(r["status"], "completed", "{r}\n{log}");
+    let labels = |c: &str| -> Value {
+        let out = util::docker(&["inspect", "--format", "{{json .Config.Labels}}", c], &[]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let staged = app.data.join("compose").join(&app.prefix);
+    for service in ["app", "side"] {
+        let l = labels(&app.container(service));
+        assert_eq!(
+            l["muvee.domain_prefix"],
+            app.prefix.as_str(),
+            "{service}: {l}"
+        );
+        assert_eq!(l["muvee.node"], "node-lbl", "{service}: {l}");
+        assert_eq!(l["muvee.managed"], "true", "{service}: {l}");
+        let team = if service == "side" {
+            json!("a")
+        } else {
+            Value::Null
+        };
+        assert_eq!(l["team"], team, "{service}: {l}");
+        // The control channel's ownership rule relies on where compose ran.
+        let dir = l["com.docker.compose.project.working_dir"]
+            .as_str()
+            .unwrap();
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap();
+        assert!(real(Path::new(dir)).starts_with(real(&staged)), "{l}");
+    }
+    assert_eq!(labels(&app.container("app"))["muvee.expose_port"], "8080");
+    assert_eq!(
+        labels(&app.container("side"))["muvee.expose_port"],
+        Value::Null
+    );
+    assert_clean(&app);
+}

@@ -400,6 +400,95 @@ fn exec_and_cp_reach_only_this_nodes_apps() {
     assert_eq!(o2.end, json!({"type": "exit", "session": "o2"}));
 }
 
+/// A running container with `labels`, and `WHO=<who>` in its environment.
+fn labelled_container(name: &str, who: &str, labels: &[String]) {
+    let mut args = vec!["run", "-d", "--name", name, "-e"];
+    let who = format!("WHO={who}");
+    args.push(&who);
+    for l in labels {
+        args.extend(["--label", l.as_str()]);
+    }
+    args.push(IDLE);
+    util::sh(Command::new(util::docker_cli()).args(&args));
+}
+
+#[test]
+fn a_compose_container_counts_only_for_the_app_of_its_project() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    images();
+    let hex = &util::unique_hex()[..6];
+    let (node, victim, evil) = (node_name(), format!("itxv{hex}"), format!("itxe{hex}"));
+    let _c = [&victim, &evil].map(|p| RemoveContainers::named(&format!("muvee-{p}-")));
+    let home = temp_dir("control-compose");
+    let staged = home.join("data/compose").join(&victim);
+    std::fs::create_dir_all(staged.join("src")).unwrap();
+    let project = |p: &str, dir: &Path| {
+        vec![
+            format!("com.docker.compose.project=muvee-{p}"),
+            format!("com.docker.compose.project.working_dir={}", dir.display()),
+        ]
+    };
+    let claims = |l: &mut Vec<String>, node: Option<&str>| {
+        l.extend([
+            "muvee.managed=true".into(),
+            format!("muvee.domain_prefix={victim}"),
+        ]);
+        l.extend(node.map(|n| format!("muvee.node={n}")));
+    };
+    // The victim: a compose app this node staged, deployed before services carried muvee.node.
+    let mut l = project(&victim, &staged.join("src"));
+    claims(&mut l, None);
+    labelled_container(&format!("muvee-{victim}-web-1"), "victim", &l);
+    // Another tenant's service whose compose file claims the victim's app and this node.
+    let mut l = project(&evil, &home.join("data/compose").join(&evil).join("src"));
+    claims(&mut l, Some(&node));
+    let evil_side = format!("muvee-{evil}-side-1");
+    labelled_container(&evil_side, "attacker", &l);
+    // The victim's project name, run from elsewhere.
+    let mut l = project(&victim, &home.join("elsewhere"));
+    claims(&mut l, Some(&node));
+    let forged = format!("muvee-{victim}-forged-1");
+    labelled_container(&forged, "forger", &l);
+    let cp = FakeCp::start(Version::Today, SECRET);
+    let _agent = TestAgent::builder("deploy")
+        .cp(&cp)
+        .real_docker()
+        .dir(&home)
+        .env("POLL_INTERVAL", "1s")
+        .env("NODE_NAME", &node)
+        .start();
+    let ws = cp.control().accept(Duration::from_secs(30)).expect("dial");
+    let who = ["sh", "-c", "echo who=$WHO"];
+    for s in ["p1", "p2", "p3"] {
+        ws.send(
+            &json!({"type": "open_exec", "session": s, "domain_prefix": victim,
+                        "container": format!("muvee-{victim}"), "cmd": who}),
+        )
+        .unwrap();
+        let o = ws.outcome(s, FRAME_WAIT).expect("ended");
+        let out = String::from_utf8_lossy(&o.output);
+        assert!(out.contains("who=victim"), "{s}: {o:?}");
+    }
+    for (s, name) in [("n1", &evil_side), ("n2", &forged)] {
+        ws.open_exec(s, name, &who).unwrap();
+        let o = ws.outcome(s, FRAME_WAIT).expect("ended");
+        assert_eq!(o.kinds, ["error"], "{s}: {o:?}");
+        assert!(
+            o.end["msg"].as_str().unwrap().contains("this node's apps"),
+            "{o:?}"
+        );
+    }
+    ws.open_exec("n3", &format!("muvee-{victim}-web-1"), &who)
+        .unwrap();
+    let o = ws.outcome("n3", FRAME_WAIT).expect("ended");
+    assert!(
+        String::from_utf8_lossy(&o.output).contains("who=victim"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
     if !require_docker(test_name!()) {
@@ -412,18 +501,44 @@ fn close_and_a_dropped_channel_kill_the_process_inside_the_container() {
     ws.open_exec("k1", c, &["sleep", "7777"]).unwrap();
     ws.open_exec("k2", c, &["sh", "-c", "sleep 7778; echo never"])
         .unwrap();
-    let both = || top(c).contains("sleep 7777") && top(c).contains("sleep 7778");
-    assert!(util::poll(20, both), "{}", top(c));
+    // One that leaves its group and session and drops the marker from its environment.
+    let escape = "setsid env -i sleep 7782 & exec sleep 7783";
+    ws.open_exec("k4", c, &["sh", "-c", escape]).unwrap();
+    let all = || {
+        let t = top(c);
+        ["sleep 7777", "sleep 7778", "sleep 7782", "sleep 7783"]
+            .iter()
+            .all(|p| t.contains(p))
+    };
+    assert!(util::poll(20, all), "{}", top(c));
     // One at a time: `outcome` drops the other sessions' frames.
-    for s in ["k1", "k2"] {
+    for s in ["k1", "k2", "k4"] {
         ws.close_session(s).unwrap();
         let o = ws.outcome(s, FRAME_WAIT).expect("ended");
         assert_eq!(o.end["code"], -1, "{}", o.end);
     }
     let t = top(c);
+    let left = ["sleep 7777", "sleep 7778", "sleep 7782", "sleep 7783"];
     assert!(
-        !t.contains("sleep 7777") && !t.contains("sleep 7778"),
+        !left.iter().any(|p| t.contains(p)),
         "left running after close:\n{t}"
+    );
+
+    // A second open with a running session's id: the server ends the session on the
+    // `error`, so the running process must not outlive it.
+    ws.open_exec("k5", c, &["sleep", "7784"]).unwrap();
+    assert!(
+        util::poll(20, || top(c).contains("sleep 7784")),
+        "{}",
+        top(c)
+    );
+    ws.open_exec("k5", c, &["echo", "second"]).unwrap();
+    let o = ws.outcome("k5", FRAME_WAIT).expect("ended");
+    assert_eq!(o.kinds, ["error"], "{o:?}");
+    assert!(
+        util::poll(15, || !top(c).contains("sleep 7784")),
+        "left running after a duplicate open:\n{}",
+        top(c)
     );
 
     // The channel drops (the control plane went away): the same.
