@@ -6,6 +6,7 @@ use crate::config::{Config, ConfigError, DataDir};
 use crate::cp::client::{Backoff, Client, CpError};
 use crate::cp::files;
 use crate::cp::journal::Journal;
+use crate::cp::latelog::LateLogs;
 use crate::cp::logship::{LogShipper, Spill};
 use crate::cp::outbox::{self, Flushed, Outbox};
 use crate::cp::tls::Roots;
@@ -36,6 +37,8 @@ struct Agent {
     client: Client,
     journal: Arc<Journal>,
     outbox: Arc<Outbox>,
+    /// Log lines of ended tasks the control plane has not taken yet.
+    late: Arc<LateLogs>,
     shared: Arc<Shared>,
     cp_config: Arc<RwLock<AgentConfig>>,
     host_ip: String,
@@ -67,7 +70,7 @@ pub enum StartError {
         path: std::path::PathBuf,
         holder: Option<String>,
     },
-    /// No thread for the outbox sender.
+    /// No thread for a sender (outbox, late logs).
     Thread(std::io::Error),
 }
 
@@ -82,7 +85,7 @@ impl fmt::Display for StartError {
                 path.display(),
                 holder.as_deref().map_or("pid unknown".into(), |p| format!("pid {p}"))
             ),
-            StartError::Thread(e) => write!(f, "cannot start the outbox sender: {e}"),
+            StartError::Thread(e) => write!(f, "cannot start a sender thread: {e}"),
         }
     }
 }
@@ -144,9 +147,11 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     start_senders(&outbox, &client, &journal)?;
     // Log spills of tasks that ended with the previous process: their reports say failed.
+    // (Lines handed off when their task ended are in state/late-logs, picked up here.)
     let logs = cfg.data_dir.join("state/logs");
     let _ = std::fs::remove_dir_all(&logs);
     let _ = files::private_dir(&logs);
+    let late = start_late_logs(&cfg, &client)?;
 
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
@@ -159,6 +164,7 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
         client,
         journal,
         outbox,
+        late,
         shared,
         cp_config: Arc::default(),
         host_ip,
@@ -203,6 +209,18 @@ fn start_senders(
             .map_err(StartError::Thread)?;
     }
     Ok(())
+}
+
+/// The late-log queue, with what an earlier process left, and its one sender thread.
+fn start_late_logs(cfg: &Config, client: &Client) -> Result<Arc<LateLogs>, StartError> {
+    let dir = cfg.data_dir.join("state/late-logs");
+    let late = Arc::new(LateLogs::open(dir, cfg.log_spill_max));
+    let (l, c) = (late.clone(), client.clone());
+    std::thread::Builder::new()
+        .name("late-logs".into())
+        .spawn(move || l.run_sender(&c))
+        .map_err(StartError::Thread)?;
+    Ok(late)
 }
 
 fn host_ip(cfg: &Config) -> String {
@@ -627,6 +645,7 @@ impl Agent {
             client: self.client.clone(),
             journal: self.journal.clone(),
             outbox: self.outbox.clone(),
+            late: self.late.clone(),
             shared: self.shared.clone(),
             running: self.running.clone(),
         };
@@ -689,6 +708,8 @@ impl Agent {
                 log::error!("{unwritten} undelivered report(s) could not be written to {} (full?) and are lost; a task whose final report is among them is reported failed at the next start", dir.display());
             }
         }
+        // What it has not sent waits in its files for the next start.
+        self.late.close();
         log::info!("stopped");
     }
 }
@@ -716,6 +737,7 @@ struct Worker {
     client: Client,
     journal: Arc<Journal>,
     outbox: Arc<Outbox>,
+    late: Arc<LateLogs>,
     shared: Arc<Shared>,
     running: Arc<AtomicUsize>,
 }
@@ -738,6 +760,7 @@ impl Worker {
                 task.deployment_id.clone(),
                 spill,
                 self.shared.bell.clone(),
+                self.late.clone(),
             )
         });
         let short = &task.id[..task.id.len().min(8)];
@@ -757,7 +780,8 @@ impl Worker {
             out: &out,
         };
         let completion = dispatch::execute(&ctx);
-        // Logs first, so the deployment log is complete when the final status lands.
+        // Logs first, so the deployment log is complete when the final status lands (unless
+        // the control plane does not take them: then they follow from the late-log queue).
         if let Some(s) = shipper {
             s.close();
         }

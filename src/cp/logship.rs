@@ -8,13 +8,19 @@
 //! plane is slower than the task, the backlog beyond 8 MiB of memory spills to a private
 //! per-task file under DATA_DIR, bounded by LOG_SPILL_MAX; beyond it, or when the spill cannot
 //! be written, lines are counted and one explicit marker says how many were dropped. Closing
-//! drains what is left while the control plane takes it, gives up once it has taken nothing for
-//! 15 s (no request outlives that), and removes the spill; a cancel (second SIGTERM) stops
-//! waiting at once. The March 2026 server has no such route (chi's plain `404 page not
-//! found`): shipping stops for that task. Any other 404 is retried like a 5xx.
+//! drains what is left while the control plane takes it. As soon as a request after close
+//! fails, or nothing was taken for CLOSE_STALL (15 s: no request outlives that), the rest
+//! (the batch in flight, the spill, memory, a pending marker, in order) is handed to the
+//! durable late-log queue ([`crate::cp::latelog`]) and close returns: a log outage holds
+//! neither the final report nor loses a line. A cancel (second SIGTERM) hands off at once.
+//! While the late-log queue holds lines of the deployment, new batches go there too, so its
+//! log stays in order. The March 2026 server has no such route (chi's plain `404 page not
+//! found`): shipping stops for that task, its lines are discarded. Any other 404 is retried
+//! like a 5xx.
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
+use crate::cp::latelog::LateLogs;
 use crate::sys::signal;
 use crate::sys::wait::{self, Bell, Check, Stop};
 use crate::task::clean_text;
@@ -28,19 +34,19 @@ use std::time::{Duration, Instant};
 /// A request is sent at once when this much waits.
 const BATCH_MIN: usize = 64 * 1024;
 /// The largest request body, serialized: nginx's default `client_max_body_size 1m`.
-const BODY_MAX: usize = 1 << 20;
+pub(crate) const BODY_MAX: usize = 1 << 20;
 /// `{"line":""}` around the text.
 const BODY_OVERHEAD: usize = 11;
 /// A line longer than this is shipped in pieces, so one line always fits a body (escaped,
 /// a byte takes at most 6).
-const LINE_MAX: usize = 64 * 1024;
+pub(crate) const LINE_MAX: usize = 64 * 1024;
 /// How long a line into an idle shipper waits for company before it goes out.
 const LINGER: Duration = Duration::from_millis(50);
 /// Backlog kept in memory; beyond it, the spill file.
 const MEM_CAP: usize = 8 << 20;
-/// Closing gives up once the control plane has taken no batch for this long.
+/// Closing hands off once the control plane has taken no batch for this long.
 const CLOSE_STALL: Duration = Duration::from_secs(15);
-/// How long closing waits past the give-up time for the thread to notice it.
+/// How long closing waits past the hand-off time for the thread to notice it.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a shipper keeps its backlog and how much of it may wait on disk.
@@ -86,13 +92,13 @@ enum Refusal {
     Full,
     /// The spill could not be written or read (an unwritable dir, a full disk).
     Failed,
-    /// The agent was canceled while they waited.
-    Canceled,
 }
 
 struct Buf {
     /// The newest lines, each followed by '\n' (empty while the spill file is in use).
     mem: String,
+    /// A batch taken from memory and not delivered yet (older than everything else).
+    inflight: Option<String>,
     spill: Option<SpillFile>,
     conf: Spill,
     /// Lines refused since the last marker, and why.
@@ -112,6 +118,8 @@ struct Buf {
     last_ok: Instant,
     /// The route does not exist (March 2026): everything is discarded.
     gone: bool,
+    /// Closing handed the backlog to the late-log queue: the thread must not touch it.
+    handed_off: bool,
     /// The shipper thread has ended.
     done: bool,
 }
@@ -120,6 +128,7 @@ impl Buf {
     fn new(conf: Spill) -> Buf {
         Buf {
             mem: String::new(),
+            inflight: None,
             spill: None,
             conf,
             dropped: 0,
@@ -132,6 +141,7 @@ impl Buf {
             closed_at: None,
             last_ok: Instant::now(),
             gone: false,
+            handed_off: false,
             done: false,
         }
     }
@@ -174,9 +184,6 @@ impl Buf {
                 "[muvee-agent: {n} log lines dropped: the log spill {} failed ({}) while more than {MEM_CAP} bytes waited for the control plane]",
                 self.conf.path.display(),
                 self.spill_error
-            ),
-            Refusal::Canceled => format!(
-                "[muvee-agent: {n} log lines dropped: the agent was canceled (shutting down) while they waited for the control plane]"
             ),
         }
     }
@@ -310,51 +317,75 @@ impl Buf {
             cut => cut,
         };
         let rest = self.mem.split_off(cut);
-        Some(Batch::Mem(std::mem::replace(&mut self.mem, rest)))
+        let text = std::mem::replace(&mut self.mem, rest);
+        self.inflight = Some(text.clone());
+        Some(Batch::Mem(text))
     }
 
     fn delivered(&mut self, batch: &Batch) {
         self.last_ok = Instant::now();
-        if let (Batch::Disk(text), Some(s)) = (batch, &mut self.spill) {
-            s.read += text.len() as u64;
-            s.lines_read += batch.lines() as u64;
+        match (batch, &mut self.spill) {
+            (Batch::Disk(text), Some(s)) => {
+                s.read += text.len() as u64;
+                s.lines_read += batch.lines() as u64;
+            }
+            (Batch::Mem(_), _) => self.inflight = None,
+            _ => {}
         }
     }
 
     fn discard(&mut self) {
         self.mem = String::new();
+        self.inflight = None;
         self.end_spill();
     }
 
-    /// When a closing shipper gives up: CLOSE_STALL after close or the last batch taken.
-    fn give_up_at(&self) -> Option<Instant> {
+    /// Moves the whole backlog, oldest first, to the late-log queue: the batch in flight,
+    /// the spill's undelivered part, memory, then the marker of lines dropped meanwhile.
+    /// Returns how many lines it held.
+    fn hand_off(&mut self, late: &LateLogs, deployment_id: &str) -> u64 {
+        if let Some(s) = &mut self.spill {
+            if let Err(e) = s.flush() {
+                self.spill_failed(e);
+            }
+        }
+        let Some(mut h) = late.hand_off(deployment_id) else {
+            self.discard();
+            return 0;
+        };
+        let mut n = 0;
+        if let Some(text) = self.inflight.take() {
+            n += memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64;
+            h.lines(text.as_bytes());
+        }
+        if let Some(s) = self.spill.take() {
+            let lines = s.lines - s.lines_read;
+            n += lines;
+            drop(s.file);
+            h.spill(&self.conf.path, s.read, lines);
+        }
+        self.broken = false;
+        let mem = std::mem::take(&mut self.mem);
+        n += memchr::memchr_iter(b'\n', mem.as_bytes()).count() as u64;
+        h.lines(mem.as_bytes());
+        if self.dropped > 0 {
+            h.marker(self.dropped, &self.marker());
+            self.dropped = 0;
+        }
+        n
+    }
+
+    /// When a closing shipper hands off: CLOSE_STALL after close or the last batch taken.
+    fn hand_off_at(&self) -> Option<Instant> {
         self.closed_at.map(|c| c.max(self.last_ok) + CLOSE_STALL)
     }
 
     /// How long the next request may take: once closed, none runs past the give-up time.
     fn request_timeout(&self) -> Duration {
-        let left = self.give_up_at().map_or(REQUEST_TIMEOUT, |t| {
+        let left = self.hand_off_at().map_or(REQUEST_TIMEOUT, |t| {
             t.saturating_duration_since(Instant::now())
         });
         left.clamp(Duration::from_millis(1), REQUEST_TIMEOUT)
-    }
-
-    /// Drops the backlog, counted in a marker the thread sends if it still can; returns how
-    /// many lines were dropped.
-    fn abandon(&mut self) -> u64 {
-        let mut n = memchr::memchr_iter(b'\n', self.mem.as_bytes()).count() as u64;
-        n += self.spill.as_ref().map_or(0, |s| s.lines - s.lines_read);
-        self.discard();
-        if n > 0 {
-            self.dropped += n;
-            self.refusal = Refusal::Canceled;
-        }
-        n
-    }
-
-    fn given_up(&self) -> bool {
-        let stalled = self.give_up_at().is_some_and(|t| Instant::now() >= t);
-        stalled || (self.closed_at.is_some() && signal::cancel_requested())
     }
 }
 
@@ -373,7 +404,7 @@ fn json_len(text: &[u8]) -> usize {
 
 /// The length of the longest run of whole lines (each ending in '\n') of `text` whose request
 /// body fits BODY_MAX; at least the first line.
-fn fit(text: &[u8]) -> usize {
+pub(crate) fn fit(text: &[u8]) -> usize {
     let (mut body, mut cut) = (BODY_OVERHEAD, 0);
     for nl in memchr::memchr_iter(b'\n', text) {
         // Joined by an escaped '\n'; the last one is not sent.
@@ -427,6 +458,7 @@ pub struct LogShipper {
     handle: Option<JoinHandle<()>>,
     /// Rung by a signal and when the thread ends: closing waits on it.
     bell: Arc<Bell>,
+    late: Arc<LateLogs>,
     deployment_id: String,
 }
 
@@ -436,20 +468,23 @@ impl LogShipper {
         deployment_id: String,
         spill: Spill,
         bell: Arc<Bell>,
+        late: Arc<LateLogs>,
     ) -> LogShipper {
         let shared: Shared = Arc::new((Mutex::new(Buf::new(spill)), Bell::default()));
-        let (s2, b2, id) = (shared.clone(), bell.clone(), deployment_id.clone());
+        let (s2, b2, l2) = (shared.clone(), bell.clone(), late.clone());
+        let id = deployment_id.clone();
         let handle = std::thread::Builder::new()
             .name("logship".into())
             .spawn(move || {
                 let _done = Done(&s2, &b2);
-                ship(&client, &id, &s2)
+                ship(&client, &id, &s2, &l2)
             })
             .ok();
         LogShipper {
             shared,
             handle,
             bell,
+            late,
             deployment_id,
         }
     }
@@ -483,7 +518,8 @@ impl LogShipper {
         }
     }
 
-    /// Drains what is queued while the control plane takes it, and stops the thread.
+    /// Drains what is queued while the control plane takes it, hands the rest to the
+    /// late-log queue, and stops the thread.
     pub fn close(mut self) {
         self.shutdown();
     }
@@ -495,14 +531,14 @@ impl LogShipper {
         let (m, ready) = &*self.shared;
         lock(m).closed_at.get_or_insert_with(Instant::now);
         ready.ring();
-        // The thread gives up by itself once stalled, and no request runs past that time;
-        // never wait longer (but for a moment to see it end), whatever the thread does. A
-        // cancel stops the wait at once.
+        // The thread hands off by itself once a request fails or it stalled, and no request
+        // runs past that time; never wait longer (but for a moment to see it end), whatever
+        // the thread does. A cancel stops the wait at once.
         let canceled = || signal::cancel_requested();
         loop {
             let (done, limit) = {
                 let b = lock(m);
-                (b.done, b.give_up_at().map(|t| t + STOP_GRACE))
+                (b.done, b.hand_off_at().map(|t| t + STOP_GRACE))
             };
             if done || canceled() || limit.is_some_and(|t| Instant::now() >= t) {
                 break;
@@ -514,18 +550,21 @@ impl LogShipper {
             b.discard();
             drop(b);
             let _ = handle.join();
-        } else if canceled() {
-            let n = b.abandon();
-            let level = if n > 0 {
-                log::Level::Warn
-            } else {
-                log::Level::Info
-            };
-            log::log!(level, "canceled: {n} log lines of deployment {} not shipped; leaving the log shipper behind", self.deployment_id);
-        } else {
-            b.discard();
-            log::warn!("the log shipper did not stop in time; leaving it behind");
+            return;
         }
+        // Left behind: its request's outcome is ignored (the batch is handed off with the
+        // rest: sent twice at worst, never lost).
+        let n = b.hand_off(&self.late, &self.deployment_id);
+        b.handed_off = true;
+        let why = if canceled() {
+            "canceled"
+        } else {
+            "the log shipper did not stop in time"
+        };
+        log::info!(
+            "{why}: {n} log lines of deployment {} handed to the late-log queue",
+            self.deployment_id
+        );
     }
 }
 
@@ -545,27 +584,38 @@ impl Drop for Done<'_> {
     }
 }
 
-fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
+fn ship(client: &Client, deployment_id: &str, shared: &Shared, late: &LateLogs) {
     let (m, _) = &**shared;
     loop {
         let Some(batch) = wait_batch(shared) else {
             return;
         };
-        match send(client, deployment_id, batch.text(), shared) {
-            Sent::Ok => lock(m).delivered(&batch),
+        // Behind lines of this deployment that wait in the late-log queue: after them.
+        let sent = if late.holds(deployment_id) {
+            Sent::Behind
+        } else {
+            send(client, deployment_id, batch.text(), shared)
+        };
+        let mut b = lock(m);
+        if b.handed_off {
+            return;
+        }
+        match sent {
+            Sent::Ok => b.delivered(&batch),
+            Sent::Behind => {
+                b.hand_off(late, deployment_id);
+            }
+            Sent::Left => return,
             Sent::Gone => {
                 log::info!("control plane has no log route (404, March 2026 server): not shipping logs for deployment {deployment_id}");
-                let mut b = lock(m);
                 b.gone = true;
                 b.discard();
                 return;
             }
-            Sent::GaveUp(e) => {
-                let b = lock(m);
+            Sent::HandOff(e) => {
+                let n = b.hand_off(late, deployment_id);
                 log::warn!(
-                    "gave up shipping {} log lines for deployment {deployment_id} ({} bytes waiting): {e}",
-                    batch.lines(),
-                    b.backlog()
+                    "log lines of deployment {deployment_id} not taken after the task ended ({e}): {n} handed to the late-log queue"
                 );
                 return;
             }
@@ -574,7 +624,7 @@ fn ship(client: &Client, deployment_id: &str, shared: &Shared) {
 }
 
 /// Waits until a batch is due: a full one, the oldest line LINGER old, or close. None once
-/// closed and drained. Sleeps without a timeout while nothing waits.
+/// closed and drained, or handed off. Sleeps without a timeout while nothing waits.
 fn wait_batch(shared: &Shared) -> Option<Batch> {
     let (m, ready) = &**shared;
     wait::next_ready(ready, || next_batch(&mut lock(m)))
@@ -585,6 +635,9 @@ fn wait_batch(shared: &Shared) -> Option<Batch> {
 fn next_batch(b: &mut Buf) -> Check<Option<Batch>> {
     b.idle = false;
     loop {
+        if b.handed_off {
+            return Check::Ready(None);
+        }
         let backlog = b.backlog();
         if backlog == 0 {
             b.since = None;
@@ -616,40 +669,44 @@ fn next_batch(b: &mut Buf) -> Check<Option<Batch>> {
 
 enum Sent {
     Ok,
+    /// Lines of the deployment wait in the late-log queue: this batch goes after them.
+    Behind,
     Gone,
-    GaveUp(CpError),
+    /// Closed, and the request failed or the control plane stalled.
+    HandOff(CpError),
+    /// Closing handed the backlog off meanwhile (a cancel).
+    Left,
 }
 
-/// One batch, retried with backoff until it is delivered or closing has given up (read
+/// One batch, retried with backoff until it is delivered, or closed and not taken (read
 /// again on every retry: close may come while the route fails).
 fn send(client: &Client, deployment_id: &str, text: &str, shared: &Shared) -> Sent {
     let (m, ready) = &**shared;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
-        let timeout = lock(m).request_timeout();
+        let (timeout, left) = {
+            let b = lock(m);
+            (b.request_timeout(), b.handed_off)
+        };
+        if left {
+            return Sent::Left;
+        }
         let e = match client.append_log(deployment_id, text, timeout) {
             Ok(()) => return Sent::Ok,
             Err(e) if e.is_missing_route() => return Sent::Gone,
             Err(e) => e,
         };
-        let (until, was_closed) = {
+        let until = {
             let b = lock(m);
-            if b.given_up() {
-                return Sent::GaveUp(e);
+            if b.closed_at.is_some() {
+                return Sent::HandOff(e);
             }
-            // Until the retry; close ends the wait (one more try, then the give-up clock).
-            let retry = Instant::now() + backoff.next_delay();
-            (
-                b.give_up_at().map_or(retry, |g| g.min(retry)),
-                b.closed_at.is_some(),
-            )
+            Instant::now() + backoff.next_delay()
         };
         log::debug!("log shipping for deployment {deployment_id} failed, retrying: {e}");
-        let closing = || lock(m).closed_at.is_some() != was_closed;
+        // Until the retry; close ends the wait (one more try, then the hand-off).
+        let closing = || lock(m).closed_at.is_some();
         wait::until(ready, Some(until), Stop::Never, closing);
-        if lock(m).given_up() {
-            return Sent::GaveUp(e);
-        }
     }
 }
 

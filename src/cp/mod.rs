@@ -7,6 +7,7 @@
 pub mod client;
 pub mod files;
 pub mod journal;
+pub mod latelog;
 pub mod logship;
 pub mod outbox;
 pub mod resolver;
