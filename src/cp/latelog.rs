@@ -673,3 +673,206 @@ impl LateLogs {
         s.dropped.retain(|d| d.dep != dep);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const DEP: &str = "c0ffee00-1234-4abc-9def-000000000001";
+
+    fn status(code: u16, body: &str) -> CpError {
+        CpError::Status {
+            url: "http://cp/api/deployments/x/logs".into(),
+            code,
+            body: body.into(),
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn numbered(from: u64, to: u64) -> String {
+        (from..to).map(|i| format!("line {i}\n")).collect()
+    }
+
+    /// Takes every batch due (as the control plane would), returning their texts.
+    pub(crate) fn drain(q: &LateLogs) -> String {
+        let mut all = String::new();
+        loop {
+            let batch = {
+                let mut s = q.lock();
+                q.write_due_markers(&mut s);
+                match due(&s, Instant::now()) {
+                    Ok(i) => s.files[i].read_batch().unwrap(),
+                    Err(_) => return all,
+                }
+            };
+            all.push_str(&batch.text);
+            all.push('\n');
+            q.record(&batch, Ok(()));
+        }
+    }
+
+    #[test]
+    fn names_carry_order_deployment_and_progress() {
+        let name = file_name(7, DEP, 1234);
+        assert_eq!(
+            name,
+            format!("00000000000000000007.{DEP}.00000000000000001234.late")
+        );
+        assert_eq!(parse_name(&name), Some((7, DEP.to_string(), 1234)));
+        for bad in [
+            "x.late",
+            &format!("00000000000000000007.{DEP}.1234.late"),
+            &format!("00000000000000000007.../x.00000000000000001234.late"),
+            &format!("00000000000000000007.{DEP}.00000000000000001234.spill"),
+        ] {
+            assert_eq!(parse_name(bad), None, "{bad}");
+        }
+    }
+
+    /// Progress survives a restart: what was taken is not sent again, what was not is; a
+    /// delivered file is removed; files are private.
+    #[test]
+    fn a_restart_resumes_after_the_last_batch_taken() {
+        let dir = crate::sys::fake::temp_dir("late-restart").join("late-logs");
+        let q = LateLogs::open(dir.clone(), 64 << 20);
+        let text = numbered(0, 200_000); // about 2.3 MB: three batches
+        q.hand_off(DEP).unwrap().lines(text.as_bytes());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let file = dir.join(&names(&dir)[0]);
+        assert_eq!(mode(&file), 0o600);
+        // One batch taken, then the process ends.
+        let first = {
+            let s = q.lock();
+            s.files[0].read_batch().unwrap()
+        };
+        q.record(&first, Ok(()));
+        let second = q.lock().files[0].read_batch().unwrap();
+        q.record(&second, Err(status(500, "x")));
+        drop(q);
+        let (_, _, sent) = parse_name(&names(&dir)[0]).unwrap();
+        assert_eq!(sent, first.text.len() as u64 + 1);
+        let q = LateLogs::open(dir.clone(), 64 << 20);
+        let rest = drain(&q);
+        assert_eq!(format!("{}\n{rest}", first.text), text);
+        assert!(names(&dir).is_empty(), "{:?}", names(&dir));
+        assert_eq!(q.lock().waiting, 0);
+    }
+
+    /// A line cut short by a crash is cut off at start; a symlink with a late file's name is
+    /// removed, its target untouched; other names are left alone.
+    #[test]
+    fn pick_up_keeps_whole_lines_and_never_follows_a_symlink() {
+        let root = crate::sys::fake::temp_dir("late-pickup");
+        let dir = root.join("late-logs");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join(file_name(1, DEP, 0)), "one\ntwo\nthr").unwrap();
+        let victim = root.join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        let link = dir.join(file_name(2, "other", 0));
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        fs::write(dir.join("notes.txt"), "left alone").unwrap();
+        let q = LateLogs::open(dir.clone(), 1 << 20);
+        assert!(fs::symlink_metadata(&link).is_err(), "the symlink stays");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
+        assert!(q.holds(DEP) && !q.holds("other"));
+        assert_eq!(drain(&q), "one\ntwo\n");
+        assert_eq!(names(&dir), ["notes.txt"]);
+    }
+
+    /// Beyond the cap whole lines are counted: one marker, written once the deployment's
+    /// waiting lines are delivered, counts exactly the missing ones; later lines that fit
+    /// follow it.
+    #[test]
+    fn beyond_the_cap_one_marker_counts_the_dropped_lines() {
+        let dir = crate::sys::fake::temp_dir("late-cap").join("late-logs");
+        let q = LateLogs::open(dir, 100);
+        let text = numbered(0, 30); // 230 bytes
+        q.hand_off(DEP).unwrap().lines(text.as_bytes());
+        q.hand_off(DEP).unwrap().lines(b"more\n");
+        let got = drain(&q);
+        let kept = got.lines().filter(|l| l.starts_with("line ")).count();
+        let head: Vec<&str> = text.lines().take(kept).collect();
+        assert_eq!(got.lines().take(kept).collect::<Vec<_>>(), head);
+        assert!(kept > 0 && head.join("\n").len() < 100, "{kept}");
+        let marker = format!(
+            "[muvee-agent: {} log lines dropped: more than LOG_SPILL_MAX (100 bytes) of late logs waited for the control plane]\n",
+            31 - kept
+        );
+        assert!(got.ends_with(&marker), "{got}");
+        // Room again: the next lines go out as they are.
+        q.hand_off(DEP).unwrap().lines(b"after\n");
+        assert_eq!(drain(&q), "after\n");
+    }
+
+    /// A task's spill is moved in whole from where its shipper stopped; beyond the cap it is
+    /// cut at a line's end and the rest counted; the shipper's own marker follows.
+    #[test]
+    fn a_spill_is_moved_in_and_cut_to_the_cap() {
+        let root = crate::sys::fake::temp_dir("late-spill");
+        let q = LateLogs::open(root.join("late-logs"), 1000);
+        let spill = root.join("t.spill");
+        let text = numbered(0, 300); // 2590 bytes
+        fs::write(&spill, &text).unwrap();
+        let sent = numbered(0, 10).len();
+        {
+            let mut h = q.hand_off(DEP).unwrap();
+            h.spill(&spill, sent as u64, 290);
+            h.marker(5, "[muvee-agent: 5 log lines dropped: because]");
+        }
+        assert!(!spill.exists());
+        let got = drain(&q);
+        let lines: Vec<&str> = got.lines().collect();
+        let kept = lines.iter().filter(|l| l.starts_with("line ")).count();
+        let want: Vec<&str> = text.lines().skip(10).take(kept).collect();
+        assert_eq!(lines[..kept], want);
+        // The cut is the last line's end within the cap.
+        let bytes = want.join("\n").len() + 1;
+        assert!(bytes <= 1000 && bytes + 10 > 1000, "{bytes}");
+        let n = 290 - kept;
+        // In line order: the spill's tail was dropped before the shipper's own marker's lines.
+        assert_eq!(
+            lines[kept..],
+            [
+                format!("[muvee-agent: {n} log lines dropped: more than LOG_SPILL_MAX (1000 bytes) of late logs waited for the control plane]"),
+                "[muvee-agent: 5 log lines dropped: because]".to_string(),
+            ]
+        );
+    }
+
+    /// A deployment the control plane has no route for (March 2026) is discarded; a refused
+    /// one waits for its backoff while another deployment's file goes first.
+    #[test]
+    fn a_refused_file_holds_no_other_and_no_route_discards() {
+        let dir = crate::sys::fake::temp_dir("late-refused").join("late-logs");
+        let q = LateLogs::open(dir.clone(), 1 << 20);
+        q.hand_off("a").unwrap().lines(b"a1\n");
+        q.hand_off("b").unwrap().lines(b"b1\n");
+        q.hand_off("c").unwrap().lines(b"c1\n");
+        let take = || {
+            let s = q.lock();
+            s.files[due(&s, Instant::now()).unwrap()]
+                .read_batch()
+                .unwrap()
+        };
+        let a = take();
+        assert_eq!(a.dep, "a");
+        q.record(&a, Err(status(502, "<html>")));
+        let b = take();
+        assert_eq!(b.dep, "b");
+        q.record(&b, Err(status(404, "404 page not found")));
+        assert!(!q.holds("b"));
+        assert_eq!(drain(&q), "c1\n");
+        assert!(q.holds("a"));
+        assert_eq!(names(&dir).len(), 1);
+    }
+}

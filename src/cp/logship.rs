@@ -779,6 +779,43 @@ mod tests {
         assert_eq!(head.lines().count() as u64 + dropped, 100_000);
     }
 
+    /// A hand-off keeps line order: the batch in flight, the spill from where it was read,
+    /// the lines pushed since, then the marker of lines dropped.
+    #[test]
+    fn a_hand_off_keeps_every_line_in_order() {
+        let mut b = buf("handoff", 64 << 20);
+        let late = LateLogs::open(b.conf.path.with_file_name("late-logs"), 1 << 30);
+        let mut want = String::new();
+        let mut push = |b: &mut Buf, from: usize, to: usize| {
+            for i in from..to {
+                let l = format!("line {i} of the build");
+                b.push(&l);
+                want.push_str(&l);
+                want.push('\n');
+            }
+        };
+        push(&mut b, 0, 10);
+        let first = b.next_batch().unwrap(); // in flight
+        push(&mut b, 10, 450_000);
+        assert!(b.spill.is_some(), "no spill");
+        let disk = b.next_batch().unwrap();
+        b.delivered(&disk); // the control plane took the spill's first batch
+        let (Batch::Mem(a) | Batch::Disk(a)) = &first;
+        let (Batch::Disk(d) | Batch::Mem(d)) = &disk;
+        let want = format!("{a}{}", &want[a.len() + d.len()..]);
+        b.dropped = 3;
+        b.hand_off(&late, "dep-1");
+        assert!(!b.conf.path.exists() && b.backlog() == 0 && b.inflight.is_none());
+        let got = crate::cp::latelog::tests::drain(&late);
+        let marker = "[muvee-agent: 3 log lines dropped: more than LOG_SPILL_MAX";
+        assert!(got.starts_with(&want), "lines lost or out of order");
+        assert!(
+            got[want.len()..].starts_with(marker),
+            "{}",
+            &got[want.len()..]
+        );
+    }
+
     #[test]
     fn a_body_never_exceeds_1_mib_once_escaped() {
         // Quotes and backslashes take 2 bytes in JSON, other control characters 6.
