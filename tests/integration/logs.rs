@@ -1,13 +1,16 @@
 //! The deployment log shipper through the agent loop, against the fake control plane: how
 //! soon a quiet task's line arrives, bodies that pass nginx's 1 MiB limit, a failing route
-//! that must hold neither the final report nor a SIGTERM, a spill that cannot be written, a
-//! secret across the 16 KiB line cut. External commands are the PATH shims.
+//! that must hold neither the final report nor a SIGTERM and loses no line (the late-log
+//! queue, across a restart too), a spill that cannot be written, a secret across the 16 KiB
+//! line cut. External commands are the PATH shims.
 
 use crate::agent::{chatty_build, statuses, wait_final};
 use crate::fake_cp::{FakeCp, Fault, Version};
 use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, temp_dir};
 use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn builder_cp() -> FakeCp {
@@ -150,22 +153,157 @@ fn log_bodies_fit_nginxs_1_mib_limit_once_escaped() {
     assert!(requests.iter().all(|r| r.status != Some(413)));
 }
 
-/// The log route answers 502 for ever and the agent gets SIGTERM while a build runs: the
-/// build's own outcome is reported (not "agent restarted") and the agent exits soon.
+/// The route answers today's server's 500 (a database outage).
+fn fail_the_log_route(cp: &FakeCp) {
+    let body = r#"{"error":"failed to connect to `host=db`: dial tcp: connection refused"}"#;
+    let fault = Fault::Status(500, "application/json", body.into());
+    cp.inject("/api/deployments/", fault, 1_000_000);
+}
+
+/// The late-log files left in `dir`'s DATA_DIR, with their modes.
+fn late_files(dir: &Path) -> Vec<(String, u32)> {
+    let late = dir.join("data/state/late-logs");
+    let mut v: Vec<(String, u32)> = std::fs::read_dir(late)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            (e.file_name().into_string().unwrap(), mode)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until the stored log of `dep` holds `n` numbered lines, then a moment more (a
+/// duplicate would come soon after): they are 1..=n in order, once each, and no marker.
+fn assert_every_line_once(cp: &FakeCp, dep: &str, n: u64, secs: u64) {
+    let count = || numbers(&String::from_utf8(cp.logs(dep)).unwrap()).len() as u64;
+    let all = util::poll(secs, || count() >= n);
+    assert!(all, "{} of {n} lines\n{}", count(), cp.dump(20));
+    std::thread::sleep(Duration::from_secs(3));
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_eq!(numbers(&log), (1..=n).collect::<Vec<u64>>());
+    assert!(dropped(&log).is_empty(), "a drop marker");
+}
+
+/// The log route answers 500 for about 20 s around the end of a build of 20,000 lines, and
+/// a symlink to another directory waits where the late-log dir goes. The final report
+/// arrives at once (not 15 s later), while the route still fails; the lines wait in a
+/// private late-log file (the symlink replaced, not followed), and once the route takes
+/// logs again every line is in the stored log, in order, once; the file is removed.
+#[test]
+fn a_log_outage_at_a_builds_end_holds_no_final_report_and_loses_no_line() {
+    use std::os::unix::fs::symlink;
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f6";
+    let dir = temp_dir("logs-late");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(dir.join("data/state")).unwrap();
+    symlink(&elsewhere, dir.join("data/state/late-logs")).unwrap();
+    let end = dir.join("git-end");
+    let env = [
+        ("FAKE_GIT_LINES", "20000"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("FAKE_GIT_END", end.to_str().unwrap()),
+    ];
+    fail_the_log_route(&cp);
+    let outage = Instant::now();
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    let ns: u64 = std::fs::read_to_string(&end)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let ended = UNIX_EPOCH + Duration::from_nanos(ns);
+    let held = final_report_at(&cp, &task).duration_since(ended).unwrap();
+    assert!(
+        held < Duration::from_secs(5),
+        "final report {held:?} after the build ended"
+    );
+    assert!(cp.logs(dep).is_empty(), "logs taken during the outage");
+    let late = dir.join("data/state/late-logs");
+    let meta = std::fs::symlink_metadata(&late).unwrap();
+    assert!(meta.is_dir(), "the symlink was followed");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    let files = late_files(&dir);
+    assert!(
+        !files.is_empty() && files.iter().all(|(_, m)| *m == 0o600),
+        "{files:?}"
+    );
+    assert!(std::fs::read_dir(&elsewhere).unwrap().next().is_none());
+    let mode = std::fs::metadata(&elsewhere).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+    let left = Duration::from_secs(20).saturating_sub(outage.elapsed());
+    assert!(!left.is_zero(), "the build took the whole outage");
+    std::thread::sleep(left);
+    cp.clear_faults();
+    assert_every_line_once(&cp, dep, 20_000, 90);
+    assert!(late_files(&dir).is_empty(), "{:?}", late_files(&dir));
+}
+
+/// More than LOG_SPILL_MAX (256 KiB) of late logs wait: the oldest lines are kept, and once
+/// the route takes logs again one marker counts exactly the lines missing.
+#[test]
+fn beyond_log_spill_max_late_logs_are_counted_by_one_marker() {
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000f7";
+    let dir = temp_dir("logs-late-cap");
+    let env = [
+        ("FAKE_GIT_LINES", "20000"),
+        ("FAKE_GIT_EXIT", "128"),
+        ("LOG_SPILL_MAX", "256K"),
+    ];
+    fail_the_log_route(&cp);
+    let _agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    assert!(!late_files(&dir).is_empty());
+    cp.clear_faults();
+    let marked = || !dropped(&String::from_utf8(cp.logs(dep)).unwrap()).is_empty();
+    assert!(util::poll(90, marked), "{}", cp.dump(20));
+    let log = String::from_utf8(cp.logs(dep)).unwrap();
+    assert_delivered_or_counted(&log, 20_000, "of late logs waited for the control plane");
+    let nums = numbers(&log);
+    assert_eq!(
+        nums,
+        (1..=nums.len() as u64).collect::<Vec<u64>>(),
+        "the oldest kept"
+    );
+    assert_eq!(dropped(&log).len(), 1);
+    // Whole lines up to the cap: the stored log is byte-identical to the late file.
+    let kept = log.find("[muvee-agent: ").unwrap();
+    assert!(
+        kept <= 256 << 10 && kept > (256 << 10) - 64,
+        "{kept} bytes kept"
+    );
+}
+
+/// The log route answers 500 for ever and the agent gets SIGTERM while a build runs: the
+/// build's own outcome is reported (not "agent restarted"), the agent exits soon, and its
+/// lines wait in the late-log queue: the next start delivers every one, once.
 #[test]
 fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
     let cp = builder_cp();
-    let page = "<html><center><h1>502 Bad Gateway</h1></center></html>".to_string();
-    cp.inject(
-        "/api/deployments/",
-        Fault::Status(502, "text/html", page),
-        1_000_000,
-    );
+    fail_the_log_route(&cp);
     let dep = "c0ffee00-1234-4abc-9def-0000000000f2";
     let dir = temp_dir("logs-502");
     let env = [
         ("FAKE_GIT_SLEEP", "3"),
-        ("FAKE_GIT_LINES", "100"),
+        ("FAKE_GIT_LINES", "20000"),
         ("FAKE_GIT_EXIT", "128"),
     ];
     let mut agent = TestAgent::builder("builder")
@@ -191,7 +329,13 @@ fn a_failing_log_route_holds_neither_the_final_report_nor_sigterm() {
     let why = c["result"].as_str().unwrap();
     assert!(why.contains("git fetch") && why.contains("128"), "{why}");
     assert!(!agent.log().contains("did not stop"), "{}", agent.log());
-    assert!(agent.log().contains("gave up shipping"));
+    assert!(agent.log().contains("handed to the late-log queue"));
+    assert!(cp.logs(dep).is_empty(), "logs taken during the outage");
+    assert!(!late_files(&dir).is_empty());
+    cp.clear_faults();
+    let _again = TestAgent::builder("builder").cp(&cp).dir(&dir).start();
+    assert_every_line_once(&cp, dep, 20_000, 90);
+    assert!(late_files(&dir).is_empty(), "{:?}", late_files(&dir));
 }
 
 /// When the final report of `task` reached the control plane.
@@ -204,24 +348,19 @@ fn final_report_at(cp: &FakeCp, task: &str) -> SystemTime {
     last.expect("a final report").at
 }
 
-/// The log route fails fast for a while, then hangs: no request outlives the give-up time,
-/// so the final report arrives 15 s after the task's last line (not 20 s after the last
-/// retry began, as when each request had the client's full timeout).
+/// The log route hangs (takes nothing, refuses nothing): no request outlives the hand-off
+/// time, so the final report arrives 15 s after the task's last line (not 20 s after the
+/// request began, as with the client's full timeout), the lines handed to the late-log
+/// queue.
 #[test]
 fn a_hanging_log_route_holds_the_final_report_at_most_15_s() {
     let cp = builder_cp();
-    let page = "<html>502 Bad Gateway</html>".to_string();
-    cp.inject(
-        "/api/deployments/",
-        Fault::Status(502, "text/html", page),
-        5,
-    );
     let hang = Fault::Hang(Duration::from_secs(60));
     cp.inject("/api/deployments/", hang, 1_000_000);
     let dep = "c0ffee00-1234-4abc-9def-0000000000f4";
     let dir = temp_dir("logs-hang");
     let env = [("FAKE_GIT_LINES", "50"), ("FAKE_GIT_EXIT", "128")];
-    let _agent = TestAgent::builder("builder")
+    let agent = TestAgent::builder("builder")
         .cp(&cp)
         .dir(&dir)
         .envs(&env)
@@ -231,8 +370,7 @@ fn a_hanging_log_route_holds_the_final_report_at_most_15_s() {
     // The task ends right after its lines: the first log request is the close.
     let closed = cp.requests_to(&log_route(dep))[0].at;
     let held = final_report_at(&cp, &task).duration_since(closed).unwrap();
-    let tries = cp.requests_to(&log_route(dep)).len();
-    assert!(tries >= 6, "{tries} log requests");
+    assert!(agent.log().contains("handed to the late-log queue"));
     assert!(
         held >= Duration::from_secs(14) && held < Duration::from_secs(17),
         "final report {held:?} after close"
@@ -240,7 +378,8 @@ fn a_hanging_log_route_holds_the_final_report_at_most_15_s() {
 }
 
 /// Two SIGTERMs while a build runs and its log request hangs: the agent does not wait for
-/// the request, reports the task canceled and exits within seconds.
+/// the request, reports the task canceled and exits within seconds, the lines that waited
+/// handed to the late-log queue (a local write) for the next start.
 #[test]
 fn a_double_sigterm_does_not_wait_for_a_hanging_log_request() {
     let cp = builder_cp();
@@ -284,11 +423,11 @@ fn a_double_sigterm_does_not_wait_for_a_hanging_log_request() {
             .contains("canceled: agent shutting down"),
         "{c}"
     );
-    // The ticks behind the hanging request are dropped and counted, not waited for.
+    // The ticks behind the hanging request wait in a late-log file, not for the route.
     let log = agent.log();
-    let unshipped = log
+    let handed = log
         .lines()
-        .find(|l| l.contains("log lines of deployment") && l.contains("not shipped"))
+        .find(|l| l.contains("handed to the late-log queue"))
         .and_then(|l| {
             l.split("canceled: ")
                 .nth(1)?
@@ -297,7 +436,14 @@ fn a_double_sigterm_does_not_wait_for_a_hanging_log_request() {
                 .parse::<u64>()
                 .ok()
         });
-    assert!(unshipped.is_some_and(|n| n > 0), "{log}");
+    assert!(handed.is_some_and(|n| n > 0), "{log}");
+    let late = dir.join("data/state/late-logs");
+    let kept: String = late_files(&dir)
+        .iter()
+        .map(|(f, _)| std::fs::read_to_string(late.join(f)).unwrap())
+        .collect();
+    assert_eq!(kept.lines().count() as u64, handed.unwrap());
+    assert!(kept.lines().any(|l| l.starts_with("tick ")), "{kept}");
 }
 
 /// DATA_DIR/state/logs cannot be created and the route fails while a build prints 12.6 MB:
