@@ -1,7 +1,7 @@
-//! Files of DATA_DIR/state (journal, outbox, log spills, marks): private to the agent's user
-//! (directories 0700, files 0600, whatever the umask), written whole or not at all, never
-//! through a symlink planted in the agent's way, and space reserved ahead for what must be
-//! written when a task ends, so a full disk cannot keep it from being recorded.
+//! Files of DATA_DIR/state (journal, outbox, log spills, late logs, marks): private to the
+//! agent's user (directories 0700, files 0600, whatever the umask), written whole or not at
+//! all, never through a symlink planted in the agent's way, and space reserved ahead for what
+//! must be written when a task ends, so a full disk cannot keep it from being recorded.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
