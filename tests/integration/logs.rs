@@ -188,6 +188,19 @@ fn assert_every_line_once(cp: &FakeCp, dep: &str, n: u64, secs: u64) {
     assert!(dropped(&log).is_empty(), "a drop marker");
 }
 
+/// Starts a builder agent on `dir` with `env` and a build of `dep` whose git fetch fails;
+/// returns them once its final report (failed) is in.
+fn failed_build(cp: &FakeCp, dir: &Path, env: &[(&str, &str)], dep: &str) -> (TestAgent, String) {
+    let agent = TestAgent::builder("builder")
+        .cp(cp)
+        .dir(dir)
+        .envs(env)
+        .start();
+    let task = chatty_build(cp, dep);
+    assert_eq!(wait_final(cp, &task, 60)["status"], "failed");
+    (agent, task)
+}
+
 /// The log route answers 500 for about 20 s around the end of a build of 20,000 lines, and
 /// a symlink to another directory waits where the late-log dir goes. The final report
 /// arrives at once (not 15 s later), while the route still fails; the lines wait in a
@@ -212,13 +225,7 @@ fn a_log_outage_at_a_builds_end_holds_no_final_report_and_loses_no_line() {
     ];
     fail_the_log_route(&cp);
     let outage = Instant::now();
-    let _agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    let task = chatty_build(&cp, dep);
-    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    let (_agent, task) = failed_build(&cp, &dir, &env, dep);
     let ns: u64 = std::fs::read_to_string(&end)
         .unwrap()
         .trim()
@@ -264,13 +271,7 @@ fn beyond_log_spill_max_late_logs_are_counted_by_one_marker() {
         ("LOG_SPILL_MAX", "256K"),
     ];
     fail_the_log_route(&cp);
-    let _agent = TestAgent::builder("builder")
-        .cp(&cp)
-        .dir(&dir)
-        .envs(&env)
-        .start();
-    let task = chatty_build(&cp, dep);
-    assert_eq!(wait_final(&cp, &task, 60)["status"], "failed");
+    let _agent = failed_build(&cp, &dir, &env, dep).0;
     assert!(!late_files(&dir).is_empty());
     cp.clear_faults();
     let marked = || !dropped(&String::from_utf8(cp.logs(dep)).unwrap()).is_empty();
