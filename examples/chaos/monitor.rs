@@ -19,7 +19,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// Files above this are datasets, not state: not read every 10 s.
 const MAX_SCAN: u64 = 4 << 20;
 /// How long a deploy reported completed has to answer with its marker.
-const ANSWER_WITHIN_MS: u64 = 8000;
+pub const ANSWER_WITHIN_MS: u64 = 8000;
 
 struct Pending {
     task: String,
@@ -58,6 +58,8 @@ pub fn run(w: &Arc<World>, done: &crate::hist::Stop) {
         new_reports(w, &mut st, &infos);
         probe(w, &st);
         answers(w, &mut st, &infos);
+        w.answers_pending
+            .store(st.pending.len(), std::sync::atomic::Ordering::SeqCst);
         if tick % 2 == 0 {
             memory(w, &mut st);
         }
