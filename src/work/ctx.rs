@@ -65,10 +65,23 @@ impl Shared {
 
     /// The control plane accepted task `task_id`'s final report (the agent tells).
     pub fn report_delivered(&self, task_id: &str) {
-        if self.deliveries.release(|t, _| t == task_id) {
+        if self
+            .deliveries
+            .release(|t, _| t == task_id, Release::Delivered)
+        {
             self.bell.ring();
         }
     }
+}
+
+/// How a retirement's wait for a report ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The control plane took the report: it routes to the new container now.
+    Delivered,
+    /// A newer deploy or a cleanup of the app took over before that: the old containers
+    /// stay, and are its to retire (it finds them set aside).
+    Superseded,
 }
 
 /// Retirements waiting until the control plane has the new port: the old container serves
@@ -77,8 +90,8 @@ impl Shared {
 #[derive(Default)]
 pub struct Deliveries {
     tracked: std::sync::atomic::AtomicBool,
-    /// Task id → (domain prefix, released).
-    awaited: Mutex<Vec<(String, String, bool)>>,
+    /// Task id, domain prefix, and how the wait ended (None: still waiting).
+    awaited: Mutex<Vec<(String, String, Option<Release>)>>,
 }
 
 impl Deliveries {
@@ -93,16 +106,16 @@ impl Deliveries {
             return false;
         }
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        a.push((task_id.into(), prefix.into(), false));
+        a.push((task_id.into(), prefix.into(), None));
         true
     }
 
-    /// Releases the waits `which(task, prefix)` picks; true if any.
-    pub fn release(&self, which: impl Fn(&str, &str) -> bool) -> bool {
+    /// Ends the waits `which(task, prefix)` picks that still wait, as `how`; true if any.
+    pub fn release(&self, which: impl Fn(&str, &str) -> bool, how: Release) -> bool {
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
         let mut any = false;
-        for e in a.iter_mut().filter(|e| which(&e.0, &e.1)) {
-            e.2 = true;
+        for e in a.iter_mut().filter(|e| e.2.is_none() && which(&e.0, &e.1)) {
+            e.2 = Some(how);
             any = true;
         }
         any
@@ -110,15 +123,15 @@ impl Deliveries {
 
     pub fn released(&self, task_id: &str) -> bool {
         let a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        a.iter().any(|(t, _, r)| t == task_id && *r)
+        a.iter().any(|(t, _, r)| t == task_id && r.is_some())
     }
 
-    /// The retirement ended; returns whether it was released.
-    pub fn forget(&self, task_id: &str) -> bool {
+    /// The retirement ended; returns how its wait ended (None: it did not).
+    pub fn forget(&self, task_id: &str) -> Option<Release> {
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        let released = a.iter().any(|(t, _, r)| t == task_id && *r);
+        let how = a.iter().find(|(t, _, _)| t == task_id).and_then(|e| e.2);
         a.retain(|(t, _, _)| t != task_id);
-        released
+        how
     }
 }
 
@@ -167,7 +180,7 @@ impl Ctx<'_> {
 /// A task context over a scripted runner, for the roles' unit tests.
 #[cfg(test)]
 mod delivery_tests {
-    use super::Deliveries;
+    use super::{Deliveries, Release};
 
     #[test]
     fn only_a_tracked_agent_waits_and_a_release_is_per_task_or_app() {
@@ -175,11 +188,14 @@ mod delivery_tests {
         assert!(!d.expect("t0", "app"), "run-task has nobody to tell");
         d.track();
         assert!(d.expect("t1", "app") && d.expect("t2", "web"));
-        assert!(!d.release(|t, _| t == "t9"));
-        assert!(d.release(|t, _| t == "t1"));
+        assert!(!d.release(|t, _| t == "t9", Release::Delivered));
+        assert!(d.release(|t, _| t == "t1", Release::Delivered));
         assert!(d.released("t1") && !d.released("t2"));
-        assert!(d.release(|_, p| p == "web"));
-        assert!(d.forget("t1") && d.forget("t2") && !d.forget("t1"));
+        // A takeover ends only the waits still waiting: t1's delivery stays a delivery.
+        assert!(d.release(|_, _| true, Release::Superseded));
+        assert_eq!(d.forget("t1"), Some(Release::Delivered));
+        assert_eq!(d.forget("t2"), Some(Release::Superseded));
+        assert_eq!(d.forget("t1"), None);
         assert!(!d.released("t1"));
     }
 }
