@@ -138,9 +138,10 @@ fn read_until(
 }
 
 /// Types `stty size` into `session` once a second until it prints `size` ("rows cols");
-/// Err(what came) after [`FRAME_WAIT`]. The new size reaches the container later than typed
-/// input (SIGWINCH to docker, then the engine's API): a `stty size` typed at once may print
-/// the old one, so it is asked again, as a person would.
+/// Err(what came) after [`FRAME_WAIT`], which outlasts the agent's last nudge to the docker
+/// client (15 s after a resize). The new size reaches the container later than typed input
+/// (SIGWINCH to docker, then the engine's API): a `stty size` typed at once may print the
+/// old one, so it is asked again, as a person would.
 fn ask_size_until(ws: &ControlConn, session: &str, size: &str) -> Result<(), String> {
     let end = Instant::now() + FRAME_WAIT;
     // One buffer for every answer: an answer may arrive split, or after the next question.
