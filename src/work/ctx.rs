@@ -38,6 +38,11 @@ pub struct Shared {
     /// This process's id under DATA_DIR/builds and the lock that proves it is alive.
     pub build_owner: Mutex<Option<(String, FileLock)>>,
     pub cache: CacheBook,
+    /// A final report was taken: the container statuses (with each app's current port) go
+    /// out at once. The control plane routes by the last deploy report it took, so a late
+    /// report of an older deploy moves the route back to a retired port until statuses
+    /// correct it.
+    pub statuses_due: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -56,6 +61,7 @@ impl Shared {
             tasks_started: AtomicUsize::new(0),
             build_owner: Mutex::new(None),
             cache: CacheBook::default(),
+            statuses_due: Default::default(),
         }
     }
 
@@ -65,12 +71,11 @@ impl Shared {
 
     /// The control plane accepted task `task_id`'s final report (the agent tells).
     pub fn report_delivered(&self, task_id: &str) {
-        if self
-            .deliveries
-            .release(|t, _| t == task_id, Release::Delivered)
-        {
-            self.bell.ring();
-        }
+        self.deliveries
+            .release(|t, _| t == task_id, Release::Delivered);
+        self.statuses_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.bell.ring();
     }
 }
 

@@ -165,7 +165,7 @@ struct DrainBed {
 const HEALTHY: &str = "is healthy, listening on host port";
 
 impl DrainBed {
-    fn start(tag: &str) -> DrainBed {
+    fn start(tag: &str, env: &[(&str, &str)]) -> DrainBed {
         crate::deployer::images();
         let cp = FakeCp::start(Version::Today, SECRET);
         let prefix = format!("itc-{tag}-{}", std::process::id());
@@ -175,6 +175,7 @@ impl DrainBed {
             .dir(&temp_dir(&format!("campaign-{tag}")))
             .real_docker()
             .env("DEPLOY_DRAIN", "1s")
+            .envs(env)
             .start();
         DrainBed {
             cp,
@@ -226,7 +227,7 @@ fn the_old_container_serves_until_the_new_port_was_reported() {
     if !util::require_docker(crate::util::test_name!()) {
         return;
     }
-    let bed = DrainBed::start("drain");
+    let bed = DrainBed::start("drain", &[]);
     let first = bed.deploy("d2000000-0000-4000-8000-000000000001", "old");
     let old_port = bed.completed_port(&first);
     // Every report is refused (502) from now on, until the fault is cleared.
@@ -258,7 +259,7 @@ fn a_newer_deploy_keeps_the_routed_container_until_its_own_report_is_taken() {
     if !util::require_docker(crate::util::test_name!()) {
         return;
     }
-    let bed = DrainBed::start("takeover");
+    let bed = DrainBed::start("takeover", &[]);
     let first = bed.deploy("d3000000-0000-4000-8000-000000000001", "one");
     let routed = bed.completed_port(&first);
     bed.cp
@@ -286,4 +287,26 @@ fn a_newer_deploy_keeps_the_routed_container_until_its_own_report_is_taken() {
     let only_current =
         || crate::deployer::containers(&bed.prefix) == [format!("muvee-{}", bed.prefix)];
     assert!(util::poll(30, only_current), "{}", log());
+}
+
+/// app-keeps-answering (campaign seed 1201): the control plane routes by the last deploy
+/// report it took, so a late report of an older deploy moves the route back to a retired
+/// port. Container statuses (each app's current port) re-route it, and they go out as soon
+/// as a report was taken, not a heartbeat later.
+#[test]
+fn container_statuses_follow_each_taken_report_at_once() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let bed = DrainBed::start("statuses", &[("HEARTBEAT_INTERVAL", "10m")]);
+    let task = bed.deploy("d4000000-0000-4000-8000-000000000001", "one");
+    let port = bed.completed_port(&task);
+    let routed = || {
+        let posted = bed.cp.posted("/api/agent/container-statuses");
+        posted
+            .iter()
+            .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+            .any(|s| s["domain_prefix"] == bed.prefix.as_str() && s["host_port"] == u64::from(port))
+    };
+    assert!(util::poll(10, routed), "{}", bed.agent.log());
 }
