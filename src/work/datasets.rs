@@ -164,6 +164,51 @@ pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), TaskErr
     }
 }
 
+/// Removes the mount dirs that no container of ours uses and no deploy in flight is setting
+/// up: those of a deploy that died with the agent when the start-up reconcile could not
+/// finish (the engine failing then), or that were never recorded. Pins are read before the
+/// containers are listed, and a deploy unpins only once its container exists, so a dir
+/// being set up is always seen one way or the other. Returns the deployment ids it removed.
+pub fn sweep_mounts(cfg: &Config, shared: &Shared) -> Vec<String> {
+    let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
+        return Vec::new();
+    };
+    let rd = std::fs::read_dir(data_dir.join("mounts"))
+        .into_iter()
+        .flatten();
+    let ids: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|id| valid_id(id))
+        .collect();
+    let unpinned: Vec<String> = {
+        let pinned = shared
+            .cache
+            .pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let is_free = |id: &String| !pinned.contains(&mounts_dir(&data_dir, id));
+        ids.into_iter().filter(is_free).collect()
+    };
+    if unpinned.is_empty() {
+        return Vec::new();
+    }
+    let Ok(rows) = shared.docker(cfg).managed() else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for id in unpinned {
+        if rows.iter().any(|r| r.deployment_id == id) {
+            continue;
+        }
+        match remove_mounts(&data_dir, &id) {
+            Ok(()) => removed.push(id),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+    removed
+}
+
 /// Parses and checks `datasets` without touching anything but `stat`.
 pub fn parse(p: &Payload, cp: &AgentConfig, data_dir: &Path) -> Result<Vec<Dataset>, Invalid> {
     let mut out: Vec<Dataset> = Vec::new();
@@ -305,6 +350,9 @@ pub fn setup<'a>(
     }
     let data_dir = mountable_data_dir(ctx.cfg)?;
     let mdir = mounts_dir(&data_dir, deployment_id);
+    // Pinned before it exists: `sweep_mounts` leaves it alone until the container runs.
+    m.book.pin(&mdir);
+    m.pins.push(mdir.clone());
     let mut synced = false;
     for d in list.iter().filter(|d| d.mode == Mode::Dependency) {
         let target = version_dir(&data_dir, &d.id, d.version);
@@ -621,6 +669,36 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_sweep_removes_only_mount_dirs_no_container_uses_and_no_deploy_sets_up() {
+        let (h, list) = node("ds-sweep", &[]);
+        let rows = "a1\tmuvee-app\trunning\tapp\tdep-used\t8080\tnode-1\n";
+        h.fake.on(
+            "docker ps -a --filter label=muvee.managed=true",
+            Reply::Ok(rows.into()),
+        );
+        let mounts = h.cfg.data_dir.join("mounts");
+        for d in ["dep-used", "dep-orphan", "dep-gone"] {
+            std::fs::create_dir_all(mounts.join(d)).unwrap();
+        }
+        // A deploy in flight: its links exist, its container does not yet.
+        let swept = h
+            .with("deploy", json!({}), |ctx| {
+                let m = setup(ctx, "dep-new", &list)?;
+                let swept = sweep_mounts(ctx.cfg, ctx.shared);
+                drop(m);
+                Ok::<_, TaskError>(swept)
+            })
+            .unwrap();
+        let mut swept = swept;
+        swept.sort();
+        assert_eq!(swept, ["dep-gone", "dep-orphan"]);
+        assert_eq!(entries(&mounts), ["dep-new", "dep-used"]);
+        // Once the deploy is over and no container runs it, it goes too.
+        assert_eq!(sweep_mounts(&h.cfg, &h.shared), ["dep-new"]);
+        assert_eq!(entries(&mounts), ["dep-used"]);
     }
 
     #[test]

@@ -79,5 +79,9 @@ fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     if !ctx.task.deployment_id.is_empty() {
         datasets::remove_mounts(data, &ctx.task.deployment_id)?;
     }
+    for id in datasets::sweep_mounts(ctx.cfg, ctx.shared) {
+        // Another app's, maybe: the agent's log, not this task's.
+        log::info!("cleanup: removed DATA_DIR/mounts/{id} (no container uses it)");
+    }
     cleanups::end(data, prefix).map_err(TaskError::io(mark))
 }
