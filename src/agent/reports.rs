@@ -176,7 +176,7 @@ fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
     if apps.is_empty() {
         return;
     }
-    let statuses = metrics::container_statuses(&docker, &apps);
+    let statuses = metrics::container_statuses(&docker, &apps, &src.shared.locks);
     post(src, "/api/agent/container-statuses", &statuses);
     let names: Vec<String> = apps.iter().map(|(_, c)| c.name.clone()).collect();
     let rows = match docker.stats(&names) {

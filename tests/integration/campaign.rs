@@ -187,7 +187,11 @@ impl DrainBed {
 
     /// Queues a deploy whose app answers `body=<body>`; returns the task id.
     fn deploy(&self, dep: &str, body: &str) -> String {
-        let p = serde_json::json!({"image_tag": crate::deployer::APP, "deployment_id": dep,
+        self.deploy_image(crate::deployer::APP, dep, body)
+    }
+
+    fn deploy_image(&self, image: &str, dep: &str, body: &str) -> String {
+        let p = serde_json::json!({"image_tag": image, "deployment_id": dep,
             "project_id": "proj-drain", "domain_prefix": self.prefix, "container_port": 8080,
             "env_vars": {"BODY": body}});
         self.cp.add_task_for_role("deploy", "deploy", dep, p)
@@ -309,4 +313,42 @@ fn container_statuses_follow_each_taken_report_at_once() {
             .any(|s| s["domain_prefix"] == bed.prefix.as_str() && s["host_port"] == u64::from(port))
     };
     assert!(util::poll(10, routed), "{}", bed.agent.log());
+}
+
+/// app-keeps-answering (campaign seed 29): a replacement names its new container after the
+/// app before it is healthy; statuses sent meanwhile would route today's server to it. A
+/// new container that never answers is never in a status.
+#[test]
+fn statuses_never_carry_a_container_that_is_not_healthy_yet() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let env = [
+        ("HEARTBEAT_INTERVAL", "1s"),
+        ("DEPLOY_HEALTH_TIMEOUT", "10s"),
+    ];
+    let bed = DrainBed::start("unhealthy", &env);
+    let first = bed.deploy("d5000000-0000-4000-8000-000000000001", "one");
+    let port = bed.completed_port(&first);
+    let idle = crate::deployer::IDLE;
+    let second = bed.deploy_image(idle, "d5000000-0000-4000-8000-000000000002", "two");
+    let r = wait_final(&bed.cp, &second, 60);
+    assert_eq!(r["status"], "failed", "{r}");
+    let posted = bed.cp.posted("/api/agent/container-statuses");
+    let ours: Vec<serde_json::Value> = posted
+        .iter()
+        .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+        .filter(|s| s["domain_prefix"] == bed.prefix.as_str())
+        .collect();
+    // Statuses went out every second meanwhile (the app left out while it was replaced).
+    assert!(posted.len() >= 3, "{posted:?}\n{}", bed.agent.log());
+    let elsewhere: Vec<_> = ours
+        .iter()
+        .filter(|s| s["host_port"] != u64::from(port))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "routed to {port}: {elsewhere:?}\n{}",
+        bed.agent.log()
+    );
 }
