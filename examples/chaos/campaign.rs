@@ -108,6 +108,15 @@ fn cleanup(w: &World) {
     let Some(node) = drive::node(w, Role::Deploy) else {
         return;
     };
+    // A deploy reported completed just before the drain ended is judged first: a cleanup
+    // claimed after it would take its place and excuse a deploy that never answered.
+    let judged = Instant::now() + Duration::from_millis(monitor::ANSWER_WITHIN_MS + 2000);
+    while w.answers_pending.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < judged
+    {
+        if w.stop.sleep(Duration::from_millis(250)) {
+            return;
+        }
+    }
     w.probing.store(false, std::sync::atomic::Ordering::SeqCst);
     let execs = crate::sessions::leftover_execs(w);
     w.leftovers.lock().unwrap().extend(execs);

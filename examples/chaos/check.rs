@@ -500,6 +500,19 @@ fn no_secret(rec: &Record) -> (Vec<Violation>, String) {
     }
     let argv = std::fs::read(&rec.w.bed.docker_log).unwrap_or_default();
     hit(0, None, "a docker command line".into(), &argv);
+    // The wrapper's look at each build secret file while `docker build` reads it.
+    for l in String::from_utf8_lossy(&argv).lines() {
+        let f: Vec<&str> = l.splitn(4, ' ').collect();
+        if let [ms, _, "readable-secret", path] = f[..] {
+            let at = ms.parse::<u64>().unwrap_or(0);
+            out.push(Violation {
+                invariant: "no-secret",
+                task: None,
+                ms: at.saturating_sub(rec.w.hist.clock.epoch_ms()),
+                detail: format!("world-readable build secret file: {path}"),
+            });
+        }
+    }
     for e in &rec.events {
         if let Ev::ReadableSecret { path } = &e.ev {
             out.push(Violation {

@@ -74,6 +74,8 @@ pub struct World {
     secrets: AtomicUsize,
     /// The monitor probes the apps (not once the final cleanup removes them).
     pub probing: AtomicBool,
+    /// Deploys reported completed whose answer the monitor has not judged yet.
+    pub answers_pending: AtomicUsize,
     /// Held by the exec/cp session running (one at a time).
     pub sessions: Mutex<()>,
     /// What of ours was found left before the final cleanup.
@@ -276,6 +278,7 @@ fn world(listener: TcpListener, plan: Plan, bed: Bed, seed: u64) -> World {
         agent_secret,
         secrets: AtomicUsize::new(0),
         probing: AtomicBool::new(true),
+        answers_pending: AtomicUsize::new(0),
         sessions: Mutex::default(),
         leftovers: Mutex::default(),
         bed,

@@ -19,7 +19,7 @@ const TICK: Duration = Duration::from_millis(500);
 /// Files above this are datasets, not state: not read every 10 s.
 const MAX_SCAN: u64 = 4 << 20;
 /// How long a deploy reported completed has to answer with its marker.
-const ANSWER_WITHIN_MS: u64 = 8000;
+pub const ANSWER_WITHIN_MS: u64 = 8000;
 
 struct Pending {
     task: String,
@@ -35,8 +35,6 @@ struct State {
     seen: usize,
     /// First report of each task (its claim), ms.
     claims: HashMap<String, u64>,
-    /// Project → (port, claim of the deploy that reported it).
-    serving: HashMap<usize, (u16, u64)>,
     pending: Vec<Pending>,
     rss_max: HashMap<u32, u64>,
     readable: HashSet<String>,
@@ -56,8 +54,10 @@ pub fn run(w: &Arc<World>, done: &crate::hist::Stop) {
         w.agents.supervise();
         let infos = infos(w);
         new_reports(w, &mut st, &infos);
-        probe(w, &st);
+        probe(w);
         answers(w, &mut st, &infos);
+        w.answers_pending
+            .store(st.pending.len(), std::sync::atomic::Ordering::SeqCst);
         if tick % 2 == 0 {
             memory(w, &mut st);
         }
@@ -113,10 +113,6 @@ fn new_reports(w: &World, st: &mut State, infos: &HashMap<String, Info>) {
         if info.kind != "deploy" || port == 0 || st.pending.iter().any(|p| p.task == id) {
             continue;
         }
-        // A late report of an older deploy does not move the route back.
-        if st.serving.get(&project).map_or(true, |s| s.1 <= claimed) {
-            st.serving.insert(project, (port, claimed));
-        }
         st.pending.push(Pending {
             task: id,
             project,
@@ -129,16 +125,27 @@ fn new_reports(w: &World, st: &mut State, infos: &HashMap<String, Info>) {
     st.seen = reqs.len();
 }
 
-fn probe(w: &World, st: &State) {
+/// Asks each probed app on the port the control plane routes it to: the host port of its
+/// running deployment, as the server's store has it (the last deploy report it took, then
+/// container statuses, re-route it).
+fn probe(w: &World) {
     if !w.probing.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
+    let deployments = w.cp.deployments();
     for project in 0..OPS {
-        if let Some((port, _)) = st.serving.get(&project) {
-            let ok = http_get(*port).is_ok_and(|(code, _)| code == 200);
-            let port = *port;
-            w.hist.push(Ev::Probe { project, port, ok });
-        }
+        let routed = deployments
+            .iter()
+            .find(|d| d["domain_prefix"] == w.names[project].as_str() && d["status"] == "running");
+        let Some(port) = routed
+            .and_then(|d| d["host_port"].as_u64())
+            .filter(|p| *p > 0)
+        else {
+            continue;
+        };
+        let port = port as u16;
+        let ok = http_get(port).is_ok_and(|(code, _)| code == 200);
+        w.hist.push(Ev::Probe { project, port, ok });
     }
 }
 

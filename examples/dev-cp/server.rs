@@ -951,6 +951,9 @@ fn dispatch(st: &mut State, version: Version, route: Route, query: &str, body: &
                 f_bool(m, "oom_killed", "containerStatus.oom_killed")?;
                 f_int(m, "host_port", "containerStatus.host_port").map(drop)
             })?;
+            if version == Version::Today {
+                reroute(st, body);
+            }
             Ok(ok_resp())
         }
         Route::CMetrics => {
@@ -1149,6 +1152,24 @@ fn complete(st: &mut State, version: Version, raw_id: &str, body: &[u8]) -> HRes
 
 // ---------------------------------------------------------------------------------------------
 // Deployments and today's scheduler (internal/api/server.go:4311-4391, cmd/muvee/server.go:254-327)
+
+/// Today's server re-routes by container statuses: each app's running deployment(s) take
+/// the reported `host_port` (> 0), as after a restart reassigned the ephemeral port.
+fn reroute(st: &mut State, body: &[u8]) {
+    let Ok(Value::Array(list)) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    for m in &list {
+        let (prefix, port) = (m["domain_prefix"].as_str(), m["host_port"].as_i64());
+        let (Some(prefix), Some(port)) = (prefix, port.filter(|p| *p > 0)) else {
+            continue;
+        };
+        let running = |d: &&mut Deployment| d.domain_prefix == prefix && d.status == "running";
+        for d in st.deployments.iter_mut().filter(running) {
+            d.host_port = port;
+        }
+    }
+}
 
 fn append_log(st: &mut State, deployment_id: &str, line: &str) {
     let log = st.logs.entry(deployment_id.to_string()).or_default();

@@ -3,7 +3,8 @@
 //! Deploy role: the apps' container statuses and container metrics (`docker stats`).
 
 use crate::sys::docker::{Docker, PsRow, StatsRow};
-use crate::work::reaper;
+use crate::sys::sync::KeyedLocks;
+use crate::work::{deployer, reaper};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -120,9 +121,15 @@ pub struct ContainerStatus {
 
 /// The deploy role's report every HEARTBEAT_INTERVAL: restart count, OOM flag and the current
 /// host port, which re-routes Traefik after a Docker restart gave an app a new ephemeral port.
-pub fn container_statuses(docker: &Docker, apps: &[(String, PsRow)]) -> Vec<ContainerStatus> {
-    let mut out = Vec::new();
-    for (prefix, c) in apps {
+/// Each app is looked at under its deploy lock, and one whose lock is held is left out (the
+/// next report has it): a replacement gives the app's name to its new container before that
+/// one is healthy, and today's server would route to it at once.
+pub fn container_statuses(
+    docker: &Docker,
+    apps: &[(String, PsRow)],
+    locks: &KeyedLocks,
+) -> Vec<ContainerStatus> {
+    let status = |prefix: &String, c: &PsRow| {
         let (restart_count, oom_killed) = docker
             .state(&c.name)
             .map(|st| (st.restarts, st.oom_killed))
@@ -130,14 +137,17 @@ pub fn container_statuses(docker: &Docker, apps: &[(String, PsRow)]) -> Vec<Cont
         let spec = (!c.expose_port.is_empty()).then_some(c.expose_port.as_str());
         let ports = docker.ports(&c.name, spec).unwrap_or_default();
         let host_port = ports.iter().find(|p| p.1).or(ports.first()).map(|p| p.0);
-        out.push(ContainerStatus {
+        ContainerStatus {
             domain_prefix: prefix.clone(),
             restart_count,
             oom_killed,
             host_port,
-        });
-    }
-    out
+        }
+    };
+    let settled = |(prefix, c): &(String, PsRow)| {
+        locks.try_with(&deployer::lock_key(prefix), || status(prefix, c))
+    };
+    apps.iter().filter_map(settled).collect()
 }
 
 /// An element of `POST /api/agent/container-metrics` (§1.7), keys in the Go agent's order.
@@ -240,11 +250,19 @@ mod tests {
         fake.on("docker port", Reply::Ok("0.0.0.0:32768".into()));
         let docker = Docker::new("docker", &*fake);
         let apps = current_apps(&docker, "n").unwrap();
-        let s = container_statuses(&docker, &apps);
+        let locks = KeyedLocks::new(Default::default());
+        let s = container_statuses(&docker, &apps, &locks);
         let prefixes: Vec<&str> = s.iter().map(|v| v.domain_prefix.as_str()).collect();
         assert_eq!(prefixes, ["app", "shop"], "{s:?}");
         assert_eq!(s[1].host_port, Some(32768));
         assert!(!fake.ran("docker port muvee-shop_web_1 80").is_empty());
+        // While a deploy (or restart, pause) of `app` holds its lock, `app` is left out.
+        let during = locks.try_with(&deployer::lock_key("app"), || {
+            container_statuses(&docker, &apps, &locks)
+        });
+        let s = during.unwrap();
+        let prefixes: Vec<&str> = s.iter().map(|v| v.domain_prefix.as_str()).collect();
+        assert_eq!(prefixes, ["shop"], "{s:?}");
     }
 
     #[test]

@@ -15,12 +15,13 @@ use crate::config::Config;
 use crate::cp::client::{Client, CpError};
 use crate::sys::docker::Docker;
 use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
-use crate::sys::wait::{self, Stop};
+use crate::sys::wait::{self, Stop, Woke};
 use crate::task::AgentConfig;
 use crate::task::Role;
 use crate::work::ctx::Shared;
 use crate::work::reaper::{self, Reaper};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -132,8 +133,12 @@ fn run(src: &Sources, reports: &Reports) {
         else {
             return;
         };
-        if wait::pause(&src.shared.bell, next, Stop::Shutdown) {
+        let taken = || deploy && src.shared.statuses_due.load(Ordering::SeqCst);
+        if wait::until(&src.shared.bell, Some(next), Stop::Shutdown, taken) == Woke::Stopped {
             return;
+        }
+        if deploy && src.shared.statuses_due.swap(false, Ordering::SeqCst) {
+            due.statuses = Some(Instant::now());
         }
         if is_due(due.node) {
             due.node = Some(Instant::now() + node_metrics(src, reports, &mut cpu));
@@ -171,7 +176,7 @@ fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
     if apps.is_empty() {
         return;
     }
-    let statuses = metrics::container_statuses(&docker, &apps);
+    let statuses = metrics::container_statuses(&docker, &apps, &src.shared.locks);
     post(src, "/api/agent/container-statuses", &statuses);
     let names: Vec<String> = apps.iter().map(|(_, c)| c.name.clone()).collect();
     let rows = match docker.stats(&names) {

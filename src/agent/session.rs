@@ -31,8 +31,10 @@ use std::time::{Duration, Instant};
 /// Input bytes waiting for one session; a single frame larger than this is refused.
 pub const INBOX_BYTES: usize = 2 << 20;
 const PTY_CHUNK: usize = 4096;
-/// How long after a resize the docker client is told again (see `exec`).
-const REWINCH: Duration = Duration::from_secs(1);
+/// After a resize the docker client is told again (see `exec`) after this gap, then after
+/// twice the gap before, up to [`REWINCH_LAST`]: at 1, 3, 7 and 15 s.
+const REWINCH_FIRST: Duration = Duration::from_secs(1);
+const REWINCH_LAST: Duration = Duration::from_secs(8);
 const CP_CHUNK: usize = 32 * 1024;
 /// The environment variable that marks an exec'd process as this session's.
 const MARKER: &str = "MUVEE_EXEC_SESSION";
@@ -283,8 +285,9 @@ struct Run {
     out: Out,
     cfg: Arc<Config>,
     shared: Arc<Shared>,
-    /// When to tell the docker client again that the PTY was resized (see `exec`).
-    rewinch: Cell<Option<Instant>>,
+    /// When to tell the docker client again that the PTY was resized (see `exec`), and the
+    /// gap that led there.
+    rewinch: Cell<Option<(Instant, Duration)>>,
 }
 
 impl Run {
@@ -338,8 +341,10 @@ impl Run {
                 break End::Closed;
             }
             let now = Instant::now();
-            if self.rewinch.get().is_some_and(|t| t <= now) {
-                self.rewinch.set(None);
+            if let Some((_, gap)) = self.rewinch.get().filter(|(t, _)| *t <= now) {
+                let gap = gap * 2;
+                self.rewinch
+                    .set((gap <= REWINCH_LAST).then_some((now + gap, gap)));
                 signal::kill_group(pid, libc::SIGWINCH);
             }
             let busy = match sink.as_mut().map(Sink::flush) {
@@ -361,7 +366,7 @@ impl Run {
                 fds.push((s.file.as_raw_fd(), libc::POLLOUT));
             }
             let wait = match self.rewinch.get() {
-                Some(t) => t.saturating_duration_since(now),
+                Some((t, _)) => t.saturating_duration_since(now),
                 None => Duration::from_secs(3600),
             };
             wait::poll_fds(&fds, wait);
@@ -447,10 +452,13 @@ impl Run {
                 unsafe {
                     libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
                 }
-                // The docker client forwards the size on SIGWINCH, but a resize early in
-                // the session can be lost (before it listens) or overtaken by its own first
-                // resize in flight: it is told once more a second later.
-                self.rewinch.set(Some(Instant::now() + REWINCH));
+                // The docker client forwards the size on SIGWINCH, but ignores the signal
+                // until the daemon answered its own first resize (made with the size the
+                // PTY had then), which a busy engine answers seconds late. So it is told
+                // again at growing gaps; the same size again changes nothing in the
+                // container.
+                self.rewinch
+                    .set(Some((Instant::now() + REWINCH_FIRST, REWINCH_FIRST)));
             }
             _ => {}
         });

@@ -38,6 +38,11 @@ pub struct Shared {
     /// This process's id under DATA_DIR/builds and the lock that proves it is alive.
     pub build_owner: Mutex<Option<(String, FileLock)>>,
     pub cache: CacheBook,
+    /// A final report was taken: the container statuses (with each app's current port) go
+    /// out at once. The control plane routes by the last deploy report it took, so a late
+    /// report of an older deploy moves the route back to a retired port until statuses
+    /// correct it.
+    pub statuses_due: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -56,6 +61,7 @@ impl Shared {
             tasks_started: AtomicUsize::new(0),
             build_owner: Mutex::new(None),
             cache: CacheBook::default(),
+            statuses_due: Default::default(),
         }
     }
 
@@ -65,10 +71,22 @@ impl Shared {
 
     /// The control plane accepted task `task_id`'s final report (the agent tells).
     pub fn report_delivered(&self, task_id: &str) {
-        if self.deliveries.release(|t, _| t == task_id) {
-            self.bell.ring();
-        }
+        self.deliveries
+            .release(|t, _| t == task_id, Release::Delivered);
+        self.statuses_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.bell.ring();
     }
+}
+
+/// How a retirement's wait for a report ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The control plane took the report: it routes to the new container now.
+    Delivered,
+    /// A newer deploy or a cleanup of the app took over before that: the old containers
+    /// stay, and are its to retire (it finds them set aside).
+    Superseded,
 }
 
 /// Retirements waiting until the control plane has the new port: the old container serves
@@ -77,8 +95,8 @@ impl Shared {
 #[derive(Default)]
 pub struct Deliveries {
     tracked: std::sync::atomic::AtomicBool,
-    /// Task id → (domain prefix, released).
-    awaited: Mutex<Vec<(String, String, bool)>>,
+    /// Task id, domain prefix, and how the wait ended (None: still waiting).
+    awaited: Mutex<Vec<(String, String, Option<Release>)>>,
 }
 
 impl Deliveries {
@@ -93,16 +111,16 @@ impl Deliveries {
             return false;
         }
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        a.push((task_id.into(), prefix.into(), false));
+        a.push((task_id.into(), prefix.into(), None));
         true
     }
 
-    /// Releases the waits `which(task, prefix)` picks; true if any.
-    pub fn release(&self, which: impl Fn(&str, &str) -> bool) -> bool {
+    /// Ends the waits `which(task, prefix)` picks that still wait, as `how`; true if any.
+    pub fn release(&self, which: impl Fn(&str, &str) -> bool, how: Release) -> bool {
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
         let mut any = false;
-        for e in a.iter_mut().filter(|e| which(&e.0, &e.1)) {
-            e.2 = true;
+        for e in a.iter_mut().filter(|e| e.2.is_none() && which(&e.0, &e.1)) {
+            e.2 = Some(how);
             any = true;
         }
         any
@@ -110,15 +128,15 @@ impl Deliveries {
 
     pub fn released(&self, task_id: &str) -> bool {
         let a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        a.iter().any(|(t, _, r)| t == task_id && *r)
+        a.iter().any(|(t, _, r)| t == task_id && r.is_some())
     }
 
-    /// The retirement ended; returns whether it was released.
-    pub fn forget(&self, task_id: &str) -> bool {
+    /// The retirement ended; returns how its wait ended (None: it did not).
+    pub fn forget(&self, task_id: &str) -> Option<Release> {
         let mut a = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
-        let released = a.iter().any(|(t, _, r)| t == task_id && *r);
+        let how = a.iter().find(|(t, _, _)| t == task_id).and_then(|e| e.2);
         a.retain(|(t, _, _)| t != task_id);
-        released
+        how
     }
 }
 
@@ -167,7 +185,7 @@ impl Ctx<'_> {
 /// A task context over a scripted runner, for the roles' unit tests.
 #[cfg(test)]
 mod delivery_tests {
-    use super::Deliveries;
+    use super::{Deliveries, Release};
 
     #[test]
     fn only_a_tracked_agent_waits_and_a_release_is_per_task_or_app() {
@@ -175,11 +193,14 @@ mod delivery_tests {
         assert!(!d.expect("t0", "app"), "run-task has nobody to tell");
         d.track();
         assert!(d.expect("t1", "app") && d.expect("t2", "web"));
-        assert!(!d.release(|t, _| t == "t9"));
-        assert!(d.release(|t, _| t == "t1"));
+        assert!(!d.release(|t, _| t == "t9", Release::Delivered));
+        assert!(d.release(|t, _| t == "t1", Release::Delivered));
         assert!(d.released("t1") && !d.released("t2"));
-        assert!(d.release(|_, p| p == "web"));
-        assert!(d.forget("t1") && d.forget("t2") && !d.forget("t1"));
+        // A takeover ends only the waits still waiting: t1's delivery stays a delivery.
+        assert!(d.release(|_, _| true, Release::Superseded));
+        assert_eq!(d.forget("t1"), Some(Release::Delivered));
+        assert_eq!(d.forget("t2"), Some(Release::Superseded));
+        assert_eq!(d.forget("t1"), None);
         assert!(!d.released("t1"));
     }
 }

@@ -11,7 +11,7 @@ use crate::sys::docker::{Docker, PsRow, RunSpec};
 use crate::sys::executor::fmt_duration;
 use crate::sys::wait::{self, Stop};
 use crate::task::{valid_id, Payload};
-use crate::work::ctx::{Ctx, Shared};
+use crate::work::ctx::{Ctx, Release, Shared};
 use crate::work::datasets;
 use crate::work::error::TaskError;
 use crate::work::spec::DeploySpec;
@@ -192,19 +192,22 @@ fn set_aside(
 }
 
 /// After a healthy start: the old container drains for DEPLOY_DRAIN (if it still served),
-/// then it and the leftovers are removed in the background.
+/// then it and the leftovers are removed in the background. A running leftover may be what
+/// the control plane still routes to (a previous deploy's report never got through, and this
+/// deploy took over its retirement): it drains too.
 fn retire_old(ctx: &Ctx, s: &DeploySpec, old: Option<Old>, leftovers: Vec<PsRow>) {
+    let serving = old.as_ref().is_some_and(|o| o.c.running && !o.stopped)
+        || leftovers.iter().any(|c| c.running);
     let mut victims = leftovers;
-    let mut drain = Duration::ZERO;
-    if let Some(o) = old {
-        if o.c.running && !o.stopped {
-            drain = ctx.cfg.deploy_drain;
-        }
-        victims.push(o.c);
-    }
+    victims.extend(old.map(|o| o.c));
     if victims.is_empty() {
         return;
     }
+    let drain = if serving {
+        ctx.cfg.deploy_drain
+    } else {
+        Duration::ZERO
+    };
     if !drain.is_zero() {
         ctx.say(&format!(
             "The previous container is removed {} (DEPLOY_DRAIN) after the control plane has taken this deploy's report.",
@@ -216,25 +219,37 @@ fn retire_old(ctx: &Ctx, s: &DeploySpec, old: Option<Old>, leftovers: Vec<PsRow>
     retire(ctx.cfg, ctx.shared, s, victims, awaited, drain);
 }
 
-/// A newer deploy or a cleanup of `prefix`: its retirements stop waiting for reports.
+/// A newer deploy or a cleanup of `prefix` takes over: its retirements still waiting for a
+/// report end without removing anything (the control plane may still route to what they
+/// would remove); the newer deploy finds those containers set aside and retires them once
+/// its own report is taken, a cleanup removes them.
 fn stop_awaiting(shared: &Shared, prefix: &str) {
-    if shared.deliveries.release(|_, p| p == prefix) {
+    if shared
+        .deliveries
+        .release(|_, p| p == prefix, Release::Superseded)
+    {
         shared.bell.ring();
     }
 }
 
 /// Waits until the deploy's final report was accepted (the control plane routes to the new
-/// port only then), at most UNDELIVERED_MAX. False: keep the old container, the agent stops
-/// before the report went out (the next deploy or cleanup of the app, or the reaper once the
-/// new container runs, removes it).
+/// port only then), at most UNDELIVERED_MAX. False: keep the old containers, because the
+/// agent stops before the report went out or a newer deploy or a cleanup took over (the
+/// next deploy or cleanup of the app, or the reaper once the new container runs, removes
+/// them).
 fn wait_delivered(shared: &Shared, task: &str, prefix: &str) -> bool {
     let cap = Instant::now() + UNDELIVERED_MAX;
     let deliveries = &shared.deliveries;
     wait::until(&shared.bell, Some(cap), Stop::Shutdown, || {
         deliveries.released(task)
     });
-    if deliveries.forget(task) {
-        return true;
+    match deliveries.forget(task) {
+        Some(Release::Delivered) => return true,
+        Some(Release::Superseded) => {
+            log::info!("a newer deploy or a cleanup of {prefix} takes over the previous containers (task {task}'s report was not taken yet)");
+            return false;
+        }
+        None => {}
     }
     if Stop::Shutdown.requested() {
         log::info!("keeping the previous container of {prefix}: the control plane has not taken the report of task {task} yet");

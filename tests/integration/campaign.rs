@@ -153,6 +153,76 @@ fn no_child_of_the_reports_outlives_the_agent() {
     );
 }
 
+/// A deploy agent on the real engine with DEPLOY_DRAIN 1s, and the deploys of one app.
+struct DrainBed {
+    cp: FakeCp,
+    agent: TestAgent,
+    prefix: String,
+    _cleanup: util::RemoveContainers,
+}
+
+/// The line a deploy prints once its new container answers.
+const HEALTHY: &str = "is healthy, listening on host port";
+
+impl DrainBed {
+    fn start(tag: &str, env: &[(&str, &str)]) -> DrainBed {
+        crate::deployer::images();
+        let cp = FakeCp::start(Version::Today, SECRET);
+        let prefix = format!("itc-{tag}-{}", std::process::id());
+        let _cleanup = util::RemoveContainers::named(&format!("muvee-{prefix}"));
+        let agent = TestAgent::builder("deploy")
+            .cp(&cp)
+            .dir(&temp_dir(&format!("campaign-{tag}")))
+            .real_docker()
+            .env("DEPLOY_DRAIN", "1s")
+            .envs(env)
+            .start();
+        DrainBed {
+            cp,
+            agent,
+            prefix,
+            _cleanup,
+        }
+    }
+
+    /// Queues a deploy whose app answers `body=<body>`; returns the task id.
+    fn deploy(&self, dep: &str, body: &str) -> String {
+        self.deploy_image(crate::deployer::APP, dep, body)
+    }
+
+    fn deploy_image(&self, image: &str, dep: &str, body: &str) -> String {
+        let p = serde_json::json!({"image_tag": image, "deployment_id": dep,
+            "project_id": "proj-drain", "domain_prefix": self.prefix, "container_port": 8080,
+            "env_vars": {"BODY": body}});
+        self.cp.add_task_for_role("deploy", "deploy", dep, p)
+    }
+
+    /// Queues a deploy and waits until its new container is healthy (its report may be
+    /// refused).
+    fn deploy_healthy(&self, dep: &str, body: &str) -> String {
+        let before = self.agent.log().matches(HEALTHY).count();
+        let task = self.deploy(dep, body);
+        let log = || self.agent.log();
+        assert!(
+            util::poll(120, || log().matches(HEALTHY).count() > before),
+            "{}",
+            log()
+        );
+        task
+    }
+
+    /// The port a completed deploy reported.
+    fn completed_port(&self, task: &str) -> u16 {
+        let r = wait_final(&self.cp, task, 120);
+        assert_eq!(r["status"], "completed", "{r}\n{}", self.agent.log());
+        r["host_port"].as_u64().unwrap() as u16
+    }
+}
+
+fn answers(port: u16, body: &str) -> bool {
+    util::http_get(port, "/").is_some_and(|b| b.contains(&format!("body={body}")))
+}
+
 /// app-keeps-answering (real engine): while the complete route answers 502, the control
 /// plane still routes to the old container's port: it keeps serving past DEPLOY_DRAIN, and
 /// is removed DEPLOY_DRAIN after the completed report was accepted.
@@ -161,55 +231,124 @@ fn the_old_container_serves_until_the_new_port_was_reported() {
     if !util::require_docker(crate::util::test_name!()) {
         return;
     }
-    crate::deployer::images();
-    let cp = FakeCp::start(Version::Today, SECRET);
-    let prefix = format!("itc-drain-{}", std::process::id());
-    let name = format!("muvee-{prefix}");
-    let _cleanup = util::RemoveContainers::named(&name);
-    let agent = TestAgent::builder("deploy")
-        .cp(&cp)
-        .dir(&temp_dir("campaign-drain"))
-        .real_docker()
-        .env("DEPLOY_DRAIN", "1s")
-        .start();
-    let deploy = |dep: &str, body: &str| {
-        let p = serde_json::json!({"image_tag": crate::deployer::APP, "deployment_id": dep,
-            "project_id": "proj-drain", "domain_prefix": prefix, "container_port": 8080,
-            "env_vars": {"BODY": body}});
-        cp.add_task_for_role("deploy", "deploy", dep, p)
-    };
-    let first = wait_final(
-        &cp,
-        &deploy("d2000000-0000-4000-8000-000000000001", "old"),
-        120,
-    );
-    assert_eq!(first["status"], "completed", "{first}\n{}", agent.log());
-    let old_port = first["host_port"].as_u64().unwrap() as u16;
+    let bed = DrainBed::start("drain", &[]);
+    let first = bed.deploy("d2000000-0000-4000-8000-000000000001", "old");
+    let old_port = bed.completed_port(&first);
     // Every report is refused (502) from now on, until the fault is cleared.
-    cp.inject("/api/agent/tasks/", Fault::status(502), 1_000_000);
-    let second = deploy("d2000000-0000-4000-8000-000000000002", "new");
-    // The second deploy's line (the first one's came before its report).
-    let said = "is healthy, listening on host port";
-    let before = agent.log().matches(said).count();
-    assert!(
-        util::poll(120, || agent.log().matches(said).count() > before),
-        "{}",
-        agent.log()
-    );
+    bed.cp
+        .inject("/api/agent/tasks/", Fault::status(502), 1_000_000);
+    let second = bed.deploy_healthy("d2000000-0000-4000-8000-000000000002", "new");
     // Well past DEPLOY_DRAIN: the old port still answers.
     std::thread::sleep(Duration::from_secs(6));
-    let answers = |port| util::http_get(port, "/").is_some_and(|b| b.contains("body=old"));
+    let log = || bed.agent.log();
     assert!(
-        answers(old_port),
+        answers(old_port, "old"),
         "the old container was retired\n{}",
-        agent.log()
+        log()
     );
-    cp.clear_faults();
-    let r = wait_final(&cp, &second, 60);
-    assert_eq!(r["status"], "completed", "{r}");
+    bed.cp.clear_faults();
+    bed.completed_port(&second);
     assert!(
-        util::poll(30, || !answers(old_port)),
+        util::poll(30, || !answers(old_port, "old")),
         "the old container outlived the report\n{}",
-        agent.log()
+        log()
+    );
+}
+
+/// app-keeps-answering (campaign seed 1201): a newer deploy of the app while the previous
+/// deploy's report is still refused must not retire what the control plane routes to; the
+/// newer deploy retires both once its own report is taken.
+#[test]
+fn a_newer_deploy_keeps_the_routed_container_until_its_own_report_is_taken() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let bed = DrainBed::start("takeover", &[]);
+    let first = bed.deploy("d3000000-0000-4000-8000-000000000001", "one");
+    let routed = bed.completed_port(&first);
+    bed.cp
+        .inject("/api/agent/tasks/", Fault::status(502), 1_000_000);
+    let second = bed.deploy_healthy("d3000000-0000-4000-8000-000000000002", "two");
+    let third = bed.deploy_healthy("d3000000-0000-4000-8000-000000000003", "three");
+    // Past DEPLOY_DRAIN after the takeover: the routed port still answers.
+    std::thread::sleep(Duration::from_secs(4));
+    let log = || bed.agent.log();
+    assert!(
+        answers(routed, "one"),
+        "the routed container was retired\n{}",
+        log()
+    );
+    bed.cp.clear_faults();
+    bed.completed_port(&second);
+    let new_port = bed.completed_port(&third);
+    assert!(
+        util::poll(30, || !answers(routed, "one")),
+        "the first container outlived the third deploy's report\n{}",
+        log()
+    );
+    assert!(answers(new_port, "three"), "{}", log());
+    // The second container, set aside by the third deploy, went with the first.
+    let only_current =
+        || crate::deployer::containers(&bed.prefix) == [format!("muvee-{}", bed.prefix)];
+    assert!(util::poll(30, only_current), "{}", log());
+}
+
+/// app-keeps-answering (campaign seed 1201): the control plane routes by the last deploy
+/// report it took, so a late report of an older deploy moves the route back to a retired
+/// port. Container statuses (each app's current port) re-route it, and they go out as soon
+/// as a report was taken, not a heartbeat later.
+#[test]
+fn container_statuses_follow_each_taken_report_at_once() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let bed = DrainBed::start("statuses", &[("HEARTBEAT_INTERVAL", "10m")]);
+    let task = bed.deploy("d4000000-0000-4000-8000-000000000001", "one");
+    let port = bed.completed_port(&task);
+    let routed = || {
+        let posted = bed.cp.posted("/api/agent/container-statuses");
+        posted
+            .iter()
+            .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+            .any(|s| s["domain_prefix"] == bed.prefix.as_str() && s["host_port"] == u64::from(port))
+    };
+    assert!(util::poll(10, routed), "{}", bed.agent.log());
+}
+
+/// app-keeps-answering (campaign seed 29): a replacement names its new container after the
+/// app before it is healthy; statuses sent meanwhile would route today's server to it. A
+/// new container that never answers is never in a status.
+#[test]
+fn statuses_never_carry_a_container_that_is_not_healthy_yet() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let env = [
+        ("HEARTBEAT_INTERVAL", "1s"),
+        ("DEPLOY_HEALTH_TIMEOUT", "10s"),
+    ];
+    let bed = DrainBed::start("unhealthy", &env);
+    let first = bed.deploy("d5000000-0000-4000-8000-000000000001", "one");
+    let port = bed.completed_port(&first);
+    let idle = crate::deployer::IDLE;
+    let second = bed.deploy_image(idle, "d5000000-0000-4000-8000-000000000002", "two");
+    let r = wait_final(&bed.cp, &second, 60);
+    assert_eq!(r["status"], "failed", "{r}");
+    let posted = bed.cp.posted("/api/agent/container-statuses");
+    let ours: Vec<serde_json::Value> = posted
+        .iter()
+        .flat_map(|b| b.as_array().cloned().unwrap_or_default())
+        .filter(|s| s["domain_prefix"] == bed.prefix.as_str())
+        .collect();
+    // Statuses went out every second meanwhile (the app left out while it was replaced).
+    assert!(posted.len() >= 3, "{posted:?}\n{}", bed.agent.log());
+    let elsewhere: Vec<_> = ours
+        .iter()
+        .filter(|s| s["host_port"] != u64::from(port))
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "routed to {port}: {elsewhere:?}\n{}",
+        bed.agent.log()
     );
 }

@@ -8,10 +8,13 @@ use crate::fake_cp::{frame_data, ControlConn, FakeCp, Upgrade, Version};
 use crate::test_agent::{TestAgent, SECRET};
 use crate::util::{self, require_docker, temp_dir, test_name, RemoveContainers};
 use serde_json::json;
-use std::io::Write;
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "../../examples/dev-cp/tls.rs"]
@@ -134,6 +137,31 @@ fn read_until(
     Ok(())
 }
 
+/// Types `stty size` into `session` once a second until it prints `size` ("rows cols");
+/// Err(what came) after [`FRAME_WAIT`], which outlasts the agent's last nudge to the docker
+/// client (15 s after a resize). The new size reaches the container later than typed input
+/// (SIGWINCH to docker, then the engine's API): a `stty size` typed at once may print the
+/// old one, so it is asked again, as a person would.
+fn ask_size_until(ws: &ControlConn, session: &str, size: &str) -> Result<(), String> {
+    let end = Instant::now() + FRAME_WAIT;
+    // One buffer for every answer: an answer may arrive split, or after the next question.
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        ws.stdin(session, b"stty size\n").unwrap();
+        let next = Instant::now() + Duration::from_secs(1);
+        while let Some(f) = next
+            .checked_duration_since(Instant::now())
+            .and_then(|left| ws.recv_session(session, left))
+        {
+            seen.extend(frame_data(&f));
+            if String::from_utf8_lossy(&seen).contains(size) {
+                return Ok(());
+            }
+        }
+    }
+    Err(String::from_utf8_lossy(&seen).into_owned())
+}
+
 #[test]
 fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
     if !require_docker(test_name!()) {
@@ -179,17 +207,9 @@ fn exec_sessions_echo_take_input_resize_and_report_exit_codes() {
         panic!("s3: no typed-42 within 10s: {seen:?}");
     }
     ws.resize("s3", 77, 11).unwrap();
-    // The new size reaches the container later than typed input (SIGWINCH to docker, then
-    // the engine's API): a `stty size` typed at once may print the old one. Ask again, as a
-    // person would.
-    let mut seen = Vec::new();
-    let resized = (0..10).any(|_| {
-        ws.stdin("s3", b"stty size\n").unwrap();
-        read_until(&ws, "s3", "11 77", Duration::from_secs(1))
-            .map_err(|s| seen.push(s))
-            .is_ok()
-    });
-    assert!(resized, "s3: never 11 77: {seen:?}");
+    if let Err(seen) = ask_size_until(&ws, "s3", "11 77") {
+        panic!("s3: never 11 77: {seen:?}");
+    }
     ws.close_session("s3").unwrap();
     let s3 = ws.outcome("s3", FRAME_WAIT).expect("s3 ended");
     assert_eq!(s3.end["code"], -1, "{}", s3.end);
@@ -670,6 +690,82 @@ fn slow_docker() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
+}
+
+/// An engine that answers the docker CLI's first resize of each exec `hold` late (a busy
+/// daemon): a proxy in front of the engine's socket that holds that request back. Its
+/// address, for DOCKER_HOST.
+fn engine_slow_to_size_ttys(hold: Duration) -> String {
+    let path = temp_dir("slow-resize").join("docker.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let engine = match std::env::var("DOCKER_HOST") {
+        Ok(h) if h.starts_with("unix://") => h["unix://".len()..].to_string(),
+        _ => "/var/run/docker.sock".to_string(),
+    };
+    let held = Arc::new(Mutex::new(HashSet::new()));
+    std::thread::spawn(move || {
+        for cli in listener.incoming().flatten() {
+            let Ok(daemon) = UnixStream::connect(&engine) else {
+                continue;
+            };
+            let (mut from, mut to) = (daemon.try_clone().unwrap(), cli.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Write);
+            });
+            let held = held.clone();
+            std::thread::spawn(move || hold_first_resize(cli, daemon, &held, hold));
+        }
+    });
+    format!("unix://{}", path.display())
+}
+
+/// Copies the CLI's requests to the daemon, holding each exec's first resize for `hold`
+/// (the CLI writes a request in one piece, so one starts a read).
+fn hold_first_resize(
+    mut cli: UnixStream,
+    mut daemon: UnixStream,
+    held: &Mutex<HashSet<String>>,
+    hold: Duration,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = cli.read(&mut buf) {
+        let head = String::from_utf8_lossy(&buf[..n.min(256)]).into_owned();
+        let exec = head
+            .strip_prefix("POST /")
+            .and_then(|r| r.split_once("/exec/"))
+            .and_then(|(_, r)| r.split_once("/resize?"))
+            .map(|(id, _)| id.to_string());
+        if exec.is_some_and(|id| held.lock().unwrap().insert(id)) {
+            std::thread::sleep(hold);
+        }
+        if daemon.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = daemon.shutdown(Shutdown::Write);
+}
+
+/// The docker CLI ignores SIGWINCH until the engine answered its own first resize (made with
+/// the size the PTY had then): a resize in that window must reach the container all the same
+/// (seen on a loaded machine, where that answer took seconds).
+#[test]
+fn a_resize_reaches_the_container_while_the_engine_is_slow_to_size_the_tty() {
+    if !require_docker(test_name!()) {
+        return;
+    }
+    let host = engine_slow_to_size_ttys(Duration::from_secs(4));
+    let bed = Bed::start_with(None, &[("DOCKER_HOST", &host)]);
+    let ws = bed.accept(20);
+    ws.open_exec("r1", &bed.container, &["sh"]).unwrap();
+    ws.stdin("r1", b"echo typed-$((6*7))\n").unwrap();
+    if let Err(seen) = read_until(&ws, "r1", "typed-42", FRAME_WAIT) {
+        panic!("r1: no typed-42: {seen:?}");
+    }
+    ws.resize("r1", 77, 11).unwrap();
+    if let Err(seen) = ask_size_until(&ws, "r1", "11 77") {
+        panic!("r1: never 11 77: {seen:?}");
+    }
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn docker_ok(args: &[&str]) -> String {
 }
 
 /// Names of all containers (any state) whose name contains `muvee-<prefix>`.
-fn containers(prefix: &str) -> Vec<String> {
+pub fn containers(prefix: &str) -> Vec<String> {
     docker_ok(&[
         "ps",
         "-a",
