@@ -146,11 +146,6 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     let interrupted = recover(&journal, &outbox);
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     start_senders(&outbox, &client, &journal)?;
-    // Log spills of tasks that ended with the previous process: their reports say failed.
-    // (Lines handed off when their task ended are in state/late-logs, picked up here.)
-    let logs = cfg.data_dir.join("state/logs");
-    let _ = std::fs::remove_dir_all(&logs);
-    let _ = files::private_dir(&logs);
     let late = start_late_logs(&cfg, &client)?;
 
     if role == Role::Builder {
@@ -212,7 +207,12 @@ fn start_senders(
 }
 
 /// The late-log queue, with what an earlier process left, and its one sender thread.
+/// The late-log sender, which picks up what an earlier run handed off when its tasks ended.
+/// Log spills of tasks that ended with the previous process go (their reports say failed).
 fn start_late_logs(cfg: &Config, client: &Client) -> Result<Arc<LateLogs>, StartError> {
+    let logs = cfg.data_dir.join("state/logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    let _ = files::private_dir(&logs);
     let dir = cfg.data_dir.join("state/late-logs");
     let late = Arc::new(LateLogs::open(dir, cfg.log_spill_max));
     let (l, c) = (late.clone(), client.clone());

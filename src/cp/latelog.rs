@@ -24,7 +24,7 @@
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
-use crate::cp::logship::{fit, LINE_MAX};
+use crate::cp::logbody::{fit, LINE_MAX};
 use crate::sys::wait::{self, Bell, Check};
 use crate::task::{clean_text, valid_id};
 use std::fs::{self, File, OpenOptions};

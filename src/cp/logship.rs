@@ -21,6 +21,7 @@
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
 use crate::cp::latelog::LateLogs;
+use crate::cp::logbody::{fit, BODY_MAX, LINE_MAX};
 use crate::sys::signal;
 use crate::sys::wait::{self, Bell, Check, Stop};
 use crate::task::clean_text;
@@ -33,13 +34,6 @@ use std::time::{Duration, Instant};
 
 /// A request is sent at once when this much waits.
 const BATCH_MIN: usize = 64 * 1024;
-/// The largest request body, serialized: nginx's default `client_max_body_size 1m`.
-pub(crate) const BODY_MAX: usize = 1 << 20;
-/// `{"line":""}` around the text.
-const BODY_OVERHEAD: usize = 11;
-/// A line longer than this is shipped in pieces, so one line always fits a body (escaped,
-/// a byte takes at most 6).
-pub(crate) const LINE_MAX: usize = 64 * 1024;
 /// How long a line into an idle shipper waits for company before it goes out.
 const LINGER: Duration = Duration::from_millis(50);
 /// Backlog kept in memory; beyond it, the spill file.
@@ -387,34 +381,6 @@ impl Buf {
         });
         left.clamp(Duration::from_millis(1), REQUEST_TIMEOUT)
     }
-}
-
-/// Bytes `text` takes inside a JSON string as serde_json writes it.
-fn json_len(text: &[u8]) -> usize {
-    if !text.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
-        return text.len();
-    }
-    let cost = |b: &u8| match b {
-        b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-        0..=0x1f => 6,
-        _ => 1,
-    };
-    text.iter().map(cost).sum()
-}
-
-/// The length of the longest run of whole lines (each ending in '\n') of `text` whose request
-/// body fits BODY_MAX; at least the first line.
-pub(crate) fn fit(text: &[u8]) -> usize {
-    let (mut body, mut cut) = (BODY_OVERHEAD, 0);
-    for nl in memchr::memchr_iter(b'\n', text) {
-        // Joined by an escaped '\n'; the last one is not sent.
-        body += json_len(&text[cut..nl]) + if cut > 0 { 2 } else { 0 };
-        if body > BODY_MAX && cut > 0 {
-            break;
-        }
-        cut = nl + 1;
-    }
-    cut
 }
 
 enum Batch {
@@ -833,8 +799,6 @@ mod tests {
         }
         assert!(b.spill.is_some(), "the disk path is tried too");
         assert_eq!(drain(&mut b), want);
-        // The longest line a shipper keeps fits one body, whatever it holds.
-        assert!(json_len("\x01".repeat(LINE_MAX).as_bytes()) + BODY_OVERHEAD <= BODY_MAX);
     }
 
     #[test]

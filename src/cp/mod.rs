@@ -8,6 +8,7 @@ pub mod client;
 pub mod files;
 pub mod journal;
 pub mod latelog;
+pub mod logbody;
 pub mod logship;
 pub mod outbox;
 pub mod resolver;
