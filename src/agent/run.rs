@@ -207,7 +207,6 @@ fn start_senders(
 }
 
 /// The late-log queue, with what an earlier process left, and its one sender thread.
-/// The late-log sender, which picks up what an earlier run handed off when its tasks ended.
 /// Log spills of tasks that ended with the previous process go (their reports say failed).
 fn start_late_logs(cfg: &Config, client: &Client) -> Result<Arc<LateLogs>, StartError> {
     let logs = cfg.data_dir.join("state/logs");
