@@ -83,6 +83,29 @@ fn drain(w: &World) {
     if !wait_all_final(w, DRAIN) {
         w.hist.note("drain: some tasks are still not final".into());
     }
+    // Lines a log outage kept from the control plane wait in the agents' late-log queues
+    // (retried within 30 s); the final SIGTERM would leave them there until a next start.
+    let end = Instant::now() + LATE_LOGS_WAIT;
+    while late_logs_waiting(w) && Instant::now() < end {
+        if w.stop.sleep(Duration::from_millis(500)) {
+            return;
+        }
+    }
+    if late_logs_waiting(w) {
+        w.hist.note("drain: late logs still wait after 60s".into());
+    }
+}
+
+const LATE_LOGS_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether an agent's `DATA_DIR/state/late-logs` holds a file.
+fn late_logs_waiting(w: &World) -> bool {
+    [Role::Builder, Role::Deploy].iter().any(|r| {
+        let dir = w.bed.data_dir(*r).join("state/late-logs");
+        let rd = std::fs::read_dir(dir).into_iter().flatten().flatten();
+        rd.into_iter()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".late"))
+    })
 }
 
 /// True once every task is final (three looks in a row: the chain adds deploys).
