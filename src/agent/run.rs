@@ -315,6 +315,7 @@ fn report_interrupted(journal: &Journal, outbox: &Outbox) -> Vec<String> {
             journal,
             &e.id,
             &Completion::failed("agent restarted during task"),
+            None,
         );
         if matches!(Kind::parse(&e.kind, ""), Kind::Deploy(_)) {
             deploys.push(e.deployment_id.clone());
@@ -662,7 +663,7 @@ impl Agent {
     }
 
     fn finish(&self, id: &str, c: &Completion) {
-        finish(&self.outbox, &self.journal, id, c);
+        finish(&self.outbox, &self.journal, id, c, None);
     }
 
     fn shut_down(&self) {
@@ -718,8 +719,13 @@ impl Agent {
 /// that cannot be written (no reserve, a full disk) is not sent before it is; the journal
 /// keeps the task running meanwhile, so a restart before then reports it failed rather
 /// than forget it.
-fn finish(outbox: &Outbox, journal: &Journal, id: &str, c: &Completion) {
-    if outbox.push(id, c) {
+/// `app`: the app a completed deploy's report routes (see `Outbox::push_routing`).
+fn finish(outbox: &Outbox, journal: &Journal, id: &str, c: &Completion, app: Option<&str>) {
+    let pushed = match app {
+        Some(app) => outbox.push_routing(id, c, app),
+        None => outbox.push(id, c),
+    };
+    if pushed {
         finish_journal(journal, id);
     }
 }
@@ -791,7 +797,11 @@ impl Worker {
             }
             _ => log::info!("task {}: completed in {took}", task.id),
         }
-        finish(&self.outbox, &self.journal, &task.id, &completion);
+        // A report with a host port routes its app: in order with the app's others.
+        let app = completion
+            .host_port
+            .and(task.payload["domain_prefix"].as_str());
+        finish(&self.outbox, &self.journal, &task.id, &completion, app);
         self.running.fetch_sub(1, Ordering::SeqCst);
         // Rings the bell: the loop polls again, shutdown sees the thread gone.
         self.shared.slots.give_back();

@@ -47,6 +47,8 @@ pub const PARK_RETRY: Duration = Duration::from_secs(10 * 60);
 const PARK_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Room kept for a task's final report from its claim on.
 const RESERVE: usize = 64 << 10;
+/// How long a refused routing report keeps a newer one of its app waiting.
+const ROUTE_ORDER_MAX: Duration = Duration::from_secs(120);
 /// How often reports that could not be written are tried again.
 const PERSIST_RETRY: Duration = Duration::from_secs(5);
 /// Ends a result cut so that its report fits the space reserved for it.
@@ -58,6 +60,9 @@ const UNREADABLE: &str = "the agent's queued report of this task was damaged (un
 struct Report {
     task_id: String,
     body: Completion,
+    /// The app a completed deploy's report routes (see [`Outbox::push_routing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    route: Option<String>,
 }
 
 struct Queued {
@@ -210,12 +215,25 @@ impl Outbox {
     /// is on disk. A `running` report is sent even when it cannot be written now; a final
     /// one only once it is written (tried again until space returns).
     pub fn push(&self, task_id: &str, body: &Completion) -> bool {
+        self.push_with(task_id, body, None)
+    }
+
+    /// Queues the report of a deploy that routes `app` (its host port). The control plane
+    /// routes an app by the last such report it took, so they go out in the order they were
+    /// queued: a newer deploy's report waits while an older one of the same app is refused
+    /// (for at most ROUTE_ORDER_MAX, after which statuses correct a late older report).
+    pub fn push_routing(&self, task_id: &str, body: &Completion, app: &str) -> bool {
+        self.push_with(task_id, body, Some(app))
+    }
+
+    fn push_with(&self, task_id: &str, body: &Completion, route: Option<&str>) -> bool {
         let mut q = self.queue();
         let seq = q.next_seq;
         q.next_seq += 1;
         let mut report = Report {
             task_id: task_id.to_string(),
             body: body.clone(),
+            route: route.map(String::from),
         };
         let path = self.dir.join(format!("{seq:020}-{task_id}.json"));
         let written = if body.is_final() {
@@ -499,19 +517,27 @@ impl Outbox {
     }
 }
 
-/// The report to send now: the first of its task, no report of its task in flight, past its
-/// delay (and, while the control plane is down, the pause, one at a time), and, for a final
-/// report, written. Else when to look again (None: when something changes).
+/// The report to send now: the first of its task (and of its app, for a routing report
+/// behind one that has not failed for ROUTE_ORDER_MAX), no report of its task in flight,
+/// past its delay (and, while the control plane is down, the pause, one at a time), and,
+/// for a final report, written. Else when to look again (None: when something changes).
 fn find_due(q: &Queue, now: Instant) -> Result<usize, Option<Instant>> {
     if q.down && !q.in_flight.is_empty() {
         return Err(None);
     }
     let pause = if q.down { q.pause_until } else { now };
     let mut seen: HashSet<&str> = HashSet::new();
+    let mut routes: HashSet<&str> = HashSet::new();
     let mut wake = None::<Instant>;
     for (n, i) in q.items.iter().enumerate() {
         let task = i.report.task_id.as_str();
-        if !seen.insert(task) || q.in_flight.contains(task) {
+        let first_of_task = seen.insert(task);
+        let route = i.report.route.as_deref();
+        let first_of_app = route.map_or(true, |r| !routes.contains(r));
+        if let (Some(r), true) = (route, holds_its_app(i, now)) {
+            routes.insert(r);
+        }
+        if !first_of_task || !first_of_app || q.in_flight.contains(task) {
             continue;
         }
         if !i.persisted && i.report.body.is_final() {
@@ -524,6 +550,14 @@ fn find_due(q: &Queue, now: Instant) -> Result<usize, Option<Instant>> {
         wake = Some(wake.map_or(at, |w| w.min(at)));
     }
     Err(wake)
+}
+
+/// Whether a routing report keeps later ones of its app waiting: until it has failed for
+/// ROUTE_ORDER_MAX (a report refused for good must not keep an app on its old port).
+fn holds_its_app(i: &Queued, now: Instant) -> bool {
+    !i.parked
+        && i.first_failure
+            .map_or(true, |f| now.duration_since(f) < ROUTE_ORDER_MAX)
 }
 
 /// A report that failed (refused, or no answer): tried again after a delay growing to
@@ -738,6 +772,39 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
     }
 
+    /// The control plane routes an app by the last deploy report it took: a newer deploy's
+    /// report of the same app waits behind a refused older one (also across a restart),
+    /// another app's does not, and a report refused for ROUTE_ORDER_MAX stops holding it.
+    #[test]
+    fn routing_reports_of_an_app_go_out_in_order() {
+        let d = temp_dir("outbox-route");
+        let ob = Outbox::open(&d).unwrap();
+        let port = |p: u16| Completion {
+            host_port: Some(p),
+            ..Completion::completed()
+        };
+        ob.push_routing("old", &port(1001), "app");
+        ob.push_routing("new", &port(1002), "app");
+        ob.push_routing("other", &port(2001), "web");
+        let ob = Outbox::open(&d).unwrap();
+        let (s, r) = ob.next_due();
+        assert_eq!(r.task_id, "old");
+        ob.failed(s, &r, &refusal(503));
+        // While old waits for its retry, only the other app's report is due.
+        let (s, r) = ob.due_at(Instant::now()).unwrap();
+        assert_eq!(r.task_id, "other");
+        ob.delivered(s, &r, DONE);
+        assert!(ob.due_at(Instant::now()).is_none(), "new passed old");
+        // Refused for ROUTE_ORDER_MAX: new goes (statuses correct a late old one).
+        let Some(long_ago) = Instant::now().checked_sub(ROUTE_ORDER_MAX) else {
+            return; // a machine up for less than that
+        };
+        ob.queue().items[0].first_failure = Some(long_ago);
+        let (_, r) = ob.due_at(Instant::now()).unwrap();
+        assert_eq!(r.task_id, "new");
+        let _ = fs::remove_dir_all(&d);
+    }
+
     /// A failing report (refused, or no answer) is tried again at most RETRY_MAX apart,
     /// holds only its own task's later reports back, and is parked only after PARK_AFTER.
     #[test]
@@ -936,6 +1003,7 @@ mod tests {
         let r = Report {
             task_id: "t".into(),
             body: Completion::completed_with(&text),
+            route: None,
         };
         let cut = cut_to_fit(&r, RESERVE).unwrap();
         let len = serde_json::to_vec(&cut).unwrap().len();
@@ -947,6 +1015,7 @@ mod tests {
         let small = Report {
             task_id: "t".into(),
             body: Completion::failed("short"),
+            route: None,
         };
         assert!(cut_to_fit(&small, RESERVE).is_none());
     }

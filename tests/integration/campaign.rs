@@ -281,6 +281,18 @@ fn a_newer_deploy_keeps_the_routed_container_until_its_own_report_is_taken() {
     bed.cp.clear_faults();
     bed.completed_port(&second);
     let new_port = bed.completed_port(&third);
+    // The control plane routes by the last report it took: the second's went first.
+    let taken = |task: &str| {
+        let reqs = bed
+            .cp
+            .requests_to(&format!("/api/agent/tasks/{task}/complete"));
+        let ok = reqs
+            .iter()
+            .filter(|r| r.json().is_some_and(|b| b["status"] == "completed"))
+            .find(|r| r.status == Some(200) && r.fault.is_none());
+        ok.map(|r| r.at).expect("a taken report")
+    };
+    assert!(taken(&second) < taken(&third), "{}", log());
     assert!(
         util::poll(30, || !answers(routed, "one")),
         "the first container outlived the third deploy's report\n{}",
