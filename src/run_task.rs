@@ -193,6 +193,7 @@ fn execute(cfg: &Config, task: &Task, cp: &AgentConfig) -> u8 {
         shared: &shared,
         secrets: &secrets,
         out: &out,
+        turn: None,
     };
     let completion = dispatch::execute(&ctx);
     err.flush();

@@ -14,7 +14,7 @@ use crate::cp::wire::{Node, ZERO_TIME, ZERO_UUID};
 use crate::sys::executor;
 use crate::sys::executor::System;
 use crate::sys::secret::Secret;
-use crate::sys::sync::{self, FileLock};
+use crate::sys::sync::{self, FileLock, Turn};
 use crate::sys::wait::{self, Stop, Woke};
 use crate::sys::{disk, redact, signal};
 use crate::task::{valid_id, AgentConfig, Completion, Kind, Role, Status, Task};
@@ -648,6 +648,7 @@ impl Agent {
             late: self.late.clone(),
             shared: self.shared.clone(),
             running: self.running.clone(),
+            turn: app_turn(&self.shared, &task),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("task-{}", &id[..id.len().min(8)]))
@@ -736,6 +737,19 @@ fn finish_journal(journal: &Journal, id: &str) {
     }
 }
 
+/// A task that changes an app's containers takes its turn on the app's lock now, while
+/// tasks are claimed in the control plane's order: the app's tasks then change it in that
+/// order, whichever worker gets there first (a pause queued before a deploy pauses the old
+/// version, not the new one).
+fn app_turn(shared: &Shared, task: &Task) -> Option<Turn> {
+    let changes_app = matches!(
+        task.kind(),
+        Kind::Deploy(_) | Kind::Cleanup(_) | Kind::Restart | Kind::Pause | Kind::Unpause
+    );
+    let prefix = task.payload["domain_prefix"].as_str()?;
+    changes_app.then(|| shared.locks.turn(&crate::work::deployer::lock_key(prefix)))
+}
+
 struct Worker {
     cfg: Arc<Config>,
     cp: AgentConfig,
@@ -745,6 +759,7 @@ struct Worker {
     late: Arc<LateLogs>,
     shared: Arc<Shared>,
     running: Arc<AtomicUsize>,
+    turn: Option<Turn>,
 }
 
 impl Worker {
@@ -783,6 +798,7 @@ impl Worker {
             shared: &self.shared,
             secrets: &secrets,
             out: &out,
+            turn: self.turn.as_ref(),
         };
         let completion = dispatch::execute(&ctx);
         // Logs first, so the deployment log is complete when the final status lands (unless

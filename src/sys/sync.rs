@@ -6,7 +6,7 @@
 
 use crate::sys::bell::Bell;
 use crate::sys::wait::{self, Canceled, Stop, Woke};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -90,10 +90,67 @@ impl Slots {
     }
 }
 
-/// One lock per key (a domain prefix, a dataset): serializes work on the same thing.
+/// One lock per key (a domain prefix, a dataset): serializes work on the same thing. Work
+/// holding a [`Turn`] of the key takes the lock in the order the turns were given.
 pub struct KeyedLocks {
     held: Mutex<HashSet<String>>,
+    turns: Arc<Mutex<Turns>>,
     bell: Arc<Bell>,
+}
+
+/// The turns waiting per key, oldest first.
+#[derive(Default)]
+struct Turns {
+    waiting: HashMap<String, VecDeque<u64>>,
+    next: u64,
+}
+
+impl Turns {
+    fn leave(&mut self, key: &str, id: u64) {
+        if let Some(q) = self.waiting.get_mut(key) {
+            q.retain(|x| *x != id);
+            if q.is_empty() {
+                self.waiting.remove(key);
+            }
+        }
+    }
+
+    fn waits(&self, key: &str, id: u64) -> bool {
+        self.waiting.get(key).is_some_and(|q| q.contains(&id))
+    }
+
+    fn first(&self, key: &str) -> Option<u64> {
+        self.waiting.get(key).and_then(|q| q.front().copied())
+    }
+}
+
+/// A place in a key's line (a task of an app, taken when the task is claimed, so that the
+/// app's tasks change it in the order the control plane gave them). It is over once its
+/// holder's first section under the key ran, or when dropped.
+pub struct Turn {
+    key: String,
+    id: u64,
+    turns: Arc<Mutex<Turns>>,
+    bell: Arc<Bell>,
+}
+
+impl Turn {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn leave(&self) {
+        let mut t = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        t.leave(&self.key, self.id);
+        drop(t);
+        self.bell.ring();
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 /// Holds a key until dropped (also when the work under it panics).
@@ -115,12 +172,34 @@ impl KeyedLocks {
     pub fn new(bell: Arc<Bell>) -> KeyedLocks {
         KeyedLocks {
             held: Mutex::default(),
+            turns: Arc::default(),
             bell,
         }
     }
 
-    /// True when the key was free and is now ours.
-    fn take(&self, key: &str) -> bool {
+    /// A place in `key`'s line, after every turn given before it.
+    pub fn turn(&self, key: &str) -> Turn {
+        let mut t = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        let id = t.next;
+        t.next += 1;
+        t.waiting.entry(key.to_string()).or_default().push_back(id);
+        Turn {
+            key: key.to_string(),
+            id,
+            turns: self.turns.clone(),
+            bell: self.bell.clone(),
+        }
+    }
+
+    /// True when the key was free (and `turn`, if any and not over, first in its line) and
+    /// is now ours.
+    fn take(&self, key: &str, turn: Option<&Turn>) -> bool {
+        if let Some(t) = turn {
+            let turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            if turns.waits(key, t.id) && turns.first(key) != Some(t.id) {
+                return false;
+            }
+        }
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.insert(key.to_string())
     }
@@ -128,22 +207,39 @@ impl KeyedLocks {
     /// Runs `f` under the key's lock, waiting for it unless the tasks are canceled first;
     /// while another holder makes it wait, the caller's task slot is given back (and taken
     /// again once the wait ends).
+    #[cfg(test)]
     pub fn with<T>(&self, key: &str, slots: &Slots, f: impl FnOnce() -> T) -> Result<T, Canceled> {
-        if !self.take(key) {
+        self.with_turn(key, None, slots, f)
+    }
+
+    /// [`Self::with`], in `turn`'s order among the key's turns; the turn is over after `f`.
+    pub fn with_turn<T>(
+        &self,
+        key: &str,
+        turn: Option<&Turn>,
+        slots: &Slots,
+        f: impl FnOnce() -> T,
+    ) -> Result<T, Canceled> {
+        if !self.take(key, turn) {
             slots.give_back();
-            let woke = wait::until(&self.bell, None, Stop::Cancel, || self.take(key));
+            let woke = wait::until(&self.bell, None, Stop::Cancel, || self.take(key, turn));
             slots.take();
             if woke != Woke::Ready {
                 return Err(Canceled);
             }
         }
-        let _held = Held { locks: self, key };
-        Ok(f())
+        let held = Held { locks: self, key };
+        let out = f();
+        if let Some(t) = turn {
+            t.leave();
+        }
+        drop(held);
+        Ok(out)
     }
 
     /// Runs `f` under the key's lock if nobody holds it; None (without waiting) otherwise.
     pub fn try_with<T>(&self, key: &str, f: impl FnOnce() -> T) -> Option<T> {
-        if !self.take(key) {
+        if !self.take(key, None) {
             return None;
         }
         let _held = Held { locks: self, key };
@@ -375,6 +471,40 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         drop(held);
         assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn turns_take_a_key_in_the_order_they_were_given() {
+        let bell = Arc::new(Bell::default());
+        let locks = Arc::new(KeyedLocks::new(bell.clone()));
+        let slots = Arc::new(Slots::new(bell));
+        let (first, second) = (locks.turn("app"), locks.turn("app"));
+        let other = locks.turn("web");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (l, s, o) = (locks.clone(), slots.clone(), order.clone());
+        let later = std::thread::spawn(move || {
+            l.with_turn("app", Some(&second), &s, || {
+                o.lock().unwrap().push("second")
+            })
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Another key's turn, and work without a turn, do not wait for "app"'s line.
+        assert_eq!(locks.with_turn("web", Some(&other), &slots, || 1), Ok(1));
+        assert_eq!(locks.try_with("app", || 2), Some(2));
+        assert!(order.lock().unwrap().is_empty(), "second went before first");
+        let _ = locks.with_turn("app", Some(&first), &slots, || {
+            order.lock().unwrap().push("first")
+        });
+        later.join().unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["first", "second"]);
+        // A turn dropped unused lets the next one go.
+        let (dropped, next) = (locks.turn("app"), locks.turn("app"));
+        drop(dropped);
+        assert_eq!(locks.with_turn("app", Some(&next), &slots, || 3), Ok(3));
+        // Once over, a turn takes the key again like work without one (a failed deploy
+        // forgets its mounts under the app's lock), even with later turns waiting.
+        let _waiting = locks.turn("app");
+        assert_eq!(locks.with_turn("app", Some(&next), &slots, || 4), Ok(4));
     }
 
     #[test]

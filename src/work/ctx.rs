@@ -7,7 +7,7 @@ use crate::sys::bell::Bell;
 use crate::sys::docker::{BuildMode, Docker};
 use crate::sys::executor::Runner;
 use crate::sys::redact::Scope;
-use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore, Slots};
+use crate::sys::sync::{FileLock, Jobs, KeyedLocks, Semaphore, Slots, Turn};
 use crate::task::{AgentConfig, Task};
 use crate::work::error::TaskError;
 use std::path::PathBuf;
@@ -159,6 +159,8 @@ pub struct Ctx<'a> {
     pub secrets: &'a Scope,
     /// Receives every line meant for the deployment log (already scrubbed).
     pub out: &'a (dyn Fn(&str) + Sync),
+    /// The task's place in its app's line (taken when it was claimed).
+    pub turn: Option<&'a Turn>,
 }
 
 impl Ctx<'_> {
@@ -178,7 +180,9 @@ impl Ctx<'_> {
         key: &str,
         f: impl FnOnce() -> Result<T, TaskError>,
     ) -> Result<T, TaskError> {
-        self.shared.locks.with(key, &self.shared.slots, f)?
+        let turn = self.turn.filter(|t| t.key() == key);
+        let (locks, slots) = (&self.shared.locks, &self.shared.slots);
+        locks.with_turn(key, turn, slots, f)?
     }
 }
 
@@ -273,6 +277,7 @@ pub mod testing {
                 shared: &self.shared,
                 secrets: &secrets,
                 out: &out,
+                turn: None,
             };
             f(&ctx)
         }
