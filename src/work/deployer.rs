@@ -271,21 +271,24 @@ fn roll_back(
     old: Option<&Old>,
     reason: TaskError,
 ) -> TaskError {
-    let docker = ctx.docker();
-    let logs = docker.logs_tail(name, 20);
+    let logs = ctx.docker().logs_tail(name, 20);
     let mut msg = format!("deploy failed: {reason}");
-    if let Err(e) = docker.remove(name) {
+    let (removed, restored) = undo(ctx, s, name, old);
+    if let Err(e) = removed {
         msg.push_str(&format!("; could not remove the new container: {e}"));
     }
-    if let Some(o) = old {
-        match restore(ctx, s, name, o) {
-            Ok(()) if o.c.running => msg.push_str("; the previous container keeps serving"),
-            Ok(()) => msg.push_str(&format!("; the previous container is back as {name}")),
-            Err(e) => msg.push_str(&format!(
-                "; could not restore the previous container {}: {e}",
-                o.c.name
-            )),
+    match (old, restored) {
+        (Some(o), Some(Ok(()))) if o.c.running => {
+            msg.push_str("; the previous container keeps serving")
         }
+        (Some(_), Some(Ok(()))) => {
+            msg.push_str(&format!("; the previous container is back as {name}"))
+        }
+        (Some(o), Some(Err(e))) => msg.push_str(&format!(
+            "; could not restore the previous container {}: {e}",
+            o.c.name
+        )),
+        _ => {}
     }
     if reason.is_canceled() {
         return TaskError::Canceled;
@@ -294,6 +297,48 @@ fn roll_back(
         msg.push_str(&format!("\nlast log lines of the new container:\n{logs}"));
     }
     TaskError::Failed(msg)
+}
+
+/// How long a rollback the engine refuses is tried again, under the app's lock: until it
+/// is done, the failed container holds the app's name, and statuses (which skip an app
+/// whose lock is held) would route the control plane to it.
+const ROLLBACK_RETRY: Duration = Duration::from_secs(60);
+
+/// How the removal of the new container and the restore of the old one (None: there is
+/// none) ended.
+type Undone = (Result<(), TaskError>, Option<Result<(), TaskError>>);
+
+/// Removes the new container, then puts the old one back; each step is tried again while
+/// the engine refuses, for ROLLBACK_RETRY (a cancel stops trying).
+fn undo(ctx: &Ctx, s: &DeploySpec, name: &str, old: Option<&Old>) -> Undone {
+    let docker = ctx.docker();
+    let until = Instant::now() + ROLLBACK_RETRY;
+    let next = |d: &Duration| Some((*d * 2).min(Duration::from_secs(8)));
+    let mut delays = std::iter::successors(Some(Duration::from_millis(500)), next);
+    let mut removed: Result<(), TaskError> = Err(TaskError::Canceled);
+    let mut restored = None;
+    loop {
+        if removed.is_err() {
+            removed = docker.remove(name).map_err(TaskError::from);
+        }
+        // The old one gets the name back only once the new one has let go of it.
+        if let (Ok(()), Some(o)) = (&removed, old) {
+            if !matches!(restored, Some(Ok(()))) {
+                restored = Some(restore(ctx, s, name, o));
+            }
+        }
+        let done = removed.is_ok() && old.map_or(true, |_| matches!(restored, Some(Ok(()))));
+        let pause = Instant::now() + delays.next().unwrap_or_default();
+        if done || pause > until || wait::pause(&ctx.shared.bell, pause, Stop::Cancel) {
+            break;
+        }
+    }
+    if let (Err(e), Some(_), None) = (&removed, old, &restored) {
+        restored = Some(Err(TaskError::Failed(format!(
+            "the new container still holds the name: {e}"
+        ))));
+    }
+    (removed, restored)
 }
 
 /// Renames the old container back, restarting it if we stopped it; reports only once the
@@ -678,6 +723,35 @@ mod tests {
                 "{step}: old one removed"
             );
         }
+    }
+
+    /// Campaign seed 1202: the engine failing during a rollback left the failed container
+    /// with the app's name (and statuses routed to it). The rollback is tried again.
+    #[test]
+    fn a_rollback_the_engine_refuses_is_tried_again_until_the_old_container_is_back() {
+        let h = node("dep-undo", http_port());
+        h.fake.on(
+            "docker inspect --format",
+            Reply::Ok("restarting 1 3 false".into()),
+        );
+        let refused = Reply::Fail(1, "Error response from daemon: busy".into());
+        h.fake.once("docker rm -f muvee-app", refused.clone());
+        h.fake.once("docker rm -f muvee-app", refused.clone());
+        h.fake
+            .once(&format!("docker rename {ASIDE} muvee-app"), refused);
+        let r = deploy_with(&h, json!({}));
+        let why = text(&r);
+        assert!(
+            why.contains("; the previous container keeps serving"),
+            "{why}"
+        );
+        assert_eq!(h.fake.ran("docker rm -f muvee-app").len(), 3);
+        assert_eq!(
+            h.fake
+                .ran(&format!("docker rename {ASIDE} muvee-app"))
+                .len(),
+            2
+        );
     }
 
     #[test]
