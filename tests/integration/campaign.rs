@@ -364,3 +364,30 @@ fn statuses_never_carry_a_container_that_is_not_healthy_yet() {
         bed.agent.log()
     );
 }
+
+/// completed-is-real (campaign seed 1202): tasks of one app claimed together wait for its
+/// lock; a pause queued before a deploy must pause the old version, not the new one: an
+/// app's tasks change it in the order the control plane gave them, whoever wakes first.
+#[test]
+fn an_apps_tasks_change_it_in_the_order_they_were_queued() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let bed = DrainBed::start("order", &[("DEPLOY_HEALTH_TIMEOUT", "4s")]);
+    let first = bed.deploy("d6000000-0000-4000-8000-000000000001", "one");
+    bed.completed_port(&first);
+    // A deploy that never turns healthy holds the app's lock while the next two queue.
+    let idle = crate::deployer::IDLE;
+    let holder = bed.deploy_image(idle, "d6000000-0000-4000-8000-000000000002", "idle");
+    let prefix = serde_json::json!({"domain_prefix": bed.prefix});
+    let pause = bed.cp.add_task_for_role("deploy", "pause", "", prefix);
+    let third = bed.deploy("d6000000-0000-4000-8000-000000000003", "three");
+    assert_eq!(wait_final(&bed.cp, &holder, 60)["status"], "failed");
+    assert_eq!(wait_final(&bed.cp, &pause, 60)["status"], "completed");
+    let port = bed.completed_port(&third);
+    assert!(
+        answers(port, "three"),
+        "the new version was paused\n{}",
+        bed.agent.log()
+    );
+}
