@@ -139,6 +139,9 @@ fn run(src: &Sources, reports: &Reports) {
         }
         if deploy && src.shared.statuses_due.swap(false, Ordering::SeqCst) {
             due.statuses = Some(Instant::now());
+            // Looked again even if the last look found no app: it may have caught one
+            // between its rename aside and its new container's start.
+            empty_at = None;
         }
         if is_due(due.node) {
             due.node = Some(Instant::now() + node_metrics(src, reports, &mut cpu));
@@ -172,7 +175,10 @@ fn statuses_and_metrics(src: &Sources, empty_at: &mut Option<usize>) {
     let Some(apps) = metrics::current_apps(&docker, &src.cfg.node_name) else {
         return;
     };
-    *empty_at = apps.is_empty().then_some(tasks);
+    // Not while a task runs: the look may have fallen between a replacement's rename aside
+    // and its new container's start.
+    let idle = src.shared.slots.used() == 0;
+    *empty_at = (apps.is_empty() && idle).then_some(tasks);
     if apps.is_empty() {
         return;
     }

@@ -607,6 +607,15 @@ impl LateLogs {
                 }
                 self.discard(&mut s, &batch.dep);
             }
+            // Today's server answers 400 for a deployment id it cannot parse: that never
+            // changes, and waiting would hold other deployments' lines out of the cap.
+            Err(e) if e.status() == Some(400) => {
+                log::warn!(
+                    "the control plane refuses the log of deployment {} for good: discarding its late logs: {e}",
+                    batch.dep
+                );
+                self.discard(&mut s, &batch.dep);
+            }
             Err(e) => {
                 let Some(f) = s.files.iter_mut().find(|f| f.seq == batch.seq) else {
                     return;
@@ -874,5 +883,15 @@ pub(crate) mod tests {
         assert_eq!(drain(&q), "c1\n");
         assert!(q.holds("a"));
         assert_eq!(names(&dir).len(), 1);
+        // An id the server cannot parse (400) is refused for good: discarded, not retried.
+        q.hand_off("not-a-uuid").unwrap().lines(b"x1\n");
+        let mut bad = take();
+        if bad.dep == "a" {
+            q.record(&bad, Err(status(502, "<html>")));
+            bad = take();
+        }
+        assert_eq!(bad.dep, "not-a-uuid");
+        q.record(&bad, Err(status(400, r#"{"error":"invalid id"}"#)));
+        assert!(!q.holds("not-a-uuid") && q.holds("a"));
     }
 }

@@ -156,11 +156,26 @@ pub fn remove_mounts(data_dir: &Path, deployment_id: &str) -> Result<(), TaskErr
             "deployment id {deployment_id:?} is not a valid id"
         )));
     }
+    if !mounts_is_ours(data_dir) {
+        return Err(TaskError::Invalid(format!(
+            "{} is not a directory of the agent's (a symlink?): nothing under it is removed",
+            data_dir.join("mounts").display()
+        )));
+    }
     let dir = mounts_dir(data_dir, deployment_id);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(TaskError::io(format!("cannot remove {}", dir.display()))(e)),
+    }
+}
+
+/// Whether `DATA_DIR/mounts` is a real directory (or absent), not a symlink to elsewhere:
+/// only then does a path under it stay inside DATA_DIR.
+fn mounts_is_ours(data_dir: &Path) -> bool {
+    match std::fs::symlink_metadata(data_dir.join("mounts")) {
+        Ok(m) => m.file_type().is_dir(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
@@ -173,11 +188,15 @@ pub fn sweep_mounts(cfg: &Config, shared: &Shared) -> Vec<String> {
     let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
         return Vec::new();
     };
+    if !mounts_is_ours(&data_dir) {
+        return Vec::new();
+    }
     let rd = std::fs::read_dir(data_dir.join("mounts"))
         .into_iter()
         .flatten();
     let ids: Vec<String> = rd
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|id| valid_id(id))
         .collect();
@@ -699,6 +718,14 @@ mod tests {
         // Once the deploy is over and no container runs it, it goes too.
         assert_eq!(sweep_mounts(&h.cfg, &h.shared), ["dep-new"]);
         assert_eq!(entries(&mounts), ["dep-used"]);
+        // A DATA_DIR/mounts that is a symlink leads out of DATA_DIR: nothing is removed.
+        let outside = h.dir.join("outside");
+        std::fs::create_dir_all(outside.join("dep-else")).unwrap();
+        std::fs::remove_dir_all(&mounts).unwrap();
+        std::os::unix::fs::symlink(&outside, &mounts).unwrap();
+        assert!(sweep_mounts(&h.cfg, &h.shared).is_empty());
+        assert!(remove_mounts(&h.cfg.data_dir, "dep-else").is_err());
+        assert_eq!(entries(&outside), ["dep-else"]);
     }
 
     #[test]

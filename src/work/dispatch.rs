@@ -67,7 +67,7 @@ pub fn unknown_type(kind: &str) -> TaskError {
 }
 
 /// `cleanup` {domain_prefix}: removes the app container (a missing one is success), the
-/// leftovers of an interrupted replacement, and the deployment's dataset mount dir. Marked
+/// leftovers of an interrupted replacement, and the dataset mount dirs nothing uses. Marked
 /// while it runs, so the reaper finishes a cleanup the agent could not.
 fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
@@ -76,9 +76,8 @@ fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let mark = "DATA_DIR/state/cleanups";
     cleanups::begin(data, prefix).map_err(TaskError::io(mark))?;
     deployer::remove_app(ctx, prefix)?;
-    if !ctx.task.deployment_id.is_empty() {
-        datasets::remove_mounts(data, &ctx.task.deployment_id)?;
-    }
+    // Not the task's deployment id: it is not trusted to name this app's mounts. The sweep
+    // removes only what no container of ours uses.
     for id in datasets::sweep_mounts(ctx.cfg, ctx.shared) {
         // Another app's, maybe: the agent's log, not this task's.
         log::info!("cleanup: removed DATA_DIR/mounts/{id} (no container uses it)");
