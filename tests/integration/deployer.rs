@@ -266,6 +266,14 @@ fn deploy_serves_http_with_env_datasets_and_workspace() {
     assert!(!app.data.join("mounts/dep-a1").exists());
     assert!(app.data.join("mounts/dep-a2/ref").exists());
     assert_eq!(containers(&app.prefix), vec![app.container()]);
+    // A cleanup of another app that names this deployment leaves its mounts alone: the
+    // running container still needs them (at its next restart).
+    let other = format!("{}-other", app.prefix);
+    let task = json!({"ID": util::new_uuid(), "Type": "cleanup", "DeploymentID": "dep-a2",
+                      "Payload": {"domain_prefix": other}});
+    let r = app.run(None, &task);
+    assert_eq!(r.report["status"], "completed", "{r:?}");
+    assert!(app.data.join("mounts/dep-a2/ref").exists(), "{}", r.log);
 }
 
 #[test]
