@@ -591,7 +591,11 @@ fn retry_later(item: &mut Queued, e: &CpError, now: Instant, warn: bool) {
         };
     if warn && !item.parked && (item.attempts == 1 || item.attempts % 20 == 0) {
         // A refused report is also tried at every successful poll (see `reachable`).
-        let when = if item.unanswered { "" } else { "at the next poll or " };
+        let when = if item.unanswered {
+            ""
+        } else {
+            "at the next poll or "
+        };
         log::warn!(
             "the {} report of task {} {what} (attempt {}), retrying {when}in {:.1}s; other reports go on: {e}",
             item.report.body.status,
