@@ -139,9 +139,6 @@ fn run(src: &Sources, reports: &Reports) {
         }
         if deploy && src.shared.statuses_due.swap(false, Ordering::SeqCst) {
             due.statuses = Some(Instant::now());
-            // Looked again even if the last look found no app: it may have caught one
-            // between its rename aside and its new container's start.
-            empty_at = None;
         }
         if is_due(due.node) {
             due.node = Some(Instant::now() + node_metrics(src, reports, &mut cpu));

@@ -48,6 +48,20 @@ pub fn create_private(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens an existing state file for reading and writing, never through a symlink, and only
+/// a regular file.
+pub fn open_existing(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(f)
+}
+
 /// Reads a state file; a symlink in its place is an error (ELOOP), not followed.
 pub fn read(path: &Path) -> io::Result<Vec<u8>> {
     let mut f = OpenOptions::new()

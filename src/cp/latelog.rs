@@ -24,20 +24,20 @@
 
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
-use crate::cp::logbody::{fit, LINE_MAX};
+use crate::cp::logbody::{fit, lines_in, BODY_MAX, LINE_MAX};
 use crate::sys::wait::{self, Bell, Check};
 use crate::task::{clean_text, valid_id};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often a marker the disk refused is tried again.
 const MARKER_RETRY: Duration = Duration::from_secs(5);
-/// A request body at most: nginx's default `client_max_body_size`.
-const READ_MAX: u64 = 1 << 20;
+/// Bytes read at once: a request body at most.
+const READ_MAX: u64 = BODY_MAX as u64;
 
 /// Why lines of a deployment were dropped since its last marker.
 #[derive(Debug)]
@@ -109,23 +109,6 @@ fn parse_name(name: &str) -> Option<(u64, String, u64)> {
         return None;
     }
     Some((seq.parse().ok()?, dep.to_string(), sent.parse().ok()?))
-}
-
-fn lines_in(text: &[u8]) -> u64 {
-    memchr::memchr_iter(b'\n', text).count() as u64
-}
-
-/// Opens an existing state file for reading and writing, never through a symlink.
-fn open_existing(path: &Path) -> io::Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::other("not a regular file"));
-    }
-    Ok(f)
 }
 
 /// The offset just past the last '\n' in `[from, to)` of `f` (`from` when there is none).
@@ -201,7 +184,7 @@ impl LateFile {
 fn pick_up(dir: &Path, name: &str) -> Option<LateFile> {
     let (seq, dep, sent) = parse_name(name)?;
     let path = dir.join(name);
-    let opened = open_existing(&path).and_then(|f| {
+    let opened = files::open_existing(&path).and_then(|f| {
         let len = f.metadata()?.len();
         // A crash may have cut the last line short.
         let end = last_line_end(&f, sent.min(len), len)?;
@@ -499,7 +482,7 @@ impl LateLogs {
         let path = self.dir.join(file_name(seq, dep, sent));
         fs::rename(spill, &path)?;
         let taken = (|| {
-            let file = open_existing(&path)?;
+            let file = files::open_existing(&path)?;
             let len = file.metadata()?.len();
             let end = last_line_end(&file, sent, len.min(sent.saturating_add(room)))?;
             let kept = count_lines(&file, sent, end)?;

@@ -9,6 +9,11 @@ const BODY_OVERHEAD: usize = 11;
 /// a byte takes at most 6).
 pub const LINE_MAX: usize = 64 * 1024;
 
+/// Lines (ends of line) in `text`.
+pub fn lines_in(text: &[u8]) -> u64 {
+    memchr::memchr_iter(b'\n', text).count() as u64
+}
+
 /// Bytes `text` takes inside a JSON string as serde_json writes it.
 fn json_len(text: &[u8]) -> usize {
     if !text.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {

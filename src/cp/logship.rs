@@ -21,7 +21,7 @@
 use crate::cp::client::{Backoff, Client, CpError, REQUEST_TIMEOUT};
 use crate::cp::files;
 use crate::cp::latelog::LateLogs;
-use crate::cp::logbody::{fit, BODY_MAX, LINE_MAX};
+use crate::cp::logbody::{fit, lines_in, BODY_MAX, LINE_MAX};
 use crate::sys::signal;
 use crate::sys::wait::{self, Bell, Check, Stop};
 use crate::task::clean_text;
@@ -242,7 +242,7 @@ impl Buf {
             buf: Vec::new(),
             flushed: mem.len() as u64,
             read: 0,
-            lines: memchr::memchr_iter(b'\n', mem.as_bytes()).count() as u64,
+            lines: lines_in(mem.as_bytes()),
             lines_read: 0,
         });
         true
@@ -251,7 +251,7 @@ impl Buf {
     /// A write to the spill failed: the lines it held are counted as dropped.
     fn spill_failed(&mut self, e: std::io::Error) {
         if let Some(s) = &mut self.spill {
-            let lost = memchr::memchr_iter(b'\n', &s.buf).count() as u64;
+            let lost = lines_in(&s.buf);
             s.lines -= lost;
             s.buf.clear();
             self.dropped += lost;
@@ -321,7 +321,7 @@ impl Buf {
         match (batch, &mut self.spill) {
             (Batch::Disk(text), Some(s)) => {
                 s.read += text.len() as u64;
-                s.lines_read += batch.lines() as u64;
+                s.lines_read += batch.lines();
             }
             (Batch::Mem(_), _) => self.inflight = None,
             _ => {}
@@ -349,7 +349,7 @@ impl Buf {
         };
         let mut n = 0;
         if let Some(text) = self.inflight.take() {
-            n += memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64;
+            n += lines_in(text.as_bytes());
             h.lines(text.as_bytes());
         }
         if let Some(s) = self.spill.take() {
@@ -360,7 +360,7 @@ impl Buf {
         }
         self.broken = false;
         let mem = std::mem::take(&mut self.mem);
-        n += memchr::memchr_iter(b'\n', mem.as_bytes()).count() as u64;
+        n += lines_in(mem.as_bytes());
         h.lines(mem.as_bytes());
         if self.dropped > 0 {
             h.marker(self.dropped, &self.marker());
@@ -394,9 +394,9 @@ impl Batch {
         let (Batch::Mem(t) | Batch::Disk(t)) = self;
         t.strip_suffix('\n').unwrap_or(t)
     }
-    fn lines(&self) -> usize {
+    fn lines(&self) -> u64 {
         let (Batch::Mem(t) | Batch::Disk(t)) = self;
-        memchr::memchr_iter(b'\n', t.as_bytes()).count()
+        lines_in(t.as_bytes())
     }
 }
 

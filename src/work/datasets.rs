@@ -183,7 +183,8 @@ fn mounts_is_ours(data_dir: &Path) -> bool {
 /// up: those of a deploy that died with the agent when the start-up reconcile could not
 /// finish (the engine failing then), or that were never recorded. Pins are read before the
 /// containers are listed, and a deploy unpins only once its container exists, so a dir
-/// being set up is always seen one way or the other. Returns the deployment ids it removed.
+/// being set up is always seen one way or the other. Logs and returns the deployment ids it
+/// removed (maybe another app's: the agent's log, not a task's).
 pub fn sweep_mounts(cfg: &Config, shared: &Shared) -> Vec<String> {
     let Ok(data_dir) = std::fs::canonicalize(&cfg.data_dir) else {
         return Vec::new();
@@ -221,7 +222,10 @@ pub fn sweep_mounts(cfg: &Config, shared: &Shared) -> Vec<String> {
             continue;
         }
         match remove_mounts(&data_dir, &id) {
-            Ok(()) => removed.push(id),
+            Ok(()) => {
+                log::info!("removed DATA_DIR/mounts/{id} (no container uses it)");
+                removed.push(id);
+            }
             Err(e) => log::warn!("{e}"),
         }
     }

@@ -315,12 +315,10 @@ fn undo(ctx: &Ctx, s: &DeploySpec, name: &str, old: Option<&Old>) -> Undone {
     let until = Instant::now() + ROLLBACK_RETRY;
     let next = |d: &Duration| Some((*d * 2).min(Duration::from_secs(8)));
     let mut delays = std::iter::successors(Some(Duration::from_millis(500)), next);
-    let mut removed: Result<(), TaskError> = Err(TaskError::Canceled);
+    let remove = || docker.remove(name).map_err(TaskError::from);
+    let mut removed = remove();
     let mut restored = None;
     loop {
-        if removed.is_err() {
-            removed = docker.remove(name).map_err(TaskError::from);
-        }
         // The old one gets the name back only once the new one has let go of it.
         if let (Ok(()), Some(o)) = (&removed, old) {
             if !matches!(restored, Some(Ok(()))) {
@@ -331,6 +329,9 @@ fn undo(ctx: &Ctx, s: &DeploySpec, name: &str, old: Option<&Old>) -> Undone {
         let pause = Instant::now() + delays.next().unwrap_or_default();
         if done || pause > until || wait::pause(&ctx.shared.bell, pause, Stop::Cancel) {
             break;
+        }
+        if removed.is_err() {
+            removed = remove();
         }
     }
     if let (Err(e), Some(_), None) = (&removed, old, &restored) {

@@ -78,9 +78,6 @@ fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     deployer::remove_app(ctx, prefix)?;
     // Not the task's deployment id: it is not trusted to name this app's mounts. The sweep
     // removes only what no container of ours uses.
-    for id in datasets::sweep_mounts(ctx.cfg, ctx.shared) {
-        // Another app's, maybe: the agent's log, not this task's.
-        log::info!("cleanup: removed DATA_DIR/mounts/{id} (no container uses it)");
-    }
+    datasets::sweep_mounts(ctx.cfg, ctx.shared);
     cleanups::end(data, prefix).map_err(TaskError::io(mark))
 }

@@ -64,9 +64,7 @@ impl Reaper {
                 removed.push(c.name);
             }
         }
-        for id in datasets::sweep_mounts(cfg, shared) {
-            log::info!("reaper: removed DATA_DIR/mounts/{id} (no container uses it)");
-        }
+        datasets::sweep_mounts(cfg, shared);
         removed
     }
 }
