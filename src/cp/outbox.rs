@@ -334,7 +334,8 @@ impl Outbox {
     /// waiting report (not a parked one) goes now; otherwise refused reports do (the server
     /// may take them again), while one that got no answer keeps its own delay: a poll
     /// answered says nothing about its route, and retrying it at every poll would hammer.
-    pub fn reachable(&self) {
+    /// True when this ends an outage.
+    pub fn reachable(&self) -> bool {
         let mut q = self.queue();
         let now = Instant::now();
         let was_down = q.down;
@@ -355,6 +356,7 @@ impl Outbox {
         if woke {
             self.changed.ring();
         }
+        was_down
     }
 
     /// A call of the agent's own got no answer (or 401): with reports getting none either,

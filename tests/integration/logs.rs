@@ -178,7 +178,7 @@ fn late_files(dir: &Path) -> Vec<(String, u32)> {
 
 /// Waits until the stored log of `dep` holds `n` numbered lines, then a moment more (a
 /// duplicate would come soon after): they are 1..=n in order, once each, and no marker.
-fn assert_every_line_once(cp: &FakeCp, dep: &str, n: u64, secs: u64) {
+pub fn assert_every_line_once(cp: &FakeCp, dep: &str, n: u64, secs: u64) {
     let count = || numbers(&String::from_utf8(cp.logs(dep)).unwrap()).len() as u64;
     let all = util::poll(secs, || count() >= n);
     assert!(all, "{} of {n} lines\n{}", count(), cp.dump(20));
