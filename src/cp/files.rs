@@ -5,7 +5,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Creates `dir` (and missing parents) 0700, and makes an existing one 0700. `dir` itself is
@@ -49,15 +49,20 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 }
 
 /// Opens an existing state file for reading and writing, never through a symlink, and only
-/// a regular file.
+/// a regular file of one name: a hard link planted in its place may point at a file outside
+/// DATA_DIR, which the caller would truncate.
 pub fn open_existing(path: &Path) -> io::Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    if !f.metadata()?.is_file() {
+    let m = f.metadata()?;
+    if !m.is_file() {
         return Err(io::Error::other("not a regular file"));
+    }
+    if m.nlink() != 1 {
+        return Err(io::Error::other(format!("{} hard links", m.nlink())));
     }
     Ok(f)
 }

@@ -784,7 +784,7 @@ pub(crate) mod tests {
     /// A line cut short by a crash is cut off at start; a symlink with a late file's name is
     /// removed, its target untouched; other names are left alone.
     #[test]
-    fn pick_up_keeps_whole_lines_and_never_follows_a_symlink() {
+    fn pick_up_keeps_whole_lines_and_never_follows_a_symlink_or_a_hard_link() {
         let root = crate::sys::fake::temp_dir("late-pickup");
         let dir = root.join("late-logs");
         fs::create_dir(&dir).unwrap();
@@ -793,11 +793,18 @@ pub(crate) mod tests {
         fs::write(&victim, "precious\n").unwrap();
         let link = dir.join(file_name(2, "other", 0));
         std::os::unix::fs::symlink(&victim, &link).unwrap();
+        // A hard link to a file outside the dir, whose last line is cut: neither cut nor sent.
+        let victim2 = root.join("victim2");
+        fs::write(&victim2, "secret\npartial").unwrap();
+        let hard = dir.join(file_name(3, "third", 0));
+        fs::hard_link(&victim2, &hard).unwrap();
         fs::write(dir.join("notes.txt"), "left alone").unwrap();
         let q = LateLogs::open(dir.clone(), 1 << 20);
         assert!(fs::symlink_metadata(&link).is_err(), "the symlink stays");
+        assert!(fs::symlink_metadata(&hard).is_err(), "the hard link stays");
         assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
-        assert!(q.holds(DEP) && !q.holds("other"));
+        assert_eq!(fs::read(&victim2).unwrap(), b"secret\npartial");
+        assert!(q.holds(DEP) && !q.holds("other") && !q.holds("third"));
         assert_eq!(drain(&q), "one\ntwo\n");
         assert_eq!(names(&dir), ["notes.txt"]);
     }
