@@ -317,12 +317,12 @@ fn undo(ctx: &Ctx, s: &DeploySpec, name: &str, old: Option<&Old>) -> Undone {
     let mut delays = std::iter::successors(Some(Duration::from_millis(500)), next);
     let remove = || docker.remove(name).map_err(TaskError::from);
     let mut removed = remove();
-    let mut restored = None;
+    let (mut restored, mut renamed) = (None, false);
     loop {
         // The old one gets the name back only once the new one has let go of it.
         if let (Ok(()), Some(o)) = (&removed, old) {
             if !matches!(restored, Some(Ok(()))) {
-                restored = Some(restore(ctx, s, name, o));
+                restored = Some(restore(ctx, s, name, o, &mut renamed));
             }
         }
         let done = removed.is_ok() && old.map_or(true, |_| matches!(restored, Some(Ok(()))));
@@ -342,11 +342,21 @@ fn undo(ctx: &Ctx, s: &DeploySpec, name: &str, old: Option<&Old>) -> Undone {
     (removed, restored)
 }
 
-/// Renames the old container back, restarting it if we stopped it; reports only once the
-/// restored app serves again (best effort).
-fn restore(ctx: &Ctx, s: &DeploySpec, name: &str, o: &Old) -> Result<(), TaskError> {
+/// Renames the old container back (unless `renamed` says an earlier try did: a retry only
+/// restarts it), restarting it if we stopped it; reports only once the restored app serves
+/// again (best effort).
+fn restore(
+    ctx: &Ctx,
+    s: &DeploySpec,
+    name: &str,
+    o: &Old,
+    renamed: &mut bool,
+) -> Result<(), TaskError> {
     let docker = ctx.docker();
-    docker.rename(&o.c.name, name)?;
+    if !*renamed {
+        docker.rename(&o.c.name, name)?;
+        *renamed = true;
+    }
     if o.stopped {
         docker.start(name)?;
         let until = Instant::now() + ctx.cfg.deploy_health_timeout;

@@ -392,3 +392,92 @@ fn an_apps_tasks_change_it_in_the_order_they_were_queued() {
         bed.agent.log()
     );
 }
+
+/// The agent's docker CLI is scripts/chaos-docker around the real one: `rules` (its
+/// CHAOS_DOCKER_CTL, rewritten at will) inject engine faults, `calls` logs every call.
+struct ChaosDocker {
+    rules: std::path::PathBuf,
+    calls: std::path::PathBuf,
+}
+
+impl ChaosDocker {
+    fn new(tag: &str) -> ChaosDocker {
+        let dir = temp_dir(&format!("chaos-docker-{tag}"));
+        let (rules, calls) = (dir.join("rules"), dir.join("calls"));
+        std::fs::write(&rules, "").unwrap();
+        ChaosDocker { rules, calls }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let shim = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/chaos-docker");
+        vec![
+            ("DOCKER_CLI", shim.display().to_string()),
+            (
+                "CHAOS_REAL_DOCKER",
+                crate::test_agent::which(&util::docker_cli()),
+            ),
+            ("CHAOS_DOCKER_CTL", self.rules.display().to_string()),
+            ("CHAOS_DOCKER_LOG", self.calls.display().to_string()),
+        ]
+    }
+
+    fn set(&self, rules: &str) {
+        std::fs::write(&self.rules, rules).unwrap();
+    }
+
+    /// Calls of `sub` the shim failed on purpose.
+    fn failed(&self, sub: &str) -> usize {
+        let calls = std::fs::read_to_string(&self.calls).unwrap_or_default();
+        let hit = format!(" fail {sub} ");
+        calls.lines().filter(|l| l.contains(&hit)).count()
+    }
+}
+
+/// Rollback retry (real engine): a fixed host port makes a replacement stop the old
+/// container; the new one fails health, and the engine refuses the old one's `docker start`
+/// once. The retry must start the old container again: it was renamed back already, so
+/// renaming it again can only fail, and the app would be left with nothing running.
+#[test]
+fn a_refused_restart_of_the_stopped_old_container_is_retried() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let chaos = ChaosDocker::new("restore");
+    let mut env: Vec<(&str, &str)> = vec![("DEPLOY_HEALTH_TIMEOUT", "4s")];
+    let chaos_env = chaos.env();
+    env.extend(chaos_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let bed = DrainBed::start("restore", &env);
+    let fixed = {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let deploy = |image: &str, dep: &str, body: &str| {
+        let p = serde_json::json!({"image_tag": image, "deployment_id": dep,
+            "project_id": "proj-restore", "domain_prefix": bed.prefix, "container_port": 8080,
+            "fixed_host_port": fixed, "env_vars": {"BODY": body}});
+        bed.cp.add_task_for_role("deploy", "deploy", dep, p)
+    };
+    let first = deploy(
+        crate::deployer::APP,
+        "d7000000-0000-4000-8000-000000000001",
+        "one",
+    );
+    assert_eq!(bed.completed_port(&first), fixed);
+    chaos.set("fail 0 start\n");
+    let idle = crate::deployer::IDLE;
+    let second = deploy(idle, "d7000000-0000-4000-8000-000000000002", "two");
+    // Refused once, briefly: the engine takes the next start.
+    assert!(
+        util::poll(60, || chaos.failed("start") > 0),
+        "{}",
+        bed.agent.log()
+    );
+    chaos.set("");
+    let r = wait_final(&bed.cp, &second, 120);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        util::poll(10, || answers(fixed, "one")),
+        "the old container is not serving again: {r}\n{}",
+        bed.agent.log()
+    );
+}
