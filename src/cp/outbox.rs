@@ -27,7 +27,7 @@ use crate::sys::disk::no_space;
 use crate::sys::wait::{self, Bell, Check, Stop, Woke};
 use crate::task::{valid_id, Completion};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -528,15 +528,18 @@ fn find_due(q: &Queue, now: Instant) -> Result<usize, Option<Instant>> {
         return Err(None);
     }
     let pause = if q.down { q.pause_until } else { now };
-    let mut seen: HashSet<&str> = HashSet::new();
+    // The first report of each task: the one its later reports wait for.
+    let mut firsts: HashMap<&str, &Queued> = HashMap::new();
     let mut routes: HashSet<&str> = HashSet::new();
     let mut wake = None::<Instant>;
     for (n, i) in q.items.iter().enumerate() {
         let task = i.report.task_id.as_str();
-        let first_of_task = seen.insert(task);
+        let first = *firsts.entry(task).or_insert(i);
+        let first_of_task = first.seq == i.seq;
         let route = i.report.route.as_deref();
         let first_of_app = route.map_or(true, |r| !routes.contains(r));
-        if let (Some(r), true) = (route, holds_its_app(i, now)) {
+        // Waiting behind its task's failing report, it holds the app as long as that one.
+        if let (Some(r), true) = (route, holds_its_app(first, now)) {
             routes.insert(r);
         }
         if !first_of_task || !first_of_app || q.in_flight.contains(task) {
@@ -809,6 +812,38 @@ mod tests {
         };
         ob.queue().items[0].first_failure = Some(long_ago);
         let (_, r) = ob.due_at(Instant::now()).unwrap();
+        assert_eq!(r.task_id, "new");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A routing report waiting behind its own task's refused `running` report is never
+    /// tried itself: it must not hold a newer deploy's report of its app for longer than
+    /// ROUTE_ORDER_MAX either (the task deleted meanwhile: 404 for ever, parked only after
+    /// PARK_AFTER).
+    #[test]
+    fn a_routing_report_stuck_behind_its_own_task_holds_its_app_at_most_route_order_max() {
+        let d = temp_dir("outbox-route-stuck");
+        let ob = Outbox::open(&d).unwrap();
+        let port = |p: u16| Completion {
+            host_port: Some(p),
+            ..Completion::completed()
+        };
+        ob.push("old", &Completion::running());
+        ob.push_routing("old", &port(1001), "app");
+        ob.push_routing("new", &port(1002), "app");
+        let (s, r) = ob.next_due();
+        assert_eq!(
+            (r.task_id.as_str(), r.body.status.to_string().as_str()),
+            ("old", "running")
+        );
+        ob.failed(s, &r, &refusal(404));
+        assert!(ob.due_at(Instant::now()).is_none(), "new passed old");
+        let Some(long_ago) = Instant::now().checked_sub(ROUTE_ORDER_MAX) else {
+            return; // a machine up for less than that
+        };
+        // Old's task has been refused for ROUTE_ORDER_MAX: new goes.
+        ob.queue().items[0].first_failure = Some(long_ago);
+        let (_, r) = ob.due_at(Instant::now()).expect("new is held for ever");
         assert_eq!(r.task_id, "new");
         let _ = fs::remove_dir_all(&d);
     }

@@ -214,7 +214,11 @@ impl DrainBed {
 
     /// The port a completed deploy reported.
     fn completed_port(&self, task: &str) -> u16 {
-        let r = wait_final(&self.cp, task, 120);
+        self.completed_port_within(task, 120)
+    }
+
+    fn completed_port_within(&self, task: &str, secs: u64) -> u16 {
+        let r = wait_final(&self.cp, task, secs);
         assert_eq!(r["status"], "completed", "{r}\n{}", self.agent.log());
         r["host_port"].as_u64().unwrap() as u16
     }
@@ -480,4 +484,25 @@ fn a_refused_restart_of_the_stopped_old_container_is_retried() {
         "the old container is not serving again: {r}\n{}",
         bed.agent.log()
     );
+}
+
+/// Ordered routing reports (real engine): the control plane refuses every report of the
+/// first deploy for good (404: its task was deleted). Its completed report, stuck behind its
+/// own refused `running` report, is never tried, yet it must hold the newer deploy's report
+/// of the app for at most ROUTE_ORDER_MAX (2 min), not until the running one is parked (2 h).
+#[test]
+fn a_report_stuck_behind_its_own_refused_running_holds_a_newer_one_at_most_two_minutes() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let bed = DrainBed::start("stuck", &[]);
+    bed.cp
+        .inject("/api/agent/tasks/", Fault::status(404), 1_000_000);
+    let first = bed.deploy_healthy("d8000000-0000-4000-8000-000000000001", "one");
+    let second = bed.deploy_healthy("d8000000-0000-4000-8000-000000000002", "two");
+    bed.cp.clear_faults();
+    let gone = format!("/api/agent/tasks/{first}/");
+    bed.cp.inject(&gone, Fault::status(404), 1_000_000);
+    let port = bed.completed_port_within(&second, 180);
+    assert!(answers(port, "two"), "{}", bed.agent.log());
 }
