@@ -506,3 +506,51 @@ fn a_report_stuck_behind_its_own_refused_running_holds_a_newer_one_at_most_two_m
     let port = bed.completed_port_within(&second, 180);
     assert!(answers(port, "two"), "{}", bed.agent.log());
 }
+
+/// Late-log retry after an outage: a build ends while the control plane is away, its lines
+/// wait in the late-log queue with a backoff grown to about 15-30 s. Once the control plane
+/// answers again, they go within moments, whichever call of the agent it answers first (the
+/// node's metrics, a queued report's probe: not only a poll, whose backoff has grown too).
+#[test]
+#[ignore = "reproduces: only the main loop's calls end an outage; late lines wait for their own backoff"]
+fn late_lines_follow_the_end_of_an_outage_within_moments() {
+    let cp = builder_cp();
+    let dep = "c0ffee00-1234-4abc-9def-0000000000fc";
+    let env = [
+        ("FAKE_GIT_SLEEP", "2"),
+        ("FAKE_GIT_LINES", "1000"),
+        ("FAKE_GIT_EXIT", "128"),
+    ];
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&temp_dir("campaign-late-outage"))
+        .envs(&env)
+        .start();
+    let task = chatty_build(&cp, dep);
+    cp.wait_for("running", Duration::from_secs(30), |cp| {
+        crate::agent::statuses(cp, &task) == ["running"]
+    });
+    cp.go_down();
+    std::thread::sleep(Duration::from_secs(45));
+    let up = std::time::SystemTime::now();
+    cp.come_up();
+    assert_eq!(wait_final(&cp, &task, 120)["status"], "failed");
+    crate::logs::assert_every_line_once(&cp, dep, 1000, 60);
+    let answered = |prefix: &str| {
+        cp.requests_to(prefix)
+            .into_iter()
+            .filter(|r| r.at >= up && r.status == Some(200) && r.fault.is_none())
+            .map(|r| r.at)
+            .min()
+    };
+    // Any call of the agent's: the node's metrics go every HEARTBEAT_INTERVAL (2 s), while
+    // polls, the queued report and the late lines each wait for their grown backoff.
+    let first = answered("/api/").unwrap();
+    let logs = answered(&format!("/api/deployments/{dep}/logs")).unwrap();
+    let late = logs.duration_since(first).unwrap_or_default();
+    assert!(
+        late < Duration::from_secs(3),
+        "the late lines went {late:?} after the control plane first answered\n{}",
+        agent.log()
+    );
+}
