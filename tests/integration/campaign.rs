@@ -554,3 +554,101 @@ fn late_lines_follow_the_end_of_an_outage_within_moments() {
         agent.log()
     );
 }
+
+impl ChaosDocker {
+    /// The calls made, without the shim's time, pid and fault fields.
+    fn calls(&self) -> Vec<String> {
+        let calls = std::fs::read_to_string(&self.calls).unwrap_or_default();
+        calls
+            .lines()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+/// Per-app turns (real engine): one app's tasks queued in a row, a bad payload among them,
+/// change it in the order they were queued, while another app's deploy, queued among them,
+/// never waits for the first app's lock.
+#[test]
+fn an_apps_tasks_keep_their_order_around_a_bad_payload_other_apps_never_wait() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let chaos = ChaosDocker::new("turns");
+    let mut env: Vec<(&str, &str)> = vec![("DEPLOY_HEALTH_TIMEOUT", "6s")];
+    let chaos_env = chaos.env();
+    env.extend(chaos_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let bed = DrainBed::start("turns", &env);
+    let other = format!("{}-b", bed.prefix);
+    let _other_cleanup = util::RemoveContainers::named(&format!("muvee-{other}"));
+    let first = bed.deploy("d9000000-0000-4000-8000-000000000001", "one");
+    bed.completed_port(&first);
+    let app = serde_json::json!({"domain_prefix": bed.prefix});
+    let task = |kind: &str, p: serde_json::Value| bed.cp.add_task_for_role("deploy", kind, "", p);
+    let holder = bed.deploy_image(
+        crate::deployer::IDLE,
+        "d9000000-0000-4000-8000-000000000002",
+        "idle",
+    );
+    let mut queued = vec![task("pause", app.clone())];
+    let b = serde_json::json!({"image_tag": crate::deployer::APP,
+        "deployment_id": "d9000000-0000-4000-8000-0000000000b1", "project_id": "proj-b",
+        "domain_prefix": other, "container_port": 8080, "env_vars": {"BODY": "b"}});
+    let other_deploy = bed.cp.add_task_for_role(
+        "deploy",
+        "deploy",
+        "d9000000-0000-4000-8000-0000000000b1",
+        b,
+    );
+    let bad = serde_json::json!({"domain_prefix": bed.prefix, "image_tag": "",
+        "deployment_id": "d9000000-0000-4000-8000-000000000003", "container_port": 8080});
+    let bad = task("deploy", bad);
+    queued.push(task("unpause", app.clone()));
+    queued.push(task("restart", app.clone()));
+    queued.push(bed.deploy("d9000000-0000-4000-8000-000000000004", "two"));
+    queued.push(task("pause", app.clone()));
+    let at = |task: &str| {
+        let r = wait_final(&bed.cp, task, 120);
+        let done = bed
+            .cp
+            .requests_to(&format!("/api/agent/tasks/{task}/complete"));
+        let taken = done.iter().filter(|q| {
+            q.status == Some(200) && q.json().is_some_and(|b| b["status"] != "running")
+        });
+        (r, taken.map(|q| q.at).min().unwrap())
+    };
+    let (r, b_done) = at(&other_deploy);
+    assert_eq!(r["status"], "completed", "{r}");
+    let (r, holder_done) = at(&holder);
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        b_done < holder_done,
+        "the other app waited\n{}",
+        bed.agent.log()
+    );
+    assert_eq!(at(&bad).0["status"], "failed");
+    for t in &queued {
+        assert_eq!(at(t).0["status"], "completed", "{}", bed.agent.log());
+    }
+    let name = format!("muvee-{}", bed.prefix);
+    let order: Vec<&str> = chaos
+        .calls()
+        .iter()
+        .filter_map(|c| {
+            let mut w = c.split(' ');
+            match w.next()? {
+                "run" if c.contains(&format!("--name {name} ")) => Some("deploy"),
+                "restart" if w.next() == Some(name.as_str()) => Some("restart"),
+                "stop" if !c.starts_with("stop -t") => Some("pause"),
+                "start" => Some("unpause"),
+                _ => None,
+            }
+        })
+        .collect();
+    assert_eq!(
+        order,
+        ["deploy", "deploy", "pause", "unpause", "restart", "deploy", "pause"],
+        "{}",
+        bed.agent.log()
+    );
+}
