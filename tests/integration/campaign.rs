@@ -652,3 +652,67 @@ fn an_apps_tasks_keep_their_order_around_a_bad_payload_other_apps_never_wait() {
         bed.agent.log()
     );
 }
+
+/// Per-app turns across stops (real engine): with a queue of one app's tasks behind a deploy
+/// that holds its lock, a double SIGTERM (cancel) and then a kill -9 each stop the agent;
+/// every queued task is reported, the old version keeps serving, and after each restart on
+/// the same DATA_DIR the app's next task runs (no turn is left waiting for ever).
+#[test]
+fn a_queue_of_turns_survives_cancel_and_kill_then_restart() {
+    if !util::require_docker(crate::util::test_name!()) {
+        return;
+    }
+    let mut bed = DrainBed::start("turnstop", &[("DEPLOY_HEALTH_TIMEOUT", "20s")]);
+    let first = bed.deploy("da000000-0000-4000-8000-000000000001", "one");
+    let port = bed.completed_port(&first);
+    let app = serde_json::json!({"domain_prefix": bed.prefix});
+    let idle = crate::deployer::IDLE;
+    for (n, sigs) in [
+        (2u8, &[libc::SIGTERM, libc::SIGTERM][..]),
+        (3, &[libc::SIGKILL]),
+    ] {
+        let before = bed.agent.log().matches("Starting container").count();
+        let holder = bed.deploy_image(
+            idle,
+            &format!("da000000-0000-4000-8000-00000000000{n}"),
+            "idle",
+        );
+        let queued: Vec<String> = ["pause", "restart", "unpause"]
+            .iter()
+            .map(|k| bed.cp.add_task_for_role("deploy", k, "", app.clone()))
+            .collect();
+        let started = || bed.agent.log().matches("Starting container").count() > before;
+        assert!(util::poll(60, started), "{}", bed.agent.log());
+        for s in sigs {
+            bed.agent.signal(*s);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let exited = bed.agent.wait_exit(Duration::from_secs(60));
+        assert!(exited.is_some(), "{}", bed.agent.log());
+        bed.agent = TestAgent::builder("deploy")
+            .cp(&bed.cp)
+            .dir(&bed.agent.dir.clone())
+            .real_docker()
+            .env("DEPLOY_DRAIN", "1s")
+            .start();
+        for t in queued.iter().chain([&holder]) {
+            let r = wait_final(&bed.cp, t, 60);
+            assert_eq!(r["status"], "failed", "{t}: {r}\n{}", bed.agent.log());
+        }
+        assert!(
+            util::poll(30, || answers(port, "one")),
+            "{}",
+            bed.agent.log()
+        );
+        let restart = bed
+            .cp
+            .add_task_for_role("deploy", "restart", "", app.clone());
+        let r = wait_final(&bed.cp, &restart, 60);
+        assert_eq!(r["status"], "completed", "{r}\n{}", bed.agent.log());
+        assert!(
+            util::poll(30, || answers(port, "one")),
+            "{}",
+            bed.agent.log()
+        );
+    }
+}
