@@ -74,6 +74,9 @@ struct Queued {
     persisted: bool,
     attempts: u32,
     first_failure: Option<Instant>,
+    /// Failing since, the control plane up: how long it has held newer routing reports of
+    /// its app (a failure during an outage is no refusal of this report).
+    failing_up_since: Option<Instant>,
     not_before: Instant,
     parked: bool,
     /// The last try got no answer (not a refusal): a poll answered proves nothing for it.
@@ -262,6 +265,7 @@ impl Outbox {
             persisted: written.is_ok(),
             attempts: 0,
             first_failure: None,
+            failing_up_since: None,
             not_before: now,
             parked: false,
             unanswered: false,
@@ -348,6 +352,10 @@ impl Outbox {
         q.pause_until = now;
         let mut woke = was_down;
         for i in q.items.iter_mut() {
+            if was_down {
+                // Its failures may have come before the outage was noticed.
+                i.failing_up_since = None;
+            }
             if !i.parked && i.not_before > now && (was_down || !i.unanswered) {
                 i.not_before = now;
                 woke = true;
@@ -491,6 +499,9 @@ impl Outbox {
         item.attempts += 1;
         item.unanswered = unanswered;
         let first = *item.first_failure.get_or_insert(now);
+        if !down {
+            item.failing_up_since.get_or_insert(now);
+        }
         retry_later(item, e, now, !down);
         if item.parked && now.duration_since(first) > PARK_MAX_AGE {
             log::error!(
@@ -557,11 +568,12 @@ fn find_due(q: &Queue, now: Instant) -> Result<usize, Option<Instant>> {
     Err(wake)
 }
 
-/// Whether a routing report keeps later ones of its app waiting: until it has failed for
-/// ROUTE_ORDER_MAX (a report refused for good must not keep an app on its old port).
+/// Whether a routing report keeps later ones of its app waiting: until it has failed, the
+/// control plane up, for ROUTE_ORDER_MAX (a report refused for good must not keep an app on
+/// its old port; an outage refuses nothing, after it the order holds again).
 fn holds_its_app(i: &Queued, now: Instant) -> bool {
     !i.parked
-        && i.first_failure
+        && i.failing_up_since
             .map_or(true, |f| now.duration_since(f) < ROUTE_ORDER_MAX)
 }
 
@@ -698,6 +710,7 @@ fn load(path: &Path) -> Result<Queued, Option<String>> {
         persisted: true,
         attempts: 0,
         first_failure: None,
+        failing_up_since: None,
         not_before: Instant::now(),
         parked: false,
         unanswered: false,
@@ -810,7 +823,7 @@ mod tests {
         let Some(long_ago) = Instant::now().checked_sub(ROUTE_ORDER_MAX) else {
             return; // a machine up for less than that
         };
-        ob.queue().items[0].first_failure = Some(long_ago);
+        ob.queue().items[0].failing_up_since = Some(long_ago);
         let (_, r) = ob.due_at(Instant::now()).unwrap();
         assert_eq!(r.task_id, "new");
         let _ = fs::remove_dir_all(&d);
@@ -842,9 +855,45 @@ mod tests {
             return; // a machine up for less than that
         };
         // Old's task has been refused for ROUTE_ORDER_MAX: new goes.
-        ob.queue().items[0].first_failure = Some(long_ago);
+        ob.queue().items[0].failing_up_since = Some(long_ago);
         let (_, r) = ob.due_at(Instant::now()).expect("new is held for ever");
         assert_eq!(r.task_id, "new");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// Nobody refused a routing report that got no answer while the control plane was down
+    /// for longer than ROUTE_ORDER_MAX: once it is back, a newer report of the app must not
+    /// go while the older one is being sent (the control plane would route to the port it
+    /// takes last).
+    #[test]
+    fn routing_reports_keep_their_order_after_a_long_outage() {
+        let d = temp_dir("outbox-route-outage");
+        let ob = Outbox::open(&d).unwrap();
+        let port = |p: u16| Completion {
+            host_port: Some(p),
+            ..Completion::completed()
+        };
+        ob.push_routing("old", &port(1001), "app");
+        ob.push_routing("new", &port(1002), "app");
+        ob.unreachable();
+        let (s, r) = ob.next_due();
+        assert_eq!(r.task_id, "old");
+        ob.failed(s, &r, &no_answer());
+        let Some(long_ago) = Instant::now().checked_sub(ROUTE_ORDER_MAX) else {
+            return; // a machine up for less than that
+        };
+        // It failed for ROUTE_ORDER_MAX, all but the first time with the outage known.
+        let mut q = ob.queue();
+        (q.items[0].first_failure, q.items[0].failing_up_since) = (Some(long_ago), Some(long_ago));
+        drop(q);
+        assert!(ob.reachable(), "the outage ends");
+        let (_, r) = ob.due_at(Instant::now()).unwrap();
+        assert_eq!(r.task_id, "old");
+        let (_s, _r) = ob.next_due();
+        assert!(
+            ob.due_at(Instant::now()).is_none(),
+            "new goes while old is sent"
+        );
         let _ = fs::remove_dir_all(&d);
     }
 
