@@ -13,6 +13,7 @@
 use crate::agent::{health, metrics};
 use crate::config::Config;
 use crate::cp::client::{Client, CpError};
+use crate::cp::outbox::Outbox;
 use crate::sys::docker::Docker;
 use crate::sys::executor::{Cmd, ExecError, Output, Runner, Stream};
 use crate::sys::wait::{self, Stop, Woke};
@@ -84,6 +85,8 @@ pub struct Sources {
     pub shared: Arc<Shared>,
     /// The control plane's agent config, as the heartbeat last read it.
     pub cp: Arc<RwLock<AgentConfig>>,
+    /// Told when a report is answered: that ends an outage as a poll does.
+    pub outbox: Arc<Outbox>,
 }
 
 /// Starts the reports thread; the returned handle takes the node id.
@@ -224,8 +227,9 @@ fn post<T: serde::Serialize>(src: &Sources, path: &str, body: &T) {
     let Ok(v) = serde_json::to_value(body) else {
         return;
     };
-    if let Err(e) = src.client.post(path, &v) {
-        log::debug!("{path} not accepted: {e}");
+    match src.client.post(path, &v) {
+        Ok(()) => src.outbox.answered(),
+        Err(e) => log::debug!("{path} not accepted: {e}"),
     }
 }
 
@@ -279,6 +283,9 @@ fn health_report(
     let sent = src
         .client
         .post(&format!("/api/agent/health-report?node_id={node}"), &body);
+    if sent.is_ok() {
+        src.outbox.answered();
+    }
     after_health(&sent)
 }
 

@@ -147,6 +147,9 @@ pub fn run(cfg: Config) -> Result<(), StartError> {
     // Then reports: whatever an earlier run left in the outbox goes out before new work.
     start_senders(&outbox, &client, &journal)?;
     let late = start_late_logs(&cfg, &client)?;
+    // Late logs waiting for their backoff go as soon as an outage ends.
+    let back = late.clone();
+    outbox.on_outage_end(Box::new(move || back.retry_now()));
 
     if role == Role::Builder {
         // Probed once per start and logged, not at the first build.
@@ -377,6 +380,7 @@ impl Agent {
             client: self.client.clone(),
             shared: self.shared.clone(),
             cp: self.cp_config.clone(),
+            outbox: self.outbox.clone(),
         });
     }
 
@@ -415,9 +419,7 @@ impl Agent {
     /// A call of the agent's own was answered: after an outage, waiting reports and late
     /// logs go now rather than after their backoff.
     fn answered(&self) {
-        if self.outbox.reachable() {
-            self.late.retry_now();
-        }
+        self.outbox.reachable();
     }
 
     /// One round: (re-)register when due, then poll and start tasks.

@@ -120,6 +120,8 @@ pub struct Outbox {
     changed: Bell,
     /// Told the task id of each final report the control plane accepted.
     on_final: std::sync::OnceLock<Delivered>,
+    /// Told when an outage ends, whichever call shows it.
+    on_back: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Told the task id of a final report the control plane accepted.
@@ -175,6 +177,7 @@ impl Outbox {
             queue: Mutex::new(queue),
             changed: Bell::default(),
             on_final: std::sync::OnceLock::new(),
+            on_back: std::sync::OnceLock::new(),
         };
         for task in unreadable {
             if !outbox.has_final(&task) {
@@ -188,6 +191,26 @@ impl Outbox {
     /// `f` is told the task id of every final report accepted from now on (once set).
     pub fn on_final_delivered(&self, f: Delivered) {
         let _ = self.on_final.set(f);
+    }
+
+    /// `f` is told when an outage ends (once set): a poll, a report or another call of the
+    /// agent's was answered.
+    pub fn on_outage_end(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_back.set(f);
+    }
+
+    fn outage_ended(&self) {
+        if let Some(f) = self.on_back.get() {
+            f();
+        }
+    }
+
+    /// Another call of the agent's (metrics, statuses) was answered: it ends an outage as a
+    /// poll does, and does nothing otherwise.
+    pub fn answered(&self) {
+        if self.queue().down {
+            self.reachable();
+        }
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -364,6 +387,10 @@ impl Outbox {
         if woke {
             self.changed.ring();
         }
+        drop(q);
+        if was_down {
+            self.outage_ended();
+        }
         was_down
     }
 
@@ -451,7 +478,8 @@ impl Outbox {
         if !keep_file {
             let _ = fs::remove_file(&item.path);
         }
-        if q.down {
+        let ended = q.down;
+        if ended {
             log::info!("control plane reachable again; delivering queued reports");
         }
         q.down = false;
@@ -467,6 +495,9 @@ impl Outbox {
         }
         log::debug!("reported task {task} {}", report.body.status);
         drop(q);
+        if ended {
+            self.outage_ended();
+        }
         if let Some(f) = self.on_final.get().filter(|_| report.body.is_final()) {
             f(task);
         }

@@ -512,7 +512,6 @@ fn a_report_stuck_behind_its_own_refused_running_holds_a_newer_one_at_most_two_m
 /// answers again, they go within moments, whichever call of the agent it answers first (the
 /// node's metrics, a queued report's probe: not only a poll, whose backoff has grown too).
 #[test]
-#[ignore = "reproduces: only the main loop's calls end an outage; late lines wait for their own backoff"]
 fn late_lines_follow_the_end_of_an_outage_within_moments() {
     let cp = builder_cp();
     let dep = "c0ffee00-1234-4abc-9def-0000000000fc";
