@@ -928,6 +928,33 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
     }
 
+    /// An outage ends with whichever call is answered first (a report, a poll, the node's
+    /// metrics), and is told once; answers while the control plane is up tell nothing.
+    #[test]
+    fn the_end_of_an_outage_is_told_whichever_call_shows_it() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::Arc;
+        let d = temp_dir("outbox-back");
+        let ob = Outbox::open(&d).unwrap();
+        let told = Arc::new(AtomicUsize::new(0));
+        let t = told.clone();
+        ob.on_outage_end(Box::new(move || {
+            t.fetch_add(1, SeqCst);
+        }));
+        ob.push("a", &Completion::running());
+        ob.unreachable();
+        let (s, r) = ob.next_due();
+        ob.delivered(s, &r, DONE);
+        assert_eq!(told.load(SeqCst), 1, "a report ended it");
+        assert!(!ob.reachable(), "already over");
+        ob.answered();
+        assert_eq!(told.load(SeqCst), 1);
+        ob.unreachable();
+        ob.answered();
+        assert_eq!(told.load(SeqCst), 2, "the node's metrics ended it");
+        let _ = fs::remove_dir_all(&d);
+    }
+
     /// A failing report (refused, or no answer) is tried again at most RETRY_MAX apart,
     /// holds only its own task's later reports back, and is parked only after PARK_AFTER.
     #[test]
