@@ -416,12 +416,6 @@ impl Agent {
         }
     }
 
-    /// A call of the agent's own was answered: after an outage, waiting reports and late
-    /// logs go now rather than after their backoff.
-    fn answered(&self) {
-        self.outbox.reachable();
-    }
-
     /// One round: (re-)register when due, then poll and start tasks.
     fn step(
         &mut self,
@@ -431,7 +425,7 @@ impl Agent {
         if self.node_id.is_none() || Instant::now() >= *next_heartbeat {
             self.heartbeat(config_loaded)?;
             *next_heartbeat = Instant::now() + self.cfg.heartbeat_interval;
-            self.answered();
+            self.outbox.reachable();
         }
         self.journal.retry_unsaved();
         if !self.room_for_tasks() {
@@ -457,7 +451,7 @@ impl Agent {
             other => other?,
         };
         // The control plane answers: waiting reports go now.
-        self.answered();
+        self.outbox.reachable();
         for raw in tasks {
             if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
                 break;
