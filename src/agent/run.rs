@@ -26,6 +26,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// What became of a polled task.
+#[derive(PartialEq)]
+enum Accept {
+    /// Taken (started, reported, or skipped for good).
+    Done,
+    /// Not recorded: left for a later poll, with the tasks after it.
+    Later,
+}
+
 /// Finished tasks are remembered this long so a late duplicate poll cannot re-run them.
 const JOURNAL_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// After SIGTERM (and any cancel), how long queued reports may take to go out.
@@ -456,7 +465,11 @@ impl Agent {
             if self.shared.slots.used() >= self.cfg.max_concurrent_tasks {
                 break;
             }
-            self.accept(raw);
+            // A task that cannot be recorded is left for the next poll, and so are the
+            // tasks after it: a later task of its app must not run first.
+            if self.accept(raw) == Accept::Later {
+                break;
+            }
         }
         Ok(())
     }
@@ -561,7 +574,7 @@ impl Agent {
     }
 
     /// Claims one polled task and starts it on a worker thread.
-    fn accept(&mut self, raw: serde_json::Value) {
+    fn accept(&mut self, raw: serde_json::Value) -> Accept {
         let id = raw
             .get("ID")
             .or_else(|| raw.get("id"))
@@ -574,7 +587,7 @@ impl Agent {
             if self.invalid_ids.len() < 1000 && self.invalid_ids.insert(shown.clone()) {
                 log::error!("ignoring a task with an invalid ID {shown} (logged once per ID)");
             }
-            return;
+            return Accept::Done;
         }
         let (task, malformed) = match serde_json::from_value::<Task>(raw) {
             Ok(t) => (t, None),
@@ -601,21 +614,21 @@ impl Agent {
             Ok(true) => {}
             Ok(false) => {
                 log::debug!("task {id} was already taken; skipping");
-                return;
+                return Accept::Done;
             }
-            Err(_) => return,
+            Err(_) => return Accept::Later,
         }
         if let Err(e) = self.outbox.reserve(&id) {
             self.journal.unclaim(&id);
             log::error!(
-                "cannot reserve space for the reports of task {id}, leaving it for later: {e}"
+                "cannot reserve space for the reports of task {id}, leaving it (and tasks after it) for later: {e}"
             );
-            return;
+            return Accept::Later;
         }
         if let Some(reason) = malformed.or_else(|| self.rejection(&task.kind())) {
             log::error!("task {id}: {reason}");
             self.finish(&id, &Completion::failed(reason.to_string()));
-            return;
+            return Accept::Done;
         }
         self.outbox.push(&id, &Completion::running());
         log::info!(
@@ -624,6 +637,7 @@ impl Agent {
             task.deployment_id
         );
         self.start_worker(&id, task);
+        Accept::Done
     }
 
     fn rejection(&self, kind: &Kind) -> Option<Rejection> {

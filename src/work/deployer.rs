@@ -569,6 +569,10 @@ pub fn remove_app(ctx: &Ctx, prefix: &str) -> Result<(), TaskError> {
     let docker = ctx.docker();
     stop_awaiting(ctx.shared, prefix);
     ctx.exclusive(&lock_key(prefix), || {
+        // Marked once its turn comes: queued behind a deploy of the app, the mark would
+        // let the reaper take the app's containers during that deploy.
+        cleanups::begin(&ctx.cfg.data_dir, prefix)
+            .map_err(TaskError::io("DATA_DIR/state/cleanups"))?;
         let (current, leftovers) = app_containers(&docker, prefix)?;
         // By name too: containers of the Go agent carry no labels.
         docker.remove(&format!("muvee-{prefix}"))?;

@@ -72,12 +72,45 @@ pub fn unknown_type(kind: &str) -> TaskError {
 fn cleanup(ctx: &Ctx) -> Result<(), TaskError> {
     let p = Payload::of(&ctx.task.payload)?;
     let prefix = spec::domain_prefix(&p)?;
-    let data = &ctx.cfg.data_dir;
-    let mark = "DATA_DIR/state/cleanups";
-    cleanups::begin(data, prefix).map_err(TaskError::io(mark))?;
     deployer::remove_app(ctx, prefix)?;
     // Not the task's deployment id: it is not trusted to name this app's mounts. The sweep
     // removes only what no container of ours uses.
     datasets::sweep_mounts(ctx.cfg, ctx.shared);
-    cleanups::end(data, prefix).map_err(TaskError::io(mark))
+    cleanups::end(&ctx.cfg.data_dir, prefix).map_err(TaskError::io("DATA_DIR/state/cleanups"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::work::ctx::testing::Harness;
+    use std::sync::mpsc::channel;
+
+    /// A cleanup queued behind another task of its app marks the app only once its turn
+    /// comes, and clears the mark when done.
+    #[test]
+    fn a_cleanup_marks_its_app_only_once_its_turn_comes() {
+        let h = Harness::new("dispatch-cleanup-turn", &[]);
+        let key = deployer::lock_key("app");
+        let (held_tx, held) = channel();
+        let (release, release_rx) = channel::<()>();
+        std::thread::scope(|s| {
+            let (locks, slots) = (&h.shared.locks, &h.shared.slots);
+            let key = &key;
+            s.spawn(move || {
+                locks.with(key, slots, || {
+                    held_tx.send(()).unwrap();
+                    release_rx.recv()
+                })
+            });
+            held.recv().unwrap();
+            let payload = serde_json::json!({"domain_prefix": "app"});
+            let cleaner = s.spawn(|| h.with("cleanup", payload, cleanup));
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let marked = cleanups::unfinished(&h.cfg.data_dir);
+            release.send(()).unwrap();
+            assert!(marked.is_empty(), "marked while another task held the app");
+            assert!(cleaner.join().unwrap().is_ok());
+        });
+        assert!(cleanups::unfinished(&h.cfg.data_dir).is_empty());
+    }
 }

@@ -110,6 +110,39 @@ fn a_failing_journal_is_logged_once_per_change() {
     assert!(agent.log().contains("the journal records tasks again"));
 }
 
+/// A task the journal cannot record (here its file cannot be written) is left for a later
+/// poll, and so are the tasks queued after it: none of them runs first.
+#[test]
+fn a_task_the_journal_cannot_record_holds_the_tasks_after_it() {
+    let cp = builder_cp();
+    let dir = temp_dir("campaign-journal-one");
+    cp.inject(POLLS, Fault::status(500), 1_000_000);
+    let agent = TestAgent::builder("builder")
+        .cp(&cp)
+        .dir(&dir)
+        .env("FAKE_GIT_EXIT", "128")
+        .start();
+    let a = chatty_build(&cp, "c0ffee00-1234-4abc-9def-0000000000c5");
+    let b = chatty_build(&cp, "c0ffee00-1234-4abc-9def-0000000000c6");
+    // A's journal entry is written through `<id>.tmp`: a directory there refuses it.
+    let blocker = dir.join(format!("data/state/tasks/{a}.tmp"));
+    std::fs::create_dir_all(&blocker).unwrap();
+    cp.clear_faults();
+    let refused = || agent.log().contains(&format!("cannot record task {a}"));
+    assert!(util::poll(20, refused), "{}", agent.log());
+    let polls = cp.requests_to(POLLS).len();
+    assert!(util::poll(10, || cp.requests_to(POLLS).len() > polls + 2));
+    let statuses = |t: &str| crate::agent::statuses(&cp, t);
+    assert!(
+        statuses(&b).is_empty(),
+        "B ran before A: {:?}",
+        statuses(&b)
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_eq!(wait_final(&cp, &a, 30)["status"], "failed");
+    assert_eq!(wait_final(&cp, &b, 30)["status"], "failed");
+}
+
 /// Whether `pid` runs (a zombie, reparented to the test as subreaper, does not).
 fn alive(pid: &str) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
