@@ -85,7 +85,7 @@ pub struct Sources {
     pub shared: Arc<Shared>,
     /// The control plane's agent config, as the heartbeat last read it.
     pub cp: Arc<RwLock<AgentConfig>>,
-    /// Told when a report is answered: that ends an outage as a poll does.
+    /// Told when one of this thread's calls is answered: that ends an outage as a poll does.
     pub outbox: Arc<Outbox>,
 }
 
