@@ -529,17 +529,52 @@ fn no_secret(rec: &Record) -> (Vec<Violation>, String) {
     (out, seen)
 }
 
-/// Two probes in a row that failed on the port the control plane routes a probed app to.
+/// The agent's request timeout: a statuses post held longer than this was given up.
+const AGENT_TIMEOUT_MS: u64 = 20_000;
+
+/// When the dev control plane routes by statuses the agent gave up on: a `hang` fault past
+/// the agent's timeout delays a post, then applies it (as a server stalled on its database
+/// would), over whatever newer posts set. From then until the next post answered without a
+/// fault, no agent can route right. `posts`: each statuses post's arrival (ms) and fault.
+fn stale_routes(posts: &[(u64, Option<&str>)]) -> Vec<(u64, u64)> {
+    let held = |f: Option<&str>| f?.strip_prefix("hang:")?.parse::<u64>().ok();
+    let mut windows = Vec::new();
+    for (at, fault) in posts {
+        let Some(d) = held(*fault).filter(|d| *d > AGENT_TIMEOUT_MS) else {
+            continue;
+        };
+        let from = at + d;
+        let fresh = posts.iter().filter(|(t, f)| *t > from && f.is_none());
+        // The prober follows the store at once; one probe interval of slack.
+        let until = fresh.map(|(t, _)| t + 1_000).min().unwrap_or(u64::MAX);
+        windows.push((from, until));
+    }
+    windows
+}
+
+/// Two probes in a row that failed on the port the control plane routes a probed app to,
+/// but while it routes by statuses the agent gave up on ([`stale_routes`]).
 fn app_answers(rec: &Record) -> (Vec<Violation>, String) {
-    let (mut out, mut probes, mut failed) = (Vec::new(), 0, 0);
+    let (mut out, mut probes, mut failed, mut stale) = (Vec::new(), 0, 0, 0);
     let mut last_fail: HashMap<usize, (u64, u16)> = HashMap::new();
     let mut reported: HashSet<(usize, u16)> = HashSet::new();
+    let all = rec.w.cp.requests();
+    let posts: Vec<(u64, Option<&str>)> = (all.iter())
+        .filter(|r| r.method == "POST" && r.path() == "/api/agent/container-statuses")
+        .map(|r| (rec.ms(r), r.fault.as_deref()))
+        .collect();
+    let windows = stale_routes(&posts);
     for e in &rec.events {
         let Ev::Probe { project, port, ok } = e.ev else {
             continue;
         };
         probes += 1;
         failed += usize::from(!ok);
+        if !ok && windows.iter().any(|(a, b)| (*a..*b).contains(&e.ms)) {
+            stale += 1;
+            last_fail.remove(&project);
+            continue;
+        }
         if ok {
             last_fail.remove(&project);
             continue;
@@ -563,7 +598,8 @@ fn app_answers(rec: &Record) -> (Vec<Violation>, String) {
             }
         }
     }
-    (out, format!("{probes} probes, {failed} failed"))
+    let seen = format!("{probes} probes, {failed} failed, {stale} of them on stale routes");
+    (out, seen)
 }
 
 fn sessions_end(rec: &Record) -> (Vec<Violation>, String) {
@@ -702,6 +738,23 @@ mod tests {
         let found = numbered_lines(log, "L12-");
         assert_eq!(found, HashSet::from([1, 2, 10]));
         assert_eq!(dropped_lines(log), 1240);
+    }
+
+    /// A post held past the agent's timeout makes a window from when it is applied to the
+    /// next post answered without a fault; one held less, or a reset, makes none.
+    #[test]
+    fn statuses_applied_after_the_agent_gave_up_make_a_stale_window() {
+        let posts = [
+            (1_000, Some("hang:64000")),
+            (3_000, Some("hang:5000")),
+            (50_000, None),
+            (60_000, Some("reset")),
+            (70_000, None),
+            (80_000, None),
+        ];
+        assert_eq!(stale_routes(&posts), [(65_000, 71_000)]);
+        assert_eq!(stale_routes(&posts[..2]), [(65_000, u64::MAX)]);
+        assert!(stale_routes(&posts[1..]).is_empty());
     }
 
     #[test]
