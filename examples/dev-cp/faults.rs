@@ -156,7 +156,7 @@ impl Faults {
                 let name = format!("body of {len} bytes over {max}");
                 return Some((name, Action::Respond(413, "text/html", page)));
             }
-            me.hit(target).map(|f| (format!("{f:?}"), f.action()))
+            me.hit(target).map(|f| (f.name(), f.action()))
         }));
     }
 

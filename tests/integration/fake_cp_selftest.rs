@@ -616,7 +616,7 @@ fn fake_cp_faults() {
     cp.inject("", Fault::Reset, 1);
     assert!(call(&cp, "GET", "/api/agent/config", Some(SECRET), None).is_err());
     let last = cp.requests().pop().unwrap();
-    assert_eq!((last.fault.as_deref(), last.status), (Some("Reset"), None));
+    assert_eq!((last.fault.as_deref(), last.status), (Some("reset"), None));
     // Hang: the client times out; the request is handled after the delay.
     let (node, _) = register(&cp, "d1", "deploy");
     let t = cp.add_task(&node, "deploy", "", json!({}));
