@@ -827,6 +827,14 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
     }
 
+    /// A completed deploy report naming host port `p`.
+    fn port(p: u16) -> Completion {
+        Completion {
+            host_port: Some(p),
+            ..Completion::completed()
+        }
+    }
+
     /// The control plane routes an app by the last deploy report it took: a newer deploy's
     /// report of the same app waits behind a refused older one (also across a restart),
     /// another app's does not, and a report refused for ROUTE_ORDER_MAX stops holding it.
@@ -834,10 +842,6 @@ mod tests {
     fn routing_reports_of_an_app_go_out_in_order() {
         let d = temp_dir("outbox-route");
         let ob = Outbox::open(&d).unwrap();
-        let port = |p: u16| Completion {
-            host_port: Some(p),
-            ..Completion::completed()
-        };
         ob.push_routing("old", &port(1001), "app");
         ob.push_routing("new", &port(1002), "app");
         ob.push_routing("other", &port(2001), "web");
@@ -868,10 +872,6 @@ mod tests {
     fn a_routing_report_stuck_behind_its_own_task_holds_its_app_at_most_route_order_max() {
         let d = temp_dir("outbox-route-stuck");
         let ob = Outbox::open(&d).unwrap();
-        let port = |p: u16| Completion {
-            host_port: Some(p),
-            ..Completion::completed()
-        };
         ob.push("old", &Completion::running());
         ob.push_routing("old", &port(1001), "app");
         ob.push_routing("new", &port(1002), "app");
@@ -900,10 +900,6 @@ mod tests {
     fn routing_reports_keep_their_order_after_a_long_outage() {
         let d = temp_dir("outbox-route-outage");
         let ob = Outbox::open(&d).unwrap();
-        let port = |p: u16| Completion {
-            host_port: Some(p),
-            ..Completion::completed()
-        };
         ob.push_routing("old", &port(1001), "app");
         ob.push_routing("new", &port(1002), "app");
         ob.unreachable();
