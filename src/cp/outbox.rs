@@ -363,13 +363,21 @@ impl Outbox {
     /// answered says nothing about its route, and retrying it at every poll would hammer.
     /// True when this ends an outage.
     pub fn reachable(&self) -> bool {
-        let mut q = self.queue();
+        let was_down = self.answered_in(&mut self.queue(), true);
+        if was_down {
+            self.outage_ended();
+        }
+        was_down
+    }
+
+    /// Something was answered: the outage (if any) ends, and with it every report's wait;
+    /// `refused_too` (a poll) wakes refused reports as well. True when an outage ended.
+    fn answered_in(&self, q: &mut Queue, refused_too: bool) -> bool {
         let now = Instant::now();
-        let was_down = q.down;
+        let was_down = std::mem::replace(&mut q.down, false);
         if was_down {
             log::info!("control plane reachable again; delivering queued reports");
         }
-        q.down = false;
         q.failures = 0;
         q.backoff.reset();
         q.pause_until = now;
@@ -379,17 +387,14 @@ impl Outbox {
                 // Its failures may have come before the outage was noticed.
                 i.failing_up_since = None;
             }
-            if !i.parked && i.not_before > now && (was_down || !i.unanswered) {
+            let wakes = was_down || (refused_too && !i.unanswered);
+            if !i.parked && i.not_before > now && wakes {
                 i.not_before = now;
                 woke = true;
             }
         }
         if woke {
             self.changed.ring();
-        }
-        drop(q);
-        if was_down {
-            self.outage_ended();
         }
         was_down
     }
@@ -478,14 +483,7 @@ impl Outbox {
         if !keep_file {
             let _ = fs::remove_file(&item.path);
         }
-        let ended = q.down;
-        if ended {
-            log::info!("control plane reachable again; delivering queued reports");
-        }
-        q.down = false;
-        q.failures = 0;
-        q.backoff.reset();
-        q.pause_until = Instant::now();
+        let ended = self.answered_in(&mut q, false);
         if item.first_failure.is_some() {
             log::info!(
                 "the {} report of task {task} was accepted after {} failed attempt(s)",
@@ -921,6 +919,26 @@ mod tests {
             ob.due_at(Instant::now()).is_none(),
             "new goes while old is sent"
         );
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A report that ends an outage ends every report's wait, as a poll would: one whose
+    /// try got no answer goes at once, not at its grown delay.
+    #[test]
+    fn an_outage_ended_by_a_report_sends_the_reports_waiting_at_once() {
+        let d = temp_dir("outbox-back-report");
+        let ob = Outbox::open(&d).unwrap();
+        ob.push("a", &Completion::running());
+        ob.push("b", &Completion::running());
+        let (s, r) = ob.next_due();
+        assert_eq!(r.task_id, "a");
+        ob.failed(s, &r, &no_answer());
+        ob.unreachable();
+        let (s, r) = ob.next_due();
+        assert_eq!(r.task_id, "b");
+        ob.delivered(s, &r, DONE);
+        let (_, r) = ob.due_at(Instant::now()).expect("a waits for its delay");
+        assert_eq!(r.task_id, "a");
         let _ = fs::remove_dir_all(&d);
     }
 
