@@ -393,6 +393,9 @@ fn describe_counts_restarts_and_oom_kills() {
     );
     assert!(util::poll(15, || crash.inspect("{{.RestartCount}}") != "0"));
     assert!(util::poll(15, || oom.inspect("{{.State.Status}}") == "exited"));
+    // The engine may mark the OOM kill after the exit (containerd's OOM event can come
+    // second): describe reports the engine's state, so wait until the engine has it.
+    assert!(util::poll(15, || oom.inspect("{{.State.OOMKilled}}") == "true"));
     let d: Value = serde_json::from_str(&crash.ok("describe", json!({}))).unwrap();
     assert!(d["restart_count"].as_u64().unwrap() >= 1, "{d}");
     assert_eq!(d["command"], json!(["sh", "-c", "echo boom; exit 3"]));
